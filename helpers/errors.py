@@ -1,0 +1,17 @@
+"""One exception type for every mistake a reader can make.
+
+Anything a user can get wrong (a missing directory, an unknown cache mode, no GPU) raises ``CourseError`` with a
+single line that says what happened and what to do. The CLI prints it as ``error: ...`` and exits with status 2;
+notebooks show it as one line too. Nothing here imports the rest of the package.
+"""
+
+
+class CourseError(Exception):
+    """A clear, one-line, user-facing error. The message says what to do next."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))  # always one line
+
+
+class CourseWarning(UserWarning):
+    """A warning the course wants the reader to see (e.g. a context beyond what the model was trained for)."""
