@@ -1,0 +1,54 @@
+"""The recording command: discovery works without a GPU, refuses to record without one, resumes with its ledger."""
+import json
+import sys
+import types
+
+import pytest
+
+from helpers import record
+from helpers.errors import CourseError
+
+
+def test_every_recording_is_discoverable_on_cpu():
+    targets = record.discover()
+    assert all(":" in t and t.split(":")[0] in record.MODULES for t in targets)
+
+
+def test_record_without_gpu_is_one_line(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(record, "discover", lambda: ["helpers.fake:x"])
+    with pytest.raises(CourseError, match="recording GPU results needs a CUDA GPU"):
+        record.main([])
+
+
+def test_unknown_only_pattern(monkeypatch):
+    monkeypatch.setattr(record, "discover", lambda: ["helpers.fake:x"])
+    with pytest.raises(CourseError, match="no recording matches"):
+        record.main(["--only", "nothing*"])
+
+
+def test_skips_what_the_ledger_holds_and_resumes(monkeypatch, tmp_path, capsys):
+    from helpers import gpu
+
+    monkeypatch.setenv("EXL2_COURSE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(record, "discover", lambda: ["helpers.fake:a", "helpers.fake:b"])
+    monkeypatch.setattr(gpu, "require_cuda", lambda what="": None)
+    monkeypatch.setattr(gpu, "device_summary", lambda: {"gpu_name": "NVIDIA H100 80GB HBM3"})
+    done_file = tmp_path / "a.json"
+    done_file.write_text("{}")
+    ledger = record._ledger_path("NVIDIA H100 80GB HBM3")
+    ledger.parent.mkdir(parents=True)
+    ledger.write_text(json.dumps({"helpers.fake:a": str(done_file)}))
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd[-1])
+        return types.SimpleNamespace(returncode=0, stdout=str(tmp_path / "b.json") + "\n")
+
+    monkeypatch.setattr(record.subprocess, "run", fake_run)
+    assert record.main(["--no-notebooks"]) == 0
+    assert calls == ["helpers.fake:b"]  # a was skipped
+    assert json.loads(ledger.read_text())["helpers.fake:b"].endswith("b.json")
+    assert "skip     helpers.fake:a" in capsys.readouterr().out
