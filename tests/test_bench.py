@@ -1,0 +1,240 @@
+"""helpers.bench: the roofline arithmetic, statistics, bad input, CPU bandwidth, and the harness on a fake clock."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from helpers import bench
+from helpers.errors import CourseError
+
+
+# --------------------------------------------------------------------------------------------- pure arithmetic
+def test_roofline_is_bandwidth_over_bytes():
+    # the seed case: ~9.7 GB of weights per token at 736 GB/s
+    assert bench.roofline_tok_s(9.7e9, 736e9) == pytest.approx(75.876, abs=1e-3)
+    assert bench.roofline_tok_s(2**30, 2**40) == 1024.0
+
+
+@pytest.mark.parametrize("bad", [(0, 1e9), (-5, 1e9), (1e9, 0), (1e9, None)])
+def test_roofline_rejects_nonsense(bad):
+    with pytest.raises(CourseError):
+        bench.roofline_tok_s(*bad)
+
+
+def test_summarize_median_and_spread():
+    s = bench.summarize([100.0, 98.0, 102.0, 101.0, 99.0])
+    assert s == {"median": 100.0, "min": 98.0, "max": 102.0, "spread": pytest.approx(0.04), "n": 5}
+    assert bench.summarize([7.0])["spread"] == 0.0
+    with pytest.raises(CourseError, match="nothing was measured"):
+        bench.summarize([])
+
+
+def test_run_to_run_uses_each_process_median():
+    r = bench.run_to_run([60.0, 61.2, 59.4])
+    assert r["processes"] == 3 and r["median_tok_s"] == 60.0
+    assert r["spread"] == pytest.approx((61.2 - 59.4) / 60.0)
+
+
+def test_parse_int_list():
+    assert bench.parse_int_list("4096,32768", "cache length") == [4096, 32768]
+    assert bench.parse_int_list("4k, 32k", "cache length") == [4096, 32768]
+    assert bench.parse_int_list("128,30_000", "depth") == [128, 30000]
+    assert bench.parse_int_list(512, "depth") == [512]
+    with pytest.raises(CourseError, match="not a whole number"):
+        bench.parse_int_list("4096,lots", "cache length")
+    with pytest.raises(CourseError, match="no depth"):
+        bench.parse_int_list(" , ", "depth")
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+def test_depth_beyond_cache_says_what_the_cache_holds():
+    with pytest.raises(CourseError, match="the cache holds 4096 tokens"):
+        bench.check_config(4096, 4096)
+    with pytest.raises(CourseError, match="the cache holds 4096 tokens"):
+        bench.check_config(4096, 30000)
+    bench.check_config(4096, 4095)  # one position left: fine
+
+
+def test_depth_plus_decoded_tokens_must_fit():
+    with pytest.raises(CourseError, match="at most 4064"):
+        bench.check_config(4096, 4080, decode_tokens=32)
+    bench.check_config(4096, 4064, decode_tokens=32)
+
+
+def test_exllamav2_cache_length_must_be_pageable():
+    with pytest.raises(CourseError, match="blocks of 256 tokens.*4096 or 4352"):
+        bench.check_config(4100, 128, exllamav2=True)
+    with pytest.raises(CourseError, match="such as 256"):
+        bench.check_config(100, 10, exllamav2=True)
+    bench.check_config(4100, 128, exllamav2=False)  # the reference has no pages
+    bench.check_config(32768, 30000, exllamav2=True)
+
+
+def test_error_messages_are_one_line():
+    for call in (lambda: bench.check_config(4096, 5000), lambda: bench.check_config(4100, 1, exllamav2=True)):
+        with pytest.raises(CourseError) as info:
+            call()
+        assert "\n" not in str(info.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where there is no GPU")
+@pytest.mark.parametrize("kw", [dict(backend="exllamav2"), dict(cache_mode="q4"), dict(cache_mode="q8")])
+def test_gpu_only_measurement_without_gpu(kw):
+    with pytest.raises(CourseError, match="needs a CUDA GPU"):
+        bench.check_request(4096, 128, **kw)
+    with pytest.raises(CourseError, match="needs a CUDA GPU"):
+        bench.plan_matrix([4096], [128], [kw.get("cache_mode", "fp16")], backend=kw.get("backend", "auto"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where there is no GPU")
+def test_gpu_bandwidth_and_recordings_need_a_gpu():
+    with pytest.raises(CourseError, match="needs a CUDA GPU"):
+        bench.measure_bandwidth("cuda")
+    assert set(bench.GPU_RECORDINGS) == {"speed_embedded", "speed_14b_synthetic", "speed_repeatability"}
+    for fn in bench.GPU_RECORDINGS.values():
+        with pytest.raises(CourseError, match="needs a CUDA GPU"):
+            fn()
+
+
+def test_plan_matrix_skips_depths_that_do_not_fit():
+    plan = bench.plan_matrix([4096, 32768], [128, 30000], ["fp16"], decode_tokens=32, backend="reference")
+    assert plan == [("fp16", 4096, [128]), ("fp16", 32768, [128, 30000])]
+    with pytest.raises(CourseError, match="the cache holds 4096 tokens"):
+        bench.plan_matrix([4096], [30000], ["fp16"], backend="reference")
+    with pytest.raises(CourseError, match="the cache holds 4096 tokens"):
+        bench.plan_matrix([4096, 32768], [30000], ["fp16"], backend="reference", skip_unfit=False)
+
+
+# ------------------------------------------------------------------------------------------------- bandwidth
+def test_cpu_bandwidth_is_measured_and_plausible():
+    bw = bench.measure_bandwidth("cpu", nbytes=64 * 2**20, repeats=3, cached=False)
+    # a CPU's memory reads somewhere between 0.5 GB/s (a very slow, busy VM) and 1 TB/s (caches included)
+    assert 5e8 < bw < 1e12
+    # cached per device and size: the second call is the same number
+    assert bench.measure_bandwidth("cpu", nbytes=64 * 2**20, repeats=3) == bench.measure_bandwidth(
+        "cpu", nbytes=64 * 2**20, repeats=3)
+
+
+# ------------------------------------------------------------------------------------- the harness, fake clock
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+class FakeBackend:
+    """Implements the backend API the harness uses; every step advances a fake clock by a known time."""
+
+    name, device, cache_mode, vocab_size, model_dir = "reference", "cpu", "fp16", 50, "/nowhere"
+
+    def __init__(self, clock, max_seq_len=4096, step_s=0.010, per_token_prefill_s=0.001, jitter=()):
+        self.clock, self.max_seq_len, self.step_s = clock, max_seq_len, step_s
+        self.per_token_prefill_s, self.jitter = per_token_prefill_s, list(jitter)
+        self.depth, self.calls, self.steps = 0, [], 0
+
+    def fill_cache(self, depth, seed=0):
+        self.calls.append(("fill", depth))
+        self.depth = depth
+
+    def forward(self, ids, reset=True):
+        assert not reset
+        self.calls.append(("forward", self.depth, ids.shape[1]))
+        self.clock.t += self.per_token_prefill_s * ids.shape[1]
+        self.depth += ids.shape[1]
+        return torch.zeros(1, ids.shape[1], self.vocab_size)
+
+    def decode_step(self, token_id=None):
+        assert self.depth < self.max_seq_len
+        self.steps += 1
+        self.clock.t += self.step_s + (self.jitter.pop(0) if self.jitter else 0.0)
+        self.depth += 1
+        out = torch.zeros(self.vocab_size)
+        out[(token_id + 1) % self.vocab_size] = 1.0  # greedy chain: the harness must feed back the argmax
+        return out
+
+    def synchronize(self):
+        pass
+
+    def memory(self):
+        return {"process_rss_bytes": 123, "device": "cpu"}
+
+    def cache_bytes(self):
+        return 30 * 2 * self.max_seq_len * 3 * 64 * 4
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(bench.time, "perf_counter", clock)
+    # 1 GB of weights and 1 MB per cached position at a bandwidth of 10 GB/s
+    monkeypatch.setattr(bench, "decode_bytes", lambda md, depth, mode, weight_bytes=None: {
+        "weights_bytes": 10**9, "kv_bytes": depth * 10**6, "total_bytes": 10**9 + depth * 10**6,
+        "embedding_row_bytes": 1152})
+    return clock
+
+
+def test_harness_numbers_on_a_fake_clock(fake):
+    b = FakeBackend(fake, jitter=[0.0] * 16 + [0.002] * 8 + [0.0] * 8)
+    row = bench.measure_loaded(b, 1000, repeats=3, warmup=1, decode_tokens=8, prefill_tokens=16, profile_steps=0,
+                               bandwidth_bytes_s=10e9, progress=False)
+    # warm-up round first (8 steps, 10 ms), then three kept rounds: 10 ms, 12 ms, 10 ms per step
+    assert row["decode_tok_s_all"] == pytest.approx([100.0, 1000 / 12, 100.0])
+    assert row["decode_tok_s"] == pytest.approx(100.0)
+    assert row["decode_spread"] == pytest.approx((100 - 1000 / 12) / 100)
+    assert row["prefill_tok_s"] == pytest.approx(1000.0) and row["prefill_tokens"] == 16
+    assert row["step_ms"] == pytest.approx(10.0) and row["cpu_ms_per_token"] == pytest.approx(10.0)
+    assert row["gpu_ms_per_token"] is None
+    # roofline: 10 GB/s / 2 GB per token = 5 tok/s; measured 100 tok/s is 20x it (the fake is not physical)
+    assert row["bytes_per_token"] == 2 * 10**9 and row["roofline_tok_s"] == pytest.approx(5.0)
+    assert row["roofline_fraction"] == pytest.approx(20.0)
+    assert row["bandwidth_gbs"] == pytest.approx(10.0)
+    assert row["cache_bytes"] == 30 * 2 * 4096 * 3 * 64 * 4 and row["mem_after_run_process_rss_bytes"] == 123
+    # each round sets the cache to the depth directly before it is timed (prefill, then decode)
+    fills = [c for c in b.calls if c[0] == "fill"]
+    assert fills == [("fill", 1000)] * 8
+    assert [c for c in b.calls if c[0] == "forward"] == [("forward", 1000, 16)] * 4
+    assert b.steps == 4 * 8
+
+
+def test_harness_checks_depth_against_the_loaded_cache(fake):
+    b = FakeBackend(fake, max_seq_len=4096)
+    with pytest.raises(CourseError, match="the cache holds 4096 tokens"):
+        bench.measure_loaded(b, 5000, progress=False, bandwidth_bytes_s=1e9)
+    b.name = "exllamav2"
+    b.max_seq_len = 4000
+    with pytest.raises(CourseError, match="blocks of 256"):
+        bench.measure_loaded(b, 128, progress=False, bandwidth_bytes_s=1e9)
+    assert b.steps == 0
+
+
+def test_prefill_is_shortened_to_what_fits(fake):
+    b = FakeBackend(fake, max_seq_len=1024)
+    row = bench.measure_loaded(b, 1000, repeats=1, warmup=0, decode_tokens=4, prefill_tokens=512,
+                               profile_steps=0, bandwidth_bytes_s=1e9, progress=False)
+    assert row["prefill_tokens"] == 24
+    row = bench.measure_loaded(b, 10, repeats=1, warmup=0, decode_tokens=4, prefill_tokens=0,
+                               profile_steps=0, bandwidth_bytes_s=1e9, progress=False)
+    assert row["prefill_tok_s"] is None and row["prefill_tokens"] == 0
+
+
+def test_profile_decode_on_cpu_measures_torch_ops():
+    class Tiny(FakeBackend):
+        def decode_step(self, token_id=None):
+            a = torch.randn(256, 256)
+            return (a @ a).sum(0)[: self.vocab_size]
+
+    prof = bench.profile_decode(Tiny(FakeClock()), depth=5, steps=2)
+    assert prof["gpu_busy_ms"] is None and prof["torch_ops_ms"] > 0
+
+
+def test_format_rows_and_json_round_trip(fake):
+    b = FakeBackend(fake)
+    row = bench.measure_loaded(b, 128, repeats=2, warmup=0, decode_tokens=4, prefill_tokens=8, profile_steps=0,
+                               bandwidth_bytes_s=1e9, progress=False)
+    text = bench.format_rows([row])
+    assert "4096" in text and "100.0 (100.0-100.0)" in text and "roofline" in text
+    assert json.loads(json.dumps(row)) == row
