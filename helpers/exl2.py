@@ -1,0 +1,710 @@
+"""The EXL2 format: read, dequantize, write (round-to-nearest) and inspect ExLlamaV2 checkpoints.
+
+The rules below were checked against exllamav2 0.3.2's sources (conversion/adaptivegptq.py, qparams.py,
+linear.py, module.py, ext.py, exllamav2_ext/cuda/q_matrix.cu, pack_tensor.cu, quant/qdq_*.cuh) and against
+checkpoints made by exllamav2's own converter (tests/fixtures/exl2). Nothing here imports exllamav2 except the GPU
+recording at the bottom, and only after ``gpu.require_cuda()``.
+
+One quantized linear (K = in_features, N = out_features, the stored matrix is W transposed, K x N):
+
+* ``q_invperm`` int32[K]: the act-order permutation's inverse. Stored row ``r`` of the K x N matrix is the
+  original input row ``q_perm[r]`` with ``q_perm = argsort(q_invperm)``; the logical matrix is ``stored[q_invperm]``.
+* ``q_groups`` int16[2G]: pairs (bits, first packed row) per group, groups ordered by bits 8, 6, 5, 4, 3, 2.
+  A group's rows = (next group's first packed row - its own) * 32 / bits; the last group takes the rows that remain.
+* ``q_weight`` int32[packed_rows, Npad]: every column is a little-endian bit stream; 32 rows of ``bits`` bits fill
+  exactly ``bits`` words (2-bit: 16 values a word, 4-bit: 8, 8-bit: 4; 3-, 5- and 6-bit values straddle words).
+* ``q_scale`` int32[G, Npad/8]: one 4-bit code per group and column, 8 per word, low nibble first.
+* ``q_scale_max`` fp16[G]. Dequantize: ``scale = (code + 1)**2 * q_scale_max / 256`` and
+  ``w = (q - 2**(bits-1)) * scale``.
+* Columns are padded to a multiple of 32 (``Npad``); padding columns hold the weight code ``2**(bits-1)`` (zero)
+  and the scale code 15.
+* Optional fp16 ``bias`` [N]. A checkpoint without ``lm_head.*`` ties the head to ``model.embed_tokens``.
+
+How bits per weight are counted here (``QuantLinear.bits_per_weight``): every stored bit of ``q_weight`` (padding
+columns included), ``q_scale``, ``q_scale_max``, ``q_groups`` and ``q_invperm``, divided by ``in * out`` (the logical
+shape). Biases are not counted. ``Exl2Checkpoint.bits_per_weight`` is the same sum over all quantized linears of the
+decoder layers, *excluding* the head (exllamav2's converter also targets ``bits`` without the head, which has its own
+``head_bits``); ``bits_per_weight_with_head`` includes a quantized ``lm_head``.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import torch
+
+from .errors import CourseError
+
+GIB = 2**30
+BIT_WIDTHS = (8, 6, 5, 4, 3, 2)  #: the widths EXL2 kernels support, in the order groups are stored
+Q_SUFFIXES = ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm")
+LINEAR_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",
+                   "chat_template.json")
+#: exllamav2's head options (conversion/qparams.py, ``qparams_headoptions``): head_bits -> mix
+HEAD_MIXES: dict[int, list[tuple[float, int, int]]] = {
+    2: [(0.3, 4, 32), (0.7, 2, 32)],
+    3: [(0.15, 4, 32), (0.85, 3, 32)],
+    4: [(0.15, 6, 32), (0.85, 4, 32)],
+    5: [(0.15, 6, 128), (0.85, 5, 128)],
+    6: [(0.15, 8, 128), (0.85, 6, 128)],
+    8: [(1.0, 8, 128)],
+}
+#: files beside a checkpoint that are not part of it (the course's fixtures keep exllamav2's answers there)
+IGNORED_FILES = ("exllamav2_truth.safetensors",)
+_ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+              "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+              "BOOL": torch.bool}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def gib(nbytes: float) -> float:
+    return nbytes / GIB
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bit packing (byte-exact with exllamav2's pack_columns / pack_rows_4)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _check_bits(bits: int, where: str = "") -> int:
+    if int(bits) not in BIT_WIDTHS:
+        raise CourseError(f"unsupported bit width {bits}{where}: EXL2 supports {', '.join(map(str, BIT_WIDTHS))}")
+    return int(bits)
+
+
+def _to_int32(words: torch.Tensor) -> torch.Tensor:
+    """int64 holding uint32 values -> int32 with the same bits."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def packed_rows(rows: int, bits: int) -> int:
+    """Packed int32 rows that ``rows`` values of ``bits`` bits take (rounded up)."""
+    return _ceil(rows * bits, 32)
+
+
+def pack_columns(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes (rows, N) of ``bits`` bits into int32 words (ceil(rows*bits/32), N), column-wise.
+
+    Each column is a little-endian bit stream: value ``i`` starts at bit ``i*bits``. This is exllamav2's
+    ``pack_columns`` layout; the GPU reorders ("shuffles") the words at load time, the file does not.
+    """
+    bits = _check_bits(bits)
+    rows, n = codes.shape
+    q = packed_rows(rows, bits)
+    v = codes.to(torch.int64)
+    start = torch.arange(rows, dtype=torch.int64) * bits
+    word, shift = start // 32, (start % 32)[:, None]
+    out = torch.zeros((q + 1, n), dtype=torch.int64)
+    out.index_add_(0, word, (v << shift) & 0xFFFFFFFF)
+    out.index_add_(0, word + 1, v >> (32 - shift))  # the part that spills into the next word (0 when none)
+    return _to_int32(out[:q])
+
+
+def unpack_columns(words: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
+    """Inverse of :func:`pack_columns`: int32 (packed_rows, N) -> codes uint8 (rows, N)."""
+    bits = _check_bits(bits)
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    w = torch.cat([w, torch.zeros((1, w.shape[1]), dtype=torch.int64)])
+    start = torch.arange(rows, dtype=torch.int64) * bits
+    word, shift = start // 32, (start % 32)[:, None]
+    lo = w[word] >> shift
+    hi = w[word + 1] << (32 - shift)
+    return ((lo | hi) & ((1 << bits) - 1)).to(torch.uint8)
+
+
+def pack_scales(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit scale codes (G, N), N a multiple of 8, -> int32 (G, N/8), low nibble first (exllamav2 pack_rows_4)."""
+    g, n = codes.shape
+    if n % 8:
+        raise CourseError(f"scale codes need a multiple of 8 columns, got {n}")
+    v = codes.to(torch.int64).reshape(g, n // 8, 8) & 0xF
+    shifts = torch.arange(8, dtype=torch.int64) * 4
+    return _to_int32((v << shifts).sum(-1))
+
+
+def unpack_scales(words: torch.Tensor) -> torch.Tensor:
+    """int32 (G, N/8) -> 4-bit scale codes uint8 (G, N)."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(8, dtype=torch.int64) * 4
+    return ((w[:, :, None] >> shifts) & 0xF).reshape(w.shape[0], -1).to(torch.uint8)
+
+
+def scale_values(scale_codes: torch.Tensor, scale_max: torch.Tensor) -> torch.Tensor:
+    """Effective scales (G, N) = (code + 1)^2 * q_scale_max / 256, rounded as exllamav2 rounds them.
+
+    exllamav2 multiplies the fp16 ``q_scale_max`` by 1/256 in fp16 when it loads a matrix (ext.py
+    ``make_q_matrix``) and forms ``(code + 1)^2 * that`` in fp16 (qdq_util.cuh ``dq_scale``); its converter picks
+    the codes against the very same fp16 products (adaptivegptq.py ``find_params``). Small scales become fp16
+    subnormals there and lose precision (up to ~1% of the largest weight for 8-bit groups), so the reader rounds the
+    same way: the format means what the kernels compute. Returned as float32.
+    """
+    smax = scale_max.to(torch.float16) * torch.tensor(1 / 256, dtype=torch.float16)
+    c = scale_codes.to(torch.int32) + 1
+    return ((c * c).to(torch.float16) * smax[:, None]).to(torch.float32)
+
+
+def groups_from_q_groups(q_groups: Sequence[int], in_features: int, n_packed_rows: int, where: str = "") \
+        -> list[tuple[int, int, int]]:
+    """Decode ``q_groups`` into [(bits, n_rows, first_packed_row)], checking it against K and q_weight's rows."""
+    vals = [int(x) for x in q_groups]
+    if len(vals) < 2 or len(vals) % 2:
+        raise CourseError(f"{where}q_groups has {len(vals)} entries; it must hold (bits, row) pairs")
+    out = []
+    row = 0
+    n = len(vals) // 2
+    for i in range(n):
+        bits, start = vals[2 * i], vals[2 * i + 1]
+        _check_bits(bits, f" in {where}q_groups")
+        end = vals[2 * i + 3] if i < n - 1 else n_packed_rows
+        if end <= start:
+            raise CourseError(f"{where}q_groups is corrupt: group {i} starts at packed row {start}, next at {end}")
+        if i < n - 1:
+            if ((end - start) * 32) % bits:
+                raise CourseError(f"{where}q_groups is corrupt: group {i} has a fractional number of rows")
+            rows = (end - start) * 32 // bits
+        else:
+            rows = in_features - row
+            if rows <= 0 or packed_rows(rows, bits) != end - start:
+                raise CourseError(f"{where}q_weight has {n_packed_rows} packed rows, which does not match "
+                                  f"q_groups and in_features={in_features} (wrong shape or corrupt file)")
+        out.append((bits, rows, start))
+        row += rows
+    order = [BIT_WIDTHS.index(b) for b, _, _ in out]
+    if order != sorted(order):
+        raise CourseError(f"{where}q_groups is not ordered by bits 8, 6, 5, 4, 3, 2 as exllamav2 requires")
+    return out
+
+
+def q_groups_tensor(groups: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """[(bits, rows)] -> the int16 ``q_groups`` tensor (bits, first packed row) exllamav2 stores."""
+    vals, start = [], 0
+    for bits, rows in groups:
+        vals += [_check_bits(bits), start]
+        start += packed_rows(rows, bits)
+    return torch.tensor(vals, dtype=torch.int16)
+
+
+def pack_linear(codes: torch.Tensor, scale_codes: torch.Tensor, scale_max: torch.Tensor,
+                groups: Sequence[tuple[int, int]], invperm: torch.Tensor, bias: torch.Tensor | None = None) \
+        -> dict[str, torch.Tensor]:
+    """Assemble one EXL2 linear from its decoded parts (all in stored, i.e. permuted, row order).
+
+    codes: (K, Npad) weight codes; scale_codes: (G, Npad) 4-bit codes; scale_max: (G,) fp16; groups: [(bits, rows)];
+    invperm: (K,) int. Returns the tensors exllamav2 reads (q_weight, q_scale, q_scale_max, q_groups, q_invperm[, bias]).
+    """
+    k = codes.shape[0]
+    if sum(r for _, r in groups) != k:
+        raise CourseError(f"group rows sum to {sum(r for _, r in groups)}, but the weight has {k} rows")
+    parts, row = [], 0
+    for bits, rows in groups:
+        parts.append(pack_columns(codes[row:row + rows], bits))
+        row += rows
+    out = {
+        "q_weight": torch.cat(parts).contiguous(),
+        "q_scale": pack_scales(scale_codes).contiguous(),
+        "q_scale_max": scale_max.to(torch.float16).contiguous(),
+        "q_groups": q_groups_tensor(groups),
+        "q_invperm": invperm.to(torch.int32).contiguous(),
+    }
+    if bias is not None:
+        out["bias"] = bias.to(torch.float16).contiguous()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+def config_get(config: Mapping, key: str, default: Any = None) -> Any:
+    """``config[key]``, looking inside ``text_config`` too (multimodal configs nest the language model)."""
+    if key in config and config[key] is not None:
+        return config[key]
+    sub = config.get("text_config")
+    if isinstance(sub, Mapping) and sub.get(key) is not None:
+        return sub[key]
+    return default
+
+
+def expected_linear_shapes(config: Mapping) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) per linear kind for a Llama/Mistral/Qwen2-style config."""
+    h = config_get(config, "hidden_size")
+    nh = config_get(config, "num_attention_heads")
+    if not h or not nh:
+        return {}
+    nkv = config_get(config, "num_key_value_heads", nh)
+    hd = config_get(config, "head_dim") or h // nh
+    inter = config_get(config, "intermediate_size")
+    shapes = {"q_proj": (h, nh * hd), "k_proj": (h, nkv * hd), "v_proj": (h, nkv * hd), "o_proj": (nh * hd, h)}
+    if inter:
+        shapes.update(gate_proj=(h, inter), up_proj=(h, inter), down_proj=(inter, h))
+    vocab = config_get(config, "vocab_size")
+    if vocab:
+        shapes["lm_head"] = (h, vocab)
+    return shapes
+
+
+def rope_theta_of(config: Mapping) -> float | None:
+    """rope_theta wherever the config keeps it (top level, or transformers 5's ``rope_parameters``)."""
+    if config.get("rope_theta") is not None:
+        return float(config["rope_theta"])
+    for key in ("rope_parameters", "rope_scaling"):
+        sub = config.get(key)
+        if isinstance(sub, Mapping) and sub.get("rope_theta") is not None:
+            return float(sub["rope_theta"])
+    sub = config.get("text_config")
+    if isinstance(sub, Mapping):
+        return rope_theta_of(sub)
+    return None
+
+
+def load_config(model_dir: Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise CourseError(f"{model_dir} has no config.json: point at a model directory (config.json + *.safetensors)")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CourseError(f"{path} is not valid JSON ({exc}); restore it from the model's source") from None
+    if not isinstance(cfg, dict):
+        raise CourseError(f"{path} does not hold a JSON object; restore it from the model's source")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------------------------
+
+def _layer_of(name: str) -> int | None:
+    m = re.search(r"\.layers\.(\d+)\.", name + ".")
+    return int(m.group(1)) if m else None
+
+
+class QuantLinear:
+    """One EXL2-quantized linear of a checkpoint. Tensors are read from disk when first needed."""
+
+    def __init__(self, ckpt: "Exl2Checkpoint", name: str, out_features: int | None = None):
+        self._ckpt = ckpt
+        self.name = name
+        where = f"{name}: "
+        self.in_features = ckpt.tensor_shape(f"{name}.q_invperm")[0]
+        qw_shape = ckpt.tensor_shape(f"{name}.q_weight")
+        if len(qw_shape) != 2:
+            raise CourseError(f"{where}q_weight has shape {qw_shape}; expected 2 dimensions (wrong shape)")
+        self.padded_out_features = qw_shape[1]
+        if self.padded_out_features % 32:
+            raise CourseError(f"{where}q_weight has {qw_shape[1]} columns, not a multiple of 32 (wrong shape)")
+        bias_name = f"{name}.bias"
+        self.has_bias = bias_name in ckpt.tensor_names
+        if self.has_bias:
+            out_features = ckpt.tensor_shape(bias_name)[0]
+        self.out_features = int(out_features or self.padded_out_features)
+        if not (self.padded_out_features - 32 < self.out_features <= self.padded_out_features):
+            raise CourseError(f"{where}q_weight has {self.padded_out_features} columns but the model needs "
+                              f"{self.out_features} outputs (wrong shape, or config.json does not belong here)")
+        q_groups = ckpt.tensor(f"{name}.q_groups").tolist()
+        self._groups = groups_from_q_groups(q_groups, self.in_features, qw_shape[0], where)
+        g = len(self._groups)
+        for suffix, shape in (("q_scale", (g, self.padded_out_features // 8)), ("q_scale_max", (g,)),
+                              ("q_invperm", (self.in_features,))):
+            got = tuple(ckpt.tensor_shape(f"{name}.{suffix}"))
+            if got != shape:
+                raise CourseError(f"{where}{suffix} has shape {list(got)}, expected {list(shape)} (wrong shape)")
+
+    # -- structure --------------------------------------------------------------------------------------------
+    @property
+    def groups(self) -> list[tuple[int, int]]:
+        """[(bits, n_rows)] in stored order (bits 8, 6, 5, 4, 3, 2)."""
+        return [(b, r) for b, r, _ in self._groups]
+
+    @property
+    def kind(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
+
+    @property
+    def layer(self) -> int | None:
+        return _layer_of(self.name)
+
+    def rows_per_bits(self) -> dict[int, int]:
+        """{bits: rows of K stored at that width}, widest first."""
+        out: dict[int, int] = {}
+        for b, r in self.groups:
+            out[b] = out.get(b, 0) + r
+        return out
+
+    def mix(self) -> str:
+        """The bit mix in exllamav2's notation of fractions: '0.12:6b/0.88:5b'."""
+        return "/".join(f"{r / self.in_features:.3g}:{b}b" for b, r in self.rows_per_bits().items())
+
+    @property
+    def mean_bits(self) -> float:
+        """Average code width over the rows (data bits only, no scales or permutation)."""
+        return sum(b * r for b, r in self.groups) / self.in_features
+
+    def file_bytes(self) -> dict[str, int]:
+        """Stored bytes per tensor of this linear."""
+        return {s: self._ckpt.tensor_nbytes(f"{self.name}.{s}")
+                for s in Q_SUFFIXES + (("bias",) if self.has_bias else ())}
+
+    @property
+    def stored_bits(self) -> int:
+        """Bits of q_weight + q_scale + q_scale_max + q_groups + q_invperm (bias not counted)."""
+        fb = self.file_bytes()
+        return 8 * sum(fb[s] for s in Q_SUFFIXES)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.stored_bits / (self.in_features * self.out_features)
+
+    def gpu_bytes(self) -> dict[str, int]:
+        """Bytes exllamav2 keeps on the GPU for this linear (linear.py/ext.py ``make_q_matrix``):
+        q_weight, q_scale, q_scale_max (fp16), q_groups (int16), the group map (2 int16 per row), q_perm and
+        q_invperm as int16 (dropped for an MLP's down_proj, whose permutation exllamav2 folds into gate/up),
+        and the fp16 bias."""
+        fb = self.file_bytes()
+        n_qrows = self._ckpt.tensor_shape(f"{self.name}.q_weight")[0]
+        map_rows = 0
+        for i, (bits, _rows, start) in enumerate(self._groups):
+            end = self._groups[i + 1][2] if i + 1 < len(self._groups) else n_qrows
+            map_rows += (end - start) * 32 // bits
+        perms = 0 if self.name.endswith("mlp.down_proj") else 2 * 2 * self.in_features
+        return {"q_weight": fb["q_weight"], "q_scale": fb["q_scale"],
+                "q_meta": 2 * len(self._groups) + 4 * len(self._groups) + 4 * map_rows + perms,
+                "bias": 2 * self.out_features if self.has_bias else 0}
+
+    # -- decoded data -------------------------------------------------------------------------------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The raw stored tensors (q_weight, q_scale, q_scale_max, q_groups, q_invperm[, bias])."""
+        names = Q_SUFFIXES + (("bias",) if self.has_bias else ())
+        return {s: self._ckpt.tensor(f"{self.name}.{s}") for s in names}
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self._ckpt.tensor(f"{self.name}.bias") if self.has_bias else None
+
+    @property
+    def invperm(self) -> torch.Tensor:
+        return self._ckpt.tensor(f"{self.name}.q_invperm").to(torch.int64)
+
+    @property
+    def perm(self) -> torch.Tensor:
+        """q_perm = argsort(q_invperm): stored row r holds input feature perm[r]."""
+        return torch.argsort(self.invperm)
+
+    def codes(self) -> torch.Tensor:
+        """Weight codes uint8 (K, Npad) in stored (act-order) row order, padding columns included."""
+        qw = self._ckpt.tensor(f"{self.name}.q_weight")
+        out = torch.empty((self.in_features, self.padded_out_features), dtype=torch.uint8)
+        row = 0
+        for i, (bits, rows, start) in enumerate(self._groups):
+            end = self._groups[i + 1][2] if i + 1 < len(self._groups) else qw.shape[0]
+            out[row:row + rows] = unpack_columns(qw[start:end], bits, rows)
+            row += rows
+        return out
+
+    def scale_codes(self) -> torch.Tensor:
+        """4-bit scale codes uint8 (G, Npad)."""
+        return unpack_scales(self._ckpt.tensor(f"{self.name}.q_scale"))
+
+    @property
+    def scale_max(self) -> torch.Tensor:
+        """q_scale_max fp16 (G,)."""
+        return self._ckpt.tensor(f"{self.name}.q_scale_max")
+
+    def scales(self) -> torch.Tensor:
+        """Effective float32 scales (G, Npad): (code + 1)^2 * q_scale_max / 256."""
+        return scale_values(self.scale_codes(), self.scale_max)
+
+    def group_of_row(self) -> torch.Tensor:
+        """Group index (int64, K) of each stored row."""
+        return torch.repeat_interleave(torch.arange(len(self._groups)), torch.tensor([r for _, r in self.groups]))
+
+    def dequantize_stored(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W transposed (K, Npad) in stored (permuted) row order: what the codes and scales say, row by row."""
+        qw = self._ckpt.tensor(f"{self.name}.q_weight")
+        scales = self.scales()
+        out = torch.empty((self.in_features, self.padded_out_features), dtype=torch.float32)
+        row = 0
+        for i, (bits, rows, start) in enumerate(self._groups):
+            end = self._groups[i + 1][2] if i + 1 < len(self._groups) else qw.shape[0]
+            q = unpack_columns(qw[start:end], bits, rows).to(torch.float32) - 2 ** (bits - 1)
+            out[row:row + rows] = q * scales[i]
+            row += rows
+        return out.to(dtype)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight as an nn.Linear holds it: (out_features, in_features), the file's logical order."""
+        w_t = self.dequantize_stored(torch.float32)[self.invperm]
+        return w_t[:, :self.out_features].T.contiguous().to(dtype)
+
+    def __repr__(self) -> str:
+        return (f"QuantLinear({self.name}, in={self.in_features}, out={self.out_features}, mix={self.mix()}, "
+                f"bpw={self.bits_per_weight:.3f})")
+
+
+class Exl2Checkpoint:
+    """An EXL2 model directory: config.json plus one or more *.safetensors files, read lazily."""
+
+    def __init__(self, model_dir: Path, config: dict, files: list[Path]):
+        from safetensors import safe_open
+
+        self.dir = Path(model_dir)
+        self.config = config
+        self.files = files
+        self._handles: dict[Path, Any] = {}
+        self._where: dict[str, Path] = {}
+        self._meta: dict[str, tuple[list[int], str]] = {}
+        for f in files:
+            try:
+                h = safe_open(str(f), framework="pt")
+                keys = list(h.keys())
+                for k in keys:
+                    sl = h.get_slice(k)
+                    self._meta[k] = (list(sl.get_shape()), sl.get_dtype())
+            except Exception as exc:  # safetensors raises its own error types for a bad header / truncation
+                raise CourseError(f"{f} is not a readable safetensors file ({_short(exc)}); it is corrupt or "
+                                  "truncated: re-download or rebuild the checkpoint") from None
+            self._handles[f] = h
+            for k in keys:
+                if k in self._where:
+                    raise CourseError(f"tensor {k} is in both {self._where[k].name} and {f.name}; "
+                                      "remove the stray file from the model directory")
+                self._where[k] = f
+        self._cache: dict[str, torch.Tensor] = {}
+        self._linears: dict[str, QuantLinear] | None = None
+
+    # -- tensors ----------------------------------------------------------------------------------------------
+    @property
+    def tensor_names(self) -> list[str]:
+        return sorted(self._where)
+
+    def tensor_shape(self, name: str) -> list[int]:
+        if name not in self._meta:
+            raise CourseError(f"tensor {name} is missing from {self.dir}: the checkpoint is incomplete; "
+                              "re-download or rebuild it")
+        return self._meta[name][0]
+
+    def tensor_dtype(self, name: str) -> torch.dtype:
+        self.tensor_shape(name)
+        return _ST_DTYPES.get(self._meta[name][1], torch.uint8)
+
+    def tensor_nbytes(self, name: str) -> int:
+        shape = self.tensor_shape(name)
+        return math.prod(shape) * (torch.finfo(self.tensor_dtype(name)).bits // 8
+                                   if self.tensor_dtype(name).is_floating_point
+                                   else torch.iinfo(self.tensor_dtype(name)).bits // 8)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Load one tensor (memory-mapped read; small index tensors are cached)."""
+        if name in self._cache:
+            return self._cache[name]
+        self.tensor_shape(name)
+        try:
+            t = self._handles[self._where[name]].get_tensor(name)
+        except Exception as exc:
+            raise CourseError(f"could not read tensor {name} from {self._where[name]} ({_short(exc)}); the file "
+                              "is corrupt: re-download or rebuild the checkpoint") from None
+        if t.numel() <= 1 << 16:
+            self._cache[name] = t
+        return t
+
+    # -- structure --------------------------------------------------------------------------------------------
+    @property
+    def linears(self) -> dict[str, QuantLinear]:
+        """{prefix: QuantLinear}, e.g. 'model.layers.0.self_attn.q_proj', 'lm_head', in layer order."""
+        if self._linears is None:
+            shapes = expected_linear_shapes(self.config)
+            prefixes = sorted({n[: -len(".q_weight")] for n in self._where if n.endswith(".q_weight")},
+                              key=_linear_order)
+            out = {}
+            for p in prefixes:
+                for s in Q_SUFFIXES:
+                    if f"{p}.{s}" not in self._where:
+                        raise CourseError(f"tensor {p}.{s} is missing from {self.dir}: the checkpoint is "
+                                          "incomplete; re-download or rebuild it")
+                kind = p.rsplit(".", 1)[-1]
+                exp = shapes.get(kind)
+                ql = QuantLinear(self, p, out_features=exp[1] if exp else None)
+                if exp and (ql.in_features, ql.out_features) != exp:
+                    raise CourseError(f"{p} is {ql.in_features}x{ql.out_features} (in x out) but config.json says "
+                                      f"{exp[0]}x{exp[1]}: wrong shapes, or the config is not this model's")
+                out[p] = ql
+            self._linears = out
+        return self._linears
+
+    @property
+    def head(self) -> QuantLinear | None:
+        return self.linears.get("lm_head")
+
+    @property
+    def tied_head(self) -> bool:
+        """True when the checkpoint has no lm_head: exllamav2 then uses the embedding (fp16) as the head."""
+        return not any(n.startswith("lm_head.") for n in self._where)
+
+    def decoder_linears(self) -> list[QuantLinear]:
+        return [q for p, q in self.linears.items() if p != "lm_head"]
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits of the decoder layers' quantized linears over their weights (head excluded)."""
+        lins = self.decoder_linears()
+        return sum(q.stored_bits for q in lins) / max(1, sum(q.in_features * q.out_features for q in lins))
+
+    @property
+    def bits_per_weight_with_head(self) -> float:
+        lins = list(self.linears.values())
+        return sum(q.stored_bits for q in lins) / max(1, sum(q.in_features * q.out_features for q in lins))
+
+    def float_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Hugging Face names and nn.Linear layouts: every quantized linear dequantized (file's logical order),
+        biases, norms and the embedding converted to ``dtype``. ``lm_head.weight`` only if the file has a head."""
+        out: dict[str, torch.Tensor] = {}
+        lins = self.linears
+        for p, q in lins.items():
+            out[f"{p}.weight"] = q.dequantize(dtype)
+            if q.has_bias:
+                out[f"{p}.bias"] = q.bias.to(dtype)
+        owned = {f"{p}.{s}" for p in lins for s in Q_SUFFIXES + ("bias",)}
+        for name in self.tensor_names:
+            if name not in owned:
+                out[name] = self.tensor(name).to(dtype)
+        return out
+
+    def layer_table(self) -> list[dict]:
+        """One row per quantized linear: name, layer, kind, in, out, bit mix, groups, bpw, bytes (file and GPU)."""
+        rows = []
+        for p, q in self.linears.items():
+            fb, gb = q.file_bytes(), q.gpu_bytes()
+            rows.append({
+                "name": p, "layer": q.layer, "kind": q.kind, "in": q.in_features, "out": q.out_features,
+                "bits": {str(b): r for b, r in q.rows_per_bits().items()}, "mix": q.mix(),
+                "groups": len(q.groups), "mean_bits": round(q.mean_bits, 4), "bpw": round(q.bits_per_weight, 4),
+                "file_bytes": sum(fb.values()), "vram_bytes": sum(gb.values()),
+            })
+        return rows
+
+    def byte_breakdown(self) -> dict:
+        """Where the checkpoint's bytes go when exllamav2 loads it.
+
+        vram_bytes: everything exllamav2 puts on the GPU for the weights: quantized linears in its GPU layout
+        (see QuantLinear.gpu_bytes), biases, norms, any other fp16 tensor, and for a tied head an fp16 copy of the
+        embedding padded to 32 rows. system_ram_bytes: the input embedding, which exllamav2 keeps on the CPU as
+        fp16. disk_bytes: the *.safetensors files. Caches and scratch are not weights: see helpers.memory.
+        """
+        kinds = {"q_weight": 0, "q_scale": 0, "q_meta": 0, "bias": 0, "norms": 0, "fp16_head": 0, "other_fp16": 0}
+        decoder = head = 0
+        for p, q in self.linears.items():
+            gb = q.gpu_bytes()
+            for k, v in gb.items():
+                kinds[k] += v
+            if p == "lm_head":
+                head += sum(gb.values())
+            else:
+                decoder += sum(gb.values())
+        owned = {f"{p}.{s}" for p in self.linears for s in Q_SUFFIXES + ("bias",)}
+        embed = 0
+        for name in self.tensor_names:
+            if name in owned:
+                continue
+            numel = math.prod(self.tensor_shape(name))
+            if name.endswith("embed_tokens.weight"):
+                embed += 2 * numel
+            elif name == "lm_head.weight":  # an unquantized head: fp16 on the GPU, rows padded to 32
+                shape = self.tensor_shape(name)
+                kinds["fp16_head"] += 2 * (shape[0] + (-shape[0] % 32)) * math.prod(shape[1:])
+                head += kinds["fp16_head"]
+            elif "norm" in name:
+                kinds["norms"] += 2 * numel
+            else:
+                kinds["other_fp16"] += 2 * numel
+        if self.tied_head:
+            vocab = config_get(self.config, "vocab_size")
+            hidden = config_get(self.config, "hidden_size")
+            emb = [n for n in self._where if n.endswith("embed_tokens.weight")]
+            if emb:
+                vocab, hidden = self.tensor_shape(emb[0])
+            if vocab and hidden:
+                kinds["fp16_head"] += 2 * (vocab + (-vocab % 32)) * hidden
+                head += 2 * (vocab + (-vocab % 32)) * hidden
+        vram = sum(kinds.values())
+        return {
+            "vram_bytes": vram,
+            "system_ram_bytes": embed,
+            "disk_bytes": sum(f.stat().st_size for f in self.files),
+            "decoder_linear_bytes": decoder,
+            "head_bytes": head,
+            "head": "tied (fp16 copy of the embedding)" if self.tied_head else
+                    ("exl2" if "lm_head" in self.linears else "fp16"),
+            "norm_bytes": kinds["norms"],
+            "embedding_bytes": embed,
+            "by_kind": kinds,
+            "bits_per_weight": self.bits_per_weight,
+            "bits_per_weight_with_head": self.bits_per_weight_with_head,
+            "bits_histogram": self.bits_histogram(),
+        }
+
+    def bits_histogram(self) -> dict[int, int]:
+        """{bits: weights stored at that width} over all quantized linears (head included)."""
+        hist = {b: 0 for b in BIT_WIDTHS}
+        for q in self.linears.values():
+            for b, r in q.groups:
+                hist[b] += r * q.out_features
+        return {b: n for b, n in hist.items() if n}
+
+    def __repr__(self) -> str:
+        return f"Exl2Checkpoint({self.dir}, {len(self.linears)} quantized linears, {self.bits_per_weight:.3f} bpw)"
+
+
+def _short(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:160] or type(exc).__name__
+
+
+def _linear_order(name: str):
+    """Execution order: layer by layer; q, k, v, o, gate, up, down inside a layer; the head last."""
+    layer = _layer_of(name)
+    kind = name.rsplit(".", 1)[-1]
+    rank = LINEAR_KINDS.index(kind) if kind in LINEAR_KINDS else len(LINEAR_KINDS)
+    return (1 if layer is None else 0, layer or 0, rank, _natural_key(name))
+
+
+def _natural_key(s: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def open_exl2(model_dir: str | os.PathLike) -> Exl2Checkpoint:
+    """Open an EXL2 checkpoint directory (config.json + *.safetensors, sharded or not). Raises CourseError with
+    one line for a missing directory, a missing config, a non-EXL2 checkpoint or a corrupt file."""
+    d = Path(model_dir).expanduser()
+    if not d.exists():
+        raise CourseError(f"model directory {d} does not exist: check the path (or build it: python -m helpers model)")
+    if not d.is_dir():
+        raise CourseError(f"{d} is a file, not a model directory: pass the folder that holds config.json")
+    cfg = load_config(d)
+    files = sorted((f for f in d.glob("*.safetensors") if f.name not in IGNORED_FILES),
+                   key=lambda p: _natural_key(p.name))
+    if not files:
+        raise CourseError(f"{d} has no *.safetensors files: it is not a model checkpoint")
+    ckpt = Exl2Checkpoint(d, cfg, files)
+    names = ckpt.tensor_names
+    if not any(n.endswith(".q_weight") for n in names):
+        what = "GPTQ" if any(n.endswith(".qweight") for n in names) else "float (unquantized)"
+        raise CourseError(f"{d} is not an EXL2 checkpoint: it holds {what} weights, no *.q_weight tensors. "
+                          "Quantize it first (helpers.exl2.write_exl2) or pick an EXL2 model")
+    ckpt.linears  # validate structure and shapes now, with one-line errors
+    return ckpt
