@@ -304,21 +304,18 @@ def _prompt_ids(vocab_size: int, n: int, seed: int = 0):
 
 
 def _time_decode(b, depth: int, steps: int, first_token: int) -> dict[str, Any]:
-    """``steps`` greedy decode steps from depth ``depth``: total seconds, and per-step wall and host-issue times."""
+    """``steps`` greedy decode steps from depth ``depth``: total seconds and each step's wall time. Each step waits
+    for its token (a generator needs it before the next step), so a step's wall time is what a reader sees."""
     b.fill_cache(depth)
     b.synchronize()
-    tok, walls, issues = first_token, [], []
+    tok, walls = first_token, []
     start = time.perf_counter()
     for _ in range(steps):
         t0 = time.perf_counter()
-        logits = b.decode_step(tok)
-        t1 = time.perf_counter()
-        tok = int(logits.argmax())  # a generator needs the token before the next step: this waits for the device
-        t2 = time.perf_counter()
-        walls.append(t2 - t0)
-        issues.append(t1 - t0)
+        tok = int(b.decode_step(tok).argmax())
+        walls.append(time.perf_counter() - t0)
     b.synchronize()
-    return {"seconds": time.perf_counter() - start, "walls": walls, "issues": issues}
+    return {"seconds": time.perf_counter() - start, "walls": walls}
 
 
 def _time_prefill(b, depth: int, ids) -> float:
@@ -330,11 +327,37 @@ def _time_prefill(b, depth: int, ids) -> float:
     return time.perf_counter() - t0
 
 
-def profile_decode(b, depth: int, steps: int = 4, first_token: int = 0) -> dict[str, float | None]:
+@contextmanager
+def _quiet_stderr_fd():
+    """Silence file descriptor 2 for a moment: the profiler's C++ side prints start/stop lines there."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        yield
+        return
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+#: CUDA runtime calls in which the host waits for the GPU (their time is not the host's own work)
+_BLOCKING_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+                   "cudaMemcpyAsync", "cuStreamSynchronize", "cuCtxSynchronize", "cuMemcpyDtoH")
+
+
+def profile_decode(b, depth: int, steps: int = 4, first_token: int = 0) -> dict[str, Any]:
     """Where one decode step's time goes, from torch.profiler (run apart from the timed repeats: it slows things).
 
-    Returns ms per token: ``torch_ops_ms`` (host time inside torch operators: on a CPU the arithmetic itself, on a
-    GPU mostly launching kernels), ``gpu_busy_ms`` (CUDA: time the GPU's kernels and copies ran; None on a CPU).
+    Returns per token: ``profiled_ms`` (the step's wall time under the profiler), ``torch_ops_ms`` (host time inside
+    torch operators: on a CPU the arithmetic itself), and on CUDA ``gpu_busy_ms`` (time the GPU's kernels and copies
+    ran), ``host_blocked_ms`` (time the host sat in synchronising calls, waiting for the GPU), ``host_work_ms``
+    (profiled wall minus blocked: Python, exllamav2's host code and kernel launches) and ``kernel_launches``.
     """
     import torch
     from torch.autograd import DeviceType
@@ -345,36 +368,61 @@ def profile_decode(b, depth: int, steps: int = 4, first_token: int = 0) -> dict[
     b.fill_cache(depth)
     b.synchronize()
     tok = first_token
-    with profile(activities=acts) as prof:
+    with _quiet_stderr_fd(), profile(activities=acts) as prof:
+        t0 = time.perf_counter()
         for _ in range(steps):
             tok = int(b.decode_step(tok).argmax())
         b.synchronize()
+        wall = time.perf_counter() - t0
     events = prof.events()
-    host_us = sum(e.self_cpu_time_total for e in events if e.device_type == DeviceType.CPU)
-    out: dict[str, float | None] = {"torch_ops_ms": host_us / 1e3 / steps, "gpu_busy_ms": None}
+    host = [e for e in events if e.device_type == DeviceType.CPU]
+    out: dict[str, Any] = {"profiled_ms": wall * 1e3 / steps,
+                           "torch_ops_ms": sum(e.self_cpu_time_total for e in host if e.name.startswith("aten::"))
+                           / 1e3 / steps,
+                           "gpu_busy_ms": None, "host_blocked_ms": None, "host_work_ms": None, "kernel_launches": None}
     if cuda:
         dev = [e for e in events if e.device_type == DeviceType.CUDA]
-        # kernels of one stream do not overlap: their durations add up to the time the GPU was busy
+        # kernels and copies of one stream do not overlap: their durations add up to the time the GPU was busy
         busy_us = sum(e.time_range.elapsed_us() for e in dev)
-        out["gpu_busy_ms"] = busy_us / 1e3 / steps if dev else None
-    del torch
+        blocked_us = sum(e.time_range.elapsed_us() for e in host if e.name in _BLOCKING_CALLS)
+        launches = sum(1 for e in host if e.name.startswith(("cudaLaunch", "cuLaunch")))
+        out.update(gpu_busy_ms=busy_us / 1e3 / steps if dev else None,
+                   host_blocked_ms=blocked_us / 1e3 / steps,
+                   host_work_ms=max(0.0, wall * 1e3 - blocked_us / 1e3) / steps,
+                   kernel_launches=launches / steps)
     return out
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
 
 
 def _flat_memory(prefix: str, reading: dict) -> dict[str, Any]:
     return {f"{prefix}{k}": v for k, v in (reading or {}).items() if isinstance(v, (int, float, str, type(None)))}
 
 
-def _weight_bytes_of(b) -> int | None:
-    """What the loaded backend reports its decoder's on-device weights occupy, if it can say."""
-    for attr in ("weight_bytes", "device_weight_bytes"):
-        fn = getattr(b, attr, None)
-        if callable(fn):
-            try:
-                return int(fn())
-            except Exception:
-                return None
-    return None
+def _decode_bytes_of(b, depth: int) -> dict[str, Any]:
+    """What one decoded token reads on the loaded backend ``b`` at ``depth`` (see the module's docstring).
+
+    exllamav2: the checkpoint's GPU-resident bytes and the cache mode's bytes per token (``memory``). The reference:
+    its own tensors in its own dtype (float32 on a CPU: twice fp16's bytes), counted from the loaded model.
+    """
+    if b.name == "reference" and hasattr(b, "model"):
+        m = b.model
+        tensors = [m.norm, m.lm_head]
+        for layer in m.layers:
+            tensors += [t for t in vars(layer).values() if hasattr(t, "element_size")]
+        weights = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        kv = int(m.cache.bytes_per_token()) * depth
+        return {"weights_bytes": int(weights), "kv_bytes": kv, "total_bytes": int(weights) + kv,
+                "counted": f"reference {str(b.dtype).replace('torch.', '')} tensors: layers, final norm, head "
+                           f"(not the input embedding unless tied as the head); K and V of {depth} positions"}
+    d = decode_bytes(b.model_dir, depth, b.cache_mode)
+    d["counted"] = (f"EXL2 GPU-resident weights incl. head and norms (not the input embedding, in system RAM); K and "
+                    f"V of {depth} positions at {b.cache_mode}")
+    return d
 
 
 def measure_loaded(b, depth: int, *, repeats: int = 5, warmup: int = 2, decode_tokens: int = 32,
@@ -392,7 +440,7 @@ def measure_loaded(b, depth: int, *, repeats: int = 5, warmup: int = 2, decode_t
     rounds = warmup + repeats
     pbar = bar(total=rounds * (decode_tokens + (1 if n_prefill else 0)), desc=desc or f"ctx {ctx} depth {depth}",
                unit="tok") if progress else None
-    prefill_s, decode, walls, issues = [], [], [], []
+    prefill_s, decode, walls = [], [], []
     try:
         for r in range(rounds):
             if n_prefill:
@@ -405,7 +453,6 @@ def measure_loaded(b, depth: int, *, repeats: int = 5, warmup: int = 2, decode_t
             if r >= warmup:
                 decode.append(decode_tokens / run["seconds"])
                 walls += run["walls"]
-                issues += run["issues"]
             if pbar:
                 pbar.update(decode_tokens)
     finally:
@@ -416,6 +463,7 @@ def measure_loaded(b, depth: int, *, repeats: int = 5, warmup: int = 2, decode_t
     d = summarize(decode)
     row: dict[str, Any] = {
         "ctx": ctx, "depth": depth, "cache_mode": mode, "backend": b.name, "device": str(b.device),
+        "torch_threads": _torch_threads(),
         "decode_tokens": decode_tokens, "repeats": repeats, "warmup": warmup,
         "decode_tok_s": d["median"], "decode_tok_s_min": d["min"], "decode_tok_s_max": d["max"],
         "decode_spread": d["spread"], "decode_tok_s_all": decode,
@@ -428,39 +476,33 @@ def measure_loaded(b, depth: int, *, repeats: int = 5, warmup: int = 2, decode_t
     else:
         row.update(prefill_tok_s=None)
     step_ms = statistics.median(walls) * 1e3
-    issue_ms = statistics.median(issues) * 1e3
-    gpu_ms = prof.get("gpu_busy_ms")
     cuda = str(b.device).startswith("cuda")
+    gpu_ms = prof.get("gpu_busy_ms")
+    ops_ms = prof.get("torch_ops_ms")
     row.update(
         step_ms=step_ms,
-        # on a GPU: how long the host takes to launch one step's work; on a CPU the host does all the work
-        cpu_ms_per_token=issue_ms if cuda else step_ms,
-        host_issue_ms=issue_ms,
+        # CUDA: the host's own work per token (profiled: Python, exllamav2's host code, kernel launches); CPU: all of it
+        cpu_ms_per_token=prof.get("host_work_ms") if cuda else step_ms,
         gpu_ms_per_token=gpu_ms,
         gpu_idle_fraction=(max(0.0, 1 - gpu_ms / step_ms) if gpu_ms is not None and step_ms else None),
-        torch_ops_ms_per_token=prof.get("torch_ops_ms"),
-        outside_torch_ops_ms_per_token=(max(0.0, step_ms - prof["torch_ops_ms"]) if prof.get("torch_ops_ms") is not None
-                                        else None),
+        host_blocked_ms_per_token=prof.get("host_blocked_ms"),
+        kernel_launches_per_token=prof.get("kernel_launches"),
+        profiled_ms_per_token=prof.get("profiled_ms"),
+        torch_ops_ms_per_token=ops_ms,
+        outside_torch_ops_ms_per_token=(max(0.0, prof["profiled_ms"] - ops_ms) if ops_ms is not None else None),
     )
     # bytes and the roofline
-    wb = _weight_bytes_of(b)
-    try:
-        counted = decode_bytes(b.model_dir, depth, mode, weight_bytes=wb)
-    except CourseError:
-        counted = None
-    if counted:
-        row.update(weights_bytes=counted["weights_bytes"], kv_read_bytes=counted["kv_bytes"],
-                   bytes_per_token=counted["total_bytes"])
-    else:
-        row.update(weights_bytes=None, kv_read_bytes=None, bytes_per_token=None)
+    counted = _decode_bytes_of(b, depth)
+    row.update(weights_bytes=counted["weights_bytes"], kv_read_bytes=counted["kv_bytes"],
+               bytes_per_token=counted["total_bytes"], bytes_counted=counted["counted"])
     if bandwidth_bytes_s is None:
         bandwidth_bytes_s = measure_bandwidth(str(b.device))
     row["bandwidth_gbs"] = bandwidth_bytes_s / 1e9
-    if row["bytes_per_token"]:
-        roof = roofline_tok_s(row["bytes_per_token"], bandwidth_bytes_s)
-        row.update(roofline_tok_s=roof, roofline_fraction=row["decode_tok_s"] / roof)
-    else:
-        row.update(roofline_tok_s=None, roofline_fraction=None)
+    roof = roofline_tok_s(row["bytes_per_token"], bandwidth_bytes_s)
+    row.update(roofline_tok_s=roof, roofline_fraction=row["decode_tok_s"] / roof)
+    if row.get("prefill_tok_s"):
+        # prefill reads the weights once for the whole prompt: memory is not what limits it, compute is
+        row["prefill_over_decode"] = row["prefill_tok_s"] / row["decode_tok_s"]
     row["cache_bytes"] = int(b.cache_bytes())
     row["cache_gib"] = row["cache_bytes"] / GIB
     row.update(_flat_memory("mem_after_run_", mem_run))
@@ -532,17 +574,23 @@ def bench_matrix(model_dir=None, *, ctxs: Iterable[int] = (4096, 32768), depths:
     rows = []
     bw = None
     for mode, c, ds in plan:
+        before = _memory_before_load()
         b = backend_mod.load(model_dir, max_seq_len=c, cache_mode=mode, backend=backend, device=device)
         try:
             mem_loaded = b.memory()
-            if bw is None:
-                bw = measure_bandwidth(str(b.device))
+            if bw is None:  # the same threads as the decode it bounds
+                bw = measure_bandwidth(str(b.device), threads=_torch_threads())
             for d in ds:
                 row = measure_loaded(b, d, repeats=repeats, warmup=warmup, decode_tokens=decode_tokens,
                                      prefill_tokens=prefill_tokens, profile_steps=profile_steps,
                                      bandwidth_bytes_s=bw, progress=progress,
                                      desc=f"{mode} ctx {c} depth {d}")
+                row.update(_flat_memory("mem_before_load_", before))
                 row.update(_flat_memory("mem_loaded_", mem_loaded))
+                if str(b.device).startswith("cuda"):
+                    import torch
+
+                    row["mem_peak_torch_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
                 row.update(model=model_label or Path(model_dir).name, model_dir=str(model_dir),
                            trained_ctx=trained, beyond_trained_ctx=bool(trained and c > trained),
                            bandwidth_method=_bandwidth_method(str(b.device)))
@@ -554,10 +602,23 @@ def bench_matrix(model_dir=None, *, ctxs: Iterable[int] = (4096, 32768), depths:
     return rows
 
 
+def _memory_before_load() -> dict[str, Any]:
+    """Readings taken before a load (NVML's used bytes include other processes and the CUDA context)."""
+    from . import gpu
+
+    out: dict[str, Any] = {"process_rss_bytes": gpu.process_rss_bytes()}
+    if gpu.cuda_status()["available"]:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        out["nvml_used_bytes"] = gpu.nvml_used_bytes(torch.cuda.current_device())
+    return out
+
+
 def _bandwidth_method(device: str) -> str:
     if device.startswith("cuda"):
         return "median of 5 sums over a 1 GiB fp16 buffer, CUDA events"
-    return "median of 5 sums over a 256 MiB fp32 buffer, 2 torch threads"
+    return f"median of 5 sums over a 256 MiB fp32 buffer, {_torch_threads()} torch threads"
 
 
 def _device_name(device: str) -> str | None:
@@ -631,8 +692,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--label", default=None, help="the model's name in the results")
     ap.add_argument("--json", action="store_true", help="print one JSON object {provenance, rows}")
     ap.add_argument("--record", action="store_true", help="also save it under results/speed/")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CourseError(f"--threads must be at least 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.repeats < 1:
         raise CourseError(f"--repeats must be at least 1, got {args.repeats}")
     if args.warmup < 0 or args.decode_tokens < 1 or args.prefill_tokens < 0:
@@ -661,9 +729,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check_modes(modes: list[str]) -> None:
-    from . import memory
+    from .backend import CACHE_MODES
 
-    known = [m.lower() for m in getattr(memory, "CACHE_MODES", ("fp16", "fp8", "q8", "q6", "q4"))]
+    known = [m.lower() for m in CACHE_MODES]
     for m in modes:
         if m not in known:
             raise CourseError(f"unknown cache mode '{m}'; choose from {', '.join(known)}")

@@ -171,9 +171,8 @@ def fake(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(bench.time, "perf_counter", clock)
     # 1 GB of weights and 1 MB per cached position at a bandwidth of 10 GB/s
-    monkeypatch.setattr(bench, "decode_bytes", lambda md, depth, mode, weight_bytes=None: {
-        "weights_bytes": 10**9, "kv_bytes": depth * 10**6, "total_bytes": 10**9 + depth * 10**6,
-        "embedding_row_bytes": 1152})
+    monkeypatch.setattr(bench, "_decode_bytes_of", lambda b, depth: {
+        "weights_bytes": 10**9, "kv_bytes": depth * 10**6, "total_bytes": 10**9 + depth * 10**6, "counted": "fake"})
     return clock
 
 
@@ -187,7 +186,8 @@ def test_harness_numbers_on_a_fake_clock(fake):
     assert row["decode_spread"] == pytest.approx((100 - 1000 / 12) / 100)
     assert row["prefill_tok_s"] == pytest.approx(1000.0) and row["prefill_tokens"] == 16
     assert row["step_ms"] == pytest.approx(10.0) and row["cpu_ms_per_token"] == pytest.approx(10.0)
-    assert row["gpu_ms_per_token"] is None
+    assert row["gpu_ms_per_token"] is None and row["gpu_idle_fraction"] is None
+    assert row["prefill_over_decode"] == pytest.approx(10.0)
     # roofline: 10 GB/s / 2 GB per token = 5 tok/s; measured 100 tok/s is 20x it (the fake is not physical)
     assert row["bytes_per_token"] == 2 * 10**9 and row["roofline_tok_s"] == pytest.approx(5.0)
     assert row["roofline_fraction"] == pytest.approx(20.0)
@@ -238,3 +238,51 @@ def test_format_rows_and_json_round_trip(fake):
     text = bench.format_rows([row])
     assert "4096" in text and "100.0 (100.0-100.0)" in text and "roofline" in text
     assert json.loads(json.dumps(row)) == row
+
+
+# ------------------------------------------------------------------------------ the real reference, a fixture
+FIXTURE = __import__("pathlib").Path(__file__).parent / "fixtures" / "exl2" / "tiny_llama_b4.5"
+
+
+def test_bench_on_the_reference_backend_counts_its_bytes_exactly():
+    rows = bench.bench_matrix(FIXTURE, ctxs=[512], depths=[16, 400], cache_modes=["fp16"], backend="reference",
+                              device="cpu", repeats=2, warmup=1, decode_tokens=4, prefill_tokens=8,
+                              profile_steps=2, progress=False)
+    assert [(r["ctx"], r["depth"]) for r in rows] == [(512, 16), (512, 400)]
+    # float32 on the CPU: 2 layers x (q,o 256x256; k,v 256x128; gate,up,down 256x768; 2 norms) + final norm + head
+    per_layer = 2 * 256 * 256 + 2 * 256 * 128 + 3 * 256 * 768 + 2 * 256
+    weights = 4 * (2 * per_layer + 256 + 1024 * 256)
+    kv_per_token = 2 * 2 * 2 * 64 * 4  # layers x (K, V) x kv heads x head_dim x 4 bytes
+    for r in rows:
+        assert r["backend"] == "reference" and r["device"] == "cpu" and r["cache_mode"] == "fp16"
+        assert r["weights_bytes"] == weights and r["kv_read_bytes"] == kv_per_token * r["depth"]
+        assert r["bytes_per_token"] == weights + kv_per_token * r["depth"]
+        assert r["cache_bytes"] == kv_per_token * 512
+        assert r["roofline_tok_s"] == pytest.approx(r["bandwidth_gbs"] * 1e9 / r["bytes_per_token"])
+        assert r["roofline_fraction"] == pytest.approx(r["decode_tok_s"] / r["roofline_tok_s"])
+        assert len(r["decode_tok_s_all"]) == 2 and r["decode_tok_s_min"] <= r["decode_tok_s"] <= r["decode_tok_s_max"]
+        assert r["prefill_tokens"] == 8 and r["prefill_tok_s"] > 0
+        assert r["torch_ops_ms_per_token"] > 0 and r["gpu_ms_per_token"] is None
+        assert r["trained_ctx"] == 2048 and r["beyond_trained_ctx"] is False
+        assert r["mem_loaded_process_rss_bytes"] > 0
+    assert rows[1]["roofline_tok_s"] < rows[0]["roofline_tok_s"]  # deeper: more bytes per token
+
+
+def test_cli_json_and_errors(capsys):
+    from helpers.__main__ import main
+
+    assert main(["bench", "--model", str(FIXTURE), "--backend", "reference", "--ctx", "256", "--depth", "8",
+                 "--repeats", "1", "--warmup", "0", "--decode-tokens", "2", "--prefill-tokens", "0",
+                 "--no-progress", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["provenance"]["device"] in ("cpu", "cuda") and doc["provenance"]["command"].startswith(
+        "python -m helpers bench")
+    assert len(doc["rows"]) == 1 and doc["rows"][0]["depth"] == 8
+    # depth beyond the cache: one line, exit 2, nothing loaded
+    assert main(["bench", "--model", str(FIXTURE), "--backend", "reference", "--ctx", "256", "--depth", "300"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: depth 300 does not fit: the cache holds 256 tokens") and err.count("\n") == 1
+    assert main(["bench", "--ctx", "4k", "--depth", "1", "--cache", "q5"]) == 2
+    assert "unknown cache mode 'q5'" in capsys.readouterr().err
+    assert main(["bench", "--ctx", "4096", "--depth", "12x"]) == 2
+    assert "not a whole number" in capsys.readouterr().err
