@@ -79,6 +79,20 @@ def gib(nbytes: float) -> float:
     return nbytes / GIB
 
 
+@contextlib.contextmanager
+def _few_threads(numel: int) -> Iterator[None]:
+    """One torch thread for small matrices: on a busy machine, waking a thread pool for tensors this small costs
+    ten times the work itself (measured on the course's 2-core box). Large matrices keep every thread."""
+    before = torch.get_num_threads()
+    if numel < 2**22 and before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Bit packing (byte-exact with exllamav2's pack_columns / pack_rows_4)
 # ----------------------------------------------------------------------------------------------------------------
@@ -409,6 +423,10 @@ class QuantLinear:
 
     def codes(self) -> torch.Tensor:
         """Weight codes uint8 (K, Npad) in stored (act-order) row order, padding columns included."""
+        with _few_threads(self.in_features * self.padded_out_features):
+            return self._codes()
+
+    def _codes(self) -> torch.Tensor:
         qw = self._ckpt.tensor(f"{self.name}.q_weight")
         out = torch.empty((self.in_features, self.padded_out_features), dtype=torch.uint8)
         row = 0
@@ -437,6 +455,10 @@ class QuantLinear:
 
     def dequantize_stored(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W transposed (K, Npad) in stored (permuted) row order: what the codes and scales say, row by row."""
+        with _few_threads(self.in_features * self.padded_out_features):
+            return self._dequantize_stored(dtype)
+
+    def _dequantize_stored(self, dtype: torch.dtype) -> torch.Tensor:
         qw = self._ckpt.tensor(f"{self.name}.q_weight")
         scales = self.scales()
         out = torch.empty((self.in_features, self.padded_out_features), dtype=torch.float32)
@@ -450,8 +472,9 @@ class QuantLinear:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight as an nn.Linear holds it: (out_features, in_features), the file's logical order."""
-        w_t = self.dequantize_stored(torch.float32)[self.invperm]
-        return w_t[:, :self.out_features].T.contiguous().to(dtype)
+        w_t = self.dequantize_stored(torch.float32)
+        with _few_threads(w_t.numel()):
+            return w_t[self.invperm][:, :self.out_features].T.contiguous().to(dtype)
 
     def __repr__(self) -> str:
         return (f"QuantLinear({self.name}, in={self.in_features}, out={self.out_features}, mix={self.mix()}, "
@@ -708,3 +731,512 @@ def open_exl2(model_dir: str | os.PathLike) -> Exl2Checkpoint:
                           "Quantize it first (helpers.exl2.write_exl2) or pick an EXL2 model")
     ckpt.linears  # validate structure and shapes now, with one-line errors
     return ckpt
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing (round-to-nearest)
+# ----------------------------------------------------------------------------------------------------------------
+#
+# A bit mix says how many input rows of a linear get each width. Accepted forms (``bits_mix`` / ``bits``):
+#   int b                      every row at b bits, groups of ``group_size`` rows
+#   float t                    a target bits per weight: two neighbouring widths, mixed so the stored bits per weight
+#                              (see the module docstring) come as close to t as whole groups allow
+#   "0.1:6b_32g/0.9:5b_32g"    exllamav2's own notation (``QParams.get_desc``): fraction:bits b_group g
+#   [(0.1, 6, 32), (0.9, 5)]   (fraction of rows, bits[, group size])
+# Groups are stored widest first; the rows with the most weight energy (act-order) get the widest groups.
+
+def parse_mix(spec: Any, group_size: int = 32) -> list[tuple[float, int, int]]:
+    """A mix spec (string or list) -> [(fraction, bits, group_size)], widest first."""
+    if isinstance(spec, str):
+        items = []
+        for part in spec.split(" ")[0].split("/"):
+            m = re.fullmatch(r"\s*([0-9.]+):(\d+)b(?:_(\d+)g)?\s*", part)
+            if not m:
+                raise CourseError(f"cannot read the bit mix '{spec}': write it like '0.1:6b_32g/0.9:5b_32g'")
+            items.append((float(m.group(1)), int(m.group(2)), int(m.group(3) or group_size)))
+    elif isinstance(spec, (int,)) and not isinstance(spec, bool):
+        items = [(1.0, int(spec), group_size)]
+    elif isinstance(spec, (list, tuple)):
+        items = []
+        for it in spec:
+            if not isinstance(it, (list, tuple)) or len(it) not in (2, 3):
+                raise CourseError(f"cannot read the bit mix {spec!r}: use [(fraction, bits, group_size), ...]")
+            items.append((float(it[0]), int(it[1]), int(it[2]) if len(it) == 3 else group_size))
+    else:
+        raise CourseError(f"cannot read the bit mix {spec!r}: use bits (int), a target bpw (float), "
+                          "'0.1:6b_32g/0.9:5b_32g' or [(fraction, bits, group_size), ...]")
+    for frac, bits, gs in items:
+        _check_bits(bits, f" in the bit mix {spec!r}")
+        if frac <= 0 or gs <= 0 or gs % 32:
+            raise CourseError(f"bad bit mix {spec!r}: fractions must be > 0 and group sizes multiples of 32 "
+                              "(exllamav2's kernels step through rows 32 at a time)")
+    if abs(sum(f for f, _, _ in items) - 1) > 1e-3:
+        raise CourseError(f"the fractions of the bit mix {spec!r} add up to {sum(f for f, _, _ in items):.3f}, not 1")
+    return sorted(items, key=lambda it: BIT_WIDTHS.index(it[1]))
+
+
+def plan_groups(in_features: int, mix: Sequence[tuple[float, int, int]]) -> list[tuple[int, int]]:
+    """Split K input rows into groups [(bits, rows)] for a mix, like exllamav2's converter: each width takes
+    ceil(fraction * K / group_size) whole groups while rows remain; the last group takes what is left."""
+    k = in_features
+    if k % 32:
+        raise CourseError(f"in_features={k} is not a multiple of 32, which exllamav2's EXL2 kernels require")
+    groups: list[tuple[int, int]] = []
+    remaining = k
+    for frac, bits, gs in mix:
+        n = math.ceil(min(k * frac, remaining) / gs - 1e-9) if remaining > 0 else 0
+        for _ in range(n):
+            if remaining <= 0:
+                break
+            rows = min(gs, remaining)
+            groups.append((bits, rows))
+            remaining -= rows
+    while remaining > 0:  # fractions that round down leave rows: the narrowest width takes them
+        bits, gs = mix[-1][1], mix[-1][2]
+        rows = min(gs, remaining)
+        groups.append((bits, rows))
+        remaining -= rows
+    return groups
+
+
+def stored_bits(in_features: int, out_features: int, groups: Sequence[tuple[int, int]]) -> int:
+    """Bits the file stores for a linear with these groups (q_weight with padded columns, q_scale, q_scale_max,
+    q_groups, q_invperm): the numerator of bits per weight."""
+    npad = out_features + (-out_features % 32)
+    g = len(groups)
+    qrows = sum(packed_rows(r, b) for b, r in groups)
+    return 32 * qrows * npad + 4 * g * npad + 16 * g + 32 * g + 32 * in_features
+
+
+def auto_mix(in_features: int, out_features: int, target_bpw: float, group_size: int = 32) \
+        -> list[tuple[int, int]]:
+    """Groups [(bits, rows)] of two neighbouring widths whose stored bits per weight come closest to the target."""
+    if not 2.0 <= target_bpw <= 9.0:
+        raise CourseError(f"target of {target_bpw} bits per weight is out of range: EXL2 stores 2 to 8 bits "
+                          "per weight (plus ~0.1-0.2 for scales)")
+    k, n = in_features, out_features
+    widths = sorted(BIT_WIDTHS)
+    if k % 32:
+        raise CourseError(f"in_features={k} is not a multiple of 32, which exllamav2's EXL2 kernels require")
+    n_groups = _ceil(k, group_size)
+
+    def groups_for(hi: int, lo: int, n_hi: int):
+        out, remaining = [], k
+        for i in range(n_groups):
+            rows = min(group_size, remaining)
+            out.append((hi if i < n_hi else lo, rows))
+            remaining -= rows
+        return out
+
+    def bpw(gr):
+        return stored_bits(k, n, gr) / (k * n)
+
+    if target_bpw <= bpw(groups_for(2, 2, 0)):
+        return groups_for(2, 2, 0)
+    if target_bpw >= bpw(groups_for(8, 8, n_groups)):
+        return groups_for(8, 8, n_groups)
+    for lo, hi in zip(widths, widths[1:]):
+        if bpw(groups_for(hi, lo, 0)) <= target_bpw <= bpw(groups_for(hi, lo, n_groups)):
+            best = min(range(n_groups + 1), key=lambda m: abs(bpw(groups_for(hi, lo, m)) - target_bpw))
+            gr = groups_for(hi, lo, best)
+            return gr if best < n_groups else groups_for(hi, hi, n_groups)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def resolve_groups(spec: Any, in_features: int, out_features: int, group_size: int = 32) -> list[tuple[int, int]]:
+    """Any accepted bit spec -> groups [(bits, rows)] for one linear."""
+    if isinstance(spec, float):
+        return auto_mix(in_features, out_features, spec, group_size)
+    return plan_groups(in_features, parse_mix(spec, group_size))
+
+
+def _fp16_at_least(x: torch.Tensor) -> torch.Tensor:
+    """The smallest fp16 values >= x (positive x), so that a rounded q_scale_max never clips the widest column."""
+    h = x.clamp_min(2.0**-14).to(torch.float16)
+    up = (h.view(torch.int16) + 1).view(torch.float16)  # next fp16 up (positive numbers: next bit pattern)
+    return torch.where(h.to(torch.float32) < x, up, h)
+
+
+def _rtn_groups(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest a batch of equally sized groups x (G, rows, N) float32.
+
+    Per column the ideal scale maps the column's largest magnitude onto the codes; the group's q_scale_max is the
+    largest ideal scale (rounded up to fp16), and each column takes the 4-bit scale code just above or just below
+    its ideal scale, whichever leaves the smaller squared error. Scales are rounded as exllamav2 rounds them.
+    Returns codes uint8 (G, rows, N), scale codes uint8 (G, N), q_scale_max fp16 (G,).
+    """
+    zero, maxq = 2 ** (bits - 1), 2 ** bits - 1
+    want = x.abs().amax(1) / (maxq / 2)  # (G, N)
+    smax16 = _fp16_at_least(want.amax(1))  # (G,)
+    table = scale_values(torch.arange(16, dtype=torch.uint8).expand(len(smax16), 16), smax16)  # (G, 16)
+    hi = torch.searchsorted(table.contiguous(), want.contiguous()).clamp(0, 15)
+    lo = (hi - 1).clamp(0, 15)
+    best = None
+    for c in (hi, lo):
+        sc = torch.gather(table, 1, c).clamp_min(1e-30)[:, None, :]  # (G, 1, N)
+        q = torch.clamp(torch.round(x / sc) + zero, 0, maxq)
+        err = ((q - zero) * sc - x).pow(2).sum(1)  # (G, N)
+        if best is None:
+            best = (q, c, err)
+        else:
+            take = err < best[2]
+            best = (torch.where(take[:, None, :], q, best[0]), torch.where(take, c, best[1]), None)
+    return best[0].to(torch.uint8), best[1].to(torch.uint8), smax16
+
+
+def act_order_perm(weight: torch.Tensor) -> torch.Tensor:
+    """Round-to-nearest has no calibration Hessian; this orders input features by the energy of their weights
+    (sum of squares over outputs), largest first, so that the widest groups hold the most important rows."""
+    return torch.argsort(weight.float().pow(2).sum(0), descending=True, stable=True)
+
+
+def quantize_linear(weight: torch.Tensor, bits_mix: Any, *, act_order: bool = True,
+                    perm: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                    group_size: int = 32) -> dict[str, torch.Tensor]:
+    """Quantize one nn.Linear weight (out, in) to EXL2 by round-to-nearest.
+
+    bits_mix: int, float target bpw, '0.1:6b_32g/0.9:5b_32g' or [(fraction, bits, group_size)]; see parse_mix.
+    act_order: permute input rows by :func:`act_order_perm` (or by ``perm``) before grouping; False keeps the order.
+    Returns q_weight, q_scale, q_scale_max, q_groups, q_invperm (and bias, fp16, when given), packed byte-exactly
+    as exllamav2's converter packs them; output columns are padded to a multiple of 32.
+    """
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or not weight.is_floating_point():
+        raise CourseError("quantize_linear needs a 2-D float weight (out_features, in_features)")
+    with _few_threads(weight.numel()):
+        return _quantize_linear(weight, bits_mix, act_order=act_order, perm=perm, bias=bias, group_size=group_size)
+
+
+def _quantize_linear(weight, bits_mix, *, act_order, perm, bias, group_size):
+    n, k = weight.shape
+    groups = resolve_groups(bits_mix, k, n, group_size)
+    w = weight.detach().to(torch.float32)
+    if not torch.isfinite(w).all():
+        raise CourseError("the weight holds inf or NaN values: it cannot be quantized")
+    if perm is None:
+        perm = act_order_perm(w) if act_order else torch.arange(k)
+    perm = perm.to(torch.int64)
+    if perm.shape != (k,) or not torch.equal(torch.sort(perm).values, torch.arange(k)):
+        raise CourseError(f"perm must be a permutation of range({k})")
+    npad = n + (-n % 32)
+    wt = torch.zeros((k, npad), dtype=torch.float32)
+    wt[:, :n] = w.T[perm]
+    codes = torch.empty((k, npad), dtype=torch.uint8)
+    scodes = torch.full((len(groups), npad), 15, dtype=torch.uint8)  # exllamav2 pads scale codes with 15
+    smax = torch.empty(len(groups), dtype=torch.float16)
+    row = g = 0
+    while g < len(groups):  # runs of equal groups are quantized together (fewer, larger tensor ops)
+        bits, rows = groups[g]
+        run = 1
+        while g + run < len(groups) and groups[g + run] == (bits, rows):
+            run += 1
+        x = wt[row:row + run * rows, :n].reshape(run, rows, n)
+        c, sc, sm = _rtn_groups(x, bits)
+        codes[row:row + run * rows, :n] = c.reshape(run * rows, n)
+        codes[row:row + run * rows, n:] = 2 ** (bits - 1)  # padding columns dequantize to zero, as exllamav2 pads
+        scodes[g:g + run, :n] = sc
+        smax[g:g + run] = sm
+        row += run * rows
+        g += run
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise CourseError(f"bias has shape {list(bias.shape)}, expected [{n}]")
+    return pack_linear(codes, scodes, smax, groups, torch.argsort(perm), bias)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files: a streaming safetensors writer and directories that appear whole or not at all
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class TensorSpec:
+    """A tensor to write: its name, shape and dtype up front, its data made only when it is written."""
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    make: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        size = torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * size
+
+    @staticmethod
+    def of(name: str, tensor: torch.Tensor) -> "TensorSpec":
+        return TensorSpec(name, tuple(tensor.shape), tensor.dtype, lambda: tensor)
+
+
+def write_safetensors(path: Path, specs: Sequence[TensorSpec], metadata: dict[str, str] | None = None) -> int:
+    """Write a .safetensors file tensor by tensor (only one tensor's data in memory at a time). Returns its size."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for s in specs:
+        if s.dtype not in _ST_NAMES:
+            raise CourseError(f"cannot store {s.name} with dtype {s.dtype} in safetensors")
+        header[s.name] = {"dtype": _ST_NAMES[s.dtype], "shape": list(s.shape),
+                          "data_offsets": [offset, offset + s.nbytes]}
+        offset += s.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        for s in specs:
+            t = s.make()
+            if tuple(t.shape) != tuple(s.shape) or t.dtype != s.dtype:
+                raise CourseError(f"tensor {s.name} came out {tuple(t.shape)} {t.dtype}, planned {s.shape} {s.dtype}")
+            t = t.detach().cpu().contiguous()
+            data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+            fh.write(memoryview(data) if t.numel() else data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return len(raw) + 8 + offset
+
+
+def _is_exl2_dir(d: Path) -> bool:
+    try:
+        cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
+        return cfg.get("quantization_config", {}).get("quant_method") == "exl2"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out_dir``; on success it is renamed to ``out_dir``, on any error it is
+    deleted. An existing ``out_dir`` is replaced only if ``overwrite`` and it is empty or an EXL2 checkpoint.
+    A full disk (or any other OSError) becomes a one-line CourseError."""
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists():
+        if not overwrite:
+            raise CourseError(f"{out} already exists: choose another directory or allow overwriting")
+        if not out.is_dir() or (any(out.iterdir()) and not _is_exl2_dir(out)):
+            raise CourseError(f"refusing to replace {out}: it exists and is not an EXL2 checkpoint; "
+                              "choose another directory")
+    tag = uuid.uuid4().hex[:8]
+    tmp = out.parent / f".{out.name}.partial-{tag}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        yield tmp
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{tag}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and not isinstance(exc, CourseError):
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise CourseError(f"the disk is full while writing {out}; nothing was kept. Free some space "
+                                  "(or pick a folder on a bigger disk) and run it again") from None
+            raise CourseError(f"could not write {out} ({_short(exc)}); nothing was kept") from None
+        raise
+
+
+def write_shards(folder: Path, specs: Sequence[TensorSpec], *, shard_bytes: int = 4 * GIB,
+                 metadata: dict[str, str] | None = None, on_tensor: Callable[[TensorSpec], None] | None = None) \
+        -> list[Path]:
+    """Write tensors into ``output.safetensors`` or, above ``shard_bytes``, ``output-00001-of-0000N.safetensors``
+    plus a Hugging Face style ``model.safetensors.index.json``. Returns the files."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for s in specs:
+        if shards[-1] and size + s.nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(s)
+        size += s.nbytes
+    n = len(shards)
+    names = ["output.safetensors"] if n == 1 else [f"output-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    files = []
+    for name, group in zip(names, shards):
+        if on_tensor is not None:
+            group = [TensorSpec(s.name, s.shape, s.dtype, _tick(s, on_tensor)) for s in group]
+        write_safetensors(folder / name, group, metadata)
+        files.append(folder / name)
+    if n > 1:
+        index = {"metadata": {"total_size": sum(s.nbytes for s in specs)},
+                 "weight_map": {s.name: name for name, group in zip(names, shards) for s in group}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
+    return files
+
+
+def _tick(spec: TensorSpec, fn: Callable[[TensorSpec], None]) -> Callable[[], torch.Tensor]:
+    def make():
+        t = spec.make()
+        fn(spec)
+        return t
+    return make
+
+
+def exl2_config(config: Mapping, *, bits_per_weight: float, head_bits: Any, tied: bool,
+                extra: Mapping | None = None) -> dict:
+    """config.json for an EXL2 checkpoint: the source config plus a TOP-LEVEL rope_theta (exllamav2 0.3.2 reads
+    only that key and silently falls back to its default; transformers 5 nests it in rope_parameters), the tie flag
+    and a ``quantization_config`` like exllamav2's converter writes (quant_method exl2, bits, head_bits)."""
+    cfg = json.loads(json.dumps(dict(config)))
+    theta = rope_theta_of(cfg)
+    if theta is not None:
+        cfg["rope_theta"] = theta
+    if tied:
+        cfg["tie_word_embeddings"] = True
+    qc = {"quant_method": "exl2", "bits": round(float(bits_per_weight), 4), "head_bits": head_bits,
+          "quantizer": "helpers.exl2 round-to-nearest (exl2-course)"}
+    qc.update(extra or {})
+    cfg["quantization_config"] = qc
+    return cfg
+
+
+def copy_tokenizer(tokenizer_dir: str | os.PathLike, dest: Path) -> list[str]:
+    src = Path(tokenizer_dir).expanduser()
+    if not src.is_dir():
+        raise CourseError(f"tokenizer directory {src} does not exist: pass the folder holding tokenizer.json")
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dest / name)
+            copied.append(name)
+    if not any(n in copied for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise CourseError(f"{src} holds no tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
+    return copied
+
+
+def _linear_target(name: str, tensor: torch.Tensor) -> str | None:
+    """'decoder' / 'head' if write_exl2 quantizes this tensor, else None."""
+    if name == "lm_head.weight":
+        return "head"
+    if name.endswith(".weight") and tensor.ndim == 2 and name.rsplit(".", 2)[-2] in LINEAR_KINDS \
+            and _layer_of(name) is not None:
+        return "decoder"
+    return None
+
+
+def _spec_for(bits: Any, prefix: str, k: int, n: int) -> Any:
+    if callable(bits):
+        return bits(prefix, k, n)
+    if isinstance(bits, Mapping):
+        for key in (prefix, prefix.rsplit(".", 1)[-1], "default"):
+            if key in bits:
+                return bits[key]
+        raise CourseError(f"the bits mapping has no entry for {prefix} (add it, its kind, or 'default')")
+    return bits
+
+
+def write_exl2(out_dir: str | os.PathLike, config: Mapping, float_tensors: Mapping[str, torch.Tensor], *,
+               bits: Any, head_bits: Any = 6, tokenizer_dir: str | os.PathLike | None = None,
+               progress: bool = True, act_order: bool = True, group_size: int = 32, overwrite: bool = True,
+               shard_bytes: int = 4 * GIB) -> Path:
+    """Quantize a float Hugging Face state dict to an EXL2 checkpoint that exllamav2 loads.
+
+    bits: the decoder linears' mix, any form parse_mix/auto_mix accepts (int width, float target bpw, exllamav2
+    string, list of (fraction, bits, group)), or a dict {prefix | kind | 'default': spec}, or a callable
+    (prefix, in, out) -> spec. head_bits: 2, 3, 4, 5, 6 or 8 -> exllamav2's head mix (HEAD_MIXES), another spec,
+    or None to store an unquantized fp16 head. A tied model (tie_word_embeddings, or no lm_head.weight) gets no
+    lm_head: exllamav2 then uses the embedding. Norms, embedding and biases are stored fp16.
+    The checkpoint is built in a temporary folder beside out_dir and renamed into place at the end.
+    """
+    from .progress import progress as bar
+
+    if not isinstance(config, Mapping):
+        raise CourseError("config must be a dict (the model's config.json)")
+    if not float_tensors:
+        raise CourseError("no tensors to write: pass the model's float state dict")
+    tied = bool(config.get("tie_word_embeddings")) or "lm_head.weight" not in float_tensors
+    shapes = expected_linear_shapes(config)
+    work = []
+    for name, t in float_tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise CourseError(f"{name} is not a torch tensor")
+        role = _linear_target(name, t)
+        if role == "head" and (tied or head_bits is None):
+            continue
+        if role:
+            prefix = name[: -len(".weight")]
+            exp = shapes.get(prefix.rsplit(".", 1)[-1])
+            if exp and tuple(t.shape) != (exp[1], exp[0]):
+                raise CourseError(f"{name} has shape {list(t.shape)} but config.json says [{exp[1]}, {exp[0]}] "
+                                  "(out, in): wrong shapes, or the config is not this model's")
+            work.append((prefix, t, role))
+    if not work:
+        raise CourseError("no quantizable linear found (expected model.layers.N.*_proj.weight tensors)")
+    q_out: dict[str, torch.Tensor] = {}
+    lin_bits = []
+    it = bar(work, desc="quantizing", unit="linear") if progress else work
+    for prefix, t, role in it:
+        n, k = t.shape
+        if role == "head":
+            spec = HEAD_MIXES.get(head_bits, head_bits) if isinstance(head_bits, int) else head_bits
+        else:
+            spec = _spec_for(bits, prefix, k, n)
+        bias = float_tensors.get(f"{prefix}.bias")
+        try:
+            q = quantize_linear(t, spec, act_order=act_order, bias=bias, group_size=group_size)
+        except CourseError as exc:
+            raise CourseError(f"{prefix}: {exc}") from None
+        for s, v in q.items():
+            q_out[f"{prefix}.{s}"] = v
+        if role == "decoder":
+            lin_bits.append((8 * sum(v.numel() * v.element_size() for s, v in q.items() if s != "bias"), k * n))
+    quantized = {p for p, _, _ in work}
+    specs = []
+    for name, t in float_tensors.items():
+        if name.rsplit(".", 1)[0] in quantized and name.rsplit(".", 1)[-1] in ("weight", "bias"):
+            continue
+        if name == "lm_head.weight" and tied:
+            continue
+        specs.append(TensorSpec.of(name, t.detach().to(torch.float16).contiguous()))
+    specs += [TensorSpec.of(n_, v) for n_, v in q_out.items()]
+    specs.sort(key=lambda s: _natural_key(s.name))
+    bpw = sum(b for b, _ in lin_bits) / sum(w for _, w in lin_bits)
+    cfg = exl2_config(config, bits_per_weight=bpw, head_bits=None if tied else head_bits, tied=tied,
+                      extra={"target": bits if isinstance(bits, (int, float, str)) else "per-layer spec"})
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        write_shards(tmp, specs, shard_bytes=shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+        if tokenizer_dir is not None:
+            copy_tokenizer(tokenizer_dir, tmp)
+    return Path(out_dir).expanduser().absolute()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small float models for tests and GPU checks
+# ----------------------------------------------------------------------------------------------------------------
+
+def tiny_config(*, arch: str = "LlamaForCausalLM", hidden: int = 256, intermediate: int = 768, layers: int = 2,
+                heads: int = 4, kv_heads: int = 2, vocab: int = 1000, tied: bool = False,
+                rope_theta: float = 100000.0) -> dict:
+    """A small Llama/Qwen2 config.json (transformers 5 style: rope_theta nested in rope_parameters). Keep the
+    intermediate size a multiple of 128 for exllamav2's fused MLP (DOMAIN.md, trap 2)."""
+    cfg = {"architectures": [arch], "model_type": "qwen2" if arch.startswith("Qwen2") else "llama",
+           "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+           "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": hidden // heads,
+           "vocab_size": vocab, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+           "tie_word_embeddings": tied, "bos_token_id": 0, "eos_token_id": 1, "torch_dtype": "float16",
+           "rope_parameters": {"rope_theta": rope_theta, "rope_type": "default"}}
+    return cfg
+
+
+def random_float_state_dict(config: Mapping, *, seed: int = 0, std: float = 0.02) -> dict[str, torch.Tensor]:
+    """Random float32 weights with a model's Hugging Face names and shapes (Llama/Mistral/Qwen2 layout; Qwen2 gets
+    q/k/v biases). For tests and exllamav2 checks, not for text."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = expected_linear_shapes(config)
+    h, vocab = config_get(config, "hidden_size"), config_get(config, "vocab_size")
+    qwen = str(config_get(config, "model_type", "")).startswith("qwen2") or \
+        any(str(a).startswith("Qwen2") for a in config.get("architectures", []))
+    sd = {"model.embed_tokens.weight": torch.randn(vocab, h, generator=gen) * std * 25,
+          "model.norm.weight": 1 + 0.1 * torch.randn(h, generator=gen)}
+    for i in range(config_get(config, "num_hidden_layers")):
+        p = f"model.layers.{i}."
+        sd[p + "input_layernorm.weight"] = 1 + 0.1 * torch.randn(h, generator=gen)
+        sd[p + "post_attention_layernorm.weight"] = 1 + 0.1 * torch.randn(h, generator=gen)
+        for kind in LINEAR_KINDS:
+            k, n = shapes[kind]
+            sub = "self_attn" if kind.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+            sd[f"{p}{sub}.{kind}.weight"] = torch.randn(n, k, generator=gen) * std
+            if qwen and kind in ("q_proj", "k_proj", "v_proj"):
+                sd[f"{p}{sub}.{kind}.bias"] = torch.randn(n, generator=gen) * std
+    if not config.get("tie_word_embeddings"):
+        sd["lm_head.weight"] = torch.randn(vocab, h, generator=gen) * std
+    return sd

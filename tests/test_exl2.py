@@ -224,3 +224,179 @@ def test_wrong_shapes_and_bits(tmp_path, edit, words):
     with pytest.raises(CourseError) as e:
         exl2.open_exl2(d)
     assert words in _one_line(e)
+
+
+# ------------------------------------------------------------------------------------------------------- writing
+def test_packing_is_byte_exact_with_the_converter(fixture):
+    ckpt, _ = fixture
+    for name, q in ckpt.linears.items():
+        stored = q.tensors()
+        made = exl2.pack_linear(q.codes(), q.scale_codes(), q.scale_max, q.groups, q.invperm, q.bias)
+        assert set(made) == set(stored)
+        for k in stored:
+            assert made[k].dtype == stored[k].dtype and torch.equal(made[k], stored[k]), (name, k)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_pack_unpack_every_width(bits):
+    g = torch.Generator().manual_seed(bits)
+    for rows in (32, 64, 96):
+        codes = torch.randint(0, 2**bits, (rows, 40), generator=g)
+        words = exl2.pack_columns(codes, bits)
+        assert words.shape == (rows * bits // 32, 40) and words.dtype == torch.int32
+        assert torch.equal(exl2.unpack_columns(words, bits, rows).long(), codes)
+    # the layout itself: 4-bit, value i of a column sits at bits 4i..4i+3 of the word, low first
+    assert exl2.pack_columns(torch.arange(8)[:, None], 4).item() == 0x76543210
+    # 3-bit values straddle words: value 10 is bits 30..32
+    c = torch.zeros(32, 1, dtype=torch.long)
+    c[10] = 0b111
+    assert exl2.pack_columns(c, 3)[:, 0].tolist() == [-(2**31) + 2**30, 1, 0]
+
+
+# exllamav2 RTN-like error levels for Gaussian weights in groups of 32 (relative RMS); a broken packer is ~100%
+RTN_RMS = {2: 0.5, 3: 0.25, 4: 0.125, 5: 0.063, 6: 0.032, 8: 0.009}
+
+
+def _roundtrip(tmp_path, weight, spec, **kw):
+    n, k = weight.shape
+    q = exl2.quantize_linear(weight, spec, **kw)
+    d = tmp_path / "one"
+    d.mkdir(exist_ok=True)
+    cfg = {"architectures": ["LlamaForCausalLM"], "hidden_size": k, "num_attention_heads": 4, "intermediate_size": n}
+    save_file({f"model.layers.0.mlp.up_proj.{s}": v for s, v in q.items()}, str(d / "output.safetensors"))
+    (d / "config.json").write_text(json.dumps(cfg))
+    ql = exl2.open_exl2(d).linears["model.layers.0.mlp.up_proj"]
+    return q, ql
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_round_trip_every_width_act_order_and_odd_out_features(tmp_path, bits):
+    g = torch.Generator().manual_seed(10 + bits)
+    w = torch.randn(200, 256, generator=g) * 0.03  # out_features=200: not a multiple of 32
+    w[:, 7] *= 4  # one loud input feature: act-order must put it first
+    q, ql = _roundtrip(tmp_path, w, bits, act_order=True)
+    assert q["q_weight"].shape[1] == 224 and ql.padded_out_features == 224
+    assert ql.perm[0].item() == 7
+    assert not torch.equal(ql.invperm, torch.arange(256))
+    # the reader's padded columns: code 2^(bits-1), scale code 15, i.e. exact zeros
+    assert (ql.codes()[:, 200:] == 2 ** (bits - 1)).all() and (ql.scale_codes()[:, 200:] == 15).all()
+    deq = ql.dequantize()
+    assert deq.shape == (200, 256)
+    assert ql.groups == [(bits, 32)] * 8
+    rel = ((deq - w).pow(2).mean() / w.pow(2).mean()).sqrt().item()
+    assert rel < RTN_RMS[bits], rel
+    # padded columns are zeros after dequantization
+    assert (ql.dequantize_stored()[:, 200:] == 0).all()
+
+
+def test_mixed_groups_and_exllamav2_mix_strings(tmp_path):
+    w = torch.randn(96, 512, generator=torch.Generator().manual_seed(3)) * 0.02
+    q, ql = _roundtrip(tmp_path, w, "0.1:8b_32g/0.2:6b_64g/0.3:4b_128g/0.4:2b_64g", act_order=False)
+    assert ql.groups == [(8, 32), (8, 32), (6, 64), (6, 64), (4, 128), (4, 128), (2, 64)]
+    assert q["q_groups"].tolist() == [8, 0, 8, 8, 6, 16, 6, 28, 4, 40, 4, 56, 2, 72]
+    assert torch.equal(ql.invperm, torch.arange(512))
+    err = (ql.dequantize() - w).abs()
+    assert err[:, :64].mean() < err[:, -64:].mean() / 10  # 8-bit rows are far closer than 2-bit rows
+    assert ql.mix() == "0.125:8b/0.25:6b/0.5:4b/0.125:2b"
+
+
+def test_target_bpw_is_hit():
+    for target in (2.5, 3.0, 4.25, 5.5, 6.5, 8.0):
+        groups = exl2.auto_mix(5120, 5120, target)
+        bpw = exl2.stored_bits(5120, 5120, groups) / 5120**2
+        assert abs(bpw - target) < 0.01, (target, bpw)
+        assert len({b for b, _ in groups}) <= 2
+
+
+def _tiny(tmp_path, **kw):
+    cfg = exl2.tiny_config(**kw)
+    sd = exl2.random_float_state_dict(cfg, seed=1)
+    return cfg, sd
+
+
+def test_write_exl2_round_trip_with_config_and_tokenizer(tmp_path):
+    cfg, sd = _tiny(tmp_path, arch="Qwen2ForCausalLM")
+    out = exl2.write_exl2(tmp_path / "m", cfg, sd, bits=5.0, head_bits=6, progress=False,
+                          tokenizer_dir=FIXTURES / "tiny_qwen2_b6.5")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "output.safetensors", "tokenizer.json",
+                                                     "tokenizer_config.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary folder left behind
+    written = json.loads((out / "config.json").read_text())
+    assert written["rope_theta"] == 100000.0  # top level, although the source nests it (transformers 5)
+    assert written["quantization_config"]["quant_method"] == "exl2"
+    assert written["quantization_config"]["head_bits"] == 6
+    ckpt = exl2.open_exl2(out)
+    assert abs(ckpt.bits_per_weight - 5.0) < 0.1
+    assert written["quantization_config"]["bits"] == pytest.approx(ckpt.bits_per_weight, abs=1e-3)
+    assert ckpt.linears["lm_head"].rows_per_bits() == {8: 128, 6: 128}  # exllamav2's 6-bit head: 0.15:8b/0.85:6b
+    fsd = ckpt.float_state_dict()
+    assert set(fsd) == set(sd)
+    for name, t in sd.items():
+        err = ((fsd[name] - t).pow(2).mean() / t.pow(2).mean()).sqrt().item()
+        assert err < (0.1 if "proj.weight" in name or "lm_head" in name else 1e-3), (name, err)
+    assert ckpt.tensor("model.norm.weight").dtype == torch.float16
+
+
+def test_tied_model_has_no_head(tmp_path):
+    cfg, sd = _tiny(tmp_path, tied=True, vocab=1024)
+    ckpt = exl2.open_exl2(exl2.write_exl2(tmp_path / "m", cfg, sd, bits=4, progress=False))
+    assert ckpt.tied_head and "lm_head" not in ckpt.linears
+    assert "lm_head.weight" not in ckpt.float_state_dict()
+    bb = ckpt.byte_breakdown()
+    assert bb["by_kind"]["fp16_head"] == 1024 * 256 * 2 == bb["system_ram_bytes"]
+    assert ckpt.config["tie_word_embeddings"] is True
+
+
+def test_write_refuses_bad_input(tmp_path):
+    cfg, sd = _tiny(tmp_path)
+    with pytest.raises(CourseError, match="unsupported bit width 7"):
+        exl2.write_exl2(tmp_path / "a", cfg, sd, bits=7, progress=False)
+    bad = dict(sd)
+    bad["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(256, 128)
+    with pytest.raises(CourseError, match="wrong shapes"):
+        exl2.write_exl2(tmp_path / "b", cfg, bad, bits=4, progress=False)
+    with pytest.raises(CourseError, match="tokenizer directory"):
+        exl2.write_exl2(tmp_path / "c", cfg, sd, bits=4, progress=False, tokenizer_dir=tmp_path / "none")
+    keep = tmp_path / "notes"
+    keep.mkdir()
+    (keep / "mine.txt").write_text("do not delete")
+    with pytest.raises(CourseError, match="refusing to replace"):
+        exl2.write_exl2(keep, cfg, sd, bits=4, progress=False)
+    assert (keep / "mine.txt").read_text() == "do not delete"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
+
+
+def test_full_disk_mid_write_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    cfg, sd = _tiny(tmp_path)
+    real = exl2.write_safetensors
+
+    def full(path, specs, metadata=None):
+        path.write_bytes(b"half a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(exl2, "write_safetensors", full)
+    with pytest.raises(CourseError) as e:
+        exl2.write_exl2(tmp_path / "m", cfg, sd, bits=4, progress=False)
+    assert "disk is full" in _one_line(e)
+    assert list(tmp_path.iterdir()) == []
+    # an existing checkpoint survives a failed rewrite untouched
+    monkeypatch.setattr(exl2, "write_safetensors", real)
+    out = exl2.write_exl2(tmp_path / "m", cfg, sd, bits=4, progress=False)
+    before = (out / "output.safetensors").read_bytes()
+    monkeypatch.setattr(exl2, "write_safetensors", full)
+    with pytest.raises(CourseError):
+        exl2.write_exl2(tmp_path / "m", cfg, sd, bits=6, progress=False)
+    assert (out / "output.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+def test_sharded_checkpoint_reads_like_one_file(tmp_path):
+    cfg, sd = _tiny(tmp_path)
+    one = exl2.open_exl2(exl2.write_exl2(tmp_path / "one", cfg, sd, bits=4, progress=False))
+    many = exl2.open_exl2(exl2.write_exl2(tmp_path / "many", cfg, sd, bits=4, progress=False, shard_bytes=300_000))
+    assert len(many.files) > 2 and (many.dir / "model.safetensors.index.json").is_file()
+    assert one.tensor_names == many.tensor_names
+    for n in one.tensor_names:
+        assert torch.equal(one.tensor(n), many.tensor(n)), n
