@@ -1,0 +1,356 @@
+"""helpers.memory: exllamav2's memory accounting, bundled configs and the planner (exact numbers, by hand)."""
+import json
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+
+from helpers import memory as m
+from helpers.errors import CourseError, CourseWarning
+
+FIX = Path(__file__).parent / "fixtures" / "exl2"
+GIB = 2**30
+MIB = 2**20
+
+
+def small(**kw):
+    """4 layers, 2 KV heads of 64: the shape of DOMAIN.md's measured cache row."""
+    base = dict(name="small", architecture="LlamaForCausalLM", n_layers=4, hidden=256, n_heads=4, n_kv_heads=2,
+                head_dim=64, intermediate=768, vocab=1024, tied_embeddings=False, max_position_embeddings=4096,
+                rotary_dim=64)
+    base.update(kw)
+    return m.ModelShape(**base)
+
+
+# --- the KV cache ------------------------------------------------------------------------------------------------
+
+def test_qwen14b_fp16_cache_exact():
+    s = m.model_shape("qwen2.5-14b")
+    assert m.kv_bytes_per_token(s, "fp16") == 196_608 == 48 * 2 * 8 * 128 * 2
+    assert m.kv_cache_bytes(s, 32768, "fp16") == 6 * GIB
+    assert m.kv_cache_bytes(s, 4096, "fp16") == 0.75 * GIB
+
+
+def test_every_mode_by_hand_small_shape():
+    s, L = small(), 32768
+    heads, hd, layers = 2, 64, 4
+    n = L * heads  # (batch 1) x tokens x heads
+    temp = 2 * n * hd * 2  # one FP16 K and V, full length, per device
+    scales = 2 * n * (hd // 32) * 2  # K and V fp16 scales, one per 32 values
+    expect = {
+        "fp16": layers * 2 * n * hd * 2,
+        "fp8": layers * 2 * n * hd * 1 + temp,
+        "q8": layers * (2 * n * hd + scales) + temp,
+        "q6": layers * (n * hd + n * hd // 2 + scales) + temp,
+        "q4": layers * (2 * n * hd // 2 + scales) + temp,
+    }
+    for mode, b in expect.items():
+        assert m.kv_cache_bytes(s, L, mode) == b, mode
+        assert m.kv_bytes_per_token(s, mode) * L == b
+    # DOMAIN.md's row for this shape: FP16 / Q8 / Q4 = 64.0 / 50.0 / 34.x MiB
+    assert (expect["fp16"] / MIB, expect["q8"] / MIB, expect["q4"] / MIB) == (64.0, 50.0, 34.0)
+
+
+def test_scales_floor_for_odd_head_dim_and_batch_multiplies():
+    s = small(head_dim=80)
+    per_layer = 2 * 2 * (80 // 2) + 2 * 2 * (80 // 32) * 2  # q4: K,V 40 bytes/head; scales 2 per head (floor)
+    assert m.kv_layer_bytes_per_token(s, "q4") == per_layer
+    assert m.kv_cache_bytes(s, 1000, "q4", batch=3) == 3 * 1000 * (4 * per_layer + 2 * 2 * 80 * 2)
+
+
+def test_gqa_and_mqa_cut_the_cache():
+    mha, gqa, mqa = small(n_kv_heads=4), small(n_kv_heads=2), small(n_kv_heads=1)
+    assert [x.attention_kind for x in (mha, gqa, mqa)] == ["MHA", "GQA", "MQA"]
+    assert m.kv_bytes_per_token(mha) == 2 * m.kv_bytes_per_token(gqa) == 4 * m.kv_bytes_per_token(mqa)
+
+
+def test_sliding_window_layers_are_allocated_at_full_length():
+    g = m.model_shape("gemma-2-9b")
+    assert g.sliding_window == 4096 and g.sliding_layers == tuple(range(0, 42, 2))
+    full = dataclass_replace(g, sliding_layers=(), sliding_window=0)
+    assert m.kv_cache_bytes(g, 8192) == m.kv_cache_bytes(full, 8192) == 42 * 2 * 8 * 256 * 2 * 8192
+    q = m.model_shape("qwen2.5-14b")
+    assert q.sliding_layers == () and q.config_sliding_layers == ()  # use_sliding_window is false
+
+
+def dataclass_replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)
+
+
+def test_unknown_cache_mode_lists_the_valid_ones():
+    with pytest.raises(CourseError, match="fp16, fp8, q8, q6, q4"):
+        m.kv_cache_bytes(small(), 1024, "q3")
+    assert m.check_cache_mode("ExLlamaV2Cache_Q4") == "q4" and m.check_cache_mode("FP16") == "fp16"
+
+
+# --- bundled configs ---------------------------------------------------------------------------------------------
+
+def test_bundled_configs_carry_their_facts():
+    names = m.bundled_models()
+    assert names == sorted(["qwen2.5-7b", "qwen2.5-14b", "qwen2.5-32b", "llama-3.1-8b", "llama-3.3-70b",
+                            "mistral-nemo-12b", "gemma-2-9b", "smollm2-135m"])
+    for n in names:
+        s = m.model_shape(n)
+        assert "huggingface.co/" in s.source, n
+    q = m.model_shape("qwen2.5-14b")
+    assert (q.n_layers, q.hidden, q.n_heads, q.n_kv_heads, q.head_dim, q.intermediate, q.vocab) == \
+        (48, 5120, 40, 8, 128, 13824, 152064)
+    assert not q.tied_embeddings and q.qkv_bias and q.max_position_embeddings == 32768
+    assert round(q.n_params / 1e9, 2) == 14.77
+    nemo = m.model_shape("mistral-nemo-12b")
+    assert nemo.head_dim == 128 != nemo.hidden // nemo.n_heads  # head_dim given explicitly
+    sm = m.model_shape("smollm2-135m")
+    assert (sm.n_layers, sm.hidden, sm.n_heads, sm.n_kv_heads, sm.vocab, sm.tied_embeddings,
+            sm.max_position_embeddings) == (30, 576, 9, 3, 49152, True, 8192)
+    assert m.model_shape("llama-3.1-8b").rope_scaling == "llama3"
+
+
+def test_model_names_normalise_and_suggest():
+    assert m.model_shape("Qwen/Qwen2.5-14B-Instruct").name == "qwen2.5-14b"
+    assert m.model_shape("gemma-2-9b-it").name == "gemma-2-9b"
+    with pytest.raises(CourseError, match="Did you mean 'qwen2.5-14b'"):
+        m.model_shape("qwen2.5-15b")
+    with pytest.raises(CourseError, match="llama-3.1-8b"):
+        m.model_shape("lama-3.1-8")
+    with pytest.raises(CourseError, match="does not exist"):
+        m.model_shape("/no/such/config.json")
+
+
+def test_config_missing_fields_and_mla_are_clear(tmp_path):
+    cfg = json.loads((Path(m.CONFIGS_DIR) / "qwen2.5-7b.json").read_text())
+    del cfg["hidden_size"], cfg["vocab_size"]
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(cfg))
+    with pytest.raises(CourseError, match="missing required field.*hidden_size, vocab_size"):
+        m.model_shape(str(p))
+    p.write_text(json.dumps({"architectures": ["DeepseekV3ForCausalLM"], "kv_lora_rank": 512}))
+    with pytest.raises(CourseError, match="Multi-head Latent Attention"):
+        m.model_shape(str(p))
+    p.write_text(json.dumps({**cfg, "hidden_size": 1024, "vocab_size": 100, "num_hidden_layers": -3}))
+    with pytest.raises(CourseError, match="num_hidden_layers"):
+        m.model_shape(str(p))
+    p.write_text("{not json")
+    with pytest.raises(CourseError, match="not valid JSON"):
+        m.model_shape(str(p))
+
+
+# --- weights -----------------------------------------------------------------------------------------------------
+
+def test_head_bytes_match_a_real_exllamav2_head():
+    """exllamav2's converter made this head (6 bits: 0.15 8b_128g / 0.85 6b_128g); the estimate is exact."""
+    real = m.weight_bytes(str(FIX / "tiny_llama_b4.5"))["lm_head_bytes"]
+    assert real == m.exl2_head_bytes(256, 1024, 6)
+    # by hand: 1 group of 128 rows at 8 bits + 1 of 128 at 6 bits -> 56 packed rows; K = 256
+    parts = [56 * 1024 * 4, 2 * 128 * 4, 2 * 2, 2 * 2 * 2, 2 * 256, 2 * 256, 4 * 256]
+    assert real == sum(m.alloc_bytes(x) for x in parts)
+
+
+def test_one_linear_by_hand_from_the_fixture():
+    """k_proj of layer 0 (tiny_qwen2_b6.5): every tensor exllamav2 keeps, rounded to torch's 512-byte blocks."""
+    t = m._exl2_tensors(FIX / "tiny_qwen2_b6.5")
+    k = "model.layers.0.self_attn.k_proj"
+    q_groups = m._read_i16(t[f"{k}.q_groups"])
+    rows = m._group_map_rows(q_groups, t[f"{k}.q_weight"].shape[0])
+    assert rows == 256  # every input row appears once in the group map
+    parts = [t[f"{k}.q_weight"].nbytes, t[f"{k}.q_scale"].nbytes, t[f"{k}.q_scale_max"].nbytes,
+             t[f"{k}.q_groups"].nbytes, t[f"{k}.bias"].nbytes, 2 * 256, 2 * 256, 4 * rows]
+    got, kind = m._linear_from_file(t, k, drop_perm=False, out_features=128)
+    assert kind == "exl2" and got == sum(m.alloc_bytes(x) for x in parts)
+    down, _ = m._linear_from_file(t, "model.layers.0.mlp.down_proj", drop_perm=True, out_features=256)
+    with_perm, _ = m._linear_from_file(t, "model.layers.0.mlp.down_proj", drop_perm=False, out_features=256)
+    assert with_perm - down == 2 * m.alloc_bytes(2 * 768)  # down_proj drops its int16 perms
+
+
+@pytest.mark.parametrize("name", ["tiny_llama_b3.0", "tiny_llama_b4.5", "tiny_qwen2_b6.5"])
+def test_exl2_folder_weights_agree_with_the_format_module(name):
+    folder = FIX / name
+    w = m.weight_bytes(str(folder))
+    assert w["system_ram_bytes"] == 1024 * 256 * 2  # fp16 embedding stays on the CPU
+    n_gpu_tensors = 2 * 7 * 8 + 7 + 2 * 3 + 1  # linears x ~8 tensors + head + norms: bounds the 512-B rounding
+    other = w.get("exl2_breakdown")
+    if other is None:
+        pytest.skip("helpers.exl2.open_exl2 is not available")
+    assert 0 <= w["vram_bytes"] - other["vram_bytes"] <= 512 * n_gpu_tensors
+    assert other["system_ram_bytes"] == w["system_ram_bytes"]
+    # the estimate from config + bpw lands near the real checkpoint
+    s = m.model_shape(str(folder))
+    est = m.weight_bytes(dataclass_replace(s, exl2_dir=None), float(name.split("_b")[1]))
+    assert abs(est["vram_bytes"] - w["vram_bytes"]) / w["vram_bytes"] < 0.03
+
+
+def test_bpw_given_with_an_exl2_folder_is_ignored_with_a_warning():
+    with pytest.warns(CourseWarning, match="ignored"):
+        m.weight_bytes(str(FIX / "tiny_llama_b3.0"), bpw=5.0)
+
+
+def test_qwen14b_estimate():
+    w = m.weight_bytes("qwen2.5-14b", 5.5)
+    assert w["system_ram_bytes"] == 152064 * 5120 * 2
+    assert w["lm_head_bytes"] == m.exl2_head_bytes(5120, 152064, 6)
+    assert 6.3 < w["lm_head_bytes"] * 8 / (5120 * 152064) < 6.4  # ~6.33 bpw head
+    assert 9.0 < w["vram_bytes"] / GIB < 9.1  # DOMAIN.md: ~9.7 GB read per decoded token
+
+
+# --- scratch -----------------------------------------------------------------------------------------------------
+
+def test_scratch_terms():
+    q = m.model_shape("qwen2.5-14b")
+    sc = m.scratch_bytes(q, 32768)
+    assert sc["device_scratch"] == 2 * 512 * MIB  # lm_head dequant buffer, capped at max_dq_size
+    assert sc["rope_tables"] == 2 * 32768 * 128 * 2
+    assert sc["attention_transient"] == 2 * 2048**2 * 40 * 2 + 128
+    assert sc["hidden_state_transient"] == 5120 * 2048 * 2 and sc["attn_mask_transient"] == 2048**2 * 2
+    sm = m.model_shape("smollm2-135m")
+    assert m.scratch_detail(sm, 4096)["lm_head"] == 2 * 576 * 49152
+    # max_input_len is clipped to max_seq_len (load_autosplit_gen), and so is the attention matrix
+    d = m.scratch_detail(sm, 512)
+    assert d["mlp"] == (512 * 576 * 2 + 128) + 2 * (512 * 1536 * 2 + 128) + 2 * 576 * 1536
+    assert m.scratch_bytes(sm, 512)["attention_transient"] == 2 * 512**2 * 9 * 2 + 128
+
+
+# --- breakdown, load order, planner ------------------------------------------------------------------------------
+
+def test_seed_case_4k_fits_32k_does_not():
+    short = m.plan("qwen2.5-14b", 16, bpw=5.5, max_seq_len=4096)
+    long = m.plan("qwen2.5-14b", "RTX 4080 Super", bpw=5.5, max_seq_len=32768)
+    assert short.fits and short.margin_bytes > 2 * GIB  # with room
+    assert not long.fits and long.margin_bytes < 0
+    assert long.kv_cache_bytes == 6 * GIB
+    assert long.breakdown.vram_total_bytes - short.breakdown.vram_total_bytes == \
+        6 * GIB - 0.75 * GIB + m.rope_table_bytes("qwen2.5-14b", 32768) - m.rope_table_bytes("qwen2.5-14b", 4096)
+    doc = json.loads(long.to_json())
+    assert doc["fits"] is False and doc["kv_cache_bytes"] == 6 * GIB
+    assert "q8" in long.recommendation.lower() and "sysmem fallback" in long.recommendation
+
+
+def test_longest_context_is_the_edge():
+    p = m.plan("qwen2.5-14b", 16, bpw=5.5, max_seq_len=4096, cuda_context_gib=0.5, reserve_gib=0.5)
+    lc = p.longest_context
+    assert all(v % 256 == 0 for v in lc.values())
+    assert lc["q4"] > lc["q6"] > lc["q8"] > lc["fp16"] > 4096
+    for mode, n in lc.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # beyond 32k tokens: the RoPE warning, tested elsewhere
+            ok = m.plan("qwen2.5-14b", 16, bpw=5.5, max_seq_len=n, cache_mode=mode, cuda_context_gib=0.5,
+                        reserve_gib=0.5)
+            over = m.plan("qwen2.5-14b", 16, bpw=5.5, max_seq_len=n + 256, cache_mode=mode,
+                          cuda_context_gib=0.5, reserve_gib=0.5)
+        assert ok.fits and not over.fits, mode
+
+
+def test_load_order_sums_to_the_breakdown():
+    for spec, bpw in (("qwen2.5-7b", 4.0), (str(FIX / "tiny_qwen2_b6.5"), None)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bd = m.breakdown(spec, bpw=bpw, max_seq_len=2048, cache_mode="q4")
+            order = m.load_order(spec, bpw=bpw, max_seq_len=2048, cache_mode="q4")
+        assert order[0]["module"] == "model.embed_tokens" and order[0]["device_hint"] == "cpu"
+        assert order[-1]["module"] == "lm_head" and order[-2]["module"] == "model.norm"
+        gpu = [e for e in order if e["device_hint"] == "gpu"]
+        assert sum(e["weight_bytes"] for e in gpu) == bd.weights_bytes
+        assert sum(e["cache_bytes"] for e in order) == bd.kv_cache_bytes
+        assert sum(e["scratch_bytes"] for e in order) == bd.scratch_bytes
+        att = [e for e in order if e["kind"] == "attention"]
+        assert len(att) == bd.n_layers and all(e["cache_bytes"] > 0 for e in att)
+        assert [e["kind"] for e in order[3:7]] == ["attention", "mlp", "attention", "mlp"]
+
+
+def test_context_beyond_training_warns_not_errors():
+    with pytest.warns(CourseWarning, match="RoPE scaling"):
+        bd = m.breakdown("qwen2.5-14b", bpw=5.5, max_seq_len=65536)
+    assert bd.kv_cache_bytes == 12 * GIB
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m.breakdown("qwen2.5-14b", bpw=5.5, max_seq_len=32768)  # at the limit: no warning
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(max_seq_len=-5), "positive whole number"),
+    (dict(max_seq_len=0), "positive whole number"),
+    (dict(max_seq_len=10**9), "absurd"),
+    (dict(max_seq_len=4096.5), "whole number"),
+    (dict(max_seq_len=4096, bpw=0), "positive"),
+    (dict(max_seq_len=4096, bpw=100), "2.0 to 8.0"),
+    (dict(max_seq_len=4096, cache_mode="int4"), "fp16, fp8, q8, q6, q4"),
+    (dict(max_seq_len=4096, head_bits=7), "head option"),
+    (dict(max_seq_len=4096, batch=0), "batch"),
+    (dict(max_seq_len=4096, reserve_bytes=-1), "reserve"),
+])
+def test_bad_sizes_are_clear(kw, match):
+    kw.setdefault("bpw", 5.5)
+    with pytest.raises(CourseError, match=match):
+        m.breakdown("qwen2.5-14b", **kw)
+
+
+def test_gpus():
+    g = m.gpu_spec("RTX 4080 Super")
+    assert (g["vram_gib"], g["bandwidth_gbs"], g["pcie_gen"], g["pcie_lanes"]) == (16, 736, 4, 16)
+    assert g["vram_bytes"] == 16 * GIB and g["pcie_gbs"] == 31.5
+    assert m.gpu_spec("nvidia geforce rtx 4080 super")["name"] == "RTX 4080 Super"
+    assert m.gpu_spec("4090")["vram_gib"] == 24 and m.gpu_spec("16 GB")["vram_bytes"] == 16 * GIB
+    assert m.gpu_spec("RTX 3090", bandwidth_gbs=900)["bandwidth_gbs"] == 900
+    with pytest.raises(CourseError, match="Did you mean"):
+        m.gpu_spec("RTX 4080 Suprr")
+    for bad in (-16, 0, 100000):
+        with pytest.raises(CourseError):
+            m.gpu_spec(bad)
+
+
+def test_cuda_context_default_and_recorded(tmp_path):
+    b, src = m.cuda_context_default(tmp_path)
+    assert b == m.DEFAULT_CUDA_CONTEXT_BYTES and src.startswith("default")
+    (tmp_path / "memory").mkdir()
+    rows = [{"kind": "cuda_context", "cuda_context_bytes": v, "cuda_libraries_bytes": 10} for v in (500, 300, 400)]
+    doc = {"provenance": {"gpu": "Some GPU", "date": "2026-01-02T00:00:00"}, "rows": rows}
+    (tmp_path / "memory" / "cuda-context.json").write_text(json.dumps(doc))
+    b, src = m.cuda_context_default(tmp_path)
+    assert b == 410 and src.startswith("measured") and "Some GPU" in src
+
+
+def test_simple_calculator_formula():
+    s = m.model_shape("qwen2.5-14b")
+    assert m.simple_calculator_bytes(s, 5.5, 32768) == int(s.n_params * 5.5 / 8 + 2 * 48 * 1024 * 32768 * 2)
+    assert m.simple_calculator_bytes(s, 5.5, 32768, kv_bits=4) < m.simple_calculator_bytes(s, 5.5, 32768)
+
+
+def test_table_shows_gib_units():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = m.breakdown("smollm2-135m", bpw=4.0, max_seq_len=4096).table()
+    assert "GiB" in t and "KV cache" in t and "CUDA context" in t
+
+
+# --- CLI ---------------------------------------------------------------------------------------------------------
+
+def test_cli_plan_json_and_errors(capsys):
+    from helpers.__main__ import main
+
+    assert main(["plan", "--model", "qwen2.5-14b", "--bpw", "5.5", "--ctx", "32768", "--cache", "fp16",
+                 "--gpu-gib", "16", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["fits"] is False and doc["kv_cache_bytes"] == 6 * GIB
+    assert main(["plan", "--model", "qwen2.5-14b", "--bpw", "5.5", "--ctx", "4096", "--gpu", "RTX 4080 Super"]) == 0
+    out = capsys.readouterr().out
+    assert "FITS" in out and "GiB" in out
+    assert main(["plan", "--model", "qwen2.5-41b", "--bpw", "5.5", "--gpu-gib", "16"]) == 2
+    assert "Did you mean" in capsys.readouterr().err
+    assert main(["plan", "--model", "qwen2.5-14b", "--bpw", "5.5", "--cache", "q5", "--gpu-gib", "16"]) == 2
+    assert "q4" in capsys.readouterr().err
+    assert main(["plan", "--model", "qwen2.5-14b", "--bpw", "5.5", "--ctx", "65536", "--gpu-gib", "24"]) == 0
+    assert "warning:" in capsys.readouterr().err
+    assert main(["plan", "--model", str(FIX / "tiny_llama_b3.0"), "--gpu", "RTX 3060 12GB", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fits"] is True
+
+
+def test_gpu_recordings_are_registered_and_refuse_without_cuda():
+    assert set(m.GPU_RECORDINGS) == {"memory_cuda_context", "memory_predicted_vs_measured"}
+    from helpers import gpu
+
+    if gpu.cuda_status()["available"]:
+        pytest.skip("a CUDA GPU is here")
+    for fn in m.GPU_RECORDINGS.values():
+        with pytest.raises(CourseError, match="CUDA"):
+            fn()
