@@ -665,10 +665,6 @@ def _check_bpw(bpw: Any) -> float:
     return float(bpw)
 
 
-def _layer_modules(shape: ModelShape, i: int) -> list[tuple[str, str]]:
-    return [(f"model.layers.{i}.self_attn", "attention"), (f"model.layers.{i}.mlp", "mlp")]
-
-
 def _estimated_modules(shape: ModelShape, bpw: float, head_bits: int) -> list[dict]:
     """Per-module GPU bytes estimated from the config and an average bpw.
 
@@ -1755,4 +1751,55 @@ def recorded_rows(kind: str | None = None) -> list[tuple[dict, dict]]:
         for row in doc["rows"]:
             if kind is None or row.get("kind") == kind:
                 out.append((row, doc["provenance"]))
+    return out
+
+
+NOT_RECORDED = "not recorded yet: run `make gpu-results` on a CUDA machine"
+
+
+def recorded_report() -> str:
+    """Recorded predicted-vs-measured rows and CUDA-context measurements as text, each labelled with where and when;
+    or one line saying nothing is recorded yet."""
+    from . import results
+
+    lines = []
+    ctx = recorded_rows("cuda_context")
+    if ctx:
+        prov = ctx[-1][1]
+        vals = [r.get("cuda_context_bytes") for r, _ in ctx if isinstance(r.get("cuda_context_bytes"), int)]
+        libs = [r.get("cuda_libraries_bytes") for r, _ in ctx if isinstance(r.get("cuda_libraries_bytes"), int)]
+        lines.append(f"CUDA context ({results.label(prov)}): "
+                     + ", ".join(fmt_gib(v, 3) for v in vals)
+                     + (f"; + cuBLAS init {', '.join(fmt_gib(v, 3) for v in libs)}" if libs else ""))
+    rows = recorded_rows("predicted_vs_measured")
+    if rows:
+        lines.append(f"predicted vs measured ({results.label(rows[-1][1])}), each configuration in a fresh process:")
+        lines.append(f"{'model':<30}{'cache':>6}{'ctx':>7}{'pred GiB':>10}{'torch GiB':>10}{'err %':>7}"
+                     f"{'NVML GiB':>10}{'err %':>7}")
+        for r, _ in rows:
+            if "error" in r:
+                lines.append(f"{r['model']:<30}{r['cache_mode']:>6}{r['max_seq_len']:>7}  failed: {r['error']}")
+                continue
+            lines.append(f"{r['model']:<30}{r['cache_mode']:>6}{r['max_seq_len']:>7}"
+                         f"{gib(r['predicted_torch_bytes']):>10.3f}{gib(r['torch_allocated_no_cublas_bytes']):>10.3f}"
+                         f"{r.get('torch_error_pct', float('nan')):>7.2f}"
+                         f"{gib(r.get('nvml_used_delta_bytes', 0)):>10.3f}{r.get('nvml_error_pct', float('nan')):>7.2f}")
+    return "\n".join(lines) if lines else NOT_RECORDED
+
+
+def calculator_rows(cases: Iterable[tuple], **plan_kw) -> list[dict]:
+    """For (model, bpw, ctx, cache_mode) cases: exllamav2's total (this module) beside the simple formula, in GiB,
+    and the formula's error in percent of exllamav2's total."""
+    out = []
+    for spec, bpw, ctx, mode in cases:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bd = breakdown(spec, bpw=bpw, max_seq_len=ctx, cache_mode=mode, **plan_kw)
+        shape = model_shape(spec)
+        simple = simple_calculator_bytes(shape, bpw if bpw is not None else 5.0, ctx, SIMPLE_KV_BITS[bd.cache_mode])
+        out.append({"case": f"{shape.name} {bpw if bpw is not None else ''}bpw {ctx // 1024}k {bd.cache_mode}",
+                    "exllamav2_gib": round(gib(bd.vram_total_bytes), 2),
+                    "resident_gib": round(gib(bd.exllamav2_resident_bytes), 2),
+                    "simple_gib": round(gib(simple), 2),
+                    "error_pct": round(100.0 * (simple - bd.vram_total_bytes) / bd.vram_total_bytes, 1)})
     return out

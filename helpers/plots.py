@@ -82,9 +82,10 @@ def plot_breakdown(breakdowns, gpu_gib=None, ax=None):
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(8, 4.5))
     labels = list(breakdowns)
     terms = [t[0] for t in next(iter(breakdowns.values())).terms()]
+    terms = [t.split(",")[0] for t in terms]  # "KV cache, 48 layers x 4,096 tokens" -> "KV cache"
     bottoms = [0.0] * len(labels)
     for j, term in enumerate(terms):
-        vals = [dict((t[0], t[1]) for t in breakdowns[k].terms())[term] / 2**30 for k in labels]
+        vals = [breakdowns[k].terms()[j][1] / 2**30 for k in labels]
         ax.bar(labels, vals, bottom=bottoms, color=f"C{j % 10}", label=term)
         bottoms = [b + v for b, v in zip(bottoms, vals)]
     if gpu_gib:
