@@ -1,0 +1,356 @@
+"""The backend API: choosing an engine, the reference behind it, exllamav2's wiring (faked on CPU), errors, the CLI."""
+from __future__ import annotations
+
+import builtins
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import backend as B
+from helpers import gpu
+from helpers.errors import CourseError
+
+FIXTURES = Path(__file__).parent / "fixtures" / "exl2"
+LLAMA = FIXTURES / "tiny_llama_b4.5"
+QWEN = FIXTURES / "tiny_qwen2_b6.5"
+
+torch.set_num_threads(2)
+
+NO_CUDA = {"available": False, "reason": "this torch is a CPU-only build", "torch": torch.__version__}
+FAKE_CUDA = {"available": True, "torch": torch.__version__, "torch_cuda": "12.4",
+             "devices": [{"index": 0, "name": "Fake GPU 16GB", "total_gib": 16.0, "capability": "8.9", "sms": 1}]}
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    monkeypatch.setattr(gpu, "cuda_status", lambda: dict(NO_CUDA))
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    monkeypatch.setattr(gpu, "cuda_status", lambda: dict(FAKE_CUDA))
+
+
+def _forbid_exllamav2_import(monkeypatch, error: BaseException | None = None):
+    real_import = builtins.__import__
+
+    def guarded(name, *args, **kwargs):
+        if name.split(".")[0] == "exllamav2":
+            if error is None:
+                raise AssertionError("exllamav2 was imported on a machine without CUDA")
+            raise error
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "exllamav2", raising=False)
+    monkeypatch.setattr(builtins, "__import__", guarded)
+
+
+# --- the reference behind the API ---------------------------------------------------------------------------------
+
+def test_auto_on_a_cpu_machine_is_the_reference_and_never_imports_exllamav2(no_cuda, monkeypatch):
+    _forbid_exllamav2_import(monkeypatch)
+    be = B.load(LLAMA, max_seq_len=128)
+    assert (be.name, be.device, be.cache_mode, be.max_seq_len, be.vocab_size) == ("reference", "cpu", "fp16", 128, 1024)
+    assert "no CUDA GPU" in be.reason and "float32" in be.reason
+    assert be.cache_bytes() == 2 * 2 * 128 * 2 * 64 * 4     # K+V x layers x positions x kv heads x head_dim x fp32
+    assert be.memory()["process_rss_bytes"] > 0
+
+
+def test_forward_reset_and_append_give_the_same_logits():
+    be = B.load(QWEN, max_seq_len=64, backend="reference")
+    ids = torch.arange(3, 23)[None]
+    whole = be.forward(ids)
+    assert whole.shape == (1, 20, 1024) and whole.dtype == torch.float32 and be.depth == 20
+    first = be.forward(ids[:, :15])
+    rest = be.forward(ids[:, 15:18], reset=False)
+    last = [be.decode_step(int(t)) for t in ids[0, 18:]]
+    assert be.depth == 20
+    got = torch.cat([first, rest, torch.stack(last)[None]], dim=1)
+    assert torch.allclose(got, whole, atol=1e-4, rtol=1e-4)
+
+
+def test_fill_cache_puts_the_depth_directly_then_decodes():
+    be = B.load(LLAMA, max_seq_len=2048, backend="reference")
+    be.fill_cache(1500, seed=1)
+    assert be.depth == 1500
+    logits = be.decode_step()            # no token given: BOS/greedy default
+    assert be.depth == 1501 and logits.shape == (1024,) and torch.isfinite(logits).all()
+    be.decode_step(7)
+    assert be.depth == 1502
+    be.fill_cache(0)
+    assert be.depth == 0
+    with pytest.raises(CourseError, match="fill_cache depth 2048 must be in"):
+        be.fill_cache(2048)
+
+
+def test_generate_streams_and_samples_reproducibly():
+    be = B.load(QWEN, max_seq_len=64, backend="reference")
+    pieces: list[str] = []
+    text = be.generate("hello", max_new_tokens=10, chat=False, stream=pieces.append)
+    assert text and "".join(pieces) == text
+    assert be.decode(be.encode(text)) == text
+    a = be.generate("hello", max_new_tokens=10, chat=False, temperature=0.9, top_k=50, top_p=0.95, seed=3)
+    assert a == be.generate("hello", max_new_tokens=10, chat=False, temperature=0.9, top_k=50, top_p=0.95, seed=3)
+
+
+def test_embedded_model_answers_paris_through_the_cli(capsys):
+    assert B.main_generate(["--prompt", "What is the capital of France?", "--max-new-tokens", "16",
+                            "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert "Paris" in out
+    assert "backend: reference on cpu" in err
+
+
+def test_cli_with_a_model_dir_and_plain_prompt(capsys):
+    assert B.main_generate(["--prompt", "hello", "--model", str(QWEN), "--no-chat", "--max-new-tokens", "5",
+                            "--backend", "reference"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() and "backend: reference" in err and "asked for" in err
+
+
+# --- bad input: one clear line each -------------------------------------------------------------------------------
+
+def test_quantized_cache_on_the_reference_says_what_to_do(no_cuda):
+    with pytest.raises(CourseError, match="quantized caches need exllamav2 on a CUDA GPU; use cache_mode='fp16'"):
+        B.load(LLAMA, cache_mode="q4")
+
+
+def test_unknown_names_are_refused():
+    with pytest.raises(CourseError, match="cache_mode 'q3' is unknown: use one of fp16"):
+        B.load(LLAMA, cache_mode="q3")
+    with pytest.raises(CourseError, match="backend 'vllm' is unknown"):
+        B.load(LLAMA, backend="vllm")
+    with pytest.raises(CourseError, match="does not exist"):
+        B.load(LLAMA / "nope", backend="reference")
+
+
+def test_cuda_asked_for_where_there_is_none(no_cuda, monkeypatch):
+    _forbid_exllamav2_import(monkeypatch)
+    with pytest.raises(CourseError, match="device='cuda' needs a CUDA GPU, but this torch is a CPU-only build"):
+        B.load(LLAMA, device="cuda")
+    with pytest.raises(CourseError, match="exllamav2 needs a CUDA GPU"):
+        B.load(LLAMA, backend="exllamav2")
+
+
+def test_context_beyond_the_cache(no_cuda):
+    be = B.load(LLAMA, max_seq_len=32)
+    with pytest.raises(CourseError, match="beyond max_seq_len=32: load with a larger max_seq_len"):
+        be.forward(torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(CourseError, match=r"plus max_new_tokens \(40\).*max_seq_len >= "):
+        be.generate("hello", max_new_tokens=40, chat=False)
+
+
+def test_unsupported_architecture(tmp_path):
+    import json
+    import shutil
+
+    for f in LLAMA.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["architectures"] = ["Gemma2ForCausalLM"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CourseError, match="Gemma2ForCausalLM is not supported by the reference decoder; it runs "
+                                          "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
+        B.load(tmp_path, backend="reference")
+
+
+def test_extension_build_failure_is_one_line_and_auto_falls_back(fake_cuda, monkeypatch):
+    boom = RuntimeError("Error building extension 'exllamav2_ext':\n[1/45] c++ ... \nninja: build stopped")
+    _forbid_exllamav2_import(monkeypatch, error=boom)
+    with pytest.raises(CourseError) as info:
+        B.load(LLAMA, backend="exllamav2")
+    msg = str(info.value)
+    assert "\n" not in msg and "failed to build or load" in msg and "ninja: build stopped" in msg
+    assert "CUDA toolkit matching torch's CUDA" in msg and "prebuilt exllamav2 wheel" in msg
+    engine, device, reason = B.choose_backend("auto")
+    assert (engine, device) == ("reference", "cuda") and "exllamav2 cannot run" in reason
+
+
+def test_exllamav2_not_installed(fake_cuda, monkeypatch):
+    _forbid_exllamav2_import(monkeypatch, error=ModuleNotFoundError("No module named 'exllamav2'", name="exllamav2"))
+    with pytest.raises(CourseError, match=r"exllamav2 is not installed: `pip install exllamav2==0.3.2`"):
+        B.choose_backend("exllamav2")
+
+
+# --- exllamav2's wiring, against a stand-in module with the same names (no GPU, no compile) ---------------------
+
+def _fake_exllamav2() -> types.ModuleType:
+    ex = types.ModuleType("exllamav2")
+    ex.calls = []
+
+    class ExLlamaV2Config:
+        def __init__(self, model_dir):
+            self.model_dir, self.no_sdpa, self.max_seq_len = model_dir, False, 2048
+            self.vocab_size, self.rotary_embedding_base = 1024, 10000.0
+
+    class ExLlamaV2:
+        def __init__(self, config):
+            self.config, self.modules = config, ["embed", "attn", "mlp", "head"]
+
+        def load_autosplit(self, cache, callback=None):
+            for i, _ in enumerate(self.modules):
+                callback(i + 1, len(self.modules))
+
+        def forward(self, ids, cache):
+            assert ids.device.type == "cpu"
+            ex.calls.append(("forward", cache.current_seq_len, ids.shape[1]))
+            cache.current_seq_len += ids.shape[1]
+            return torch.randn(1, ids.shape[1], 1024).half()
+
+        def unload(self):
+            ex.calls.append(("unload",))
+
+    class ExLlamaV2Cache:
+        bytes_per = 1
+
+        def __init__(self, model, max_seq_len=-1, lazy=False):
+            shape = (1, max_seq_len, 2, 64)
+            self.max_seq_len, self.current_seq_len = max_seq_len, 0
+            self.key_states = [torch.zeros(shape, dtype=torch.float16) for _ in range(2)]
+            self.value_states = [torch.zeros(shape, dtype=torch.float16) for _ in range(2)]
+
+        def get_kv_state(self, layer, batch, offset, width):
+            return self.key_states[layer], self.value_states[layer]
+
+        def store_kv_state(self, layer, batch, offset, width):
+            ex.calls.append(("store", layer, offset, width))
+
+        def all_tensors(self):
+            return self.key_states + self.value_states
+
+    class ExLlamaV2Cache_Q4(ExLlamaV2Cache):
+        """Like exllamav2's: uint8 storage, FP16 staging tensors that store_kv_state quantizes from."""
+
+        def __init__(self, model, max_seq_len=-1, lazy=False):
+            super().__init__(model, max_seq_len, lazy)
+            shape = (1, max_seq_len, 2, 64)
+            self.temp_tensors = {"cuda:0": (torch.zeros(shape, dtype=torch.float16),
+                                            torch.zeros(shape, dtype=torch.float16))}
+            self.key_states = [torch.zeros(1, max_seq_len, 2, 32, dtype=torch.uint8) for _ in range(2)]
+            self.value_states = [torch.zeros(1, max_seq_len, 2, 32, dtype=torch.uint8) for _ in range(2)]
+
+        def get_kv_state(self, layer, batch, offset, width):
+            return self.temp_tensors["cuda:0"]
+
+    ex.ExLlamaV2Config, ex.ExLlamaV2, ex.ExLlamaV2Cache, ex.ExLlamaV2Cache_Q4 = (
+        ExLlamaV2Config, ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Cache_Q4)
+    return ex
+
+
+def test_exllamav2_path_wiring(fake_cuda, monkeypatch):
+    ex = _fake_exllamav2()
+    monkeypatch.setitem(sys.modules, "exllamav2", ex)
+    be = B.load(QWEN, max_seq_len=300)
+    assert (be.name, be.device) == ("exllamav2", "cuda") and "Fake GPU 16GB" in be.reason
+    assert be.config.no_sdpa is True and be.config.max_seq_len == 300        # the SDPA trap avoided
+    assert type(be.cache).__name__ == "ExLlamaV2Cache" and be.vocab_size == 1024
+    assert be.cache_bytes() == 2 * 2 * 300 * 2 * 64 * 2
+    logits = be.forward(torch.arange(5)[None])
+    assert logits.dtype == torch.float32 and logits.shape == (1, 5, 1024) and be.depth == 5
+    be.decode_step(3)
+    be.forward(torch.arange(4)[None])                                        # reset: back to position 0
+    assert ex.calls[-3:] == [("forward", 0, 5), ("forward", 5, 1), ("forward", 0, 4)]
+    be.fill_cache(200, seed=0)
+    assert be.depth == 200 and be.cache.current_seq_len == 200
+    k = be.cache.key_states[1]
+    assert 0.9 < float(k[0, :200].float().std()) < 1.1 and k[0, 200:].abs().sum() == 0
+    with pytest.raises(CourseError, match="larger max_seq_len"):
+        be.forward(torch.zeros(1, 101, dtype=torch.long), reset=False)
+    be.unload()
+    assert ex.calls[-1] == ("unload",)
+
+
+def test_exllamav2_quantized_cache_fill_goes_through_store_kv_state(fake_cuda, monkeypatch):
+    ex = _fake_exllamav2()
+    monkeypatch.setitem(sys.modules, "exllamav2", ex)
+    be = B.load(LLAMA, max_seq_len=256, cache_mode="q4", backend="exllamav2")
+    assert type(be.cache).__name__ == "ExLlamaV2Cache_Q4"
+    # storage (uint8, half the head_dim) + FP16 staging K and V
+    assert be.cache_bytes() == 2 * 2 * 256 * 2 * 32 + 2 * 256 * 2 * 64 * 2
+    be.fill_cache(100, seed=0)
+    assert [c for c in ex.calls if c[0] == "store"] == [("store", 0, 0, 100), ("store", 1, 0, 100)]
+    assert be.depth == 100
+
+
+def test_rope_theta_only_in_rope_parameters_is_passed_to_exllamav2(fake_cuda, monkeypatch, tmp_path):
+    import json
+    import shutil
+    import warnings
+
+    for f in QWEN.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["rope_theta"]
+    cfg["rope_parameters"]["rope_theta"] = 100000.0
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.setitem(sys.modules, "exllamav2", _fake_exllamav2())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        be = B.load(tmp_path, max_seq_len=64, backend="exllamav2")
+    assert be.config.rotary_embedding_base == 100000.0
+
+
+# --- the agreement recording's logic (run on a CPU with two references) ---------------------------------------
+
+def test_compare_logits_and_top2_gap():
+    d = B.compare_logits(torch.tensor([3.0, 4.0]), torch.tensor([0.0, 4.0]))
+    assert d == {"max_abs_diff": 3.0, "rel_l2": 0.75}
+    assert B.top2_gap(torch.tensor([1.0, 5.0, 4.5, -2.0])) == 0.5
+
+
+class _Noisy:
+    """Wraps a backend and adds a fixed perturbation to every logit vector: a stand-in for exllamav2's fp16."""
+
+    def __init__(self, inner, noise):
+        self.inner, self.noise, self.tokenizer = inner, noise, inner.tokenizer
+
+    def __getattr__(self, name):          # everything else (encode, decode, name, device...) from the wrapped one
+        return getattr(self.inner, name)
+
+    def forward(self, ids, *, reset=True):
+        return self.inner.forward(ids, reset=reset) + self.noise
+
+    def decode_step(self, token_id=None):
+        return self.inner.decode_step(token_id) + self.noise
+
+
+def test_greedy_agreement_stops_blaming_at_the_first_near_tie():
+    ref = B.load(QWEN, max_seq_len=64, backend="reference")
+    other = B.load(QWEN, max_seq_len=64, backend="reference")
+    ids = torch.arange(3, 10)[None]
+    rows, summary = B.greedy_agreement(other, ref, ids, 8)
+    assert len(rows) == 8 and all(r["same"] and r["max_abs_diff"] == 0 for r in rows)
+    assert summary == {"first_different_token": None, "first_near_tie": None, "agree_until_first_near_tie": True}
+    noise = torch.zeros(1024)
+    noise[int(ref.forward(ids)[0, -1].topk(2).indices[1])] = 50.0   # the runner-up wins: a real disagreement
+    rows, summary = B.greedy_agreement(_Noisy(other, noise), ref, ids, 3)
+    assert summary["first_different_token"] == 0 and summary["first_near_tie"] == 0
+    assert rows[0]["max_abs_diff"] == 50.0 and not rows[0]["same"]
+
+
+def test_load_agreement_without_recordings(tmp_path):
+    assert B.load_agreement(results_dir=tmp_path) is None
+
+
+def test_agreement_record_round_trip_and_live_comparison_on_cpu(tmp_path):
+    """The recording's files, written from two CPU engines (one perturbed), read back as notebook 02 does."""
+    ref = B.load(QWEN, max_seq_len=64, backend="reference")
+    noise = torch.linspace(-0.01, 0.01, 1024)
+    rows, extra, tensors = B.measure_agreement(_Noisy(B.load(QWEN, max_seq_len=64, backend="reference"), noise), ref,
+                                               prompt="hello there", chat=False, steps=5)
+    assert extra["prompt_logits_max_abs_diff"] == pytest.approx(0.01, abs=1e-5)
+    assert tensors["exllamav2_prompt_logits"].shape == (extra["prompt_tokens"], 1024)
+    path = B.save_agreement("exllamav2-vs-reference-Fake GPU", rows, extra, tensors,
+                            prov={"device": "cuda", "gpu": "Fake GPU", "date": "2026-01-01"}, results_dir=tmp_path)
+    assert path.name == "exllamav2-vs-reference-fake-gpu.json"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["exllamav2-vs-reference-fake-gpu.json",
+                                                              "exllamav2-vs-reference-fake-gpu.safetensors"]
+    doc, back = B.load_agreement(tmp_path)
+    assert doc["rows"] == rows and torch.equal(back["prompt_ids"], tensors["prompt_ids"])
+    live = B.recorded_vs_live(ref, results_dir=tmp_path)
+    assert live["same_next_token"] and live["live_backend"] == "reference on cpu"
+    assert live["max_abs_diff"] == pytest.approx(0.01, abs=0.01)   # the perturbation, through fp16 storage
+    assert live["recorded"]["agree_until_first_near_tie"] is True
