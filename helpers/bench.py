@@ -121,10 +121,14 @@ def check_config(ctx: int, depth: int, *, decode_tokens: int = 0, exllamav2: boo
 
 # -------------------------------------------------------------------------------------------- bytes per token
 def kv_read_bytes(shape: Any, depth: int, cache_mode: str = "fp16") -> int:
-    """K and V of every layer for ``depth`` positions at the cache mode's bytes per element (scales included)."""
+    """K and V of every layer for ``depth`` positions at the cache mode's bytes per element, scales included.
+
+    Not the FP16 temp layer that quantized modes also allocate: it is scratch, written and read again while a layer
+    runs (that traffic is left out of the count, so the quantized-cache roofline is optimistic at depth)."""
     from . import memory
 
-    return int(round(memory.kv_bytes_per_token(shape, cache_mode) * depth))
+    s = memory.model_shape(shape)
+    return int(s.n_layers * memory.kv_layer_bytes_per_token(s, cache_mode) * depth)
 
 
 def decode_bytes(model_dir_or_shape: Any, depth: int, cache_mode: str = "fp16", *,
@@ -148,7 +152,7 @@ def decode_bytes(model_dir_or_shape: Any, depth: int, cache_mode: str = "fp16", 
             raise CourseError("a model shape alone does not say how many weight bytes a token reads; pass a model "
                               "directory, or weight_bytes=, or bpw=")
     kv = kv_read_bytes(shape, depth, cache_mode)
-    hidden = _shape_get(shape, "hidden_size")
+    hidden = _shape_get(shape, "hidden")
     return {"weights_bytes": int(weight_bytes), "kv_bytes": kv, "total_bytes": int(weight_bytes) + kv,
             "embedding_row_bytes": int(hidden) * 2 if hidden else 0}
 
@@ -236,14 +240,20 @@ def measure_bandwidth(device: str = "cpu", *, nbytes: int | None = None, repeats
     return bw
 
 
+#: names the driver reports that differ from the datasheet's
+_NVML_NAMES = {"NVIDIA H100 80GB HBM3": "H100 80GB SXM", "NVIDIA A100-SXM4-80GB": "A100 80GB SXM",
+               "NVIDIA A100 80GB PCIe": "A100 80GB PCIe", "NVIDIA H100 PCIe": "H100 80GB PCIe"}
+
+
 def datasheet_bandwidth(device_name: str | None) -> float | None:
     """The datasheet memory bandwidth of a known GPU (bytes/s) from ``memory.GPUS``, or None."""
     if not device_name:
         return None
     from . import memory
 
+    name = _NVML_NAMES.get(str(device_name).strip(), device_name)
     try:
-        spec = memory.gpu_spec(device_name)
+        spec = memory.gpu_spec(name)
     except (CourseError, KeyError, LookupError):
         return None
     if spec is None:

@@ -286,3 +286,29 @@ def test_cli_json_and_errors(capsys):
     assert "unknown cache mode 'q5'" in capsys.readouterr().err
     assert main(["bench", "--ctx", "4096", "--depth", "12x"]) == 2
     assert "not a whole number" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- bytes per decoded token
+def test_bytes_per_decoded_token_for_the_seed_model():
+    from helpers import memory
+
+    w = memory.weight_bytes("qwen2.5-14b", bpw=5.5)["vram_bytes"]
+    fp16 = bench.decode_bytes("qwen2.5-14b", 30000, "fp16", bpw=5.5)
+    # 48 layers x (K + V) x 8 KV heads x 128 x 2 bytes = 196,608 bytes per position
+    assert fp16 == {"weights_bytes": w, "kv_bytes": 196_608 * 30000, "total_bytes": w + 196_608 * 30000,
+                    "embedding_row_bytes": 5120 * 2}
+    # Q4: 0.5625 bytes per element for K and V (4 bits + an fp16 scale per 32): 55,296 bytes per position
+    assert bench.decode_bytes("qwen2.5-14b", 30000, "q4", bpw=5.5)["kv_bytes"] == 55_296 * 30000
+    assert bench.bytes_per_decoded_token("qwen2.5-14b", 0, "fp16", bpw=5.5) == w
+    # ~9.7 GB of weights at 736 GB/s (RTX 4080 Super): the decode ceiling of the seed case is ~76 tok/s
+    assert 9.5e9 < w < 9.9e9
+    assert 74 < bench.roofline_tok_s(bench.bytes_per_decoded_token("qwen2.5-14b", 128, bpw=5.5), 736e9) < 78
+    with pytest.raises(CourseError, match="pass a model directory"):
+        bench.decode_bytes(memory.model_shape("qwen2.5-14b"), 128)
+
+
+def test_datasheet_bandwidth_from_driver_names():
+    assert bench.datasheet_bandwidth("NVIDIA GeForce RTX 4080 SUPER") == 736e9
+    assert bench.datasheet_bandwidth("NVIDIA H100 80GB HBM3") == 3350e9
+    assert bench.datasheet_bandwidth("Some Unknown Accelerator") is None
+    assert bench.datasheet_bandwidth(None) is None
