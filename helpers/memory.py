@@ -1030,7 +1030,8 @@ class Breakdown:
         r = CACHE_RULES[self.cache_mode]
         return [
             ("weights on the GPU (layers + norms)", self.weights_bytes - self.lm_head_bytes, self.weights_source),
-            ("lm_head", self.lm_head_bytes, f"{self.head_bits}-bit EXL2" if self.head_bits != 16 else "fp16"),
+            ("lm_head", self.lm_head_bytes, "as stored in the EXL2 folder" if self.bpw is None else
+             (f"{self.head_bits}-bit EXL2" if self.head_bits != 16 else "fp16")),
             (f"KV cache, {self.n_layers} layers x {self.max_seq_len:,} tokens", self.kv_layers_bytes,
              f"{r.cls}: {r.note}"),
             ("KV cache FP16 temp layer", self.kv_temp_bytes, "quantized/FP8 modes decode into it" if r.temp else "n/a"),
