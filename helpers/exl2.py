@@ -810,37 +810,37 @@ def stored_bits(in_features: int, out_features: int, groups: Sequence[tuple[int,
 
 def auto_mix(in_features: int, out_features: int, target_bpw: float, group_size: int = 32) \
         -> list[tuple[int, int]]:
-    """Groups [(bits, rows)] of two neighbouring widths whose stored bits per weight come closest to the target."""
+    """Groups [(bits, rows)] of two neighbouring widths whose stored bits per weight come closest to the target
+    (the wider width first, in whole groups of ``group_size`` rows; the last group may be shorter)."""
     if not 2.0 <= target_bpw <= 9.0:
         raise CourseError(f"target of {target_bpw} bits per weight is out of range: EXL2 stores 2 to 8 bits "
                           "per weight (plus ~0.1-0.2 for scales)")
     k, n = in_features, out_features
-    widths = sorted(BIT_WIDTHS)
     if k % 32:
         raise CourseError(f"in_features={k} is not a multiple of 32, which exllamav2's EXL2 kernels require")
+    if group_size % 32:
+        raise CourseError(f"group size {group_size} is not a multiple of 32")
     n_groups = _ceil(k, group_size)
+    npad = n + (-n % 32)
+    # everything but q_weight is the same for any choice of widths (same number of groups)
+    fixed = 4 * n_groups * npad + 48 * n_groups + 32 * k
 
-    def groups_for(hi: int, lo: int, n_hi: int):
-        out, remaining = [], k
-        for i in range(n_groups):
-            rows = min(group_size, remaining)
-            out.append((hi if i < n_hi else lo, rows))
-            remaining -= rows
-        return out
+    def groups_for(hi: int, lo: int, n_hi: int) -> list[tuple[int, int]]:
+        sizes = [group_size] * (n_groups - 1) + [k - group_size * (n_groups - 1)]
+        return [(hi if i < n_hi else lo, r) for i, r in enumerate(sizes)]
 
-    def bpw(gr):
-        return stored_bits(k, n, gr) / (k * n)
+    def bpw(hi: int, lo: int, n_hi: int) -> float:
+        rows_hi = min(k, n_hi * group_size)
+        return ((rows_hi * hi + (k - rows_hi) * lo) * npad + fixed) / (k * n)
 
-    if target_bpw <= bpw(groups_for(2, 2, 0)):
+    widths = sorted(BIT_WIDTHS)
+    if target_bpw <= bpw(2, 2, 0):
         return groups_for(2, 2, 0)
-    if target_bpw >= bpw(groups_for(8, 8, n_groups)):
-        return groups_for(8, 8, n_groups)
     for lo, hi in zip(widths, widths[1:]):
-        if bpw(groups_for(hi, lo, 0)) <= target_bpw <= bpw(groups_for(hi, lo, n_groups)):
-            best = min(range(n_groups + 1), key=lambda m: abs(bpw(groups_for(hi, lo, m)) - target_bpw))
-            gr = groups_for(hi, lo, best)
-            return gr if best < n_groups else groups_for(hi, hi, n_groups)
-    raise AssertionError("unreachable")  # pragma: no cover
+        if target_bpw <= bpw(hi, lo, n_groups):
+            best = min(range(n_groups + 1), key=lambda m: abs(bpw(hi, lo, m) - target_bpw))
+            return groups_for(hi, lo, best) if best < n_groups else groups_for(hi, hi, n_groups)
+    return groups_for(8, 8, n_groups)
 
 
 def resolve_groups(spec: Any, in_features: int, out_features: int, group_size: int = 32) -> list[tuple[int, int]]:
