@@ -1,0 +1,324 @@
+"""The sysmem-fallback emulator's logic on the CPU: routing against the budget, cleanup after a run, an error or an
+interrupt (with a fake device and a fake allocator), the C allocator built against a fake CUDA runtime, and the
+byte counts it routes by."""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import shutil
+import subprocess
+import sys
+import textwrap
+import types
+
+import pytest
+
+from helpers import emulate
+from helpers.emulate import GIB, MIB, VramEmulator
+from helpers.errors import CourseError, CourseWarning
+
+
+# ------------------------------------------------------------------------------------------------------ fakes
+class FakeLib:
+    """The allocator's bookkeeping, in Python: blocks handed out for the host pool."""
+
+    path = "fake-hostalloc.so"
+
+    def __init__(self):
+        self.blocks: dict[int, int] = {}
+        self.peak = 0
+        self.forced = 0
+
+    def add(self, key, n):
+        self.blocks[key] = n
+        self.peak = max(self.peak, self.outstanding_bytes())
+
+    def outstanding_bytes(self):
+        return sum(self.blocks.values())
+
+    def peak_bytes(self):
+        return self.peak
+
+    def reset_peak(self):
+        self.peak = self.outstanding_bytes()
+
+    def free_all(self):
+        n = len(self.blocks)
+        self.forced += n
+        self.blocks.clear()
+        return n
+
+
+class FakeTensor:
+    def __init__(self, dev, n, host):
+        self.dev, self.n, self.host = dev, n, host
+        if host:
+            dev.lib.add(id(self), n)
+        else:
+            dev.vram += n
+
+    def __del__(self):
+        if self.host:
+            self.dev.lib.blocks.pop(id(self), None)
+        else:
+            self.dev.vram -= self.n
+
+
+class FakeDevice:
+    """VRAM as a counter; allocations made while the pool is active go to the fake allocator instead."""
+
+    def __init__(self, lib, context=300):
+        self.lib, self.vram, self.context = lib, 0, context
+        self.pool_active = None
+        self.pools = 0
+
+    def used_bytes(self):
+        return self.context + self.vram
+
+    def make_pool(self, lib):
+        self.pools += 1
+        return object()
+
+    @contextlib.contextmanager
+    def use_pool(self, pool):
+        self.pool_active = pool
+        try:
+            yield
+        finally:
+            self.pool_active = None
+
+    def settle(self):
+        gc.collect(0)
+
+    def trim(self):
+        pass
+
+    def alloc(self, n):
+        return FakeTensor(self, n, host=self.pool_active is not None)
+
+
+# embedding on the CPU, then (attention + its cache layer, mlp) x 3, then the head
+MODULES = [("embed", 1000, 0), ("l0.attn", 10, 40), ("l0.mlp", 30, 0), ("l1.attn", 10, 40), ("l1.mlp", 30, 0),
+           ("l2.attn", 10, 40), ("l2.mlp", 30, 0), ("head", 60, 0)]
+
+
+class FakeModel:
+    def __init__(self):
+        self.tensors = []
+
+    def unload(self):
+        self.tensors.clear()
+
+
+def fake_load(emu, dev, modules=MODULES, fail_at=None, exc=RuntimeError):
+    """What load_autosplit does, as the emulator sees it: a callback before each module, then its allocations."""
+    model = FakeModel()
+    for i, (name, w, c) in enumerate(modules):
+        emu.decide(i, name, w, c, kind="attn" if "attn" in name else "", on_cpu=i == 0)
+        if i == fail_at:
+            raise exc("CUDA error while loading")
+        if i:
+            model.tensors.append(dev.alloc(w + c))
+    emu.finish()
+    return model
+
+
+# ------------------------------------------------------------------------------------------------------ routing
+def test_routes_first_fit_and_frees_everything():
+    lib = FakeLib()
+    dev = FakeDevice(lib)
+    with VramEmulator(190, lib, dev) as emu:
+        model = emu.own(fake_load(emu, dev))
+        assert [d.where for d in emu.decisions] == ["cpu", "vram", "vram", "vram", "vram", "sysmem", "vram", "sysmem"]
+        # l2.attn (50) did not fit in the 30 left; l2.mlp (30) did; the head (60) did not
+        assert [d.used_before_bytes for d in emu.decisions] == [0, 0, 50, 80, 130, 160, 160, 190]
+        assert emu.decisions[2].vram_delta_bytes == 30 and emu.decisions[5].host_delta_bytes == 50
+        assert emu.decisions[-1].host_delta_bytes == 60
+        assert emu.spilled_bytes() == 110 and emu.host_bytes() == 110 and lib.peak_bytes() == 110
+        assert dev.pool_active is None                      # routing ends with the last module
+        assert emu.placement()[5] == {"module": "l2.attn", "weight_bytes": 10, "cache_bytes": 40, "where": "sysmem"}
+        del model
+    assert lib.outstanding_bytes() == 0 and dev.vram == 0 and emu.leftover_bytes == 0 and lib.forced == 0
+    assert emu.closed
+
+
+def test_nothing_spills_when_it_fits():
+    lib = FakeLib()
+    dev = FakeDevice(lib)
+    with VramEmulator(10**6, lib, dev) as emu:
+        emu.own(fake_load(emu, dev))
+        assert emu.spilled_bytes() == 0 and lib.peak_bytes() == 0
+    assert lib.outstanding_bytes() == 0
+
+
+def test_the_budget_counts_only_what_comes_after_the_start():
+    lib = FakeLib()
+    dev = FakeDevice(lib, context=5 * GIB)             # CUDA context and whatever else was there before
+    with VramEmulator(190, lib, dev) as emu:
+        emu.own(fake_load(emu, dev))
+        assert emu.decisions[1].where == "vram" and emu.spilled_bytes() == 110
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_an_error_or_interrupt_mid_load_leaves_nothing_pinned(exc):
+    lib = FakeLib()
+    dev = FakeDevice(lib)
+    with pytest.raises(exc):
+        with VramEmulator(100, lib, dev) as emu:
+            fake_load(emu, dev, fail_at=7, exc=exc)     # spilled modules exist only in the loader's frame
+    assert lib.outstanding_bytes() == 0 and lib.forced == 0 and dev.vram == 0
+    assert dev.pool_active is None and emu.leftover_bytes == 0
+
+
+def test_a_tensor_that_outlives_the_run_is_freed_by_force_with_a_warning():
+    lib = FakeLib()
+    dev = FakeDevice(lib)
+    with pytest.warns(CourseWarning, match="still referenced"):
+        with VramEmulator(100, lib, dev) as emu:
+            model = emu.own(fake_load(emu, dev))
+            kept = model.tensors[-1]                  # the spilled head, held outside the emulator
+    assert kept.host and emu.leftover_bytes == 60 and lib.forced == 1 and lib.outstanding_bytes() == 0
+
+
+def test_host_context_and_bad_budgets():
+    lib = FakeLib()
+    dev = FakeDevice(lib)
+    with VramEmulator(100, lib, dev) as emu:
+        with emu.host():
+            t = dev.alloc(7)
+        assert t.host and dev.pool_active is None and emu.host_bytes() == 7
+        del t
+    with pytest.raises(CourseError, match="budget must be positive"):
+        VramEmulator(0, lib, dev)
+    emu = VramEmulator(10, lib, dev)
+    with pytest.raises(CourseError, match="not open"):
+        emu.enter()
+
+
+def test_budget_for():
+    assert emulate.budget_for(16, 0.2, 512 * MIB) == 16 * GIB - int(0.2 * GIB) - 512 * MIB
+    with pytest.raises(CourseError, match="larger --card-gib"):
+        emulate.budget_for(1, 0.5, GIB)
+
+
+# ------------------------------------------------------------------------------------------- what a module needs
+def _fake_cache(mode, L=32768, kv=8, hd=128):
+    import torch
+
+    wpe = {"fp16": (1, 1), "q4": (2, 2), "q6": (1, 2), "q8": (1, 1)}[mode]
+    return types.SimpleNamespace(
+        dtype=torch.float16 if mode == "fp16" else torch.uint8, has_scales=mode != "fp16",
+        shape_wk=(1, L, kv, hd // wpe[0]), shape_wv=(1, L, kv, hd // wpe[1]), shape_s=(1, L, kv, hd // 32),
+        shape_basic=(1, L, kv, hd), **({} if mode == "fp16" else {"temp_tensors": {}}))
+
+
+@pytest.mark.parametrize("mode", ["fp16", "q8", "q6", "q4"])
+def test_cache_layer_bytes_match_the_planner(mode):
+    from helpers import memory
+
+    per_token = memory.kv_layer_bytes_per_token("qwen2.5-14b", mode)
+    assert emulate.cache_layer_bytes(_fake_cache(mode)) == per_token * 32768
+    if mode == "fp16":
+        assert emulate.cache_layer_bytes(_fake_cache(mode)) == 128 * MIB      # 0.75 GiB / 48 layers x 8
+
+
+def test_module_need():
+    class ExLlamaV2Attention:
+        key = "model.layers.0.self_attn"
+
+        def weight_footprint(self):
+            return 43345920
+
+    class ExLlamaV2MLP(ExLlamaV2Attention):
+        key = "model.layers.0.mlp"
+
+    class ExLlamaV2Embedding(ExLlamaV2Attention):
+        key = "model.embed_tokens"
+
+    model = types.SimpleNamespace(modules=[ExLlamaV2Embedding(), ExLlamaV2Attention(), ExLlamaV2MLP()])
+    fp16 = _fake_cache("fp16")
+    assert emulate.module_need(model, fp16, 0)["on_cpu"] is True
+    a = emulate.module_need(model, fp16, 1)
+    assert a == {"module": "model.layers.0.self_attn", "kind": "ExLlamaV2Attention", "weight_bytes": 43345920,
+                 "cache_bytes": 128 * MIB, "on_cpu": False}
+    assert emulate.module_need(model, fp16, 2)["cache_bytes"] == 0
+    q4 = _fake_cache("q4")                    # first layer of a quantized cache also makes the FP16 temp K/V
+    assert emulate.module_need(model, q4, 1)["cache_bytes"] == 36 * MIB + 2 * 64 * MIB
+    q4.temp_tensors["cuda:0"] = object()
+    assert emulate.module_need(model, q4, 1)["cache_bytes"] == 36 * MIB
+
+
+# ------------------------------------------------------------------------------------------------- the C allocator
+FAKE_CUDART = textwrap.dedent("""
+    #include <stdlib.h>
+    static int live = 0, fail = 0;
+    int cudaHostAlloc(void **p, size_t n, unsigned int flags) {
+        if (fail || !(flags & 2)) { *p = 0; return 2; }
+        *p = malloc(n); live++; return 0; }
+    int cudaHostGetDevicePointer(void **d, void *h, unsigned int flags) { *d = h; return 0; }
+    int cudaFreeHost(void *p) { free(p); live--; return 0; }
+    int cudaGetLastError(void) { return 0; }
+    int cudaDeviceSynchronize(void) { return 0; }
+    int fake_live(void) { return live; }
+    void fake_fail(int f) { fail = f; }
+""")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc or not sys.platform.startswith("linux"):
+        pytest.skip("needs a C compiler on Linux")
+    d = tmp_path_factory.mktemp("cudart")
+    (d / "fake_cudart.c").write_text(FAKE_CUDART)
+    fake = d / "libfakecudart.so"
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(fake), str(d / "fake_cudart.c")], check=True)
+    out = emulate.compile_hostalloc(d / "hostalloc.so", cudart=fake, cc=cc)
+    return out, ctypes.CDLL(str(fake))
+
+
+def test_c_allocator_counts_and_frees(built):
+    so, fake = built
+    lib = emulate.HostAllocLib(so)
+    assert lib.outstanding_bytes() == 0
+    a, b = lib.alloc(1000), lib.alloc(24)
+    assert a and b and a != b
+    assert lib.outstanding_bytes() == 1024 and lib.outstanding_count() == 2 and fake.fake_live() == 2
+    assert lib.peak_bytes() == 1024 and lib.total_allocs() == 2
+    lib.free(a, 1000)
+    assert lib.outstanding_bytes() == 24 and fake.fake_live() == 1 and lib.peak_bytes() == 1024
+    lib.free(a, 1000)                                   # unknown pointer: ignored, nothing freed twice
+    assert fake.fake_live() == 1
+    fake.fake_fail(1)
+    assert lib.alloc(10) is None and lib.failed_allocs() == 1 and lib.last_error() == 2
+    fake.fake_fail(0)
+    for _ in range(300):                                # grows its table past the first 256 entries
+        lib.alloc(1)
+    assert lib.outstanding_count() == 301 and lib.free_all() == 301
+    assert lib.outstanding_bytes() == 0 and fake.fake_live() == 0
+    lib.reset_peak()
+    assert lib.peak_bytes() == 0
+
+
+def test_compile_errors_are_one_line(tmp_path):
+    with pytest.raises(CourseError, match="needs a C compiler"):
+        emulate.compile_hostalloc(tmp_path / "x.so", cudart=None, cc=None, nvcc=None)
+    if shutil.which("cc"):
+        bad = tmp_path / "bad.c"
+        bad.write_text("this is not C")
+        with pytest.raises(CourseError, match="compiling bad.c failed"):
+            emulate.compile_hostalloc(tmp_path / "y.so", cudart=tmp_path / "none.so", cc="cc", source=bad)
+    assert not list(tmp_path.glob(".*.tmp"))             # no half-written library left behind
+
+
+def test_cli_without_cuda_says_so(capsys):
+    from helpers.__main__ import main
+
+    assert main(["emulate", "--ctx", "4096"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_build_needs_cuda():
+    with pytest.raises(CourseError, match="needs a CUDA GPU"):
+        emulate.build_hostalloc()
