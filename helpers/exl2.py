@@ -1240,3 +1240,185 @@ def random_float_state_dict(config: Mapping, *, seed: int = 0, std: float = 0.02
     if not config.get("tie_word_embeddings"):
         sd["lm_head.weight"] = torch.randn(vocab, h, generator=gen) * std
     return sd
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inspect: python -m helpers inspect DIR [--json]
+# ----------------------------------------------------------------------------------------------------------------
+
+def inspect_summary(ckpt: Exl2Checkpoint) -> dict:
+    """The totals ``inspect`` prints (every number from layer_table()/byte_breakdown(), so notebooks match)."""
+    bb = ckpt.byte_breakdown()
+    hist = bb["bits_histogram"]
+    total_w = sum(hist.values())
+    return {
+        "dir": str(ckpt.dir),
+        "architecture": (ckpt.config.get("architectures") or ["?"])[0],
+        "layers": config_get(ckpt.config, "num_hidden_layers"),
+        "quantized_linears": len(ckpt.linears),
+        "bits_per_weight": round(bb["bits_per_weight"], 4),
+        "bits_per_weight_with_head": round(bb["bits_per_weight_with_head"], 4),
+        "bits_share": {str(b): round(n / total_w, 4) for b, n in hist.items()},
+        "head": bb["head"],
+        "vram_gib": round(gib(bb["vram_bytes"]), 4),
+        "system_ram_gib": round(gib(bb["system_ram_bytes"]), 4),
+        "disk_gib": round(gib(bb["disk_bytes"]), 4),
+        "bytes": {k: v for k, v in bb.items() if k.endswith("_bytes")} | {"by_kind": bb["by_kind"]},
+    }
+
+
+def fmt_gib(nbytes: float) -> str:
+    """Bytes as GiB with the unit; small sizes get MiB in brackets so they do not read as zero."""
+    g = gib(nbytes)
+    return f"{g:.3f} GiB" if g >= 0.1 else f"{g:.5f} GiB ({nbytes / 2**20:.2f} MiB)"
+
+
+def inspect_text(ckpt: Exl2Checkpoint, *, table: bool = True) -> str:
+    """The per-layer table and the totals, as ``python -m helpers inspect`` prints them."""
+    rows = ckpt.layer_table()
+    s = inspect_summary(ckpt)
+    lines = [f"EXL2 checkpoint {s['dir']}",
+             f"{s['architecture']}, {s['layers']} layers, {s['quantized_linears']} quantized linears"]
+    if table:
+        lines.append("")
+        lines.append(f"{'linear':<34} {'in':>6} {'out':>7}  {'bit mix (share of input rows)':<30} {'groups':>6} "
+                     f"{'bpw':>6} {'GPU MiB':>8}")
+        for r in rows:
+            lines.append(f"{r['name']:<34} {r['in']:>6} {r['out']:>7}  {r['mix']:<30} {r['groups']:>6} "
+                         f"{r['bpw']:>6.3f} {r['vram_bytes'] / 2**20:>8.2f}")
+    b = s["bytes"]
+    share = ", ".join(f"{k}-bit {v * 100:.1f}%" for k, v in s["bits_share"].items())
+    lines += [
+        "",
+        f"bits per weight: {s['bits_per_weight']:.3f} (decoder linears, head excluded; with the head "
+        f"{s['bits_per_weight_with_head']:.3f}). Counted: all stored bits of q_weight, q_scale, q_scale_max, "
+        "q_groups and q_invperm over in x out.",
+        f"weights by bit width: {share}",
+        f"GPU (VRAM), weights as exllamav2 loads them: {fmt_gib(b['vram_bytes'])} "
+        f"(decoder linears {fmt_gib(b['decoder_linear_bytes'])}, head {fmt_gib(b['head_bytes'])} [{s['head']}], "
+        f"norms {fmt_gib(b['norm_bytes'])}); KV cache and scratch come on top",
+        f"system RAM (input embedding, fp16, kept on the CPU by exllamav2): {fmt_gib(b['system_ram_bytes'])}",
+        f"disk (*.safetensors): {fmt_gib(b['disk_bytes'])}",
+    ]
+    return "\n".join(lines)
+
+
+def main_inspect(argv: list[str] | None = None) -> int:
+    """python -m helpers inspect DIR [--json] [--totals]"""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m helpers inspect",
+                                 description="Per-layer bits, groups and byte totals of an EXL2 checkpoint.")
+    ap.add_argument("dir", help="the EXL2 model directory (config.json + *.safetensors)")
+    ap.add_argument("--json", action="store_true", help="print {'layers': [...], 'totals': {...}} as JSON")
+    ap.add_argument("--totals", action="store_true", help="only the totals, no per-layer table")
+    args = ap.parse_args(argv)
+    ckpt = open_exl2(args.dir)
+    if args.json:
+        print(json.dumps({"layers": ckpt.layer_table(), "totals": inspect_summary(ckpt)}, indent=1))
+    else:
+        print(inspect_text(ckpt, table=not args.totals))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU recording: exllamav2 loads what we write, and dequantizes it as we do
+# ----------------------------------------------------------------------------------------------------------------
+
+EXLLAMAV2_CHECK_TOPIC = "exl2"
+
+
+def runtime_order_weight(ckpt: Exl2Checkpoint, name: str) -> torch.Tensor:
+    """The reader's dequantized W^T (in, out) in exllamav2's runtime order: for the MLP, gate/up columns and
+    down_proj rows follow argsort(down_proj.q_invperm), because exllamav2 folds that permutation in at load."""
+    q = ckpt.linears[name]
+    w_t = q.dequantize().T
+    if q.kind in ("gate_proj", "up_proj") and q.layer is not None:
+        down = ckpt.linears.get(name.rsplit(".", 1)[0] + ".down_proj")
+        if down is not None:
+            return w_t[:, down.perm]
+    if q.kind == "down_proj":
+        return w_t[q.perm]
+    return w_t
+
+
+def compare_with_exllamav2(model_dir: str | os.PathLike, label: str) -> list[dict]:
+    """(CUDA) Load a checkpoint with exllamav2 and compare every linear's get_weight_tensor_dq() with the reader's
+    dequantization; also run one forward pass and check the logits are finite. One row per linear."""
+    from . import gpu
+
+    gpu.require_cuda("comparing EXL2 checkpoints with exllamav2")
+    from exllamav2 import ExLlamaV2, ExLlamaV2Config  # noqa: WPS433 (CUDA only, compiles on first import)
+
+    ckpt = open_exl2(model_dir)
+    config = ExLlamaV2Config(str(model_dir))
+    config.max_seq_len = 256
+    config.max_input_len = 256
+    config.no_sdpa = True
+    model = ExLlamaV2(config)
+    model.load()
+    try:
+        ids = torch.randint(0, config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+        logits = model.forward(ids).float()
+        finite = bool(torch.isfinite(logits).all())
+        rows = []
+        for name, q in ckpt.linears.items():
+            mod = model.modules_dict[name]
+            theirs = mod.get_weight_tensor_dq().float().cpu()[:, :q.out_features]
+            ours = runtime_order_weight(ckpt, name)
+            scale = ours.abs().max().item() or 1.0
+            rows.append({
+                "checkpoint": label, "linear": name, "in": q.in_features, "out": q.out_features, "mix": q.mix(),
+                "bpw": round(q.bits_per_weight, 4),
+                "max_abs_err_rel_to_max_weight": (theirs - ours).abs().max().item() / scale,
+                "fp16_identical_share": (theirs.half() == ours.half()).float().mean().item(),
+                "logits_finite": finite,
+            })
+        return rows
+    finally:
+        model.unload()
+        del model
+        torch.cuda.empty_cache()
+
+
+def record_exllamav2_check(results_dir: Path | None = None) -> Path:
+    """(CUDA) Write checkpoints at every width (2..8, act-order, a padded 1000-wide head, mixed groups, Qwen2
+    biases, a tied head) and a synthetic Qwen2.5-shaped one, load each with exllamav2, and record how far its
+    dequantized weights are from ours (relative to the largest weight). Intermediate sizes are multiples of 128
+    (exllamav2's fused MLP was wrong at 800: DOMAIN.md)."""
+    from . import gpu
+    from .results import provenance, save_result, slug
+
+    gpu.require_cuda("recording the exllamav2 check of EXL2 checkpoints")
+    from . import synthetic  # noqa: WPS433 (synthetic imports exl2; this runs only when recording)
+
+    prov = provenance()
+    base = Path(tempfile.mkdtemp(prefix="exl2-check-"))
+    rows: list[dict] = []
+    try:
+        cfg = tiny_config(vocab=1000)
+        sd = random_float_state_dict(cfg, seed=0)
+        cases: list[tuple[str, Any, dict, dict]] = [(f"writer {b}-bit", b, cfg, sd) for b in (2, 3, 4, 5, 6, 8)]
+        cases.append(("writer mixed 0.1:8b_32g/0.2:6b_64g/0.7:3b_128g", "0.1:8b_32g/0.2:6b_64g/0.7:3b_128g", cfg, sd))
+        qcfg = tiny_config(arch="Qwen2ForCausalLM", vocab=1000)
+        cases.append(("writer Qwen2 4.5 bpw (biases)", 4.5, qcfg, random_float_state_dict(qcfg, seed=1)))
+        tcfg = tiny_config(tied=True, vocab=1024)
+        cases.append(("writer tied head 3.5 bpw", 3.5, tcfg, random_float_state_dict(tcfg, seed=2)))
+        for i, (label, bits, c, s) in enumerate(cases):
+            d = write_exl2(base / f"w{i}", c, s, bits=bits, head_bits=6, progress=False)
+            rows += compare_with_exllamav2(d, label)
+        scfg = synthetic.resolve_config("qwen2.5-14b")
+        scfg.update(num_hidden_layers=2, hidden_size=1024, num_attention_heads=8, num_key_value_heads=2,
+                    intermediate_size=2816)
+        d = synthetic.write_synthetic(scfg, 5.5, base / "synthetic", progress=False)
+        rows += compare_with_exllamav2(d, "synthetic Qwen2.5-14B-like (2 layers, hidden 1024) 5.5 bpw")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    worst = max(r["max_abs_err_rel_to_max_weight"] for r in rows)
+    return save_result(EXLLAMAV2_CHECK_TOPIC, f"exllamav2-check-{slug(prov.get('gpu') or 'gpu')}", rows, prov=prov,
+                       extra={"worst_rel_err": worst, "all_within_1pct": worst < 0.01,
+                              "all_logits_finite": all(r["logits_finite"] for r in rows)},
+                       results_dir=results_dir)
+
+
+GPU_RECORDINGS = {"exl2-exllamav2-check": record_exllamav2_check}

@@ -400,3 +400,33 @@ def test_sharded_checkpoint_reads_like_one_file(tmp_path):
     assert one.tensor_names == many.tensor_names
     for n in one.tensor_names:
         assert torch.equal(one.tensor(n), many.tensor(n)), n
+
+
+# ------------------------------------------------------------------------------------------------------- inspect
+def test_inspect_cli_text_and_json(capsys):
+    from helpers.__main__ import main
+
+    d = FIXTURES / "tiny_llama_b3.0"
+    assert main(["inspect", str(d)]) == 0
+    text = capsys.readouterr().out
+    ckpt = exl2.open_exl2(d)
+    bb = ckpt.byte_breakdown()
+    assert f"bits per weight: {ckpt.bits_per_weight:.3f}" in text
+    assert "model.layers.1.mlp.down_proj" in text and "0.0833:6b/0.25:3b/0.667:2b" in text
+    assert exl2.fmt_gib(bb["vram_bytes"]) in text and exl2.fmt_gib(bb["system_ram_bytes"]) in text
+    assert "2-bit" in text
+    assert main(["inspect", str(d), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["layers"] == json.loads(json.dumps(ckpt.layer_table()))
+    assert doc["totals"]["bytes"]["vram_bytes"] == bb["vram_bytes"]
+    assert sum(doc["totals"]["bits_share"].values()) == pytest.approx(1, abs=1e-3)
+    assert main(["inspect", str(d / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_gpu_recording_is_registered_and_refuses_without_cuda():
+    assert set(exl2.GPU_RECORDINGS) == {"exl2-exllamav2-check"}
+    if not torch.cuda.is_available():
+        with pytest.raises(CourseError, match="CUDA"):
+            exl2.GPU_RECORDINGS["exl2-exllamav2-check"]()
