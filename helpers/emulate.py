@@ -877,3 +877,23 @@ def format_summary(s: dict) -> str:
             f"{s['slowdown']:.2f}x (spill model {s['predicted_slowdown']:.2f}x)\n"
             f"  PCIe reads {s['pcie_read_gbs']:.1f} GB/s, VRAM {s['vram_bandwidth_gbs']:.0f} GB/s, overhead "
             f"{s['overhead_ms']:.1f} ms/token; pinned memory left after the run: {s['pinned_left_bytes']} bytes")
+
+
+def report_recorded(results_dir: Path | None = None) -> str:
+    """The recorded emulator runs and out-of-memory demonstrations as text, each labelled with where and when it
+    was measured; says so when nothing is recorded yet."""
+    rec = load_recorded(results_dir)
+    if not rec["emulated"] and not rec["oom"]:
+        return ("not recorded yet: run `make gpu-results` on a CUDA machine (Linux), or "
+                "`python -m helpers record --only '*emulate*'`")
+    lines = []
+    for r in rec["emulated"]:
+        lines += [f"[{r['label']}]", format_summary(r)]
+        if r["ctx"] <= 4096:
+            lines.append(f"  emulated/native = {r['emulated_over_native']:.3f} (target: within 5%)")
+        else:
+            lines.append(f"  measured slowdown / predicted = {r['prediction_ratio']:.2f} (target: within 25%)")
+    for r in rec["oom"]:
+        lines += [f"[{r['label']}]", f"Linux, no emulator, cache {r['ctx']}: {r['outcome']}"
+                  + (f" ({r.get('error_type')}: {r.get('error')})" if r.get("error") else ""), "  " + r["explanation"]]
+    return "\n".join(lines)

@@ -710,16 +710,77 @@ def seed_case(*, depth: int = 256, pcie_bandwidth: float | None = None, flash_at
 
 
 def seed_variants(depth: int = 256) -> list[dict]:
-    """The seed's 32k prediction under the setup details the report does not give: attention path, whether
-    ``load_autosplit``'s load-time reserve was held, and PCIe practical vs raw. None of them is fitted."""
+    """The seed's 32k prediction under two setup details the report does not give: whether ``load_autosplit``'s
+    load-time reserve was held, and PCIe practical vs raw. (The attention path, the third, cancels: its memory is in
+    the 4k reading the reserve is derived from.) None of them is fitted."""
     rows = []
-    for fa in (False, True):
-        for lr in (LOAD_RESERVE_BYTES, 0):
-            for name, bw in (("practical 25 GB/s", None), ("raw 31.5 GB/s", pcie_raw_bandwidth(4, 16))):
-                c = seed_case(depth=depth, pcie_bandwidth=bw, flash_attn=fa, load_reserve_bytes=lr)
-                p = c["prediction_32k"]
-                rows.append({"attention": "flash-attn/SDPA" if fa else "matrix materialised",
-                             "load_reserve": "held" if lr else "none", "pcie": name, "reserve_gib": c["reserve_gib"],
-                             "spilled_gib": p.spilled_gib, "spilled_weight_gb": p.spilled_weight_bytes / 1e9,
-                             "tok_s": p.tok_s, "vs_reported": p.tok_s / SEED["tok_s_32k"] - 1})
+    for lr in (LOAD_RESERVE_BYTES, 0):
+        for name, bw in (("practical 25 GB/s", None), ("raw 31.5 GB/s", pcie_raw_bandwidth(4, 16))):
+            c = seed_case(depth=depth, pcie_bandwidth=bw, load_reserve_bytes=lr)
+            p = c["prediction_32k"]
+            rows.append({"load_reserve": "held" if lr else "none", "pcie": name, "reserve_gib": c["reserve_gib"],
+                         "spilled_gib": p.spilled_gib, "spilled_weight_gb": p.spilled_weight_bytes / 1e9,
+                         "tok_s": p.tok_s, "vs_reported": p.tok_s / SEED["tok_s_32k"] - 1})
     return rows
+
+
+def ways_out(spec: Any = None, gpu: Any = None, *, bpw: float | None = None, max_seq_len: int = 32768,
+             depth: int = 256, reserve_gib: float | None = None, desktop_extra_gib: float = 1.0,
+             overhead_s_per_token: float = 0.0) -> list[dict]:
+    """The ways out of a spill, each checked with the planner (``memory.plan``: fits, margin) and the spill model
+    (what would spill, with load_autosplit's load-time reserve, and the predicted tok/s). Defaults: the seed case
+    with the reserve from the user's readings."""
+    from . import memory
+
+    spec = spec or SEED["model"]
+    gpu = gpu or SEED["gpu"]
+    bpw = SEED["bpw"] if bpw is None and spec == SEED["model"] else bpw
+    if reserve_gib is None:
+        reserve_gib = anchored_reserve_gib(spec, gpu, bpw=bpw, used_gib=SEED["used_4k_gib"],
+                                           full_gib=SEED["full_gib"])[0]
+    rows = []
+
+    def check(way: str, *, b=bpw, L=max_seq_len, mode="fp16", res=reserve_gib):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pl = memory.plan(spec, gpu, bpw=b, max_seq_len=L, cache_mode=mode, reserve_gib=res)
+            pr = SpillModel(gpu, reserve_gib=res, overhead_s_per_token=overhead_s_per_token).predict(
+                spec, bpw=b, max_seq_len=L, cache_mode=mode, depth=min(depth, L - 1))
+        rows.append({"way": way, "bpw": b, "max_seq_len": L, "cache_mode": mode, "reserve_gib": res,
+                     "fits": pl.fits, "margin_gib": pl.margin_bytes / GIB, "spilled_gib": pr.spilled_gib,
+                     "tok_s": pr.tok_s})
+        return pl, pr
+
+    def spills(b, L) -> bool:
+        return SpillModel(gpu, reserve_gib=reserve_gib).predict(spec, bpw=b, max_seq_len=L).spilled_bytes > 0
+
+    pl, _ = check("as reported (spills)")
+    # the planner's longest context, then down in 1024-token steps until load_autosplit's load-time reserve fits too
+    L = pl.longest_context["fp16"]
+    while L > 1024 and spills(bpw, L):
+        L -= 1024
+    check("shorter max_seq_len", L=L)
+    for mode in ("q8", "q6", "q4"):
+        check(f"{mode.upper()} cache", mode=mode)
+    if pl.max_bpw_that_fits is not None:
+        b = pl.max_bpw_that_fits
+        while b > 2.0 and spills(b, max_seq_len):
+            b = round(b - 0.05, 2)
+        check("lower bpw", b=b)
+    check(f"Q4 cache, {desktop_extra_gib:g} GiB more reserve", mode="q4", res=reserve_gib + desktop_extra_gib)
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    """A text table of ``ways_out`` rows."""
+    head = f"{'way out':<32}{'bpw':>5}{'max_seq_len':>12}{'cache':>6}{'fits':>6}{'margin':>11}{'spilled':>11}{'tok/s':>7}"
+    lines = [head]
+    for r in rows:
+        lines.append(f"{r['way']:<32}{r['bpw']:>5g}{r['max_seq_len']:>12,}{r['cache_mode']:>6}"
+                     f"{'yes' if r['fits'] else 'NO':>6}{r['margin_gib']:>7.2f} GiB{r['spilled_gib']:>7.2f} GiB"
+                     f"{r['tok_s']:>7.1f}")
+    lines.append("fits/margin: memory.plan (what the GPU must hold); spilled/tok/s: the spill model (load order, "
+                 "load_autosplit's load-time reserve included)")
+    return "\n".join(lines)

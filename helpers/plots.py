@@ -133,3 +133,116 @@ def plot_predicted_vs_measured(rows, ax=None):
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+# ================================================================================================================
+# fallback (notebook 04): the Windows sysmem fallback, its spill model and the Linux emulator. Owner: helpers.fallback.
+# ================================================================================================================
+
+def plot_spill_walk(prediction, ax=None, title=None):
+    """exllamav2's load order walked against the VRAM budget: cumulative GiB per module, coloured by where it went."""
+    plt = _plt()
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(8, 3.8))
+    gib = 2**30
+    colours = {"vram": "C0", "sysmem": "C3", "cpu": "0.7"}
+    total = prediction.fixed_bytes
+    xs, bottoms, heights, cols = [], [], [], []
+    for i, p in enumerate(prediction.placement):
+        if p["where"] == "cpu":
+            continue
+        size = p["weight_bytes"] + p["cache_bytes"] + int(p.get("scratch_bytes", 0) or 0)
+        xs.append(i)
+        bottoms.append(total / gib)
+        heights.append(size / gib)
+        cols.append(colours[p["where"]])
+        total += size
+    ax.bar(xs, heights, bottom=bottoms, color=cols, width=1.0, linewidth=0)
+    ax.axhline(prediction.budget_bytes / gib, color="k", linestyle="--", linewidth=1)
+    ax.text(0, prediction.budget_bytes / gib, " VRAM budget (card - OS reserve)", va="bottom", fontsize=8)
+    ax.axhspan(0, prediction.fixed_bytes / gib, color="0.85", zorder=0)
+    ax.text(0, prediction.fixed_bytes / gib / 2, " before the first module: CUDA context, transients, load reserve",
+            va="center", fontsize=7)
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color="C0", label="in VRAM"), Patch(color="C3", label="spilled to system RAM")],
+              fontsize=8, loc="lower right")
+    ax.set_xlabel("module, in exllamav2's load order (attention modules carry their cache layer)")
+    ax.set_ylabel("VRAM taken so far (GiB)")
+    ax.set_title(title or f"cache {prediction.max_seq_len:,} ({prediction.cache_mode}): "
+                          f"{prediction.spilled_bytes / gib:.2f} GiB spilled")
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_time_per_token(predictions, reported=None, ax=None):
+    """Where a decoded token's time goes (ms), stacked: overhead, VRAM reads, PCIe reads; one bar per prediction.
+    ``predictions``: {label: fallback.Prediction}; ``reported``: {label: tok/s} drawn as markers at 1000/tok_s."""
+    plt = _plt()
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(8, 2.2 + 0.45 * len(predictions)))
+    labels = list(predictions)
+    left = [0.0] * len(labels)
+    for key, name, colour in (("overhead_ms", "overhead", "0.6"), ("vram_ms", "read from VRAM", "C0"),
+                              ("pcie_ms", "read over PCIe", "C3")):
+        vals = [predictions[k].time_split_ms()[key] for k in labels]
+        ax.barh(labels, vals, left=left, color=colour, label=name)
+        left = [a + b for a, b in zip(left, vals)]
+    for i, k in enumerate(labels):
+        ax.text(left[i], i, f" {predictions[k].tok_s:.1f} tok/s", va="center", fontsize=8)
+    for k, tok_s in (reported or {}).items():
+        if k in labels:
+            ax.plot([1000 / tok_s], [labels.index(k)], marker="D", color="k", linestyle="none",
+                    label="reported" if k == next(iter(reported)) else None)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per decoded token")
+    ax.set_xlim(0, max(left) * 1.18)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_speed_vs_spill(case, max_spill_gb=2.5, ax=None):
+    """Predicted tok/s against the weight bytes read over PCIe per token, for the seed's card: the reported speed,
+    what the model predicts, and what would have to spill to give the reported speed. ``case``: fallback.seed_case()."""
+    plt = _plt()
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 3.8))
+    p = case["prediction_32k"]
+    total = p.vram_read_bytes + p.sysmem_read_bytes
+    xs = [max_spill_gb * i / 200 for i in range(201)]
+    ys = [1 / (p.overhead_s_per_token + (total - x * 1e9) / p.vram_bandwidth + x * 1e9 / p.pcie_bandwidth) for x in xs]
+    ax.plot(xs, ys, color="C0", label=f"model: PCIe {p.pcie_bandwidth / 1e9:.1f} GB/s, VRAM "
+                                      f"{p.vram_bandwidth / 1e9:.0f} GB/s")
+    rep = case["seed"]["tok_s_32k"]
+    need = case["needed_for_reported"]["sysmem_read_bytes"] / 1e9
+    ax.axhline(rep, color="k", linestyle=":", linewidth=1)
+    ax.plot([need], [rep], "kD", label=f"reported {rep:g} tok/s needs {need:.2f} GB/token over PCIe")
+    ax.plot([p.sysmem_read_bytes / 1e9], [p.tok_s], "o", color="C3",
+            label=f"predicted: {p.sysmem_read_bytes / 1e9:.2f} GB/token -> {p.tok_s:.1f} tok/s")
+    ax.set_xlabel("GB read from system RAM per decoded token")
+    ax.set_ylabel("decode tok/s")
+    ax.set_ylim(0, max(ys) * 1.05)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_emulated(rows, ax=None):
+    """Recorded emulator runs: native vs emulated decode tok/s per cache length, with the spill model's emulated
+    prediction. ``rows``: emulate.load_recorded()['emulated']."""
+    plt = _plt()
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 3.5))
+    labels = [f"cache {r['ctx']:,}\n{r['spilled_bytes'] / 2**30:.2f} GiB spilled" for r in rows]
+    x = list(range(len(rows)))
+    ax.bar([i - 0.2 for i in x], [r["native_tok_s"] for r in rows], width=0.4, color="C0", label="native")
+    ax.bar([i + 0.2 for i in x], [r["emulated_tok_s"] for r in rows], width=0.4, color="C3",
+           label="emulated 16 GiB card")
+    ax.plot([i + 0.2 for i in x], [r["native_tok_s"] / r["predicted_slowdown"] for r in rows], "kD",
+            label="spill model")
+    ax.set_xticks(x, labels)
+    ax.set_ylabel("decode tok/s")
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
