@@ -649,7 +649,8 @@ def compare(model_dir, *, ctx: int, cache_mode: str = "fp16", depth: int = 128, 
                                         "roofline_tok_s", "step_ms") if k in row}
             measurements.append({"ctx": ctx, "run": name, "round": r, **keep})
         pinned_peak = lib.peak_bytes()
-    pinned_left = lib.outstanding_bytes()
+    pinned_left = emu.leftover_bytes            # still pinned after cleanup, before any forced free (target 0)
+    pinned_outstanding = lib.outstanding_bytes()
     native_all, emu_all = _flatten(measurements, "native"), _flatten(measurements, "emulated")
     nat, emt = statistics.median(native_all), statistics.median(emu_all)
     # the spill model for this GPU: measured bandwidths; overhead from the native run (it spills nothing)
@@ -672,6 +673,7 @@ def compare(model_dir, *, ctx: int, cache_mode: str = "fp16", depth: int = 128, 
         "spilled_weight_bytes": pred_emu.spilled_weight_bytes, "spilled_cache_bytes": pred_emu.spilled_cache_bytes,
         "spilled_modules": pred_emu.spilled_modules(), "pinned_host_bytes_loaded": host_bytes_loaded,
         "pinned_peak_bytes": pinned_peak, "pinned_left_bytes": pinned_left,
+        "pinned_outstanding_bytes": pinned_outstanding,
         "native_tok_s": nat, "emulated_tok_s": emt, "native_tok_s_all": native_all, "emulated_tok_s_all": emu_all,
         "slowdown": slowdown, "predicted_slowdown": predicted,
         "prediction_ratio": slowdown / predicted if predicted else None,
@@ -685,6 +687,37 @@ def compare(model_dir, *, ctx: int, cache_mode: str = "fp16", depth: int = 128, 
         "rounds": rounds, "repeats": repeats, "decode_tokens": decode_tokens,
     }
     return {"summary": summary, "measurements": measurements, "decisions": decisions}
+
+
+def cleanup_checks(model_dir, *, ctx: int, cache_mode: str = "fp16", budget_bytes: int, lib: HostAllocLib,
+                   after_spilled: int = 2) -> dict:
+    """Interrupt an emulated load twice, once with an error and once with KeyboardInterrupt (as Ctrl-C raises it),
+    ``after_spilled`` modules after the spill began; return the pinned bytes cleanup found still held after each
+    (0 is the target: everything came back without a forced free)."""
+    out = {}
+    for name, exc in (("error", RuntimeError), ("interrupt", KeyboardInterrupt)):
+        class Injected(exc):  # noqa: N801 (a local marker type)
+            pass
+
+        def stop(i: int, n: int, emu_ref: list) -> None:
+            emu = emu_ref[0]
+            if sum(d.where == "sysmem" for d in emu.decisions) >= after_spilled:
+                raise Injected(f"injected {name} at module {i}")
+
+        ref: list = []
+        try:
+            with VramEmulator(budget_bytes, lib) as emu:
+                ref.append(emu)
+                emu.own(Exl2Model(model_dir, max_seq_len=ctx, cache_mode=cache_mode, emulator=emu,
+                                  on_module=lambda i, n: stop(i, n, ref)))
+            out[f"pinned_left_after_{name}_bytes"] = None          # the spill never began: nothing to interrupt
+        except Injected:
+            # leftover_bytes: what cleanup found still pinned before any forced free (0 means it all came back by
+            # itself); outstanding: what the allocator holds now
+            out[f"pinned_left_after_{name}_bytes"] = ref[0].leftover_bytes
+            out[f"pinned_outstanding_after_{name}_bytes"] = lib.outstanding_bytes()
+            out[f"pinned_peak_before_{name}_bytes"] = lib.peak_bytes()
+    return out
 
 
 def emu_spilled(placement: list[dict]) -> int:
@@ -767,7 +800,12 @@ def record_compare(ctx: int, *, model_dir=None, results_dir: Path | None = None,
     nvml_before = gpu.nvml_used_bytes()          # before CUDA starts in this process
     gpu.require_cuda("recording the emulated sysmem fallback")
     ctx_bytes = context_bytes_now(nvml_before)
-    out = compare(_model_dir(model_dir), ctx=ctx, context_bytes=ctx_bytes, **kw)
+    lib = HostAllocLib(build_hostalloc())
+    out = compare(_model_dir(model_dir), ctx=ctx, context_bytes=ctx_bytes, lib=lib, **kw)
+    s = out["summary"]
+    if s["spilled_bytes"]:
+        s.update(cleanup_checks(_model_dir(model_dir), ctx=ctx, cache_mode=s["cache_mode"],
+                                budget_bytes=s["budget_bytes"], lib=lib))
     prov = results.provenance()
     return results.save_result(TOPIC, f"emulated-{ctx}-{prov.get('gpu') or 'gpu'}", [out["summary"]], prov=prov,
                                results_dir=results_dir,
@@ -893,6 +931,10 @@ def report_recorded(results_dir: Path | None = None) -> str:
             lines.append(f"  emulated/native = {r['emulated_over_native']:.3f} (target: within 5%)")
         else:
             lines.append(f"  measured slowdown / predicted = {r['prediction_ratio']:.2f} (target: within 25%)")
+        for what in ("error", "interrupt"):
+            if r.get(f"pinned_left_after_{what}_bytes") is not None:
+                lines.append(f"  pinned bytes left after an injected {what} mid-load: "
+                             f"{r[f'pinned_left_after_{what}_bytes']}")
     for r in rec["oom"]:
         lines += [f"[{r['label']}]", f"Linux, no emulator, cache {r['ctx']}: {r['outcome']}"
                   + (f" ({r.get('error_type')}: {r.get('error')})" if r.get("error") else ""), "  " + r["explanation"]]

@@ -153,7 +153,7 @@ def place(order: Iterable[dict], budget_bytes: int, fixed_bytes: int = 0) -> lis
         w, c = int(_get(m, "weight_bytes", 0) or 0), int(_get(m, "cache_bytes", 0) or 0)
         x = int(_get(m, "scratch_bytes", 0) or 0)
         hint = str(_get(m, "device_hint", "gpu") or "gpu").lower()
-        if hint == "cpu":
+        if hint == "cpu" or _get(m, "where") == "cpu":
             where = "cpu"
         elif w + c + x <= left:
             where, left = "vram", left - (w + c + x)

@@ -322,3 +322,48 @@ def test_cli_without_cuda_says_so(capsys):
 def test_build_needs_cuda():
     with pytest.raises(CourseError, match="needs a CUDA GPU"):
         emulate.build_hostalloc()
+
+
+def test_the_spill_model_walks_an_emulator_placement_with_the_embedding_on_the_cpu():
+    from helpers import fallback
+
+    lib = FakeLib()
+    dev = FakeDevice(lib)
+    with VramEmulator(190, lib, dev) as emu:
+        emu.own(fake_load(emu, dev))
+        placement = emu.placement()
+    walked = fallback.place(placement, 190, 0)          # the model's own walk over the emulator's byte counts
+    assert [p["where"] for p in walked] == [d["where"] for d in placement]
+    pred = fallback.evaluate(placement, depth=0, max_seq_len=100, overhead_s_per_token=0, vram_bandwidth=1.0,
+                             pcie_bandwidth=0.5)
+    assert pred.vram_read_bytes == 10 + 30 + 10 + 30 + 30 and pred.sysmem_read_bytes == 10 + 60
+
+
+def test_recorded_results_are_read_labelled_and_plotted(tmp_path):
+    """The notebook's path once a GPU has recorded (a made-up record in a temporary folder, never in results/)."""
+    from helpers import plots, results
+
+    assert "not recorded yet" in emulate.report_recorded(tmp_path)
+    prov = {"gpu": "TEST GPU", "date": "2026-01-01T00:00:00+00:00", "torch": "x", "exllamav2": "0.3.2"}
+    base = {"cache_mode": "fp16", "depth": 128, "card_gib": 16.0, "spilled_modules": [], "pcie_read_gbs": 50.0,
+            "vram_bandwidth_gbs": 2800.0, "overhead_ms": 14.0, "pinned_left_bytes": 0}
+    results.save_result("fallback", "emulated-4096-test", [dict(base, ctx=4096, spilled_bytes=0, spilled_gib=0.0,
+                        native_tok_s=60.0, emulated_tok_s=59.0, slowdown=60 / 59, predicted_slowdown=1.0,
+                        prediction_ratio=60 / 59, emulated_over_native=59 / 60)], prov=prov, results_dir=tmp_path)
+    results.save_result("fallback", "emulated-32768-test", [dict(base, ctx=32768, spilled_bytes=2 * GIB,
+                        spilled_gib=2.0, spilled_modules=["a", "b"], native_tok_s=60.0, emulated_tok_s=20.0,
+                        slowdown=3.0, predicted_slowdown=2.7, prediction_ratio=3.0 / 2.7, emulated_over_native=1 / 3,
+                        pinned_left_after_error_bytes=0, pinned_left_after_interrupt_bytes=0)],
+                        prov=prov, results_dir=tmp_path, extra={"decisions": [{"where": "vram"}]})
+    results.save_result("fallback", "linux-oom-test", [{"ctx": 32768, "outcome": "out-of-memory",
+                        "error_type": "RuntimeError", "error": "Insufficient VRAM for model and cache",
+                        "explanation": "Linux has no sysmem fallback"}], prov=prov, results_dir=tmp_path)
+    rec = emulate.load_recorded(tmp_path)
+    assert [r["ctx"] for r in rec["emulated"]] == [4096, 32768] and len(rec["oom"]) == 1
+    assert rec["emulated"][1]["decisions"] == [{"where": "vram"}] and "TEST GPU" in rec["emulated"][0]["label"]
+    text = emulate.report_recorded(tmp_path)
+    assert "emulated/native = 0.983 (target: within 5%)" in text
+    assert "measured slowdown / predicted = 1.11 (target: within 25%)" in text
+    assert "after an injected interrupt mid-load: 0" in text and "Insufficient VRAM" in text
+    fig = plots.plot_emulated(rec["emulated"])
+    assert len(fig.axes[0].patches) == 4
