@@ -13,8 +13,9 @@ same logits, so every notebook has a CPU path. It is written to be read next to 
   On the CPU the cache is stored in the model's dtype (float32 by default: 4 bytes per element, twice
   exllamav2's FP16 cache); on CUDA the backend loads the reference in float16, the same bytes as exllamav2's.
 
-Prefill runs ``scaled_dot_product_attention`` with a causal mask; a decode step is plain attention of one query
-over the cache slice ``[0, depth)``. ``forward(..., causal=False)`` drops the mask on purpose: that is what
+Prefill runs ``scaled_dot_product_attention`` with a causal mask; a decode step runs it for one query over the
+cache slice ``[0, depth)`` with no mask (``attention_by_hand`` writes that step out in plain matmuls and softmax;
+the fused call is used because three small parallel ops per layer were up to 5x slower on a busy 2-core machine). ``forward(..., causal=False)`` drops the mask on purpose: that is what
 exllamav2 0.3.2's SDPA path computes without flash-attn (DOMAIN.md, "three traps"), and the tests show the
 difference against exllamav2's own logits.
 
@@ -283,33 +284,43 @@ def causal_mask(start: int, n: int, end: int, window: int | None, device) -> tor
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start: int, causal: bool = True,
               window: int | None = None) -> torch.Tensor:
-    """Attention of q (batch, n, heads, d) over the cache slice k, v (batch, start+n, kv_heads, d).
+    """Attention of q (batch, n, heads, d) at positions start..start+n-1 over the cache slice k, v
+    (batch, start+n, kv_heads, d). Returns (batch, n, heads * d).
 
-    Grouped-query attention: query head h reads KV head h // (heads // kv_heads). Returns (batch, n, heads * d).
+    Grouped-query attention: query head h reads KV head h // (heads // kv_heads) (``enable_gqa``). One fused
+    ``scaled_dot_product_attention`` call does softmax(q k^T / sqrt(d)) v; ``attention_by_hand`` spells out the
+    same arithmetic for one decoded token (a test checks they agree).
     """
     b, n, heads, d = q.shape
     kv_heads, end = k.shape[2], k.shape[1]
-    group = heads // kv_heads
-    if n == 1 and causal:
-        # decode step: one query per head against every cached position; no mask needed (all are in the past)
-        if window is not None and end > window:
-            k, v = k[:, end - window:], v[:, end - window:]
-        qg = q.view(b, kv_heads, group, d)                                   # heads grouped by their KV head
-        scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) / math.sqrt(d)     # (b, kv_heads, group, end)
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        out = torch.matmul(probs, v.transpose(1, 2))                        # (b, kv_heads, group, d)
-        return out.reshape(b, 1, heads * d)
-    # prefill: n queries at positions start..start+n-1, fused SDPA kernel with a causal (or no) mask
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)    # (b, heads, n|end, d)
-    if not causal:
-        mask, is_causal = None, False      # every query sees every key: the exllamav2 0.3.2 SDPA-path trap
+    if n == 1 and causal and window is not None and end > window:
+        k, v = k[:, end - window:], v[:, end - window:]    # a sliding-window layer reads only the last `window`
+    if n == 1 or not causal:
+        # decode: the one new query may see every cached position, so no mask at all. (causal=False on a
+        # prefill is the exllamav2 0.3.2 SDPA-path trap: every query sees every key, the future included.)
+        mask, is_causal = None, False
     elif start == 0 and (window is None or end <= window):
-        mask, is_causal = None, True       # plain lower-triangular mask, built inside the kernel
+        mask, is_causal = None, True       # prefill of a new sequence: the lower-triangular mask, built in the kernel
     else:
-        mask, is_causal = causal_mask(start, n, end, window, q.device), False
+        mask, is_causal = causal_mask(start, n, end, window, q.device), False  # appended chunk or sliding window
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)    # (b, heads, n | end, d)
     out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=is_causal,
-                                         enable_gqa=group > 1)
+                                         enable_gqa=heads != kv_heads)
     return out.transpose(1, 2).reshape(b, n, heads * d)
+
+
+def attention_by_hand(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One decoded token's attention written out: q (batch, 1, heads, d), k/v (batch, depth, kv_heads, d).
+
+    The fused kernel in ``attention`` computes the same; this is the version to read. Each KV head serves a
+    group of heads // kv_heads query heads, so the queries are viewed as (batch, kv_heads, group, d)."""
+    b, _, heads, d = q.shape
+    kv_heads = k.shape[2]
+    qg = q.view(b, kv_heads, heads // kv_heads, d)                      # query heads grouped by their KV head
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) / math.sqrt(d)     # (b, kv_heads, group, depth)
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)           # how much each cached position counts
+    out = torch.matmul(probs, v.transpose(1, 2))                        # (b, kv_heads, group, d)
+    return out.reshape(b, 1, heads * d)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

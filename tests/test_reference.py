@@ -295,3 +295,15 @@ def test_embedded_model_answers_paris():
     assert model.tokenizer.has_chat_template
     answer = model.generate("What is the capital of France?", max_new_tokens=12)
     assert "Paris" in answer
+
+
+def test_decode_attention_by_hand_is_what_the_fused_kernel_computes():
+    from helpers.reference import attention, attention_by_hand
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 9, 64, generator=gen), torch.randn(1, 40, 3, 64, generator=gen),
+               torch.randn(1, 40, 3, 64, generator=gen))
+    assert torch.allclose(attention(q, k, v, start=39), attention_by_hand(q, k, v), atol=1e-5)
+    # a sliding window of 8 reads only the last 8 positions
+    assert torch.allclose(attention(q, k, v, start=39, window=8), attention_by_hand(q, k[:, -8:], v[:, -8:]),
+                          atol=1e-5)
