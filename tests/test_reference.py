@@ -139,7 +139,6 @@ def test_llama3_rope_keeps_short_wavelengths_and_slows_long_ones():
     assert math.isclose(float(scaled[-1]), float(plain[-1]) / 8)  # longest wavelength: slowed by the factor
 
 
-@pytest.mark.slow
 def test_agrees_with_transformers_on_the_embedded_models_float_source():
     from transformers import AutoModelForCausalLM
 
