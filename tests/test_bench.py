@@ -312,3 +312,61 @@ def test_datasheet_bandwidth_from_driver_names():
     assert bench.datasheet_bandwidth("NVIDIA H100 80GB HBM3") == 3350e9
     assert bench.datasheet_bandwidth("Some Unknown Accelerator") is None
     assert bench.datasheet_bandwidth(None) is None
+
+
+# ------------------------------------------------------------------------------ recorded results and figures
+def _gpu_row(ctx, depth, mode, tok_s, **kw):
+    per = {"fp16": 196_608, "q4": 55_296}[mode]
+    r = {"ctx": ctx, "depth": depth, "cache_mode": mode, "backend": "exllamav2", "device": "cuda",
+         "model": bench.SYNTH_LABEL, "decode_tok_s": tok_s, "decode_tok_s_min": tok_s - 1, "decode_tok_s_max": tok_s + 1,
+         "decode_spread": 2 / tok_s, "decode_tok_s_all": [tok_s - 1, tok_s, tok_s + 1], "prefill_tok_s": 2000.0,
+         "step_ms": 1000 / tok_s, "gpu_ms_per_token": 4.0, "gpu_idle_fraction": 1 - 4.0 * tok_s / 1000,
+         "kernel_launches_per_token": 400.0, "cpu_ms_per_token": 12.0, "profiled_ms_per_token": 20.0,
+         "torch_ops_ms_per_token": 3.0, "weights_bytes": 9 * 2**30, "kv_read_bytes": per * depth,
+         "bandwidth_gbs": 2000.0, "cache_bytes": per * ctx, "cache_gib": per * ctx / 2**30}
+    r["bytes_per_token"] = r["weights_bytes"] + r["kv_read_bytes"]
+    r["roofline_tok_s"] = 2000e9 / r["bytes_per_token"]
+    r["roofline_fraction"] = tok_s / r["roofline_tok_s"]
+    r.update(kw)
+    return r
+
+
+def test_recorded_rows_tables_and_repeatability(tmp_path):
+    from helpers import results
+
+    assert bench.load_recorded(tmp_path) == []
+    assert "not recorded yet" in bench.describe_repeatability(tmp_path)
+    prov = {"device": "cuda", "gpu": "Test GPU", "date": "2026-01-02T00:00:00", "torch": "t", "exllamav2": "0.3.2"}
+    rows = [_gpu_row(4096, 128, "fp16", 60.0), _gpu_row(32768, 30000, "q4", 30.0)]
+    results.save_result("speed", "matrix", rows, prov=prov, results_dir=tmp_path)
+    rep = [_gpu_row(4096, 128, "fp16", v, process=i, decode_spread=s) for i, (v, s) in
+           enumerate([(60.0, 0.01), (61.2, 0.02), (59.4, 0.015)])]
+    results.save_result("speed", "rep", rep, prov=prov, results_dir=tmp_path,
+                        extra={"what": "one config", "run_to_run": bench.run_to_run([60.0, 61.2, 59.4])})
+    got = bench.load_recorded(tmp_path)
+    assert len(got) == 2 and all(r["gpu"] == "Test GPU" and "recorded on Test GPU" in r["label"] for r in got)
+    assert len(bench.load_recorded(tmp_path, include_repeatability=True)) == 5
+    text = bench.describe_repeatability(tmp_path)
+    assert "1.0%, 2.0%, 1.5% (all under 3%)" in text and "medians 59.4-61.2 tok/s, (max-min)/median 3.0%" in text
+    table = bench.format_rows(got, where=True)
+    # 2000 GB/s over 9 GiB + 30000 x 55,296 bytes = 176.6 tok/s; 30 tok/s is 0.170 of it
+    assert "Test GPU" in table and "176.6    0.170" in table
+    split = bench.format_time_split(got)
+    assert "76%" in split and "400" in split  # GPU idle (1 - 4 ms / 16.67 ms) and launches per token
+
+
+def test_speed_figures_draw_live_and_recorded_panels():
+    from helpers import plots
+
+    rec = [_gpu_row(4096, 128, "fp16", 60.0), _gpu_row(32768, 128, "fp16", 59.0),
+           _gpu_row(32768, 30000, "fp16", 18.0), _gpu_row(32768, 30000, "q4", 30.0)]
+    fig = plots.plot_speed_vs_depth({"live": rec[:2], "recorded": rec, "none yet": []})
+    ax_live, ax_rec, ax_none = fig.axes
+    # one roofline per (model, mode, device): 1 in the live panel, 2 (fp16, q4) in the recorded one
+    assert sum("roofline" in (l.get_label() or "") for l in ax_rec.get_lines()) == 2
+    assert sum("roofline" in (l.get_label() or "") for l in ax_live.get_lines()) == 1
+    assert any("not recorded yet" in t.get_text() for t in ax_none.texts)
+    fig2 = plots.plot_decode_time_split(rec)
+    assert len(fig2.axes[0].patches) == 2 * len(rec)
+    fig3 = plots.plot_cache_bytes_by_ctx(rec)
+    assert len(fig3.axes[0].patches) == 3  # fp16 4k, fp16 32k, q4 32k
