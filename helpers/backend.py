@@ -83,7 +83,7 @@ class Backend:
 
         token_id None feeds the greedy choice of the previous logits (or the BOS token on an empty history)."""
         if token_id is None:
-            token_id = self._next_default
+            token_id = self._next_default if self._next_default is not None else (self.tokenizer.hf.bos_token_id or 0)
         if self.depth + 1 > self.max_seq_len:
             raise CourseError(f"the cache is full (depth {self.depth} of max_seq_len={self.max_seq_len}): load with a "
                               "larger max_seq_len")
@@ -91,7 +91,7 @@ class Backend:
         self._next_default = int(torch.argmax(logits))
         return logits
 
-    _next_default = 0
+    _next_default: int | None = None
 
     def _check_forward(self, ids: torch.Tensor, reset: bool) -> torch.Tensor:
         ids = torch.as_tensor(ids, dtype=torch.long)

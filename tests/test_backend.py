@@ -354,3 +354,26 @@ def test_agreement_record_round_trip_and_live_comparison_on_cpu(tmp_path):
     assert live["same_next_token"] and live["live_backend"] == "reference on cpu"
     assert live["max_abs_diff"] == pytest.approx(0.01, abs=0.01)   # the perturbation, through fp16 storage
     assert live["recorded"]["agree_until_first_near_tie"] is True
+
+
+# --- on a CUDA machine only: the real exllamav2 against its own fixtures and the reference -----------------------
+
+gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with exllamav2")
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("name", ["tiny_llama_b4.5", "tiny_qwen2_b6.5"])
+def test_real_exllamav2_matches_its_fixtures_and_fills_every_cache_mode(name):
+    from safetensors.torch import load_file
+
+    t = load_file(str(FIXTURES / name / "exllamav2_truth.safetensors"))
+    be = B.load(FIXTURES / name, max_seq_len=256, backend="exllamav2")
+    got = be.forward(t["input_ids"]).cpu()
+    assert float((got - t["logits_prefill"]).norm() / t["logits_prefill"].norm()) < 0.01   # causal (no_sdpa)
+    be.unload()
+    for mode in B.CACHE_MODES:
+        be = B.load(FIXTURES / name, max_seq_len=512, cache_mode=mode, backend="exllamav2")
+        be.fill_cache(400)
+        assert be.depth == 400 and torch.isfinite(be.decode_step(5)).all() and be.depth == 401
+        be.unload()
