@@ -293,7 +293,8 @@ def clean_leftovers(final: Path) -> list[Path]:
     removed = []
     # ours: .<name>.tmp-*, .<name>.old-*; the EXL2 writer's own, beside our temporary folder: ..<name>.tmp-*.partial-*
     for p in final.parent.glob(f"*.{final.name}*"):
-        if p.is_dir() and p.name.lstrip(".").startswith(final.name) and (_TMP_TAG in p.name or _TRASH_TAG in p.name):
+        rest = p.name.lstrip(".")
+        if p.is_dir() and (rest.startswith(final.name + _TMP_TAG) or rest.startswith(final.name + _TRASH_TAG)):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
@@ -367,13 +368,18 @@ def _exl2_version() -> str:
 
 def _save_float(tmp: Path) -> dict:
     """Builder of the float checkpoint (runs inside the temporary folder)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     src = gguf_path()  # checks size and hash before any bar appears
     with progress(total=2, desc=f"{MODEL_NAME}: GGUF -> float32", unit="step") as bar:
         config, tensors = read_gguf(src, bar=bar)
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": GGUF_NAME})
+        # serialized here and written by Python, so that a full disk raises OSError(ENOSPC) (safetensors' own
+        # save_file was seen to report no error when writing to a full device)
+        blob = save(tensors, metadata={"format": "pt", "source": GGUF_NAME})
         del tensors
+        with open(tmp / "model.safetensors", "wb") as fh:
+            fh.write(blob)
+        del blob
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
                "pad_token_id": config["pad_token_id"], "do_sample": False}
@@ -442,7 +448,7 @@ def embedded_model_dir(build: bool = True, *, bpw: float | None = None, rebuild:
 def check_exl2_dir(folder: Path, *, origin: str = "") -> Path:
     """Raise one CourseError line unless ``folder`` looks like an EXL2 checkpoint; return it resolved."""
     folder = Path(folder).expanduser()
-    where = f"{origin} {folder}" if origin else str(folder)
+    where = f"{origin}{'' if origin.endswith('=') else ' '}{folder}" if origin else str(folder)
     fix = "point it at a folder made by exllamav2's convert.py (config.json + *.safetensors with q_weight tensors)"
     if origin.startswith(MODEL_ENV):
         fix += f", or unset {MODEL_ENV} to use the embedded model"

@@ -349,14 +349,18 @@ def test_embedded_perplexity_is_close_to_float(float_dir, embedded):
     assert ref < ppl < 1.03 * ref  # 8 bpw: within ~1% of float (6 bpw: ~4%, 4 bpw: ~90%)
 
 
-def test_quality_sweep_is_cached(tmp_cache, float_dir, monkeypatch):
-    _link_float(float_dir, tmp_cache)
-    rows = quality.quality_sweep((8,), max_tokens=64)
-    assert [r["bits"] for r in rows] == [None, 8.0] and rows[0]["ppl_vs_float"] == 1.0
+def test_quality_sweep_is_cached(float_dir, embedded, monkeypatch):
+    from helpers.paths import cache_dir
+
+    cached = cache_dir() / f"quality-sweep-{quality._sweep_key([8.0, 2.5], 64)}.json"
+    cached.unlink(missing_ok=True)
+    rows = quality.quality_sweep((8, 2.5), max_tokens=64)  # 8: the embedded model; 2.5: written and removed
+    assert [r["bits"] for r in rows] == [None, 8.0, 2.5] and rows[0]["ppl_vs_float"] == 1.0
     assert rows[1]["weights_bytes"] < rows[0]["fp16_bytes"] and 0.99 < rows[1]["ppl_vs_float"] < 1.05
-    assert not [p for p in tmp_cache.iterdir() if p.name.startswith(".sweep-")]  # temporary widths removed
+    assert rows[2]["weights_bytes"] < rows[1]["weights_bytes"] and rows[2]["ppl_vs_float"] > 2
+    assert not [p for p in cache_dir().iterdir() if p.name.startswith(".sweep-")]  # temporary widths removed
     monkeypatch.setattr(quality, "nll_of", lambda *a, **k: pytest.fail("recomputed a cached sweep"))
-    assert quality.quality_sweep((8,), max_tokens=64) == rows
+    assert quality.quality_sweep((8, 2.5), max_tokens=64) == rows
 
 
 # --- GPU -------------------------------------------------------------------------------------------------------------
@@ -368,3 +372,16 @@ def test_exllamav2_answers_paris():
         pytest.skip("needs a CUDA GPU and exllamav2")
     path = models.record_capital_answer()
     assert json.loads(Path(path).read_text())["rows"][0]["paris"] is True
+
+
+def test_leftovers_of_killed_builds_are_removed_and_nothing_else(tmp_cache):
+    final = tmp_cache / "m-v1"
+    tmp_cache.mkdir(parents=True)
+    ours = [tmp_cache / ".m-v1.tmp-123-abcd", tmp_cache / ".m-v1.old-abcd",
+            tmp_cache / "..m-v1.tmp-123-abcd.partial-ef01"]  # the last: the EXL2 writer's own temporary folder
+    others = [tmp_cache / ".m-v10.tmp-1-2", tmp_cache / "m-v1-other", tmp_cache / ".x.tmp-1"]
+    for p in ours + others:
+        p.mkdir()
+        (p / "f").write_text("x")
+    models.build_atomically(final, lambda tmp: {})
+    assert not any(p.exists() for p in ours) and all(p.exists() for p in others)
