@@ -644,20 +644,29 @@ def bench_subprocess(model_dir, *, ctx: int, depth: int, cache_mode: str = "fp16
                      repeats: int = 5, warmup: int = 2, decode_tokens: int = 32, prefill_tokens: int = 512,
                      model_label: str | None = None, timeout: float | None = None) -> list[dict[str, Any]]:
     """The same measurement in a fresh Python process (nothing cached, allocated or compiled by earlier runs)."""
-    cmd = [sys.executable, "-m", "helpers", "bench", "--ctx", str(ctx), "--depth", str(depth), "--cache", cache_mode,
-           "--backend", backend, "--repeats", str(repeats), "--warmup", str(warmup),
-           "--decode-tokens", str(decode_tokens), "--prefill-tokens", str(prefill_tokens), "--json"]
-    if model_dir is not None:
-        cmd += ["--model", str(model_dir)]
-    if model_label:
-        cmd += ["--label", model_label]
+    import tempfile
+
     from .paths import REPO_DIR
 
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout, cwd=REPO_DIR)
-    if proc.returncode != 0:
-        raise CourseError(f"the bench process for ctx {ctx} depth {depth} {cache_mode} failed (exit "
-                          f"{proc.returncode}); run `{' '.join(cmd[1:])}` to see why")
-    return json.loads(proc.stdout)["rows"]
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        out = Path(tmp) / "rows.json"
+        cmd = [sys.executable, "-m", "helpers", "bench", "--ctx", str(ctx), "--depth", str(depth), "--cache",
+               cache_mode, "--backend", backend, "--repeats", str(repeats), "--warmup", str(warmup),
+               "--decode-tokens", str(decode_tokens), "--prefill-tokens", str(prefill_tokens), "--out", str(out)]
+        if model_dir is not None:
+            cmd += ["--model", str(model_dir)]
+        if model_label:
+            cmd += ["--label", model_label]
+        # the child's stdout goes to our stderr: exllamav2 prints while it loads, and `record` reads our stdout
+        try:
+            sink = sys.stderr.fileno()
+        except (AttributeError, OSError, ValueError):  # a captured stderr (pytest, some notebooks) has no descriptor
+            sink = None
+        proc = subprocess.run(cmd, stdout=sink, timeout=timeout, cwd=REPO_DIR)
+        if proc.returncode != 0 or not out.is_file():
+            raise CourseError(f"the bench process for ctx {ctx} depth {depth} {cache_mode} failed (exit "
+                              f"{proc.returncode}); run `python {' '.join(cmd[1:-2])}` to see why")
+        return json.loads(out.read_text(encoding="utf-8"))["rows"]
 
 
 def _fmt(x, spec=".1f"):
@@ -706,6 +715,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefill-tokens", type=int, default=512, help="prompt tokens per prefill (0: skip)")
     ap.add_argument("--label", default=None, help="the model's name in the results")
     ap.add_argument("--json", action="store_true", help="print one JSON object {provenance, rows}")
+    ap.add_argument("--out", default=None, help="also write the JSON object {provenance, rows} to this file")
     ap.add_argument("--record", action="store_true", help="also save it under results/speed/")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--no-progress", action="store_true")
@@ -736,8 +746,11 @@ def main(argv: list[str] | None = None) -> int:
         where = prov.get("gpu") or prov.get("cpu") or prov["device"]
         path = results.save_result("speed", f"bench-{rows[0]['model']}-{where}-{prov['date'][:19]}", rows, prov=prov)
         print(f"recorded {path}", file=sys.stderr)
+    doc = json.dumps({"provenance": prov, "rows": rows}, indent=1)
+    if args.out:
+        results.atomic_write_text(Path(args.out), doc + "\n")
     if args.json:
-        print(json.dumps({"provenance": prov, "rows": rows}, indent=1))
+        print(doc)
     else:
         print(format_rows(rows))
     return 0

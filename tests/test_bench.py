@@ -370,3 +370,11 @@ def test_speed_figures_draw_live_and_recorded_panels():
     assert len(fig2.axes[0].patches) == 2 * len(rec)
     fig3 = plots.plot_cache_bytes_by_ctx(rec)
     assert len(fig3.axes[0].patches) == 3  # fp16 4k, fp16 32k, q4 32k
+
+
+def test_bench_in_a_fresh_process_returns_its_rows():
+    rows = bench.bench_subprocess(FIXTURE, ctx=256, depth=8, backend="reference", repeats=1, warmup=0,
+                                  decode_tokens=2, prefill_tokens=0, model_label="tiny fixture")
+    assert len(rows) == 1 and rows[0]["model"] == "tiny fixture" and rows[0]["ctx"] == 256
+    with pytest.raises(CourseError, match="bench process for ctx 256 depth 300 fp16 failed"):
+        bench.bench_subprocess(FIXTURE, ctx=256, depth=300, backend="reference", repeats=1, warmup=0)
