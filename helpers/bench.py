@@ -361,6 +361,17 @@ _BLOCKING_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventS
                    "cudaMemcpyAsync", "cuStreamSynchronize", "cuCtxSynchronize", "cuMemcpyDtoH")
 
 
+def busy_time_us(intervals: Iterable[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals: the time at least one of them was running."""
+    total, end = 0.0, -math.inf
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
 def profile_decode(b, depth: int, steps: int = 4, first_token: int = 0) -> dict[str, Any]:
     """Where one decode step's time goes, from torch.profiler (run apart from the timed repeats: it slows things).
 
@@ -392,8 +403,8 @@ def profile_decode(b, depth: int, steps: int = 4, first_token: int = 0) -> dict[
                            "gpu_busy_ms": None, "host_blocked_ms": None, "host_work_ms": None, "kernel_launches": None}
     if cuda:
         dev = [e for e in events if e.device_type == DeviceType.CUDA]
-        # kernels and copies of one stream do not overlap: their durations add up to the time the GPU was busy
-        busy_us = sum(e.time_range.elapsed_us() for e in dev)
+        # the time at least one kernel or copy ran (the union of their intervals: annotations may overlap them)
+        busy_us = busy_time_us([(e.time_range.start, e.time_range.end) for e in dev])
         blocked_us = sum(e.time_range.elapsed_us() for e in host if e.name in _BLOCKING_CALLS)
         launches = sum(1 for e in host if e.name.startswith(("cudaLaunch", "cuLaunch")))
         out.update(gpu_busy_ms=busy_us / 1e3 / steps if dev else None,
@@ -834,11 +845,11 @@ def record_repeatability(model_dir=None, label: str = SYNTH_LABEL, *, processes:
                                               f"{processes} fresh processes", "run_to_run": across})
 
 
-def _record_synthetic() -> Path:
+def _record_synthetic(mode: str) -> Path:
     from . import gpu
 
     gpu.require_cuda("recording the 14B-shaped checkpoint's speed")
-    return record_matrix(_synthetic_dir(), SYNTH_LABEL, "speed-qwen2.5-14b-5.5bpw")
+    return record_matrix(_synthetic_dir(), SYNTH_LABEL, f"speed-qwen2.5-14b-5.5bpw-{mode}", modes=(mode,))
 
 
 def _record_embedded() -> Path:
@@ -852,9 +863,12 @@ def _record_repeatability() -> Path:
     return record_repeatability()
 
 
+#: each runs on a CUDA machine (``python -m helpers record``), starts one fresh process per configuration, and
+#: writes results/speed/<name>-<gpu>.json. The 14B matrix is split by cache mode to stay within one recording's time.
 GPU_RECORDINGS: dict[str, Callable[[], Path]] = {
     "speed_embedded": _record_embedded,
-    "speed_14b_synthetic": _record_synthetic,
+    "speed_14b_synthetic_fp16": lambda: _record_synthetic("fp16"),
+    "speed_14b_synthetic_q4": lambda: _record_synthetic("q4"),
     "speed_repeatability": _record_repeatability,
 }
 

@@ -92,7 +92,8 @@ def test_gpu_only_measurement_without_gpu(kw):
 def test_gpu_bandwidth_and_recordings_need_a_gpu():
     with pytest.raises(CourseError, match="needs a CUDA GPU"):
         bench.measure_bandwidth("cuda")
-    assert set(bench.GPU_RECORDINGS) == {"speed_embedded", "speed_14b_synthetic", "speed_repeatability"}
+    assert set(bench.GPU_RECORDINGS) == {"speed_embedded", "speed_14b_synthetic_fp16", "speed_14b_synthetic_q4",
+                                         "speed_repeatability"}
     for fn in bench.GPU_RECORDINGS.values():
         with pytest.raises(CourseError, match="needs a CUDA GPU"):
             fn()
@@ -378,3 +379,9 @@ def test_bench_in_a_fresh_process_returns_its_rows():
     assert len(rows) == 1 and rows[0]["model"] == "tiny fixture" and rows[0]["ctx"] == 256
     with pytest.raises(CourseError, match="bench process for ctx 256 depth 300 fp16 failed"):
         bench.bench_subprocess(FIXTURE, ctx=256, depth=300, backend="reference", repeats=1, warmup=0)
+
+
+def test_busy_time_is_the_union_of_intervals():
+    assert bench.busy_time_us([]) == 0.0
+    assert bench.busy_time_us([(0, 10), (20, 25)]) == 15.0
+    assert bench.busy_time_us([(0, 10), (5, 12), (2, 3), (30, 31)]) == 13.0  # overlaps counted once
