@@ -9,9 +9,13 @@ What one measurement does (``bench``):
 4. the roofline: a decoded token must read every GPU-resident weight once and the K and V of every layer for
    ``depth`` positions. Those bytes over the memory bandwidth measured on the same device (``measure_bandwidth``)
    is the fastest decode the memory allows; each measured figure is also given as a fraction of it;
-5. where the time goes per token: the wall time of a step, the host's time to issue it, and (CUDA) the time the
-   GPU's kernels were busy, from torch.profiler. At batch 1 a fast GPU finishes its kernels long before the
-   Python host has launched the next ones, so the GPU sits idle and decode stays far below the roofline.
+5. where the time goes per token (``profile_decode``, torch.profiler, apart from the timed rounds): on CUDA the
+   time the GPU's kernels ran (the union of their intervals), the host's own work (wall minus the time it sat in
+   synchronising calls) and the kernels launched; on a CPU the time inside torch operators. At batch 1 a fast GPU
+   finishes each kernel before the host has launched the next, so it idles and decode stays far below the roofline.
+
+``python -m helpers bench`` is ``main``; ``GPU_RECORDINGS`` records the course's matrix on a CUDA machine (one fresh
+process per configuration) into results/speed/, which ``load_recorded`` reads back for notebook 03.
 
 What is counted as "bytes read per decoded token" (``decode_bytes``):
 - weights: every tensor the backend keeps on the compute device for the decoder: the quantized linears
