@@ -18,6 +18,8 @@ agree up to the first near-tie.
 """
 from __future__ import annotations
 
+import functools
+
 import gc
 import sys
 import warnings
@@ -257,7 +259,11 @@ class ExLlamaV2Backend(Backend):
         finally:
             bar.close()
         self.vocab_size = int(config.vocab_size)
-        self.tokenizer = Tokenizer(model_dir)
+
+    @functools.cached_property
+    def tokenizer(self) -> Tokenizer:
+        """Loaded on first use: a synthetic checkpoint (helpers.synthetic) has no tokenizer and is only benchmarked."""
+        return Tokenizer(self.model_dir)
 
     @property
     def depth(self) -> int:

@@ -49,6 +49,7 @@ from .errors import CourseError
 
 GIB = 2**30
 BIT_WIDTHS = (8, 6, 5, 4, 3, 2)  #: the widths EXL2 kernels support, in the order groups are stored
+WRITER_VERSION = 1  #: bump when the writer's output changes, so cached models (helpers.models) are rebuilt
 Q_SUFFIXES = ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm")
 LINEAR_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",

@@ -293,6 +293,19 @@ def test_rope_theta_only_in_rope_parameters_is_passed_to_exllamav2(fake_cuda, mo
     assert be.config.rotary_embedding_base == 100000.0
 
 
+def test_exllamav2_loads_a_checkpoint_without_tokenizer_files(fake_cuda, monkeypatch, tmp_path):
+    """Synthetic checkpoints (helpers.synthetic) carry no tokenizer: loading and decoding by id must still work."""
+    import shutil
+
+    shutil.copy(LLAMA / "config.json", tmp_path / "config.json")
+    monkeypatch.setitem(sys.modules, "exllamav2", _fake_exllamav2())
+    be = B.load(tmp_path, max_seq_len=256, backend="exllamav2")
+    be.fill_cache(10)
+    assert be.decode_step(5).shape == (1024,) and be.depth == 11
+    with pytest.raises(CourseError, match="tokenizer.json"):
+        be.encode("hello")
+
+
 # --- the agreement recording's logic (run on a CPU with two references) ---------------------------------------
 
 def test_compare_logits_and_top2_gap():
