@@ -42,6 +42,15 @@ QUANTIZED_CACHE_ERROR = "quantized caches need exllamav2 on a CUDA GPU; use cach
 # The common interface
 # --------------------------------------------------------------------------------------------------------------------
 
+def exllamav2_cache_bytes(cache) -> int:
+    """Every tensor an exllamav2 cache allocated: K/V (and scales) of all layers, plus the FP16 staging tensors of
+    the quantized modes."""
+    total = sum(t.numel() * t.element_size() for t in cache.all_tensors() if t is not None)
+    for pair in getattr(cache, "temp_tensors", {}).values():
+        total += sum(t.numel() * t.element_size() for t in pair)
+    return total
+
+
 class Backend:
     """What every engine offers. Subclasses set the attributes and implement forward/decode_step/fill_cache."""
 
@@ -300,12 +309,7 @@ class ExLlamaV2Backend(Backend):
         self.cache.current_seq_len = depth
 
     def cache_bytes(self) -> int:
-        """Every tensor the cache allocated: K/V (and scales) of all layers, plus the FP16 staging tensors of the
-        quantized modes."""
-        total = sum(t.numel() * t.element_size() for t in self.cache.all_tensors() if t is not None)
-        for pair in getattr(self.cache, "temp_tensors", {}).values():
-            total += sum(t.numel() * t.element_size() for t in pair)
-        return total
+        return exllamav2_cache_bytes(self.cache)
 
     def unload(self) -> None:
         try:

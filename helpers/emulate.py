@@ -558,10 +558,9 @@ class Exl2Model:
         return sum(n["weight_bytes"] for n in self.needs if not n["on_cpu"])
 
     def cache_bytes(self) -> int:
-        total = sum(t.numel() * t.element_size() for t in self.cache.all_tensors() if t is not None)
-        for pair in getattr(self.cache, "temp_tensors", {}).values():
-            total += sum(t.numel() * t.element_size() for t in pair)
-        return total
+        from .backend import exllamav2_cache_bytes
+
+        return exllamav2_cache_bytes(self.cache)
 
     def unload(self) -> None:
         try:
