@@ -16,7 +16,7 @@ setup:
 	@bash scripts/setup.sh
 
 lab: setup
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --port=$(PORT)
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --port=$(PORT) $(if $(filter 0,$(shell id -u)),--allow-root)
 
 test: setup
 	$(VENV)/bin/python -m pytest
