@@ -214,15 +214,7 @@ def measure_bandwidth(device: str = "cpu", *, nbytes: int | None = None, repeats
     if is_cuda:
         n = (nbytes or GIB) // 2
         buf = torch.ones(n, dtype=torch.float16, device=device)
-        times = []
-        for i in range(repeats + 1):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            buf.sum(dtype=torch.float32)
-            end.record()
-            end.synchronize()
-            if i:
-                times.append(start.elapsed_time(end) / 1e3)
+        times = gpu.timed_reads(buf, repeats)
         read = n * 2
         del buf
         torch.cuda.empty_cache()
@@ -244,18 +236,13 @@ def measure_bandwidth(device: str = "cpu", *, nbytes: int | None = None, repeats
     return bw
 
 
-#: names the driver reports that differ from the datasheet's
-_NVML_NAMES = {"NVIDIA H100 80GB HBM3": "H100 80GB SXM", "NVIDIA A100-SXM4-80GB": "A100 80GB SXM",
-               "NVIDIA A100 80GB PCIe": "A100 80GB PCIe", "NVIDIA H100 PCIe": "H100 80GB PCIe"}
-
-
 def datasheet_bandwidth(device_name: str | None) -> float | None:
     """The datasheet memory bandwidth of a known GPU (bytes/s) from ``memory.GPUS``, or None."""
     if not device_name:
         return None
     from . import memory
 
-    name = _NVML_NAMES.get(str(device_name).strip(), device_name)
+    name = str(device_name).strip()
     try:
         spec = memory.gpu_spec(name)
     except (CourseError, KeyError, LookupError):
@@ -384,7 +371,6 @@ def profile_decode(b, depth: int, steps: int = 4, first_token: int = 0) -> dict[
     ran), ``host_blocked_ms`` (time the host sat in synchronising calls, waiting for the GPU), ``host_work_ms``
     (profiled wall minus blocked: Python, exllamav2's host code and kernel launches) and ``kernel_launches``.
     """
-    import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -795,7 +781,7 @@ REC_MODES = ("fp16", "q4")
 REC_SETTINGS = dict(repeats=5, warmup=2, decode_tokens=64, prefill_tokens=512)
 
 
-def _synthetic_dir() -> Path:
+def synthetic_dir() -> Path:
     """The 14B-shaped 5.5 bpw checkpoint in the cache folder (written once)."""
     from . import synthetic
     from .paths import cache_dir
@@ -834,7 +820,7 @@ def record_repeatability(model_dir=None, label: str = SYNTH_LABEL, *, processes:
     from .progress import progress
 
     gpu.require_cuda("recording run-to-run variation")
-    model_dir = model_dir or _synthetic_dir()
+    model_dir = model_dir or synthetic_dir()
     rows = []
     for i in progress(range(processes), desc="repeatability", unit="process"):
         for r in bench_subprocess(model_dir, ctx=ctx, depth=depth, cache_mode=cache_mode, backend="exllamav2",
@@ -853,7 +839,7 @@ def _record_synthetic(mode: str) -> Path:
     from . import gpu
 
     gpu.require_cuda("recording the 14B-shaped checkpoint's speed")
-    return record_matrix(_synthetic_dir(), SYNTH_LABEL, f"speed-qwen2.5-14b-5.5bpw-{mode}", modes=(mode,))
+    return record_matrix(synthetic_dir(), SYNTH_LABEL, f"speed-qwen2.5-14b-5.5bpw-{mode}", modes=(mode,))
 
 
 def _record_embedded() -> Path:

@@ -39,7 +39,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import traceback
 import warnings
 from dataclasses import dataclass, field
@@ -589,17 +588,10 @@ def measure_host_read_bandwidth(emu: VramEmulator, *, nbytes: int = GIB, repeats
 
     with emu.host():
         buf = torch.ones(int(nbytes) // 2, dtype=torch.float16, device="cuda")
-    times = []
     try:
-        for i in range(repeats + 1):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            buf.sum(dtype=torch.float32)
-            b.record()
-            b.synchronize()
-            if i:
-                times.append(a.elapsed_time(b) / 1e3)
-        return buf.numel() * 2 / statistics.median(times)
+        from .gpu import timed_reads
+
+        return buf.numel() * 2 / statistics.median(timed_reads(buf, repeats))
     finally:
         del buf
 
@@ -623,7 +615,6 @@ def compare(model_dir, *, ctx: int, cache_mode: str = "fp16", depth: int = 128, 
             progress: bool = True) -> dict:
     """One cache length: the model loaded on the emulated card and natively, decoded in alternating rounds, and the
     spill model's prediction of the slowdown from this GPU's measured bandwidths and a native run's overhead."""
-    import torch
 
     from . import bench, fallback
     from .progress import progress as bar
@@ -789,7 +780,7 @@ def _model_dir(model_dir=None) -> Path:
         return p
     from . import bench
 
-    return bench._synthetic_dir()   # the 14B-shaped 5.5 bpw checkpoint of the seed case, written once
+    return bench.synthetic_dir()   # the 14B-shaped 5.5 bpw checkpoint of the seed case, written once
 
 
 def record_compare(ctx: int, *, model_dir=None, results_dir: Path | None = None, **kw) -> Path:

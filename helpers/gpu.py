@@ -122,6 +122,23 @@ def nvml_used_bytes(index: int = 0) -> int | None:
         pynvml.nvmlShutdown()
 
 
+def timed_reads(buf, repeats: int) -> list[float]:
+    """Seconds for each of ``repeats`` full reads of a CUDA tensor (a float32-accumulated sum), timed with CUDA events
+    after one untimed warm-up read. Bandwidth = bytes read / a statistic of these times."""
+    import torch
+
+    times = []
+    for i in range(repeats + 1):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        buf.sum(dtype=torch.float32)
+        end.record()
+        end.synchronize()
+        if i:
+            times.append(start.elapsed_time(end) / 1e3)
+    return times
+
+
 def cpu_reading() -> dict[str, Any]:
     """CPU model, cores, RAM and this process's resident memory."""
     import psutil

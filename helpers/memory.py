@@ -1247,7 +1247,9 @@ GPUS: dict[str, dict] = {
 }
 _GPU_ALIASES = {"4080s": "RTX 4080 Super", "4070tis": "RTX 4070 Ti Super", "3060": "RTX 3060 12GB",
                 "4060ti": "RTX 4060 Ti 16GB", "a100": "A100 80GB SXM", "h100": "H100 80GB SXM",
-                "h100sxm": "H100 80GB SXM", "h100pcie": "H100 80GB PCIe", "a1006": "RTX A6000"}
+                "h100sxm": "H100 80GB SXM", "h100pcie": "H100 80GB PCIe", "a1006": "RTX A6000",
+                # names the driver (NVML, torch) reports that differ from the datasheet's
+                "NVIDIA H100 80GB HBM3": "H100 80GB SXM", "NVIDIA A100-SXM4-80GB": "A100 80GB SXM"}
 #: PCIe usable GB/s per lane, by generation (after 128b/130b encoding): gen3 0.985, gen4 1.969, gen5 3.938
 PCIE_GBS_PER_LANE = {3: 0.985, 4: 1.969, 5: 3.938}
 
