@@ -69,6 +69,15 @@ LONGEST_CONTEXT_CAP = 2**20
 #: the dynamic generator pages the cache in 256-token pages; the planner reports lengths in these steps
 PAGE = 256
 
+#: exllamav2 model.py ``load_autosplit_gen`` holds two tensors on a device while it loads: ``reserve_vram`` (default
+#: 192 MiB on the first device) and ``minimum_reserve_vram`` (256 MiB). They are freed when the load ends, so a plan
+#: that fits once loaded by less than this runs out of VRAM during an autosplit load. ``model.load()`` holds neither.
+LOAD_AUTOSPLIT_RESERVE_BYTES = 192 * MIB + 256 * MIB
+#: how exllamav2 can load a model with its cache: ``load_autosplit(cache)`` with a lazy cache (each attention
+#: module's cache layer is created just before the module loads) or ``load()`` then ``ExLlamaV2Cache(model)`` (all
+#: weights first, the whole cache after them)
+LOAD_PATHS = ("autosplit", "load")
+
 DEFAULT_CUDA_CONTEXT_BYTES = 512 * MIB
 DEFAULT_CUDA_CONTEXT_SOURCE = (
     "default, not measured here: 0.5 GiB, a typical CUDA context with PyTorch's kernels loaded lazily (the size "
@@ -1148,16 +1157,22 @@ def breakdown(spec: Any, *, bpw: float | None = None, head_bits: int = 6, max_se
 
 
 def load_order(spec: Any, *, bpw: float | None = None, head_bits: int = 6, max_seq_len: int,
-               cache_mode: str = "fp16", batch: int = 1, max_input_len: int = DEFAULT_MAX_INPUT_LEN) -> list[dict]:
-    """exllamav2's load order, module by module (model.py ``load_autosplit_gen``), for the spill model.
+               cache_mode: str = "fp16", batch: int = 1, max_input_len: int = DEFAULT_MAX_INPUT_LEN,
+               path: str = "autosplit") -> list[dict]:
+    """exllamav2's allocations in the order it makes them, module by module, for the spill model.
 
     Each entry: {'module', 'kind', 'layer', 'weight_bytes', 'cache_bytes', 'scratch_bytes', 'bytes',
     'device_hint'}. The embedding comes first on the CPU. Then, when the first module lands on the GPU, the device
-    context (scratch buffer + RoPE tables) and, for quantized/FP8 caches, the FP16 temp K/V layer; then per layer
-    the attention module (its weights and its cache layer: ``cache.update_cache_tensors()`` runs just before each
-    attention module loads) and the MLP; then the final norm and lm_head. Sums equal ``breakdown()``'s weights,
-    cache and scratch terms.
+    context (scratch buffer + RoPE tables). ``path='autosplit'`` (model.py ``load_autosplit_gen`` with a lazy cache):
+    for quantized/FP8 caches the FP16 temp K/V layer, then per layer the attention module (its weights and its cache
+    layer: ``cache.update_cache_tensors()`` runs just before each attention module loads) and the MLP, then the final
+    norm and lm_head. ``path='load'`` (``model.load()``, then ``ExLlamaV2Cache(model)``): every module's weights
+    first, then the cache, layer by layer (``create_state_tensors``), the temp layer last. Sums equal
+    ``breakdown()``'s weights, cache and scratch terms either way.
     """
+    if path not in LOAD_PATHS:
+        raise CourseError(f"unknown load path '{path}': use 'autosplit' (model.load_autosplit(cache) with a lazy "
+                          "cache) or 'load' (model.load(), then the cache)")
     mode = check_cache_mode(cache_mode)
     L = _check_len(max_seq_len)
     st = _Static(spec, bpw, head_bits)
@@ -1182,15 +1197,21 @@ def load_order(spec: Any, *, bpw: float | None = None, head_bits: int = 6, max_s
     add(emb["module"], "embedding", None, w=emb["weight_bytes"], hint="cpu")
     add("device context (scratch + RoPE sin/cos)", "device_context", None,
         x=sc["device_scratch"] + sc["rope_tables"])
-    if temp:
+    interleave = path == "autosplit"
+    if temp and interleave:
         add(f"cache FP16 temp K/V ({CACHE_CLASSES[mode]})", "cache_temp", None, c=temp)
     for m in st.modules[1:]:
         if m["kind"] == "attention":
             i = m["layer"]
-            add(m["module"], "attention", i, w=m["weight_bytes"], c=per_layer[i],
+            add(m["module"], "attention", i, w=m["weight_bytes"], c=per_layer[i] if interleave else 0,
                 sliding_window=s.sliding_window if i in s.sliding_layers else 0)
         else:
             add(m["module"], m["kind"], m["layer"], w=m["weight_bytes"])
+    if not interleave:
+        for i, c in enumerate(per_layer):
+            add(f"cache layer {i}", "cache", i, c=c)
+        if temp:
+            add(f"cache FP16 temp K/V ({CACHE_CLASSES[mode]})", "cache_temp", None, c=temp)
     return out
 
 
@@ -1331,9 +1352,15 @@ class Plan:
     def kv_cache_bytes(self) -> int:
         return self.breakdown.kv_cache_bytes
 
+    @property
+    def autosplit_margin_bytes(self) -> int:
+        """The margin while ``load_autosplit`` loads: it holds ``LOAD_AUTOSPLIT_RESERVE_BYTES`` more until it ends."""
+        return self.margin_bytes - LOAD_AUTOSPLIT_RESERVE_BYTES
+
     def to_dict(self) -> dict:
         return {"model": self.model, "gpu": self.gpu, "units": "bytes (GiB = 2**30 bytes)",
                 "fits": self.fits, "margin_bytes": self.margin_bytes, "kv_cache_bytes": self.kv_cache_bytes,
+                "autosplit_margin_bytes": self.autosplit_margin_bytes,
                 "vram_total_bytes": self.breakdown.vram_total_bytes, "breakdown": self.breakdown.to_dict(),
                 "longest_context": self.longest_context, "longest_context_capped": self.longest_context_capped,
                 "max_bpw_that_fits": self.max_bpw_that_fits, "decode_roofline_tok_s": self.decode_roofline_tok_s,
@@ -1414,6 +1441,11 @@ def _recommend(p_model: str, gpu: dict, bd: Breakdown, fits: bool, margin: int, 
             text += (" A quantized cache stretches it further: " +
                      ", ".join(f"{m} {ctx(m)}" for m in better) + " (Q4/Q6/Q8 caches cost little quality; FP8 "
                      "is rejected by the dynamic generator).")
+        if margin < LOAD_AUTOSPLIT_RESERVE_BYTES:
+            text += (f" Tight: model.load_autosplit(cache) holds {fmt_gib(LOAD_AUTOSPLIT_RESERVE_BYTES)} more while it "
+                     f"loads, {fmt_gib(LOAD_AUTOSPLIT_RESERVE_BYTES - margin)} more than this margin: it fails with "
+                     "'Insufficient VRAM' on Linux and spills into system RAM on Windows. Leave that much free, or "
+                     "load with model.load() and create the cache afterwards.")
     else:
         opts = []
         if longest[mode] >= PAGE:

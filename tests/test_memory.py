@@ -258,6 +258,34 @@ def test_load_order_sums_to_the_breakdown():
         assert [e["kind"] for e in order[3:7]] == ["attention", "mlp", "attention", "mlp"]
 
 
+def test_load_order_of_model_load_puts_the_whole_cache_after_the_weights():
+    auto = m.load_order("qwen2.5-7b", bpw=4.0, max_seq_len=2048, cache_mode="q4")
+    load = m.load_order("qwen2.5-7b", bpw=4.0, max_seq_len=2048, cache_mode="q4", path="load")
+    n = m.model_shape("qwen2.5-7b").n_layers
+    for key in ("weight_bytes", "cache_bytes", "scratch_bytes"):
+        assert sum(e[key] for e in load) == sum(e[key] for e in auto), key
+    kinds = [e["kind"] for e in load]
+    assert kinds[-n - 1:] == ["cache"] * n + ["cache_temp"]         # ExLlamaV2Cache_Q4: layers, then its temp K/V
+    assert load[-n - 2]["module"] == "lm_head"
+    assert all(e["cache_bytes"] == 0 for e in load[: -n - 1])
+    per_layer = [e["cache_bytes"] for e in auto if e["kind"] == "attention"]
+    assert [e["cache_bytes"] for e in load if e["kind"] == "cache"] == per_layer
+    with pytest.raises(CourseError, match="unknown load path 'lazy'"):
+        m.load_order("qwen2.5-7b", bpw=4.0, max_seq_len=2048, path="lazy")
+
+
+def test_plan_warns_when_load_autosplit_reserve_does_not_fit():
+    kw = dict(bpw=5.5, cuda_context_gib=0.5, reserve_gib=0.25)
+    longest = m.plan("qwen2.5-14b", "RTX 4080 Super", max_seq_len=4096, **kw).longest_context["fp16"]
+    edge = m.plan("qwen2.5-14b", "RTX 4080 Super", max_seq_len=longest, **kw)
+    assert edge.fits and 0 <= edge.margin_bytes < m.LOAD_AUTOSPLIT_RESERVE_BYTES
+    assert edge.autosplit_margin_bytes == edge.margin_bytes - 448 * MIB < 0
+    assert "Tight: model.load_autosplit(cache) holds 0.44 GiB more" in edge.recommendation
+    assert json.loads(edge.to_json())["autosplit_margin_bytes"] == edge.autosplit_margin_bytes
+    roomy = m.plan("qwen2.5-14b", "RTX 4080 Super", max_seq_len=4096, **kw)
+    assert roomy.margin_bytes > 448 * MIB and "Tight" not in roomy.recommendation
+
+
 def test_context_beyond_training_warns_not_errors():
     with pytest.warns(CourseWarning, match="RoPE scaling"):
         bd = m.breakdown("qwen2.5-14b", bpw=5.5, max_seq_len=65536)
