@@ -515,8 +515,10 @@ def main_probe(argv: list[str], answers: Answers | None = None) -> int:
 # ------------------------------------------------------------------------------------- the model on a planned load
 #: model.py ``load_autosplit_gen`` holds two tensors while it loads: ``reserve_vram`` (default 192 MiB on the first
 #: device) and ``minimum_reserve_vram`` (256 MiB). Every spill decision is made with them in VRAM; they are freed when
-#: the load ends, too late to bring anything back.
+#: the load ends, too late to bring anything back. (``memory.LOAD_AUTOSPLIT_RESERVE_BYTES``; ``model.load()`` holds none.)
 LOAD_RESERVE_BYTES = 192 * MIB + 256 * MIB
+LOAD_PATH_TEXT = {"autosplit": "model.load_autosplit(cache), lazy cache: each layer's cache beside its weights",
+                  "load": "model.load(), then ExLlamaV2Cache(model): all weights first, the cache after them"}
 
 
 @dataclass
@@ -527,7 +529,10 @@ class SpillModel:
     memory bandwidth and ``pcie_practical_bandwidth`` of its link. ``reserve_gib``/``cuda_context_gib``: None takes
     the planner's documented defaults (``memory.breakdown``). ``flash_attn``: the attention path does not materialise
     the attention matrix while a prompt chunk runs (flash-attn or SDPA; the course's own exllamav2 runs use
-    ``no_sdpa`` and do). ``load_reserve_bytes``: what ``load_autosplit`` holds while it loads (0 for ``model.load``).
+    ``no_sdpa`` and do). ``load_path``: how the front end loads (``memory.LOAD_PATHS``): 'autosplit'
+    (``load_autosplit(cache)``: a test forward per module, so the transients exist from the first module, and its
+    load-time reserve is held) or 'load' (``model.load()`` then the cache: no test forward and no reserve; the first
+    forward's transients come after the cache). ``load_reserve_bytes``: None takes the path's own (448 MiB / 0).
     """
 
     gpu: Any
@@ -537,8 +542,14 @@ class SpillModel:
     reserve_gib: float | None = None
     cuda_context_gib: float | None = None
     flash_attn: bool = False
-    load_reserve_bytes: int = LOAD_RESERVE_BYTES
+    load_reserve_bytes: int | None = None
     head_bits: int = 6
+    load_path: str = "autosplit"
+
+    def reserve_while_loading(self) -> int:
+        if self.load_reserve_bytes is not None:
+            return int(self.load_reserve_bytes)
+        return LOAD_RESERVE_BYTES if self.load_path == "autosplit" else 0
 
     def spec(self) -> dict:
         from . import memory
@@ -568,17 +579,26 @@ class SpillModel:
                               cache_mode=cache_mode, flash_attn=self.flash_attn, cuda_context_bytes=ctx,
                               reserve_bytes=res)
         order = memory.load_order(spec, bpw=bpw, head_bits=self.head_bits, max_seq_len=max_seq_len,
-                                  cache_mode=cache_mode)
-        fixed = bd.cuda_context_bytes + bd.transient_bytes + int(self.load_reserve_bytes)
+                                  cache_mode=cache_mode, path=self.load_path)
+        load_res = self.reserve_while_loading()
+        fixed = bd.cuda_context_bytes + int(load_res)
+        if self.load_path == "autosplit":
+            fixed += bd.transient_bytes
+        else:
+            order = order + [{"module": "first forward's transients", "kind": "transient", "layer": None,
+                              "weight_bytes": 0, "cache_bytes": 0, "scratch_bytes": bd.transient_bytes,
+                              "bytes": bd.transient_bytes, "device_hint": "gpu"}]
         budget = int(g["vram_bytes"]) - bd.reserve_bytes
         terms = {"cuda_context_bytes": bd.cuda_context_bytes, "transient_bytes": bd.transient_bytes,
-                 "load_reserve_bytes": int(self.load_reserve_bytes), "os_reserve_bytes": bd.reserve_bytes,
+                 "load_reserve_bytes": int(load_res), "os_reserve_bytes": bd.reserve_bytes,
                  "card_bytes": int(g["vram_bytes"])}
-        notes = [f"CUDA context {bd.cuda_context_bytes / GIB:.2f} GiB ({bd.cuda_context_source.split(':')[0]})",
+        when = "while loading" if self.load_path == "autosplit" else "at the first forward, after the cache"
+        notes = [f"load path: {LOAD_PATH_TEXT[self.load_path]}",
+                 f"CUDA context {bd.cuda_context_bytes / GIB:.2f} GiB ({bd.cuda_context_source.split(':')[0]})",
                  f"OS reserve {bd.reserve_bytes / GIB:.2f} GiB ({bd.reserve_source.split(':')[0]})",
-                 f"transients while loading {bd.transient_bytes / GIB:.2f} GiB "
+                 f"transients {when} {bd.transient_bytes / GIB:.2f} GiB "
                  f"({'flash-attn/SDPA' if self.flash_attn else 'attention matrix materialised'})",
-                 f"load_autosplit's load-time reserve {self.load_reserve_bytes / MIB:.0f} MiB"]
+                 f"reserve held while loading {load_res / MIB:.0f} MiB"]
         return {"order": order, "fixed_bytes": fixed, "budget_bytes": budget, "terms": terms, "notes": notes,
                 "breakdown": bd}
 
@@ -671,15 +691,16 @@ def anchored_reserve_gib(spec: Any, gpu: Any, *, bpw: float | None, used_gib: fl
 
 
 def seed_case(*, depth: int = 256, pcie_bandwidth: float | None = None, flash_attn: bool = False,
-              load_reserve_bytes: int = LOAD_RESERVE_BYTES) -> dict:
+              load_path: str = "autosplit", load_reserve_bytes: int | None = None) -> dict:
     """The seed case told with the model, parameters from the datasheet and the user's own readings:
 
     - VRAM 736 GB/s (datasheet, ``memory.GPUS``); PCIe 4.0 x16 ~25 GB/s in practice (DOMAIN.md s.1);
     - overhead: the 4k run's 80 tok/s minus its bandwidth time (negative: at or above the roofline, so 0);
-    - the reserve: from the user's memory readings (12 GB used at 4k, 15.8 of 16 GB when full), not the speeds.
+    - the reserve: from the user's memory readings (12 GB used at 4k, 15.8 of 16 GB when full), not the speeds;
+    - ``load_path``: how the front end loaded (the report does not say): ``SpillModel.load_path``.
     Returns the roofline, the predictions at 4k and 32k, the spill needed for 25 tok/s, and the verdict."""
     s = SEED
-    base = SpillModel(s["gpu"], pcie_bandwidth=pcie_bandwidth, flash_attn=flash_attn,
+    base = SpillModel(s["gpu"], pcie_bandwidth=pcie_bandwidth, flash_attn=flash_attn, load_path=load_path,
                       load_reserve_bytes=load_reserve_bytes)
     vram_bw, pcie_bw = base.bandwidths()
     res, how = anchored_reserve_gib(s["model"], s["gpu"], bpw=s["bpw"], used_gib=s["used_4k_gib"],
@@ -693,7 +714,8 @@ def seed_case(*, depth: int = 256, pcie_bandwidth: float | None = None, flash_at
     p32 = base.predict(s["model"], bpw=s["bpw"], max_seq_len=32768, depth=depth)
     need = base.spill_needed_for(s["tok_s_32k"], s["model"], bpw=s["bpw"], max_seq_len=32768, depth=depth)
     ratio = p32.tok_s / s["tok_s_32k"]
-    return {"seed": dict(s), "depth": depth, "vram_bandwidth": vram_bw, "pcie_bandwidth": pcie_bw,
+    return {"seed": dict(s), "depth": depth, "load_path": load_path, "model": base,
+            "vram_bandwidth": vram_bw, "pcie_bandwidth": pcie_bw,
             "bytes_per_token_4k": bytes_4k, "roofline_4k_tok_s": vram_bw / bytes_4k,
             "reported_over_roofline": s["tok_s_4k"] / (vram_bw / bytes_4k),
             "overhead_s_per_token": overhead, "overhead_note": note, "reserve_gib": res, "reserve_how": how,
@@ -702,18 +724,51 @@ def seed_case(*, depth: int = 256, pcie_bandwidth: float | None = None, flash_at
 
 
 def seed_variants(depth: int = 256) -> list[dict]:
-    """The seed's 32k prediction under two setup details the report does not give: whether ``load_autosplit``'s
-    load-time reserve was held, and PCIe practical vs raw. (The attention path, the third, cancels: its memory is in
-    the 4k reading the reserve is derived from.) None of them is fitted."""
+    """The seed's 32k prediction under the two setup details the report does not give: how the front end loaded
+    (``load_autosplit`` with a lazy cache, or ``model.load()`` then the cache), and PCIe practical vs raw. (The
+    attention path, a third, cancels: its memory is in the 4k reading the reserve is derived from.) None is fitted."""
     rows = []
-    for lr in (LOAD_RESERVE_BYTES, 0):
+    for path in ("autosplit", "load"):
         for name, bw in (("practical 25 GB/s", None), ("raw 31.5 GB/s", pcie_raw_bandwidth(4, 16))):
-            c = seed_case(depth=depth, pcie_bandwidth=bw, load_reserve_bytes=lr)
+            c = seed_case(depth=depth, pcie_bandwidth=bw, load_path=path)
             p = c["prediction_32k"]
-            rows.append({"load_reserve": "held" if lr else "none", "pcie": name, "reserve_gib": c["reserve_gib"],
+            rows.append({"load_path": path, "pcie": name, "reserve_gib": c["reserve_gib"],
                          "spilled_gib": p.spilled_gib, "spilled_weight_gb": p.spilled_weight_bytes / 1e9,
-                         "tok_s": p.tok_s, "vs_reported": p.tok_s / SEED["tok_s_32k"] - 1})
+                         "sysmem_read_gb": p.sysmem_read_bytes / 1e9, "tok_s": p.tok_s,
+                         "vs_reported": p.tok_s / SEED["tok_s_32k"] - 1})
     return rows
+
+
+def depth_for_speed(case: dict, tok_s: float) -> int | None:
+    """The cache depth at which ``case``'s 32k prediction (``seed_case``) slows to ``tok_s``: the placement does not
+    change with depth and the bytes read grow linearly with it, so the time per token is a line in depth. None if
+    that speed is not reached between depth 0 and a full cache."""
+    p = case["prediction_32k"]
+    L = p.max_seq_len
+
+    def spt(d: int) -> float:
+        return evaluate(p.placement, depth=d, max_seq_len=L, overhead_s_per_token=p.overhead_s_per_token,
+                        vram_bandwidth=p.vram_bandwidth, pcie_bandwidth=p.pcie_bandwidth).seconds_per_token
+
+    t0, t1, target = spt(0), spt(L), 1.0 / tok_s
+    if not t0 <= target <= t1:
+        return None
+    return int(round(L * (target - t0) / (t1 - t0)))
+
+
+def seed_depth_curves(depths: Sequence[int] | None = None) -> dict:
+    """Predicted 32k decode speed against cache depth for each load path (practical PCIe), and the depth at which each
+    would decode at the reported 25 tok/s."""
+    depths = list(depths) if depths is not None else list(range(0, 32768, 512)) + [32767]
+    out = {}
+    for path in ("autosplit", "load"):
+        c = seed_case(depth=0, load_path=path)
+        p = c["prediction_32k"]
+        tok = [evaluate(p.placement, depth=d, max_seq_len=p.max_seq_len, overhead_s_per_token=p.overhead_s_per_token,
+                        vram_bandwidth=p.vram_bandwidth, pcie_bandwidth=p.pcie_bandwidth).tok_s for d in depths]
+        out[path] = {"depths": depths, "tok_s": tok, "spilled_gib": p.spilled_gib,
+                     "depth_at_reported": depth_for_speed(c, SEED["tok_s_32k"])}
+    return out
 
 
 def ways_out(spec: Any = None, gpu: Any = None, *, bpw: float | None = None, max_seq_len: int = 32768,

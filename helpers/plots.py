@@ -160,13 +160,15 @@ def plot_spill_walk(prediction, ax=None, title=None):
     ax.axhline(prediction.budget_bytes / gib, color="k", linestyle="--", linewidth=1)
     ax.text(0, prediction.budget_bytes / gib, " VRAM budget (card - OS reserve)", va="bottom", fontsize=8)
     ax.axhspan(0, prediction.fixed_bytes / gib, color="0.85", zorder=0)
-    ax.text(0, prediction.fixed_bytes / gib / 2, " before the first module: CUDA context, transients, load reserve",
-            va="center", fontsize=7)
+    cache_after = any(p.get("kind") == "cache" for p in prediction.placement)
+    ax.text(0, prediction.fixed_bytes / gib / 2, " before the first module: CUDA context" +
+            ("" if cache_after else ", transients, load reserve"), va="center", fontsize=7)
     from matplotlib.patches import Patch
 
     ax.legend(handles=[Patch(color="C0", label="in VRAM"), Patch(color="C3", label="spilled to system RAM")],
               fontsize=8, loc="lower right")
-    ax.set_xlabel("module, in exllamav2's load order (attention modules carry their cache layer)")
+    ax.set_xlabel("allocation, in exllamav2's order: " + ("weights, then the cache layers" if cache_after else
+                                                          "modules, each attention module with its cache layer"))
     ax.set_ylabel("VRAM taken so far (GiB)")
     ax.set_title(title or f"cache {prediction.max_seq_len:,} ({prediction.cache_mode}): "
                           f"{prediction.spilled_bytes / gib:.2f} GiB spilled")
@@ -222,6 +224,30 @@ def plot_speed_vs_spill(case, max_spill_gb=2.5, ax=None):
     ax.set_xlabel("GB read from system RAM per decoded token")
     ax.set_ylabel("decode tok/s")
     ax.set_ylim(0, max(ys) * 1.05)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_spill_vs_depth(curves, reported=None, ax=None):
+    """Predicted decode tok/s against how deep the cache is filled, one line per load path, with the depth at which
+    each would decode at the reported speed. ``curves``: fallback.seed_depth_curves()."""
+    plt = _plt()
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 3.6))
+    names = {"autosplit": "load_autosplit(cache)", "load": "model.load(), then the cache"}
+    for i, (path, c) in enumerate(curves.items()):
+        ax.plot(c["depths"], c["tok_s"], color=f"C{i}",
+                label=f"{names.get(path, path)}: {c['spilled_gib']:.2f} GiB spilled")
+        d = c.get("depth_at_reported")
+        if reported and d is not None:
+            ax.plot([d], [reported], "D", color=f"C{i}")
+            ax.annotate(f"{d:,} tokens deep", (d, reported), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    if reported:
+        ax.axhline(reported, color="k", linestyle=":", linewidth=1, label=f"reported {reported:g} tok/s")
+    ax.set_xlabel("tokens already in the cache (depth)")
+    ax.set_ylabel("decode tok/s")
+    ax.set_ylim(0, None)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

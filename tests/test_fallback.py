@@ -287,7 +287,45 @@ def test_seed_case_is_told_from_datasheet_and_readings():
     assert c["predicted_over_reported"] == pytest.approx(p.tok_s / 25.0)
     assert c["within_20pct"] == (abs(p.tok_s / 25.0 - 1) <= 0.2)
     rows = fallback.seed_variants()
-    assert len(rows) == 4 and len({round(r["tok_s"], 3) for r in rows}) == 4
+    assert [(r["load_path"], r["pcie"][:3]) for r in rows] == [("autosplit", "pra"), ("autosplit", "raw"),
+                                                               ("load", "pra"), ("load", "raw")]
+    assert rows[0]["tok_s"] == pytest.approx(p.tok_s)
+    assert rows[1]["tok_s"] > rows[0]["tok_s"] and rows[3]["tok_s"] > rows[2]["tok_s"]   # faster PCIe, faster
+    assert rows[2]["spilled_weight_gb"] == 0 < rows[0]["spilled_weight_gb"]
+
+
+def test_model_load_path_spills_the_cache_tail_and_slows_with_depth():
+    m = fallback.SpillModel("RTX 4080 Super", reserve_gib=0.2, load_path="load")
+    assert m.reserve_while_loading() == 0 and fallback.SpillModel("x").reserve_while_loading() == 448 * MIB
+    p = m.predict("qwen2.5-14b", bpw=5.5, max_seq_len=32768, depth=0)
+    kinds = {q["kind"] for q in p.placement if q["where"] == "sysmem"}
+    assert kinds == {"cache", "transient"} and p.spilled_weight_bytes == 0
+    assert p.placement[-1]["module"] == "first forward's transients"
+    assert p.sysmem_read_bytes == 0                       # depth 0: the spilled cache holds nothing yet
+    lay = m.layout("qwen2.5-14b", bpw=5.5, max_seq_len=32768)
+    assert lay["fixed_bytes"] == lay["terms"]["cuda_context_bytes"]
+    demand = lay["fixed_bytes"] + sum(e["bytes"] for e in lay["order"] if e["device_hint"] != "cpu")
+    assert demand - lay["budget_bytes"] <= p.spilled_bytes
+    deep = m.predict("qwen2.5-14b", bpw=5.5, max_seq_len=32768, depth=16384)
+    spilled_cache = sum(q["cache_bytes"] for q in p.placement if q["where"] == "sysmem")
+    assert deep.sysmem_read_bytes == pytest.approx(spilled_cache / 2, abs=64)
+    assert deep.tok_s < p.tok_s
+    with pytest.raises(CourseError, match="unknown load path"):
+        fallback.SpillModel("RTX 4080 Super", load_path="fast").predict("qwen2.5-14b", bpw=5.5, max_seq_len=4096)
+
+
+def test_depth_for_speed_solves_the_line():
+    c = fallback.seed_case(depth=0, load_path="load")
+    d = fallback.depth_for_speed(c, 25.0)
+    p = c["prediction_32k"]
+    at = fallback.evaluate(p.placement, depth=d, max_seq_len=32768, overhead_s_per_token=0.0,
+                           vram_bandwidth=p.vram_bandwidth, pcie_bandwidth=p.pcie_bandwidth)
+    assert at.tok_s == pytest.approx(25.0, rel=1e-3)
+    assert fallback.depth_for_speed(c, 500.0) is None                     # faster than at depth 0
+    assert fallback.depth_for_speed(fallback.seed_case(depth=0), 25.0) is None   # autosplit: slower from the start
+    curves = fallback.seed_depth_curves([0, 16384, 32767])
+    assert curves["load"]["depth_at_reported"] == d and curves["autosplit"]["depth_at_reported"] is None
+    assert curves["load"]["tok_s"][0] > curves["load"]["tok_s"][1] > curves["load"]["tok_s"][2]
 
 
 def test_anchored_reserve():
@@ -315,6 +353,9 @@ def test_plots_draw_the_seed_case():
     assert fig.axes[0].get_xlabel() == "ms per decoded token"
     fig = plots.plot_speed_vs_spill(c)
     assert fig.axes[0].get_ylabel() == "decode tok/s"
+    fig = plots.plot_spill_vs_depth(fallback.seed_depth_curves([0, 16384, 32767]), reported=25)
+    ax = fig.axes[0]
+    assert len(ax.get_lines()) == 4 and "deep" in ax.texts[0].get_text()   # two paths, one reported marker, 25 line
     import matplotlib.pyplot as plt
 
     plt.close("all")
