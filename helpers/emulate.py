@@ -455,25 +455,34 @@ def cache_layer_bytes(cache) -> int:
     return b
 
 
-def module_need(model, cache, index: int) -> dict:
+def _first_layer_extra(cache) -> int:
+    """The FP16 staging K/V a quantized cache allocates when it first touches a device (0 once made, or for FP16)."""
+    temps = getattr(cache, "temp_tensors", None)
+    return 2 * _numel(cache.shape_basic) * 2 if temps is not None and not temps else 0
+
+
+def module_need(model, cache, index: int, *, with_cache: bool = True) -> dict:
     """What module ``index`` of an exllamav2 model will allocate when ``load_autosplit`` reaches it: its weights
     (``weight_footprint``, read from the file headers) and, for an attention module, its cache layer (plus the FP16
-    staging tensors a quantized cache allocates on a device's first layer)."""
+    staging tensors a quantized cache allocates on a device's first layer). ``with_cache=False``: the weights only,
+    as ``model.load()`` allocates them (the cache comes afterwards)."""
     m = model.modules[index]
     kind = type(m).__name__
     weights = int(m.weight_footprint())
     cache_b = 0
-    if kind in ("ExLlamaV2Attention", "ExLlamaV2ParallelDecoder"):
-        cache_b = cache_layer_bytes(cache)
-        temps = getattr(cache, "temp_tensors", None)
-        if temps is not None and not temps:
-            cache_b += 2 * _numel(cache.shape_basic) * 2
+    if with_cache and kind in ("ExLlamaV2Attention", "ExLlamaV2ParallelDecoder"):
+        cache_b = cache_layer_bytes(cache) + _first_layer_extra(cache)
     return {"module": str(m.key), "kind": kind, "weight_bytes": weights, "cache_bytes": cache_b,
             "on_cpu": index == 0}  # load_autosplit keeps module 0, the input embedding, on the CPU
 
 
 class Exl2Model:
-    """exllamav2 loaded with ``load_autosplit``, optionally routed module by module through a ``VramEmulator``.
+    """exllamav2 loaded one of two ways (``load_path``, as ``memory.load_order``), optionally routed allocation by
+    allocation through a ``VramEmulator``: 'autosplit' is ``load_autosplit`` with a lazy cache (module by module, each
+    attention module with its cache layer); 'load' is ``model.load()`` (every module's weights) and then the cache,
+    created layer by layer in layer order as ``ExLlamaV2Cache`` creates it (a quantized cache's FP16 staging tensors
+    come with the first layer here, after all of them there: 2 layers of FP16 at most). The first forward's
+    transients are not routed on either path.
 
     It offers what ``bench.measure_loaded`` times (``decode_step``, ``fill_cache``, ``synchronize``, ``memory``...),
     so native and emulated runs are measured by the same code. ``fill_cache(depth)`` only sets the cache's length:
@@ -482,7 +491,8 @@ class Exl2Model:
     name = "exllamav2"
 
     def __init__(self, model_dir: Path, *, max_seq_len: int, cache_mode: str = "fp16",
-                 emulator: VramEmulator | None = None, on_module: Callable[[int, int], None] | None = None):
+                 emulator: VramEmulator | None = None, on_module: Callable[[int, int], None] | None = None,
+                 load_path: str = "autosplit"):
         import json as _json
 
         import torch
@@ -490,6 +500,9 @@ class Exl2Model:
         ex = _import_exllamav2()
         if cache_mode not in CACHE_CLASSES:
             raise CourseError(f"cache mode '{cache_mode}' is unknown; use one of {', '.join(CACHE_CLASSES)}")
+        if load_path not in ("autosplit", "load"):
+            raise CourseError(f"unknown load path '{load_path}': use 'autosplit' or 'load'")
+        self.load_path = load_path
         self.torch = torch
         self.model_dir, self.device = Path(model_dir), "cuda"
         self.max_seq_len, self.cache_mode = int(max_seq_len), cache_mode
@@ -507,23 +520,51 @@ class Exl2Model:
         self.cache = getattr(ex, CACHE_CLASSES[cache_mode])(self.model, max_seq_len=self.max_seq_len, lazy=True)
         self.needs: list[dict] = []
 
+        autosplit = load_path == "autosplit"
+
         def callback(i: int, n: int) -> None:
             if i < n:
-                need = module_need(self.model, self.cache, i)
+                need = module_need(self.model, self.cache, i, with_cache=autosplit)
                 self.needs.append(need)
                 if emulator is not None:
                     emulator.decide(i, need["module"], need["weight_bytes"], need["cache_bytes"], kind=need["kind"],
                                     on_cpu=need["on_cpu"])
-            elif emulator is not None:
+            elif emulator is not None and autosplit:
                 emulator.finish()
             if on_module is not None:
                 on_module(i, n)
 
         try:
-            self.model.load_autosplit(self.cache, callback=callback)
+            if autosplit:
+                self.model.load_autosplit(self.cache, callback=callback)
+            else:
+                self.model.load(callback=callback)
+                self._create_cache_layer_by_layer(emulator, on_module)
         finally:
             if emulator is not None:
                 emulator.leave()
+
+    def _create_cache_layer_by_layer(self, emulator: VramEmulator | None, on_module) -> None:
+        """After ``model.load()``: make the cache's layers one at a time (``update_cache_tensors`` makes every layer
+        in ``model.cache_map`` that is not made yet, so the map grows by one layer per step), each routed."""
+        full = dict(self.model.cache_map)
+        n0, layers = len(self.model.modules), sorted(full)
+        try:
+            for j, k in enumerate(layers):
+                b = cache_layer_bytes(self.cache) + _first_layer_extra(self.cache)
+                need = {"module": f"cache layer {k}", "kind": "cache", "weight_bytes": 0, "cache_bytes": b,
+                        "on_cpu": False}
+                self.needs.append(need)
+                if emulator is not None:
+                    emulator.decide(n0 + j, need["module"], 0, b, kind="cache")
+                if on_module is not None:
+                    on_module(n0 + j, n0 + len(layers))
+                self.model.cache_map = {i: full[i] for i in layers[: j + 1]}
+                self.cache.update_cache_tensors()
+        finally:
+            self.model.cache_map = full
+        if emulator is not None:
+            emulator.finish()
 
     # -- what bench.measure_loaded calls
     def fill_cache(self, depth: int, *, seed: int = 0) -> None:
@@ -612,7 +653,7 @@ def _flatten(rows: list[dict], run: str) -> list[float]:
 def compare(model_dir, *, ctx: int, cache_mode: str = "fp16", depth: int = 128, card_gib: float = CARD_GIB,
             reserve_gib: float = RESERVE_GIB, context_bytes: int = 0, rounds: int = 4, repeats: int = 3,
             warmup: int = 1, decode_tokens: int = 64, lib: HostAllocLib | None = None,
-            progress: bool = True) -> dict:
+            progress: bool = True, load_path: str = "autosplit") -> dict:
     """One cache length: the model loaded on the emulated card and natively, decoded in alternating rounds, and the
     spill model's prediction of the slowdown from this GPU's measured bandwidths and a native run's overhead."""
 
@@ -624,11 +665,12 @@ def compare(model_dir, *, ctx: int, cache_mode: str = "fp16", depth: int = 128, 
     vram_bw = bench.measure_bandwidth("cuda")
     measurements: list[dict] = []
     with VramEmulator(budget, lib) as emu:
-        emulated = emu.own(Exl2Model(model_dir, max_seq_len=ctx, cache_mode=cache_mode, emulator=emu))
+        emulated = emu.own(Exl2Model(model_dir, max_seq_len=ctx, cache_mode=cache_mode, emulator=emu,
+                                     load_path=load_path))
         decisions, placement = emu.rows(), emu.placement()
         host_bytes_loaded = emu.host_bytes()
         pcie_bw = measure_host_read_bandwidth(emu)
-        native = emu.own(Exl2Model(model_dir, max_seq_len=ctx, cache_mode=cache_mode))
+        native = emu.own(Exl2Model(model_dir, max_seq_len=ctx, cache_mode=cache_mode, load_path=load_path))
         jobs = [(r, name) for r in range(rounds)
                 for name in (("native", "emulated") if r % 2 == 0 else ("emulated", "native"))]
         for r, name in (bar(jobs, desc=f"cache {ctx}: native/emulated rounds", unit="run") if progress else jobs):
@@ -657,7 +699,8 @@ def compare(model_dir, *, ctx: int, cache_mode: str = "fp16", depth: int = 128, 
     slowdown = nat / emt                                            # measured: native tok/s over emulated tok/s
     predicted = pred_emu.seconds_per_token / pred_nat.seconds_per_token
     summary = {
-        "ctx": ctx, "cache_mode": cache_mode, "depth": depth, "card_gib": card_gib, "reserve_gib": reserve_gib,
+        "ctx": ctx, "cache_mode": cache_mode, "depth": depth, "load_path": load_path, "card_gib": card_gib,
+        "reserve_gib": reserve_gib,
         "context_bytes": int(context_bytes), "budget_bytes": budget,
         "spilled_bytes": emu_spilled(placement), "spilled_gib": emu_spilled(placement) / GIB,
         "spilled_weight_bytes": pred_emu.spilled_weight_bytes, "spilled_cache_bytes": pred_emu.spilled_cache_bytes,
@@ -680,7 +723,7 @@ def compare(model_dir, *, ctx: int, cache_mode: str = "fp16", depth: int = 128, 
 
 
 def cleanup_checks(model_dir, *, ctx: int, cache_mode: str = "fp16", budget_bytes: int, lib: HostAllocLib,
-                   after_spilled: int = 2) -> dict:
+                   after_spilled: int = 2, load_path: str = "autosplit") -> dict:
     """Interrupt an emulated load twice, once with an error and once with KeyboardInterrupt (as Ctrl-C raises it),
     ``after_spilled`` modules after the spill began; return the pinned bytes cleanup found still held after each
     (0 is the target: everything came back without a forced free)."""
@@ -699,7 +742,7 @@ def cleanup_checks(model_dir, *, ctx: int, cache_mode: str = "fp16", budget_byte
             with VramEmulator(budget_bytes, lib) as emu:
                 ref.append(emu)
                 emu.own(Exl2Model(model_dir, max_seq_len=ctx, cache_mode=cache_mode, emulator=emu,
-                                  on_module=lambda i, n: stop(i, n, ref)))
+                                  on_module=lambda i, n: stop(i, n, ref), load_path=load_path))
             out[f"pinned_left_after_{name}_bytes"] = None          # the spill never began: nothing to interrupt
         except Injected:
             # leftover_bytes: what cleanup found still pinned before any forced free (0 means it all came back by
@@ -783,24 +826,27 @@ def _model_dir(model_dir=None) -> Path:
     return bench.synthetic_dir()   # the 14B-shaped 5.5 bpw checkpoint of the seed case, written once
 
 
-def record_compare(ctx: int, *, model_dir=None, results_dir: Path | None = None, **kw) -> Path:
-    """Record ``compare`` for one cache length into results/fallback/ (run it in a fresh process)."""
+def record_compare(ctx: int, *, model_dir=None, results_dir: Path | None = None, load_path: str = "autosplit",
+                   **kw) -> Path:
+    """Record ``compare`` for one cache length and load path into results/fallback/ (run it in a fresh process)."""
     from . import gpu, results
 
     nvml_before = gpu.nvml_used_bytes()          # before CUDA starts in this process
     gpu.require_cuda("recording the emulated sysmem fallback")
     ctx_bytes = context_bytes_now(nvml_before)
     lib = HostAllocLib(build_hostalloc())
-    out = compare(_model_dir(model_dir), ctx=ctx, context_bytes=ctx_bytes, lib=lib, **kw)
+    out = compare(_model_dir(model_dir), ctx=ctx, context_bytes=ctx_bytes, lib=lib, load_path=load_path, **kw)
     s = out["summary"]
     if s["spilled_bytes"]:
         s.update(cleanup_checks(_model_dir(model_dir), ctx=ctx, cache_mode=s["cache_mode"],
-                                budget_bytes=s["budget_bytes"], lib=lib))
+                                budget_bytes=s["budget_bytes"], lib=lib, load_path=load_path))
     prov = results.provenance()
-    return results.save_result(TOPIC, f"emulated-{ctx}-{prov.get('gpu') or 'gpu'}", [out["summary"]], prov=prov,
+    tag = "" if load_path == "autosplit" else f"-{load_path}"
+    return results.save_result(TOPIC, f"emulated-{ctx}{tag}-{prov.get('gpu') or 'gpu'}", [out["summary"]], prov=prov,
                                results_dir=results_dir,
                                extra={"what": f"Qwen2.5-14B-shaped 5.5 bpw on an emulated {CARD_GIB:g} GiB card, "
-                                              f"cache {ctx}: native vs emulated decode, alternating rounds",
+                                              f"cache {ctx}, {load_path} load path, {s['depth']} tokens deep: "
+                                              "native vs emulated decode, alternating rounds",
                                       "measurements": out["measurements"], "decisions": out["decisions"]})
 
 
@@ -820,6 +866,8 @@ def record_oom(*, model_dir=None, results_dir: Path | None = None, **kw) -> Path
 GPU_RECORDINGS: dict[str, Callable[[], Path]] = {
     "emulated_4k": lambda: record_compare(4096),
     "emulated_32k": lambda: record_compare(32768),
+    # model.load(), then the cache: the last cache layers spill, read only as deep as the context goes
+    "emulated_32k_load": lambda: record_compare(32768, load_path="load", depth=16384),
     "linux_oom": lambda: record_oom(),
 }
 
@@ -855,6 +903,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--ctx", default="4096,32768", help="cache lengths, comma-separated (4k = 4096)")
     ap.add_argument("--cache", default="fp16", choices=sorted(CACHE_CLASSES), help="cache mode")
     ap.add_argument("--depth", type=int, default=128, help="tokens already in the cache while decoding")
+    ap.add_argument("--load-path", default="autosplit", choices=("autosplit", "load"),
+                    help="load_autosplit(cache) with a lazy cache (default), or model.load() then the cache")
     ap.add_argument("--card-gib", type=float, default=CARD_GIB, help=f"emulated card (default {CARD_GIB:g} GiB)")
     ap.add_argument("--reserve-gib", type=float, default=RESERVE_GIB, help=f"OS reserve (default {RESERVE_GIB} GiB)")
     ap.add_argument("--rounds", type=int, default=4, help="alternating native/emulated rounds")
@@ -881,7 +931,7 @@ def main(argv: list[str]) -> int:
         return 0
     for c in ctxs:
         res = compare(model_dir, ctx=c, cache_mode=args.cache, depth=args.depth, rounds=args.rounds,
-                      decode_tokens=args.decode_tokens, **common)
+                      decode_tokens=args.decode_tokens, load_path=args.load_path, **common)
         s = res["summary"]
         if args.json:
             print(json.dumps(res, indent=1))
@@ -890,7 +940,8 @@ def main(argv: list[str]) -> int:
         if args.record:
             from . import results
 
-            path = results.save_result(TOPIC, f"emulated-{c}-{results.provenance().get('gpu') or 'gpu'}", [s],
+            tag = "" if args.load_path == "autosplit" else f"-{args.load_path}"
+            path = results.save_result(TOPIC, f"emulated-{c}{tag}-{results.provenance().get('gpu') or 'gpu'}", [s],
                                        extra={"measurements": res["measurements"], "decisions": res["decisions"]})
             print(f"recorded {path}", file=sys.stderr)
     return 0
@@ -900,7 +951,8 @@ def format_summary(s: dict) -> str:
     """Two lines about one emulated cache length."""
     spill = (f"spilled {s['spilled_gib']:.2f} GiB ({len(s['spilled_modules'])} modules)" if s["spilled_bytes"]
              else "spilled nothing")
-    return (f"cache {s['ctx']} ({s['cache_mode']}) on an emulated {s['card_gib']:g} GiB card: {spill}; native "
+    how = "" if s.get("load_path", "autosplit") == "autosplit" else f", {s['load_path']} path, {s['depth']} deep"
+    return (f"cache {s['ctx']} ({s['cache_mode']}{how}) on an emulated {s['card_gib']:g} GiB card: {spill}; native "
             f"{s['native_tok_s']:.1f} tok/s, emulated {s['emulated_tok_s']:.1f} tok/s, slowdown "
             f"{s['slowdown']:.2f}x (spill model {s['predicted_slowdown']:.2f}x)\n"
             f"  PCIe reads {s['pcie_read_gbs']:.1f} GB/s, VRAM {s['vram_bandwidth_gbs']:.0f} GB/s, overhead "

@@ -259,7 +259,9 @@ def plot_emulated(rows, ax=None):
     prediction. ``rows``: emulate.load_recorded()['emulated']."""
     plt = _plt()
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 3.5))
-    labels = [f"cache {r['ctx']:,}\n{r['spilled_bytes'] / 2**30:.2f} GiB spilled" for r in rows]
+    labels = [f"cache {r['ctx']:,}" + ("" if r.get("load_path", "autosplit") == "autosplit" else
+                                       f", model.load()\n{r['depth']:,} deep") +
+              f"\n{r['spilled_bytes'] / 2**30:.2f} GiB spilled" for r in rows]
     x = list(range(len(rows)))
     ax.bar([i - 0.2 for i in x], [r["native_tok_s"] for r in rows], width=0.4, color="C0", label="native")
     ax.bar([i + 0.2 for i in x], [r["emulated_tok_s"] for r in rows], width=0.4, color="C3",

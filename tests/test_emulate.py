@@ -249,6 +249,116 @@ def test_module_need():
     assert emulate.module_need(model, q4, 1)["cache_bytes"] == 36 * MIB
 
 
+def _fake_exllamav2(dev, events):
+    """Just enough of exllamav2 0.3.2 for ``Exl2Model``: modules with footprints, ``load_autosplit`` (cache layer,
+    then weights, per attention module), ``load`` (weights only) and a lazy cache whose ``update_cache_tensors`` makes
+    every mapped layer not made yet. Every allocation goes through the fake device, so routing shows in the bytes."""
+
+    class Module:
+        def __init__(self, key, w):
+            self.key, self.w = key, w
+
+        def weight_footprint(self):
+            return self.w
+
+    class ExLlamaV2Embedding(Module):
+        pass
+
+    class ExLlamaV2Attention(Module):
+        def __init__(self, key, w, layer_idx):
+            super().__init__(key, w)
+            self.layer_idx = layer_idx
+
+    class ExLlamaV2MLP(Module):
+        pass
+
+    class ExLlamaV2Config:
+        def __init__(self, d):
+            self.vocab_size, self.max_seq_len = 100, 0
+
+    class ExLlamaV2:
+        def __init__(self, config):
+            self.modules = [ExLlamaV2Embedding("embed", 1000)]
+            for i in range(3):
+                self.modules += [ExLlamaV2Attention(f"l{i}.attn", 10, i), ExLlamaV2MLP(f"l{i}.mlp", 30)]
+            self.modules.append(Module("head", 60))
+            self.cache_map, self.held = {}, []
+
+        def _load(self, i, cache=None):
+            m = self.modules[i]
+            if isinstance(m, ExLlamaV2Attention) and cache is not None:
+                self.cache_map[m.layer_idx] = "cuda:0"
+                cache.update_cache_tensors()
+            if i:
+                self.held.append(dev.alloc(m.w))
+                events.append(("weights", m.key))
+
+        def load_autosplit(self, cache, callback=None):
+            for i in range(len(self.modules)):
+                callback(i, len(self.modules))
+                self._load(i, cache)
+            callback(len(self.modules), len(self.modules))
+
+        def load(self, callback=None):
+            for i in range(len(self.modules)):
+                callback(i, len(self.modules))
+                self._load(i)
+            self.cache_map = {m.layer_idx: "cuda:0" for m in self.modules if isinstance(m, ExLlamaV2Attention)}
+            callback(len(self.modules), len(self.modules))
+
+        def unload(self):
+            self.held.clear()
+
+    import torch
+
+    class ExLlamaV2Cache:
+        dtype, has_scales = torch.float16, False
+        shape_wk = shape_wv = (1, 2, 1, 5)       # K and V of 10 fp16 values each: 40 bytes per layer
+
+        def __init__(self, model, max_seq_len, lazy):
+            assert lazy
+            self.model, self.layers = model, {}
+
+        def update_cache_tensors(self):
+            for k in self.model.cache_map:
+                if k not in self.layers:
+                    self.layers[k] = dev.alloc(40)
+                    events.append(("cache", k))
+
+    return types.SimpleNamespace(ExLlamaV2Config=ExLlamaV2Config, ExLlamaV2=ExLlamaV2, ExLlamaV2Cache=ExLlamaV2Cache)
+
+
+@pytest.mark.parametrize("path", ["autosplit", "load"])
+def test_exl2model_routes_each_load_path_in_exllamav2s_order(path, monkeypatch, tmp_path):
+    lib, events = FakeLib(), []
+    dev = FakeDevice(lib)
+    monkeypatch.setattr(emulate, "_import_exllamav2", lambda: _fake_exllamav2(dev, events))
+    (tmp_path / "config.json").write_text("{}")
+
+    def drop(x):
+        x.model.unload()
+        x.cache.layers.clear()
+
+    with VramEmulator(190 if path == "autosplit" else 230, lib, dev) as emu:
+        m = emu.own(emulate.Exl2Model(tmp_path, max_seq_len=4, emulator=emu, load_path=path), drop)
+        where = {d.module: d.where for d in emu.decisions}
+        if path == "autosplit":        # same walk as the fake load above: l2.attn with its cache, and the head spill
+            assert [d.module for d in emu.decisions][:3] == ["embed", "l0.attn", "l0.mlp"]
+            assert events[:2] == [("cache", 0), ("weights", "l0.attn")]
+            assert [k for k, w in where.items() if w == "sysmem"] == ["l2.attn", "head"]
+            assert emu.spilled_bytes() == 110 == lib.outstanding_bytes()
+        else:                          # all weights (180) first, then the cache layers: one more fits
+            assert [e[0] for e in events] == ["weights"] * 7 + ["cache"] * 3
+            assert [d.module for d in emu.decisions][-3:] == ["cache layer 0", "cache layer 1", "cache layer 2"]
+            assert [k for k, w in where.items() if w == "sysmem"] == ["cache layer 1", "cache layer 2"]
+            assert emu.spilled_bytes() == 80 == lib.outstanding_bytes()
+            assert m.model.cache_map == {0: "cuda:0", 1: "cuda:0", 2: "cuda:0"}    # the full map is back
+        assert m.weight_bytes() == 180 and dev.pool_active is None
+    assert lib.outstanding_bytes() == 0 and emu.leftover_bytes == 0
+    with pytest.raises(CourseError, match="unknown load path 'lazy'"):
+        emulate.Exl2Model(tmp_path, max_seq_len=4, load_path="lazy")
+
+
 # ------------------------------------------------------------------------------------------------- the C allocator
 FAKE_CUDART = textwrap.dedent("""
     #include <stdlib.h>
@@ -355,15 +465,22 @@ def test_recorded_results_are_read_labelled_and_plotted(tmp_path):
                         slowdown=3.0, predicted_slowdown=2.7, prediction_ratio=3.0 / 2.7, emulated_over_native=1 / 3,
                         pinned_left_after_error_bytes=0, pinned_left_after_interrupt_bytes=0)],
                         prov=prov, results_dir=tmp_path, extra={"decisions": [{"where": "vram"}]})
+    results.save_result("fallback", "emulated-32768-load-test", [dict(base, ctx=32768, depth=16384, load_path="load",
+                        spilled_bytes=GIB, spilled_gib=1.0, spilled_modules=["cache layer 47"], native_tok_s=40.0,
+                        emulated_tok_s=30.0, slowdown=4 / 3, predicted_slowdown=1.3, prediction_ratio=4 / 3 / 1.3,
+                        emulated_over_native=0.75)], prov=prov, results_dir=tmp_path)
     results.save_result("fallback", "linux-oom-test", [{"ctx": 32768, "outcome": "out-of-memory",
                         "error_type": "RuntimeError", "error": "Insufficient VRAM for model and cache",
                         "explanation": "Linux has no sysmem fallback"}], prov=prov, results_dir=tmp_path)
     rec = emulate.load_recorded(tmp_path)
-    assert [r["ctx"] for r in rec["emulated"]] == [4096, 32768] and len(rec["oom"]) == 1
-    assert rec["emulated"][1]["decisions"] == [{"where": "vram"}] and "TEST GPU" in rec["emulated"][0]["label"]
+    assert [r["ctx"] for r in rec["emulated"]] == [4096, 32768, 32768] and len(rec["oom"]) == 1
+    auto32 = next(r for r in rec["emulated"] if r["ctx"] == 32768 and "load_path" not in r)
+    assert auto32["decisions"] == [{"where": "vram"}] and "TEST GPU" in rec["emulated"][0]["label"]
     text = emulate.report_recorded(tmp_path)
     assert "emulated/native = 0.983 (target: within 5%)" in text
     assert "measured slowdown / predicted = 1.11 (target: within 25%)" in text
     assert "after an injected interrupt mid-load: 0" in text and "Insufficient VRAM" in text
+    assert "cache 32768 (fp16, load path, 16384 deep) on an emulated 16 GiB card: spilled 1.00 GiB" in text
     fig = plots.plot_emulated(rec["emulated"])
-    assert len(fig.axes[0].patches) == 4
+    assert len(fig.axes[0].patches) == 6
+    assert sum("model.load()" in t.get_text() for t in fig.axes[0].get_xticklabels()) == 1
