@@ -61,13 +61,18 @@ def _load_ledger(path: Path) -> dict:
 
 
 def execute_notebooks(notebooks_dir: Path = REPO_DIR / "notebooks") -> None:
-    """Re-run every notebook in place so its stored outputs show the records just made."""
+    """Re-run every notebook in place so its stored outputs show the records just made.
+
+    The GPU is hidden from them (``CUDA_VISIBLE_DEVICES=""``): stored outputs are what CI checks with nbval on a
+    machine without one, so they must come from the CPU path, with the recorded figures read from results/. A
+    reader's own run on a GPU shows live figures beside them."""
     from .progress import progress
 
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     for nb in progress(sorted(notebooks_dir.glob("[0-9][0-9]_*.ipynb")), desc="re-executing notebooks", unit="nb"):
         r = subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
                             "--inplace", "--ExecutePreprocessor.timeout=900", str(nb.name)], cwd=notebooks_dir,
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, env=env)
         if r.returncode != 0:
             raise CourseError(f"{nb.name} failed to execute: {r.stderr.strip().splitlines()[-1] if r.stderr else '?'}")
 

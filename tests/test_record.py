@@ -52,3 +52,26 @@ def test_skips_what_the_ledger_holds_and_resumes(monkeypatch, tmp_path, capsys):
     assert calls == ["helpers.fake:b"]  # a was skipped
     assert json.loads(ledger.read_text())["helpers.fake:b"].endswith("b.json")
     assert "skip     helpers.fake:a" in capsys.readouterr().out
+
+
+def test_notebooks_are_re_executed_with_the_gpu_hidden(tmp_path, monkeypatch):
+    """Stored outputs must be the CPU path's (CI checks them with nbval on a machine without a GPU)."""
+    for name in ("01_b.ipynb", "00_a.ipynb", "scratch.ipynb"):
+        (tmp_path / name).write_text("{}")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    seen = []
+
+    def fake_run(cmd, **kw):
+        seen.append((cmd[-1], kw["cwd"], kw["env"]["CUDA_VISIBLE_DEVICES"]))
+        return types.SimpleNamespace(returncode=0, stderr="")
+
+    monkeypatch.setattr(record.subprocess, "run", fake_run)
+    record.execute_notebooks(tmp_path)
+    assert seen == [("00_a.ipynb", tmp_path, ""), ("01_b.ipynb", tmp_path, "")]
+
+    def failing(cmd, **kw):
+        return types.SimpleNamespace(returncode=1, stderr="Traceback...\nCellExecutionError: boom")
+
+    monkeypatch.setattr(record.subprocess, "run", failing)
+    with pytest.raises(CourseError, match="00_a.ipynb failed to execute: CellExecutionError: boom"):
+        record.execute_notebooks(tmp_path)
