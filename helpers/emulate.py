@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from . import memory
 from .errors import CourseError, CourseWarning
 from .paths import PACKAGE_DIR, cache_dir
 
@@ -421,8 +422,7 @@ class VramEmulator:
 
 # ------------------------------------------------------------------------------------- exllamav2, module by module
 #: exllamav2's cache class per cache mode (exllamav2/cache.py)
-CACHE_CLASSES = {"fp16": "ExLlamaV2Cache", "fp8": "ExLlamaV2Cache_8bit", "q8": "ExLlamaV2Cache_Q8",
-                 "q6": "ExLlamaV2Cache_Q6", "q4": "ExLlamaV2Cache_Q4"}
+CACHE_CLASSES = memory.CACHE_CLASSES
 
 
 def _import_exllamav2():
@@ -500,9 +500,7 @@ class Exl2Model:
         ex = _import_exllamav2()
         if cache_mode not in CACHE_CLASSES:
             raise CourseError(f"cache mode '{cache_mode}' is unknown; use one of {', '.join(CACHE_CLASSES)}")
-        if load_path not in ("autosplit", "load"):
-            raise CourseError(f"unknown load path '{load_path}': use 'autosplit' or 'load'")
-        self.load_path = load_path
+        self.load_path = memory.check_load_path(load_path)
         self.torch = torch
         self.model_dir, self.device = Path(model_dir), "cuda"
         self.max_seq_len, self.cache_mode = int(max_seq_len), cache_mode
@@ -826,6 +824,12 @@ def _model_dir(model_dir=None) -> Path:
     return bench.synthetic_dir()   # the 14B-shaped 5.5 bpw checkpoint of the seed case, written once
 
 
+def result_name(ctx: int, load_path: str, prov: dict) -> str:
+    """The results/fallback/ file name of one emulated run: cache length, load path (when not autosplit), GPU."""
+    tag = "" if load_path == "autosplit" else f"-{load_path}"
+    return f"emulated-{ctx}{tag}-{prov.get('gpu') or 'gpu'}"
+
+
 def record_compare(ctx: int, *, model_dir=None, results_dir: Path | None = None, load_path: str = "autosplit",
                    **kw) -> Path:
     """Record ``compare`` for one cache length and load path into results/fallback/ (run it in a fresh process)."""
@@ -841,8 +845,7 @@ def record_compare(ctx: int, *, model_dir=None, results_dir: Path | None = None,
         s.update(cleanup_checks(_model_dir(model_dir), ctx=ctx, cache_mode=s["cache_mode"],
                                 budget_bytes=s["budget_bytes"], lib=lib, load_path=load_path))
     prov = results.provenance()
-    tag = "" if load_path == "autosplit" else f"-{load_path}"
-    return results.save_result(TOPIC, f"emulated-{ctx}{tag}-{prov.get('gpu') or 'gpu'}", [out["summary"]], prov=prov,
+    return results.save_result(TOPIC, result_name(ctx, load_path, prov), [out["summary"]], prov=prov,
                                results_dir=results_dir,
                                extra={"what": f"Qwen2.5-14B-shaped 5.5 bpw on an emulated {CARD_GIB:g} GiB card, "
                                               f"cache {ctx}, {load_path} load path, {s['depth']} tokens deep: "
@@ -903,7 +906,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--ctx", default="4096,32768", help="cache lengths, comma-separated (4k = 4096)")
     ap.add_argument("--cache", default="fp16", choices=sorted(CACHE_CLASSES), help="cache mode")
     ap.add_argument("--depth", type=int, default=128, help="tokens already in the cache while decoding")
-    ap.add_argument("--load-path", default="autosplit", choices=("autosplit", "load"),
+    ap.add_argument("--load-path", default="autosplit", choices=tuple(memory.LOAD_PATHS),
                     help="load_autosplit(cache) with a lazy cache (default), or model.load() then the cache")
     ap.add_argument("--card-gib", type=float, default=CARD_GIB, help=f"emulated card (default {CARD_GIB:g} GiB)")
     ap.add_argument("--reserve-gib", type=float, default=RESERVE_GIB, help=f"OS reserve (default {RESERVE_GIB} GiB)")
@@ -940,8 +943,7 @@ def main(argv: list[str]) -> int:
         if args.record:
             from . import results
 
-            tag = "" if args.load_path == "autosplit" else f"-{args.load_path}"
-            path = results.save_result(TOPIC, f"emulated-{c}{tag}-{results.provenance().get('gpu') or 'gpu'}", [s],
+            path = results.save_result(TOPIC, result_name(c, args.load_path, results.provenance()), [s],
                                        extra={"measurements": res["measurements"], "decisions": res["decisions"]})
             print(f"recorded {path}", file=sys.stderr)
     return 0

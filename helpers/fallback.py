@@ -34,6 +34,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Protocol, Sequence
 
+from . import memory
 from .errors import CourseError
 
 GIB = 2**30
@@ -106,6 +107,13 @@ class Prediction:
         return {"overhead_ms": 1e3 * self.overhead_s_per_token,
                 "vram_ms": 1e3 * self.vram_read_bytes / self.vram_bandwidth,
                 "pcie_ms": 1e3 * self.sysmem_read_bytes / self.pcie_bandwidth}
+
+    def at_depth(self, depth: int) -> "Prediction":
+        """The same placement and parameters, evaluated at another cache depth."""
+        return evaluate(self.placement, depth=depth, max_seq_len=self.max_seq_len, cache_mode=self.cache_mode,
+                        overhead_s_per_token=self.overhead_s_per_token, vram_bandwidth=self.vram_bandwidth,
+                        pcie_bandwidth=self.pcie_bandwidth, budget_bytes=self.budget_bytes,
+                        fixed_bytes=self.fixed_bytes, notes=self.notes)
 
     def spilled_modules(self) -> list[str]:
         return [p["module"] for p in self.placement if p["where"] == "sysmem"]
@@ -513,12 +521,9 @@ def main_probe(argv: list[str], answers: Answers | None = None) -> int:
 
 
 # ------------------------------------------------------------------------------------- the model on a planned load
-#: model.py ``load_autosplit_gen`` holds two tensors while it loads: ``reserve_vram`` (default 192 MiB on the first
-#: device) and ``minimum_reserve_vram`` (256 MiB). Every spill decision is made with them in VRAM; they are freed when
-#: the load ends, too late to bring anything back. (``memory.LOAD_AUTOSPLIT_RESERVE_BYTES``; ``model.load()`` holds none.)
-LOAD_RESERVE_BYTES = 192 * MIB + 256 * MIB
-LOAD_PATH_TEXT = {"autosplit": "model.load_autosplit(cache), lazy cache: each layer's cache beside its weights",
-                  "load": "model.load(), then ExLlamaV2Cache(model): all weights first, the cache after them"}
+#: what ``load_autosplit`` holds while it loads (``memory.LOAD_AUTOSPLIT_RESERVE_BYTES``: 192 + 256 MiB). Every spill
+#: decision is made with it in VRAM; it is freed when the load ends, too late to bring anything back.
+LOAD_RESERVE_BYTES = memory.LOAD_AUTOSPLIT_RESERVE_BYTES
 
 
 @dataclass
@@ -552,8 +557,6 @@ class SpillModel:
         return LOAD_RESERVE_BYTES if self.load_path == "autosplit" else 0
 
     def spec(self) -> dict:
-        from . import memory
-
         g = self.gpu
         return g if isinstance(g, dict) and "vram_bytes" in g else memory.gpu_spec(g)
 
@@ -570,8 +573,6 @@ class SpillModel:
     def layout(self, spec: Any, *, bpw: float | None, max_seq_len: int, cache_mode: str = "fp16") -> dict:
         """The load order and the fixed VRAM before it (CUDA context, transients, the load-time reserve), from the
         planner's breakdown; and the budget: the card less the OS reserve."""
-        from . import memory
-
         g = self.spec()
         res = None if self.reserve_gib is None else int(round(self.reserve_gib * GIB))
         ctx = None if self.cuda_context_gib is None else int(round(self.cuda_context_gib * GIB))
@@ -593,7 +594,7 @@ class SpillModel:
                  "load_reserve_bytes": int(load_res), "os_reserve_bytes": bd.reserve_bytes,
                  "card_bytes": int(g["vram_bytes"])}
         when = "while loading" if self.load_path == "autosplit" else "at the first forward, after the cache"
-        notes = [f"load path: {LOAD_PATH_TEXT[self.load_path]}",
+        notes = [f"load path: {memory.LOAD_PATHS[self.load_path]}",
                  f"CUDA context {bd.cuda_context_bytes / GIB:.2f} GiB ({bd.cuda_context_source.split(':')[0]})",
                  f"OS reserve {bd.reserve_bytes / GIB:.2f} GiB ({bd.reserve_source.split(':')[0]})",
                  f"transients {when} {bd.transient_bytes / GIB:.2f} GiB "
@@ -672,8 +673,6 @@ def anchored_reserve_gib(spec: Any, gpu: Any, *, bpw: float | None, used_gib: fl
     """The VRAM a process could not have, from two readings of a real run: the card's dedicated memory when the
     driver started spilling (``full_gib``: what was left unused) plus what the rest of the system held (the reading
     of a run that fits, ``used_gib``, less what the planner says that run's process holds). Returns (GiB, how)."""
-    from . import memory
-
     g = memory.gpu_spec(gpu) if not isinstance(gpu, dict) else gpu
     ctx = None if cuda_context_gib is None else int(round(cuda_context_gib * GIB))
     bd = memory.breakdown(spec, bpw=bpw, max_seq_len=max_seq_len, cache_mode=cache_mode, flash_attn=flash_attn,
@@ -691,7 +690,7 @@ def anchored_reserve_gib(spec: Any, gpu: Any, *, bpw: float | None, used_gib: fl
 
 
 def seed_case(*, depth: int = 256, pcie_bandwidth: float | None = None, flash_attn: bool = False,
-              load_path: str = "autosplit", load_reserve_bytes: int | None = None) -> dict:
+              load_path: str = "autosplit") -> dict:
     """The seed case told with the model, parameters from the datasheet and the user's own readings:
 
     - VRAM 736 GB/s (datasheet, ``memory.GPUS``); PCIe 4.0 x16 ~25 GB/s in practice (DOMAIN.md s.1);
@@ -700,8 +699,7 @@ def seed_case(*, depth: int = 256, pcie_bandwidth: float | None = None, flash_at
     - ``load_path``: how the front end loaded (the report does not say): ``SpillModel.load_path``.
     Returns the roofline, the predictions at 4k and 32k, the spill needed for 25 tok/s, and the verdict."""
     s = SEED
-    base = SpillModel(s["gpu"], pcie_bandwidth=pcie_bandwidth, flash_attn=flash_attn, load_path=load_path,
-                      load_reserve_bytes=load_reserve_bytes)
+    base = SpillModel(s["gpu"], pcie_bandwidth=pcie_bandwidth, flash_attn=flash_attn, load_path=load_path)
     vram_bw, pcie_bw = base.bandwidths()
     res, how = anchored_reserve_gib(s["model"], s["gpu"], bpw=s["bpw"], used_gib=s["used_4k_gib"],
                                     full_gib=s["full_gib"], flash_attn=flash_attn)
@@ -714,8 +712,7 @@ def seed_case(*, depth: int = 256, pcie_bandwidth: float | None = None, flash_at
     p32 = base.predict(s["model"], bpw=s["bpw"], max_seq_len=32768, depth=depth)
     need = base.spill_needed_for(s["tok_s_32k"], s["model"], bpw=s["bpw"], max_seq_len=32768, depth=depth)
     ratio = p32.tok_s / s["tok_s_32k"]
-    return {"seed": dict(s), "depth": depth, "load_path": load_path, "model": base,
-            "vram_bandwidth": vram_bw, "pcie_bandwidth": pcie_bw,
+    return {"seed": dict(s), "depth": depth, "load_path": load_path, "vram_bandwidth": vram_bw, "pcie_bandwidth": pcie_bw,
             "bytes_per_token_4k": bytes_4k, "roofline_4k_tok_s": vram_bw / bytes_4k,
             "reported_over_roofline": s["tok_s_4k"] / (vram_bw / bytes_4k),
             "overhead_s_per_token": overhead, "overhead_note": note, "reserve_gib": res, "reserve_how": how,
@@ -728,7 +725,7 @@ def seed_variants(depth: int = 256) -> list[dict]:
     (``load_autosplit`` with a lazy cache, or ``model.load()`` then the cache), and PCIe practical vs raw. (The
     attention path, a third, cancels: its memory is in the 4k reading the reserve is derived from.) None is fitted."""
     rows = []
-    for path in ("autosplit", "load"):
+    for path in memory.LOAD_PATHS:
         for name, bw in (("practical 25 GB/s", None), ("raw 31.5 GB/s", pcie_raw_bandwidth(4, 16))):
             c = seed_case(depth=depth, pcie_bandwidth=bw, load_path=path)
             p = c["prediction_32k"]
@@ -745,12 +742,7 @@ def depth_for_speed(case: dict, tok_s: float) -> int | None:
     that speed is not reached between depth 0 and a full cache."""
     p = case["prediction_32k"]
     L = p.max_seq_len
-
-    def spt(d: int) -> float:
-        return evaluate(p.placement, depth=d, max_seq_len=L, overhead_s_per_token=p.overhead_s_per_token,
-                        vram_bandwidth=p.vram_bandwidth, pcie_bandwidth=p.pcie_bandwidth).seconds_per_token
-
-    t0, t1, target = spt(0), spt(L), 1.0 / tok_s
+    t0, t1, target = p.at_depth(0).seconds_per_token, p.at_depth(L).seconds_per_token, 1.0 / tok_s
     if not t0 <= target <= t1:
         return None
     return int(round(L * (target - t0) / (t1 - t0)))
@@ -761,11 +753,10 @@ def seed_depth_curves(depths: Sequence[int] | None = None) -> dict:
     would decode at the reported 25 tok/s."""
     depths = list(depths) if depths is not None else list(range(0, 32768, 512)) + [32767]
     out = {}
-    for path in ("autosplit", "load"):
+    for path in memory.LOAD_PATHS:
         c = seed_case(depth=0, load_path=path)
         p = c["prediction_32k"]
-        tok = [evaluate(p.placement, depth=d, max_seq_len=p.max_seq_len, overhead_s_per_token=p.overhead_s_per_token,
-                        vram_bandwidth=p.vram_bandwidth, pcie_bandwidth=p.pcie_bandwidth).tok_s for d in depths]
+        tok = [p.at_depth(d).tok_s for d in depths]
         out[path] = {"depths": depths, "tok_s": tok, "spilled_gib": p.spilled_gib,
                      "depth_at_reported": depth_for_speed(c, SEED["tok_s_32k"])}
     return out
@@ -777,8 +768,6 @@ def ways_out(spec: Any = None, gpu: Any = None, *, bpw: float | None = None, max
     """The ways out of a spill, each checked with the planner (``memory.plan``: fits, margin) and the spill model
     (what would spill, with load_autosplit's load-time reserve, and the predicted tok/s). Defaults: the seed case
     with the reserve from the user's readings."""
-    from . import memory
-
     spec = spec or SEED["model"]
     gpu = gpu or SEED["gpu"]
     bpw = SEED["bpw"] if bpw is None and spec == SEED["model"] else bpw

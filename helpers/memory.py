@@ -75,8 +75,8 @@ PAGE = 256
 LOAD_AUTOSPLIT_RESERVE_BYTES = 192 * MIB + 256 * MIB
 #: how exllamav2 can load a model with its cache: ``load_autosplit(cache)`` with a lazy cache (each attention
 #: module's cache layer is created just before the module loads) or ``load()`` then ``ExLlamaV2Cache(model)`` (all
-#: weights first, the whole cache after them)
-LOAD_PATHS = ("autosplit", "load")
+#: weights first, the whole cache after them). Name -> what a reader calls.
+LOAD_PATHS = {"autosplit": "model.load_autosplit(cache)", "load": "model.load(), then ExLlamaV2Cache(model)"}
 
 DEFAULT_CUDA_CONTEXT_BYTES = 512 * MIB
 DEFAULT_CUDA_CONTEXT_SOURCE = (
@@ -166,6 +166,14 @@ _MODE_ALIASES = {"fp16": "fp16", "f16": "fp16", "half": "fp16", "16": "fp16", "e
                  "fp8": "fp8", "8bit": "fp8", "exllamav2cache_8bit": "fp8",
                  "q8": "q8", "exllamav2cache_q8": "q8", "q6": "q6", "exllamav2cache_q6": "q6",
                  "q4": "q4", "exllamav2cache_q4": "q4"}
+
+
+def check_load_path(path: str) -> str:
+    """One of LOAD_PATHS, or a one-line error."""
+    if path not in LOAD_PATHS:
+        raise CourseError(f"unknown load path '{path}': use 'autosplit' (model.load_autosplit(cache) with a lazy "
+                          "cache) or 'load' (model.load(), then the cache)")
+    return path
 
 
 def check_cache_mode(mode: str) -> str:
@@ -1170,9 +1178,7 @@ def load_order(spec: Any, *, bpw: float | None = None, head_bits: int = 6, max_s
     first, then the cache, layer by layer (``create_state_tensors``), the temp layer last. Sums equal
     ``breakdown()``'s weights, cache and scratch terms either way.
     """
-    if path not in LOAD_PATHS:
-        raise CourseError(f"unknown load path '{path}': use 'autosplit' (model.load_autosplit(cache) with a lazy "
-                          "cache) or 'load' (model.load(), then the cache)")
+    interleave = check_load_path(path) == "autosplit"
     mode = check_cache_mode(cache_mode)
     L = _check_len(max_seq_len)
     st = _Static(spec, bpw, head_bits)
@@ -1197,7 +1203,6 @@ def load_order(spec: Any, *, bpw: float | None = None, head_bits: int = 6, max_s
     add(emb["module"], "embedding", None, w=emb["weight_bytes"], hint="cpu")
     add("device context (scratch + RoPE sin/cos)", "device_context", None,
         x=sc["device_scratch"] + sc["rope_tables"])
-    interleave = path == "autosplit"
     if temp and interleave:
         add(f"cache FP16 temp K/V ({CACHE_CLASSES[mode]})", "cache_temp", None, c=temp)
     for m in st.modules[1:]:

@@ -235,10 +235,11 @@ def plot_spill_vs_depth(curves, reported=None, ax=None):
     each would decode at the reported speed. ``curves``: fallback.seed_depth_curves()."""
     plt = _plt()
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 3.6))
-    names = {"autosplit": "load_autosplit(cache)", "load": "model.load(), then the cache"}
+    from .memory import LOAD_PATHS
+
     for i, (path, c) in enumerate(curves.items()):
         ax.plot(c["depths"], c["tok_s"], color=f"C{i}",
-                label=f"{names.get(path, path)}: {c['spilled_gib']:.2f} GiB spilled")
+                label=f"{LOAD_PATHS.get(path, path)}: {c['spilled_gib']:.2f} GiB spilled")
         d = c.get("depth_at_reported")
         if reported and d is not None:
             ax.plot([d], [reported], "D", color=f"C{i}")
