@@ -9,20 +9,20 @@ from __future__ import annotations
 import importlib
 import sys
 
-from .errors import CourseError
+from helpers.core.errors import CourseError
 
 # command -> ("module:function", one-line help). Each function takes argv (list[str]) and returns an exit code.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "devices": ("helpers.gpu:main", "torch/CUDA, NVML, CPU and RAM readings, and the path the course takes here"),
-    "plan": ("helpers.memory:main_plan", "will a model, context and cache mode fit on a GPU? (memory breakdown)"),
-    "inspect": ("helpers.exl2:main_inspect", "per-layer bits, groups and byte totals of an EXL2 checkpoint"),
-    "synth": ("helpers.synthetic:main", "write a shape-faithful random EXL2 checkpoint from a config and a bpw"),
-    "model": ("helpers.models:main", "build or locate the course's embedded EXL2 model; prints its directory last"),
-    "generate": ("helpers.backend:main_generate", "generate text with exllamav2 (CUDA) or the reference (anywhere)"),
-    "bench": ("helpers.bench:main", "prefill/decode tokens/s at a cache length and depth, with its roofline"),
-    "probe": ("helpers.fallback:main_probe", "probe --fallback: does this GPU spill into system RAM, and how fast?"),
-    "emulate": ("helpers.emulate:main", "(Linux+CUDA) emulate the Windows sysmem fallback with mapped host memory"),
-    "record": ("helpers.record:main", "(CUDA) record every GPU figure the course shows into results/, resumable"),
+    "devices": ("helpers.core.devices:main", "torch/CUDA, NVML, CPU and RAM readings, and the path the course takes here"),
+    "plan": ("helpers.memory.accounting:main_plan", "will a model, context and cache mode fit on a GPU? (memory breakdown)"),
+    "inspect": ("helpers.format.exl2:main_inspect", "per-layer bits, groups and byte totals of an EXL2 checkpoint"),
+    "synth": ("helpers.format.synthetic:main", "write a shape-faithful random EXL2 checkpoint from a config and a bpw"),
+    "model": ("helpers.models.embedded:main", "build or locate the course's embedded EXL2 model; prints its directory last"),
+    "generate": ("helpers.engines.backend:main_generate", "generate text with exllamav2 (CUDA) or the reference (anywhere)"),
+    "bench": ("helpers.speed.bench:main", "prefill/decode tokens/s at a cache length and depth, with its roofline"),
+    "probe": ("helpers.fallback.spill:main_probe", "probe --fallback: does this GPU spill into system RAM, and how fast?"),
+    "emulate": ("helpers.fallback.emulator:main", "(Linux+CUDA) emulate the Windows sysmem fallback with mapped host memory"),
+    "record": ("helpers.recordings.registry:main", "(CUDA) record every GPU figure the course shows into results/, resumable"),
 }
 
 

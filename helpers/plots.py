@@ -6,7 +6,7 @@ from __future__ import annotations
 
 
 # ================================================================================================================
-# memory (notebooks 01 and 05): KV cache and the planner. Owner: helpers.memory's author.
+# memory (notebooks 01 and 05): KV cache and the planner. Owner: helpers.memory.accounting's author.
 # ================================================================================================================
 
 def _plt():
@@ -21,7 +21,7 @@ def _plt():
 
 def plot_kv_cache_vs_context(models, modes=("fp16", "q8", "q4"), lengths=None, ax=None):
     """KV cache (GiB) against max_seq_len for several models and cache modes, as exllamav2 allocates it."""
-    from . import memory
+    from helpers.memory import accounting as memory
 
     plt = _plt()
     lengths = list(lengths or [2**k for k in range(10, 18)])
@@ -48,7 +48,7 @@ def plot_total_vs_context(spec, gpu, *, bpw=None, modes=("fp16", "q8", "q6", "q4
     """Everything the GPU must hold against max_seq_len, one line per cache mode, with the card's memory."""
     import warnings
 
-    from . import memory
+    from helpers.memory import accounting as memory
 
     plt = _plt()
     g = memory.gpu_spec(gpu)
@@ -136,7 +136,7 @@ def plot_predicted_vs_measured(rows, ax=None):
 
 
 # ================================================================================================================
-# fallback (notebook 04): the Windows sysmem fallback, its spill model and the Linux emulator. Owner: helpers.fallback.
+# fallback (notebook 04): the Windows sysmem fallback, its spill model and the Linux emulator. Owner: helpers.fallback.spill.
 # ================================================================================================================
 
 def plot_spill_walk(prediction, ax=None, title=None):
@@ -235,7 +235,7 @@ def plot_spill_vs_depth(curves, reported=None, ax=None):
     each would decode at the reported speed. ``curves``: fallback.seed_depth_curves()."""
     plt = _plt()
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 3.6))
-    from .memory import LOAD_PATHS
+    from helpers.memory.accounting import LOAD_PATHS
 
     for i, (path, c) in enumerate(curves.items()):
         ax.plot(c["depths"], c["tok_s"], color=f"C{i}",
@@ -278,7 +278,7 @@ def plot_emulated(rows, ax=None):
 
 
 # ================================================================================================================
-# speed (notebook 03): decode speed vs depth with the roofline, time per token, cache bytes. Owner: helpers.bench.
+# speed (notebook 03): decode speed vs depth with the roofline, time per token, cache bytes. Owner: helpers.speed.bench.
 # ================================================================================================================
 def _speed_key(r: dict) -> tuple:
     return (r.get("model", "?"), r.get("cache_mode", "?"), int(r["ctx"]))
@@ -424,7 +424,7 @@ def plot_cache_bytes_by_ctx(rows: list[dict], *, ax=None, title: str = "KV cache
 
 
 # ================================================================================================================
-# tour (notebook 02): inside an EXL2 checkpoint, where its bytes go, what quantization costs. Owner: helpers.tour.
+# tour (notebook 02): inside an EXL2 checkpoint, where its bytes go, what quantization costs. Owner: helpers.lessons.tour.
 # ================================================================================================================
 
 _KIND_MARKERS = {"q_proj": "o", "k_proj": "v", "v_proj": "^", "o_proj": "s", "gate_proj": "D", "up_proj": "P",

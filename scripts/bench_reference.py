@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/bench_reference.py [--model DIR] [--threads 2] [--tokens 32] [--repeats 5]
 
-Both engines load the embedded model's float source (``helpers.models.float_model_dir()``; or ``--model``, a float
+Both engines load the embedded model's float source (``helpers.models.embedded.float_model_dir()``; or ``--model``, a float
 or EXL2 directory: transformers gets the reference's dequantized weights either way), in the same dtype, in the same
 process, with the same number of torch threads. Each repeat prefills the same chat prompt and then decodes
 ``--tokens`` greedy tokens one at a time, timing the decode steps only; the engines alternate repeat by repeat so that
@@ -51,7 +51,7 @@ def transformers_model(model_dir, dtype: torch.dtype):
     """transformers' own model class for the config, holding the float state dict the reference reads."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from helpers.reference import load_state_dict
+    from helpers.engines.reference import load_state_dict
 
     cfg, state = load_state_dict(model_dir, dtype=dtype)
     cfg = {k: v for k, v in cfg.items() if k not in ("quantization_config", "architectures", "transformers_version")}
@@ -75,12 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    from helpers.errors import CourseError
-    from helpers.reference import ReferenceModel
+    from helpers.core.errors import CourseError
+    from helpers.engines.reference import ReferenceModel
 
     try:
         if args.model is None:
-            from helpers.models import float_model_dir
+            from helpers.models.embedded import float_model_dir
 
             model_dir = float_model_dir()
         else:

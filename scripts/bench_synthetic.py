@@ -1,4 +1,4 @@
-"""How fast does helpers.synthetic build a checkpoint? Prints build time and GB/s, extrapolated to all layers.
+"""How fast does helpers.format.synthetic build a checkpoint? Prints build time and GB/s, extrapolated to all layers.
 
     python scripts/bench_synthetic.py                          # 4 layers of Qwen2.5-14B at 5.5 bpw, extrapolated
     python scripts/bench_synthetic.py --layers 0               # the full model (~11 GB; use a big machine)
@@ -13,7 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from helpers import exl2, synthetic
+from helpers.format import exl2
+from helpers.format import synthetic
 
 
 def main(argv=None) -> int:

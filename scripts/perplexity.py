@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from helpers.errors import CourseError  # noqa: E402
+from helpers.core.errors import CourseError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from helpers import models, quality
+    from helpers.models import embedded as models
+    from helpers.lessons import quality
 
     torch.set_num_threads(max(1, args.threads))
     max_tokens = args.max_tokens or quality.DEFAULT_MAX_TOKENS

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import backend as B
-from helpers import gpu
-from helpers.errors import CourseError
+from helpers.engines import backend as B
+from helpers.core import devices as gpu
+from helpers.core.errors import CourseError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "exl2"
 LLAMA = FIXTURES / "tiny_llama_b4.5"
@@ -294,7 +294,7 @@ def test_rope_theta_only_in_rope_parameters_is_passed_to_exllamav2(fake_cuda, mo
 
 
 def test_exllamav2_loads_a_checkpoint_without_tokenizer_files(fake_cuda, monkeypatch, tmp_path):
-    """Synthetic checkpoints (helpers.synthetic) carry no tokenizer: loading and decoding by id must still work."""
+    """Synthetic checkpoints (helpers.format.synthetic) carry no tokenizer: loading and decoding by id must still work."""
     import shutil
 
     shutil.copy(LLAMA / "config.json", tmp_path / "config.json")

@@ -1,4 +1,4 @@
-"""helpers.bench: the roofline arithmetic, statistics, bad input, CPU bandwidth, and the harness on a fake clock."""
+"""helpers.speed.bench: the roofline arithmetic, statistics, bad input, CPU bandwidth, and the harness on a fake clock."""
 from __future__ import annotations
 
 import json
@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from helpers import bench
-from helpers.errors import CourseError
+from helpers.speed import bench
+from helpers.core.errors import CourseError
 
 
 # --------------------------------------------------------------------------------------------- pure arithmetic
@@ -291,7 +291,7 @@ def test_cli_json_and_errors(capsys):
 
 # ------------------------------------------------------------------------------------- bytes per decoded token
 def test_bytes_per_decoded_token_for_the_seed_model():
-    from helpers import memory
+    from helpers.memory import accounting as memory
 
     w = memory.weight_bytes("qwen2.5-14b", bpw=5.5)["vram_bytes"]
     fp16 = bench.decode_bytes("qwen2.5-14b", 30000, "fp16", bpw=5.5)
@@ -333,7 +333,7 @@ def _gpu_row(ctx, depth, mode, tok_s, **kw):
 
 
 def test_recorded_rows_tables_and_repeatability(tmp_path):
-    from helpers import results
+    from helpers.core import results
 
     assert bench.load_recorded(tmp_path) == []
     assert "not recorded yet" in bench.describe_repeatability(tmp_path)

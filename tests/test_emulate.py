@@ -14,9 +14,9 @@ import types
 
 import pytest
 
-from helpers import emulate
-from helpers.emulate import GIB, MIB, VramEmulator
-from helpers.errors import CourseError, CourseWarning
+from helpers.fallback import emulator as emulate
+from helpers.fallback.emulator import GIB, MIB, VramEmulator
+from helpers.core.errors import CourseError, CourseWarning
 
 
 # ------------------------------------------------------------------------------------------------------ fakes
@@ -215,7 +215,7 @@ def _fake_cache(mode, L=32768, kv=8, hd=128):
 
 @pytest.mark.parametrize("mode", ["fp16", "q8", "q6", "q4"])
 def test_cache_layer_bytes_match_the_planner(mode):
-    from helpers import memory
+    from helpers.memory import accounting as memory
 
     per_token = memory.kv_layer_bytes_per_token("qwen2.5-14b", mode)
     assert emulate.cache_layer_bytes(_fake_cache(mode)) == per_token * 32768
@@ -435,7 +435,7 @@ def test_build_needs_cuda():
 
 
 def test_the_spill_model_walks_an_emulator_placement_with_the_embedding_on_the_cpu():
-    from helpers import fallback
+    from helpers.fallback import spill as fallback
 
     lib = FakeLib()
     dev = FakeDevice(lib)
@@ -451,7 +451,8 @@ def test_the_spill_model_walks_an_emulator_placement_with_the_embedding_on_the_c
 
 def test_recorded_results_are_read_labelled_and_plotted(tmp_path):
     """The notebook's path once a GPU has recorded (a made-up record in a temporary folder, never in results/)."""
-    from helpers import plots, results
+    from helpers import plots
+    from helpers.core import results
 
     assert "not recorded yet" in emulate.report_recorded(tmp_path)
     prov = {"gpu": "TEST GPU", "date": "2026-01-01T00:00:00+00:00", "torch": "x", "exllamav2": "0.3.2"}

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import exl2
-from helpers.errors import CourseError
+from helpers.format import exl2
+from helpers.core.errors import CourseError
 
 torch.set_num_threads(2)
 FIXTURES = Path(__file__).parent / "fixtures" / "exl2"

@@ -5,9 +5,9 @@ import math
 
 import pytest
 
-from helpers import fallback
-from helpers.errors import CourseError
-from helpers.fallback import GIB, MIB
+from helpers.fallback import spill as fallback
+from helpers.core.errors import CourseError
+from helpers.fallback.spill import GIB, MIB
 
 # ---------------------------------------------------------------------------------------------- spill model core
 
@@ -236,7 +236,7 @@ def test_main_probe_with_fake_windows_answers(capsys):
 def test_predict_nothing_spills_at_4k_and_speed_is_the_roofline():
     p = fallback.predict("qwen2.5-14b", "RTX 4080 Super", bpw=5.5, max_seq_len=4096, depth=0, reserve_gib=0.2)
     assert p.spilled_bytes == 0 and p.sysmem_read_bytes == 0
-    from helpers import memory
+    from helpers.memory import accounting as memory
 
     w = memory.weight_bytes("qwen2.5-14b", bpw=5.5)["vram_bytes"]
     assert p.vram_read_bytes == w                     # every GPU weight once, nothing of the cache at depth 0
@@ -265,7 +265,7 @@ def test_predict_32k_spills_the_tail_of_the_load_order_and_round_trips():
 def test_spill_needed_for_matches_the_closed_form():
     m = fallback.SpillModel("RTX 4080 Super")
     need = m.spill_needed_for(25.0, "qwen2.5-14b", bpw=5.5, max_seq_len=32768, depth=0)
-    from helpers import memory
+    from helpers.memory import accounting as memory
 
     w = memory.weight_bytes("qwen2.5-14b", bpw=5.5)["vram_bytes"]
     expect = (1 / 25 - w / 736e9) / (1 / 25e9 - 1 / 736e9)
@@ -331,7 +331,7 @@ def test_depth_for_speed_solves_the_line():
 def test_anchored_reserve():
     res, how = fallback.anchored_reserve_gib("qwen2.5-14b", "RTX 4080 Super", bpw=5.5, used_gib=12.0,
                                              full_gib=15.8)
-    from helpers import memory
+    from helpers.memory import accounting as memory
 
     bd = memory.breakdown("qwen2.5-14b", bpw=5.5, max_seq_len=4096, reserve_bytes=0)
     assert res == pytest.approx(16 - 15.8 + 12.0 - bd.vram_total_bytes / GIB)

@@ -4,8 +4,8 @@ import types
 
 import pytest
 
-from helpers import gpu
-from helpers.errors import CourseError
+from helpers.core import devices as gpu
+from helpers.core.errors import CourseError
 
 
 def test_cuda_status_reports_a_reason_without_gpu(monkeypatch):

@@ -100,7 +100,7 @@ def test_lab_runs_code_in_a_kernel(lab):
     kernel = requests.post(f"{base}/api/kernels", headers=headers, json={"name": "python3"}, timeout=30).json()
     try:
         ws = f"ws://127.0.0.1:{port}/api/kernels/{kernel['id']}/channels?token={token}"
-        code = "import helpers.gpu as g\nprint(6 * 7)\nprint(g.course_path()[0])"
+        code = "import helpers.core.devices as g\nprint(6 * 7)\nprint(g.course_path()[0])"
         out = asyncio.run(execute(ws, code))
         lines = out.split()
         assert lines[0] == "42" and lines[1] in ("cpu", "gpu")

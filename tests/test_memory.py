@@ -1,4 +1,4 @@
-"""helpers.memory: exllamav2's memory accounting, bundled configs and the planner (exact numbers, by hand)."""
+"""helpers.memory.accounting: exllamav2's memory accounting, bundled configs and the planner (exact numbers, by hand)."""
 import json
 import math
 import warnings
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import memory as m
-from helpers.errors import CourseError, CourseWarning
+from helpers.memory import accounting as m
+from helpers.core.errors import CourseError, CourseWarning
 
 FIX = Path(__file__).parent / "fixtures" / "exl2"
 GIB = 2**30
@@ -172,7 +172,7 @@ def test_exl2_folder_weights_agree_with_the_format_module(name):
     n_gpu_tensors = 2 * 7 * 8 + 7 + 2 * 3 + 1  # linears x ~8 tensors + head + norms: bounds the 512-B rounding
     other = w.get("exl2_breakdown")
     if other is None:
-        pytest.skip("helpers.exl2.open_exl2 is not available")
+        pytest.skip("helpers.format.exl2.open_exl2 is not available")
     assert 0 <= w["vram_bytes"] - other["vram_bytes"] <= 512 * n_gpu_tensors
     assert other["system_ram_bytes"] == w["system_ram_bytes"]
     # the estimate from config + bpw lands near the real checkpoint
@@ -375,7 +375,7 @@ def test_cli_plan_json_and_errors(capsys):
 
 def test_gpu_recordings_are_registered_and_refuse_without_cuda():
     assert set(m.GPU_RECORDINGS) == {"memory_cuda_context", "memory_predicted_vs_measured"}
-    from helpers import gpu
+    from helpers.core import devices as gpu
 
     if gpu.cuda_status()["available"]:
         pytest.skip("a CUDA GPU is here")

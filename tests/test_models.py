@@ -19,9 +19,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import models, quality
-from helpers.errors import CourseError
-from helpers.paths import MODEL_ENV, REPO_DIR
+from helpers.models import embedded as models
+from helpers.lessons import quality
+from helpers.core.errors import CourseError
+from helpers.core.paths import MODEL_ENV, REPO_DIR
 
 torch.set_num_threads(2)
 FIXTURES = REPO_DIR / "tests" / "fixtures" / "exl2"
@@ -152,7 +153,7 @@ def test_float_logits_match_transformers_reading_the_gguf(float_dir):
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    from helpers.reference import ReferenceModel
+    from helpers.engines.reference import ReferenceModel
 
     cfg, state = models.load_float_tensors(float_dir)
     with torch.device("meta"):
@@ -173,7 +174,7 @@ def test_float_logits_match_transformers_reading_the_gguf(float_dir):
 
 
 def test_float_model_answers_paris(float_dir):
-    from helpers.reference import ReferenceModel
+    from helpers.engines.reference import ReferenceModel
 
     model = ReferenceModel.from_dir(float_dir, max_seq_len=128)
     answer = model.generate(models.CAPITAL_PROMPT, max_new_tokens=12)
@@ -182,8 +183,8 @@ def test_float_model_answers_paris(float_dir):
 
 # --- the embedded EXL2 model -----------------------------------------------------------------------------------------
 def test_embedded_model_is_exl2_and_answers_paris(embedded):
-    from helpers.exl2 import open_exl2
-    from helpers.reference import ReferenceModel
+    from helpers.format.exl2 import open_exl2
+    from helpers.engines.reference import ReferenceModel
 
     assert models.check_exl2_dir(embedded) == embedded.resolve()
     ckpt = open_exl2(embedded)
@@ -245,7 +246,7 @@ def test_killed_float_build_leaves_nothing_finished_and_rerun_completes(tmp_cach
 
 
 def test_exception_mid_exl2_write_then_rerun_gives_loadable_checkpoint(tmp_cache, float_dir, monkeypatch):
-    from helpers import exl2
+    from helpers.format import exl2
 
     _link_float(float_dir, tmp_cache)
     real_writer = exl2.write_exl2
@@ -350,7 +351,7 @@ def test_embedded_perplexity_is_close_to_float(float_dir, embedded):
 
 
 def test_quality_sweep_is_cached(float_dir, embedded, monkeypatch):
-    from helpers.paths import cache_dir
+    from helpers.core.paths import cache_dir
 
     cached = cache_dir() / f"quality-sweep-{quality._sweep_key([8.0, 2.5], 64)}.json"
     cached.unlink(missing_ok=True)
@@ -366,7 +367,7 @@ def test_quality_sweep_is_cached(float_dir, embedded, monkeypatch):
 # --- GPU -------------------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 def test_exllamav2_answers_paris():
-    from helpers import gpu
+    from helpers.core import devices as gpu
 
     if not gpu.cuda_status()["available"]:
         pytest.skip("needs a CUDA GPU and exllamav2")

@@ -5,8 +5,8 @@ import types
 
 import pytest
 
-from helpers import record
-from helpers.errors import CourseError
+from helpers.recordings import registry as record
+from helpers.core.errors import CourseError
 
 
 def test_every_recording_is_discoverable_on_cpu():
@@ -30,7 +30,7 @@ def test_unknown_only_pattern(monkeypatch):
 
 
 def test_skips_what_the_ledger_holds_and_resumes(monkeypatch, tmp_path, capsys):
-    from helpers import gpu
+    from helpers.core import devices as gpu
 
     monkeypatch.setenv("EXL2_COURSE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(record, "discover", lambda: ["helpers.fake:a", "helpers.fake:b"])

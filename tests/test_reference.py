@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers.errors import CourseError, CourseWarning
-from helpers.reference import (DecoderConfig, KVCache, ReferenceModel, TextStream, Tokenizer, rope_inv_freq,
+from helpers.core.errors import CourseError, CourseWarning
+from helpers.engines.reference import (DecoderConfig, KVCache, ReferenceModel, TextStream, Tokenizer, rope_inv_freq,
                                sample_next)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "exl2"
@@ -142,7 +142,7 @@ def test_llama3_rope_keeps_short_wavelengths_and_slows_long_ones():
 def test_agrees_with_transformers_on_the_embedded_models_float_source():
     from transformers import AutoModelForCausalLM
 
-    from helpers.models import float_model_dir
+    from helpers.models.embedded import float_model_dir
 
     folder = float_model_dir()
     ref = ReferenceModel.from_dir(folder, max_seq_len=128)
@@ -288,7 +288,7 @@ def test_greedy_generation_is_deterministic_and_streams():
 
 
 def test_embedded_model_answers_paris():
-    from helpers.models import embedded_model_dir
+    from helpers.models.embedded import embedded_model_dir
 
     model = ReferenceModel.from_dir(embedded_model_dir(), max_seq_len=256)
     assert model.tokenizer.has_chat_template
@@ -297,7 +297,7 @@ def test_embedded_model_answers_paris():
 
 
 def test_decode_attention_by_hand_is_what_the_fused_kernel_computes():
-    from helpers.reference import attention, attention_by_hand
+    from helpers.engines.reference import attention, attention_by_hand
 
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 1, 9, 64, generator=gen), torch.randn(1, 40, 3, 64, generator=gen),

@@ -6,8 +6,10 @@ import json
 import pytest
 import torch
 
-from helpers import exl2, paths, synthetic
-from helpers.errors import CourseError
+from helpers.format import exl2
+from helpers.core import paths
+from helpers.format import synthetic
+from helpers.core.errors import CourseError
 
 torch.set_num_threads(2)
 

@@ -11,10 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import backend as B
-from helpers import exl2, memory, plots, tour
+from helpers.engines import backend as B
+from helpers.format import exl2
+from helpers.memory import accounting as memory
+from helpers import plots
+from helpers.lessons import tour
 from helpers.__main__ import main as cli
-from helpers.errors import CourseError
+from helpers.core.errors import CourseError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "exl2"
 LLAMA3 = FIXTURES / "tiny_llama_b3.0"      # exllamav2's converter at 3.0 bpw: 2, 3, 4, 6 and 8-bit groups
@@ -44,7 +47,7 @@ def test_inspect_report_equals_the_cli_json(folder):
 
 
 def test_the_embedded_model_report_equals_the_cli_json():
-    from helpers.models import embedded_model_dir
+    from helpers.models.embedded import embedded_model_dir
 
     folder = embedded_model_dir(build=False)
     ours = json.loads(json.dumps(tour.inspect_report(tour.open_model(folder))))
@@ -114,7 +117,7 @@ def test_hand_unpack_reads_the_packed_bit_stream(bits):
 
 
 def test_walkthrough_agrees_with_the_library_and_with_exllamav2():
-    """Each first group's bit width (8, 6, 4, 3 and 2 occur in this fixture), decoded by hand, equals helpers.exl2's
+    """Each first group's bit width (8, 6, 4, 3 and 2 occur in this fixture), decoded by hand, equals helpers.format.exl2's
     decoder, and the weights placed by q_invperm equal exllamav2's own get_weight_tensor_dq() within fp16 rounding."""
     from safetensors.torch import load_file
 
@@ -136,7 +139,7 @@ def test_walkthrough_agrees_with_the_library_and_with_exllamav2():
             seen.add(w["bits"])
     assert {8, 4, 3}.issubset(seen)
     text = tour.format_walkthrough(tour.decode_walkthrough(ckpt, "model.layers.0.self_attn.q_proj"))
-    assert "hand decoding agrees with helpers.exl2: True" in text and "low nibble first" in text
+    assert "hand decoding agrees with helpers.format.exl2: True" in text and "low nibble first" in text
 
 
 def test_walkthrough_catches_a_wrong_decoder(monkeypatch):
@@ -161,7 +164,7 @@ def test_load_with_memory_reads_before_and_after_and_the_cache_it_predicts():
         tour.load_with_memory(QWEN, max_seq_len=256, cache_mode="q4", backend="reference")
 
 
-@pytest.mark.filterwarnings("ignore::helpers.errors.CourseWarning")   # the fixture has no chat template
+@pytest.mark.filterwarnings("ignore::helpers.core.errors.CourseWarning")   # the fixture has no chat template
 def test_chat_streams_each_answer():
     be = B.load(LLAMA45, max_seq_len=128, backend="reference")
     out: list[str] = []
@@ -241,7 +244,7 @@ def test_reference_vs_transformers_on_a_float_checkpoint(tmp_path):
 
 # --- 4. quantization cost -------------------------------------------------------------------------------------------
 def test_quantization_cost_asks_quality_for_the_notebooks_bounded_sweep(monkeypatch):
-    import helpers.quality as Q
+    import helpers.lessons.quality as Q
 
     seen = {}
     monkeypatch.setattr(Q, "quality_sweep", lambda bits, *, max_tokens: seen.update(bits=bits, tokens=max_tokens) or [])
@@ -261,7 +264,7 @@ def test_quantization_cost_asks_quality_for_the_notebooks_bounded_sweep(monkeypa
 
 # --- 5. the reader's own model --------------------------------------------------------------------------------------
 def test_own_model_from_the_environment_or_the_embedded_one(monkeypatch):
-    import helpers.models as M
+    import helpers.models.embedded as M
 
     monkeypatch.setattr(M, "embedded_model_dir", lambda *a, **k: LLAMA45)
     monkeypatch.delenv("EXL2_COURSE_MODEL", raising=False)

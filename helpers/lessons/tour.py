@@ -3,19 +3,19 @@
 The notebook (``notebooks/02_load_an_exl2_model.ipynb``) keeps its cells short; everything it computes is here:
 
 1. Inside the file (``tensor_inventory``, ``linear_tensors``, ``decode_walkthrough``): which tensors an EXL2 file
-   holds, and one linear decoded by hand, bit by bit, checked against ``helpers.exl2``'s decoder. The per-layer chart
+   holds, and one linear decoded by hand, bit by bit, checked against ``helpers.format.exl2``'s decoder. The per-layer chart
    and the byte breakdown come from ``inspect_report``, which is exactly what ``python -m helpers inspect --json``
    prints (``Exl2Checkpoint.layer_table()`` and ``.byte_breakdown()``); a test holds the two equal.
-2. Loading (``load_with_memory``): ``helpers.backend.load`` with an explicit ``max_seq_len`` and cache mode, memory
+2. Loading (``load_with_memory``): ``helpers.engines.backend.load`` with an explicit ``max_seq_len`` and cache mode, memory
    read before and after (NVML's used bytes on a GPU, the process's resident bytes on a CPU), then ``chat``.
 3. Agreement (``agreement``): on a GPU, exllamav2's and the reference's logits on one prompt, live; elsewhere the
    recorded GPU comparison (labelled) and the live reference against the recorded exllamav2 logits, plus
    ``reference_vs_transformers``: the reference against transformers' LlamaForCausalLM on the float source.
-4. Quantization cost (``quantization_cost``): ``helpers.quality.quality_sweep`` on a bounded text, cached.
+4. Quantization cost (``quantization_cost``): ``helpers.lessons.quality.quality_sweep`` on a bounded text, cached.
 5. The reader's own model (``own_model``): ``$EXL2_COURSE_MODEL``, or the embedded model with a one-line note.
 
 Imports: exl2, models, memory, backend, quality, results, gpu (all below this module). exllamav2 is never imported
-here; the GPU branch goes through ``helpers.backend``, which imports it only after ``gpu.require_cuda()``.
+here; the GPU branch goes through ``helpers.engines.backend``, which imports it only after ``gpu.require_cuda()``.
 """
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ from typing import Callable
 
 import torch
 
-from . import gpu
-from .errors import CourseError
-from .exl2 import GIB, Exl2Checkpoint, QuantLinear, inspect_summary, inspect_text, open_exl2
-from .paths import MODEL_ENV
+from helpers.core import devices as gpu
+from helpers.core.errors import CourseError
+from helpers.format.exl2 import GIB, Exl2Checkpoint, QuantLinear, inspect_summary, inspect_text, open_exl2
+from helpers.core.paths import MODEL_ENV
 
 #: the prompt of the chat and of the agreement checks
 PROMPT = "What is the capital of France?"
@@ -40,7 +40,7 @@ DEMO_LINEAR = "model.layers.0.self_attn.k_proj"
 SWEEP_BITS = (3, 4, 5, 6, 8)
 SWEEP_TOKENS = 256
 #: a checkpoint made by exllamav2's own converter (test fixture): its layers carry different bit mixes
-CONVERTER_FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "exl2" / "tiny_llama_b3.0"
+CONVERTER_FIXTURE = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "exl2" / "tiny_llama_b3.0"
 
 
 def fmt_gib(n: float, digits: int = 4) -> str:
@@ -53,7 +53,7 @@ def fmt_gib(n: float, digits: int = 4) -> str:
 
 def open_model(model_dir: str | os.PathLike | None = None) -> Exl2Checkpoint:
     """Open an EXL2 checkpoint: ``model_dir``, else ``$EXL2_COURSE_MODEL``, else the embedded model."""
-    from .models import resolve_model_dir
+    from helpers.models.embedded import resolve_model_dir
 
     return open_exl2(resolve_model_dir(model_dir))
 
@@ -126,7 +126,7 @@ def hand_unpack(words: list[int], bits: int, count: int) -> list[int]:
 
 def decode_walkthrough(ckpt: Exl2Checkpoint, prefix: str = DEMO_LINEAR, *, column: int = 0, n_values: int = 6) \
         -> dict:
-    """One linear decoded by hand in front of the reader, checked against helpers.exl2's vectorised decoder.
+    """One linear decoded by hand in front of the reader, checked against helpers.format.exl2's vectorised decoder.
 
     For the first group and one output ``column``: the q_scale word, its 8 4-bit codes, the scale
     ``(code + 1)^2 * q_scale_max / 256``; the first q_weight words of the column, the first ``n_values`` codes in
@@ -191,14 +191,14 @@ def format_walkthrough(d: dict) -> str:
         f"q_invperm puts stored rows 0..{len(d['codes']) - 1} at inputs {d['stored_rows_to_inputs']} of the "
         f"logical weight; dequantize()[{d['column']}, those inputs] = "
         + ", ".join(f"{w:+.5f}" for w in d["weights_in_logical_matrix"]),
-        f"hand decoding agrees with helpers.exl2: {d['agrees']}",
+        f"hand decoding agrees with helpers.format.exl2: {d['agrees']}",
     ]
     return "\n".join(lines)
 
 
 def inspect_report(ckpt: Exl2Checkpoint) -> dict:
     """Exactly what ``python -m helpers inspect DIR --json`` prints, from the same functions:
-    {'layers': ``Exl2Checkpoint.layer_table()``, 'totals': ``helpers.exl2.inspect_summary()``}. The notebook's chart
+    {'layers': ``Exl2Checkpoint.layer_table()``, 'totals': ``helpers.format.exl2.inspect_summary()``}. The notebook's chart
     and byte lines are drawn from this dict and nothing else (tests/test_tour.py holds the two equal)."""
     return {"layers": ckpt.layer_table(), "totals": inspect_summary(ckpt)}
 
@@ -227,7 +227,7 @@ def vram_parts(totals: dict) -> list[tuple[str, int]]:
 
 def summary(ckpt: Exl2Checkpoint) -> str:
     """One paragraph: what this checkpoint is."""
-    from .exl2 import config_get
+    from helpers.format.exl2 import config_get
 
     cfg = ckpt.config
     t = inspect_summary(ckpt)   # the numbers inspect prints, rounded as it rounds them
@@ -275,13 +275,13 @@ class Loaded:
 
 def load_with_memory(model_dir: str | os.PathLike | None = None, *, max_seq_len: int, cache_mode: str,
                      backend: str = "auto") -> Loaded:
-    """``helpers.backend.load`` with memory read before and after, and the cache exllamav2 would allocate.
+    """``helpers.engines.backend.load`` with memory read before and after, and the cache exllamav2 would allocate.
 
     exllamav2 shows its own progress bar (one step per module); the reference's load is one step (read and
     dequantize every linear, allocate the cache), shown as such."""
-    from . import backend as B
-    from . import memory
-    from .progress import progress
+    from helpers.engines import backend as B
+    from helpers.memory import accounting as memory
+    from helpers.core.progress import progress
 
     engine, device, _ = B.choose_backend(backend)
     before = memory_reading(device)
@@ -321,11 +321,11 @@ def agreement(be, *, steps: int = 8, results_dir: Path | None = None) -> dict:
     """exllamav2 against the reference on ``PROMPT``.
 
     ``be`` is exllamav2 (a CUDA machine): the reference is loaded on the same GPU in float32 and both run live
-    (``helpers.backend.measure_agreement``). Otherwise the latest recording (``results/agreement``) is shown with its
+    (``helpers.engines.backend.measure_agreement``). Otherwise the latest recording (``results/agreement``) is shown with its
     label, and this machine's engine is compared live with the recorded exllamav2 logits on the recorded prompt ids
-    (``helpers.backend.recorded_vs_live``). ``mode``: 'live', 'recorded' or 'none'."""
-    from . import backend as B
-    from .results import label
+    (``helpers.engines.backend.recorded_vs_live``). ``mode``: 'live', 'recorded' or 'none'."""
+    from helpers.engines import backend as B
+    from helpers.core.results import label
 
     if be.name == "exllamav2":
         ref = B.load(be.model_dir, max_seq_len=min(1024, be.max_seq_len), backend="reference", device="cuda",
@@ -369,8 +369,8 @@ def reference_vs_transformers(float_dir: str | os.PathLike | None = None, prompt
     float safetensors (the embedded model's source by default): logits of every position of one chat prompt."""
     import warnings
 
-    from .models import float_model_dir
-    from .reference import ReferenceModel
+    from helpers.models.embedded import float_model_dir
+    from helpers.engines.reference import ReferenceModel
 
     folder = Path(float_dir) if float_dir is not None else float_model_dir()
     with warnings.catch_warnings():
@@ -407,8 +407,8 @@ def format_reference_vs_transformers(r: dict, tol: float = 1e-4) -> str:
 # ====================================================================================================================
 
 def quantization_cost(bits_list=SWEEP_BITS, *, max_tokens: int = SWEEP_TOKENS) -> list[dict]:
-    """``helpers.quality.quality_sweep`` at the notebook's widths and text length (cached after the first run)."""
-    from .quality import quality_sweep
+    """``helpers.lessons.quality.quality_sweep`` at the notebook's widths and text length (cached after the first run)."""
+    from helpers.lessons.quality import quality_sweep
 
     return quality_sweep(bits_list, max_tokens=max_tokens)
 
@@ -428,7 +428,7 @@ def format_cost(rows: list[dict]) -> str:
 def own_model() -> tuple[Path, str]:
     """(folder, one-line message): ``$EXL2_COURSE_MODEL`` if set and valid, else the embedded model. A bad value is
     reported in the message (not raised), and the embedded model is used."""
-    from .models import check_exl2_dir, embedded_model_dir
+    from helpers.models.embedded import check_exl2_dir, embedded_model_dir
 
     value = os.environ.get(MODEL_ENV, "").strip()
     if not value:

@@ -1,7 +1,7 @@
 """The reference decoder: Llama, Mistral and Qwen2 written out in plain PyTorch, with an exllamav2-shaped KV cache.
 
 Why it exists: the course runs everywhere, also where there is no NVIDIA GPU. This module reads the same EXL2
-files as exllamav2 (dequantized to floats by ``helpers.exl2``) or a float Hugging Face directory, and computes the
+files as exllamav2 (dequantized to floats by ``helpers.format.exl2``) or a float Hugging Face directory, and computes the
 same logits, so every notebook has a CPU path. It is written to be read next to the course text:
 
 - one function per step of a decoder layer (``rms_norm``, ``apply_rope``, ``attention``, ``mlp``);
@@ -35,7 +35,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from .errors import CourseError, CourseWarning
+from helpers.core.errors import CourseError, CourseWarning
 
 #: architectures (config.json "architectures"[0]) this decoder implements
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -164,7 +164,7 @@ def load_state_dict(model_dir: str | Path, dtype: torch.dtype = torch.float32) -
         raise CourseError(f"{model_dir} holds no *.safetensors weights: the reference reads safetensors only "
                           "(convert .bin/.gguf first)")
     if is_exl2_dir(model_dir):
-        from .exl2 import open_exl2  # dequantizes EXL2 tensors into floats, logical (file) order
+        from helpers.format.exl2 import open_exl2  # dequantizes EXL2 tensors into floats, logical (file) order
 
         return cfg, open_exl2(model_dir).float_state_dict(dtype)
     from safetensors.torch import load_file

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
 REPO_DIR = PACKAGE_DIR.parent
 RESULTS_DIR = Path(os.environ.get("EXL2_COURSE_RESULTS", REPO_DIR / "results"))
 CONFIGS_DIR = PACKAGE_DIR / "configs"

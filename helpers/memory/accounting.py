@@ -44,8 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import CourseError, CourseWarning
-from .paths import CONFIGS_DIR, MODEL_ENV, RESULTS_DIR
+from helpers.core.errors import CourseError, CourseWarning
+from helpers.core.paths import CONFIGS_DIR, MODEL_ENV, RESULTS_DIR
 
 GIB = 2**30
 MIB = 2**20
@@ -788,9 +788,9 @@ def weight_bytes(spec: Any, bpw: float | None = None, head_bits: int = 6) -> dic
 
 
 def _exl2_cross_check(folder: str) -> dict:
-    """The format module's own byte count, when ``helpers.exl2`` is there (it is another engineer's module)."""
+    """The format module's own byte count, when ``helpers.format.exl2`` is there (it is another engineer's module)."""
     try:
-        from . import exl2  # noqa: WPS433 (memory may import exl2)
+        from helpers.format import exl2  # noqa: WPS433 (memory may import exl2
         ckpt = exl2.open_exl2(folder)
         bb = ckpt.byte_breakdown()
         return {"exl2_breakdown": {k: bb[k] for k in ("vram_bytes", "system_ram_bytes") if k in bb}}
@@ -1612,7 +1612,7 @@ _JSON_TAG = "@@MEMORY_JSON@@"
 
 
 def _nvml_used() -> int | None:
-    from . import gpu
+    from helpers.core import devices as gpu
 
     return gpu.nvml_used_bytes(int(os.environ.get("EXL2_COURSE_GPU_INDEX", "0")))
 
@@ -1686,7 +1686,7 @@ def _child_measure(model_dir: str, mode: str, max_seq_len: int) -> dict:
 
 
 def _run_child(call: str, timeout: int = 1800) -> dict:
-    code = (f"import json; from helpers.memory import _JSON_TAG, {call.split('(')[0]}; "
+    code = (f"import json; from helpers.memory.accounting import _JSON_TAG, {call.split('(')[0]}; "
             f"print(_JSON_TAG + json.dumps({call}))")
     env = dict(os.environ, EXL2_COURSE_NO_PROGRESS="1")
     try:
@@ -1702,7 +1702,8 @@ def _run_child(call: str, timeout: int = 1800) -> dict:
 
 def record_cuda_context(repeats: int = 3) -> Path:
     """Measure the CUDA context in ``repeats`` fresh processes; saves results/memory/cuda-context-<gpu>-<date>.json."""
-    from . import gpu, results
+    from helpers.core import devices as gpu
+    from helpers.core import results
 
     gpu.require_cuda("measuring the CUDA context")
     rows = []
@@ -1718,9 +1719,9 @@ def record_cuda_context(repeats: int = 3) -> Path:
 
 
 def _synthetic_14b_dir() -> Path:
-    """A Qwen2.5-14B-shaped 5.5 bpw EXL2 checkpoint with random weights (helpers.synthetic, another room)."""
-    from . import paths
-    from . import synthetic  # noqa: WPS433 (GPU recording only; memory's own math never needs it)
+    """A Qwen2.5-14B-shaped 5.5 bpw EXL2 checkpoint with random weights (helpers.format.synthetic, another room)."""
+    from helpers.core import paths
+    from helpers.format import synthetic  # noqa: WPS433 (GPU recording only; memory's own math never needs it
 
     out = paths.cache_dir() / "synthetic" / "qwen2.5-14b-5.5bpw"
     if (out / "config.json").exists() and any(out.glob("*.safetensors")):
@@ -1732,14 +1733,15 @@ def record_predicted_vs_measured(modes: Iterable[str] = ("fp16", "q8", "q4"),
                                  lengths: Iterable[int] = (4096, 32768), models: Iterable[str] = ("embedded", "qwen2.5-14b")) -> Path:
     """Predicted vs measured for the embedded model and a synthetic Qwen2.5-14B 5.5 bpw checkpoint, each cache mode
     and length in a fresh process. Rows say whether torch's allocation is within 2% and NVML within 3%."""
-    from . import gpu, results
-    from .progress import progress
+    from helpers.core import devices as gpu
+    from helpers.core import results
+    from helpers.core.progress import progress
 
     gpu.require_cuda("recording predicted vs measured memory")
     dirs = {}
     for m in models:
         if m == "embedded":
-            from . import models as course_models  # noqa: WPS433 (GPU recording only)
+            from helpers.models import embedded as course_models  # noqa: WPS433 (GPU recording only
             dirs[m] = Path(course_models.embedded_model_dir())
         elif m == "qwen2.5-14b":
             dirs["qwen2.5-14b-synthetic-5.5bpw"] = _synthetic_14b_dir()
@@ -1784,7 +1786,7 @@ GPU_RECORDINGS = {
 
 def recorded_rows(kind: str | None = None) -> list[tuple[dict, dict]]:
     """(row, provenance) of every recorded memory result (optionally of one kind), oldest first."""
-    from . import results
+    from helpers.core import results
 
     out = []
     for doc in results.load_results("memory"):
@@ -1800,7 +1802,7 @@ NOT_RECORDED = "not recorded yet: run `make gpu-results` on a CUDA machine"
 def recorded_report() -> str:
     """Recorded predicted-vs-measured rows and CUDA-context measurements as text, each labelled with where and when;
     or one line saying nothing is recorded yet."""
-    from . import results
+    from helpers.core import results
 
     lines = []
     ctx = recorded_rows("cuda_context")

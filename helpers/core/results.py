@@ -19,8 +19,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import CourseError
-from .paths import RESULTS_DIR
+from helpers.core.errors import CourseError
+from helpers.core.paths import RESULTS_DIR
 
 
 def _version(dist: str) -> str | None:
@@ -32,7 +32,7 @@ def _version(dist: str) -> str | None:
 
 def provenance(command: str | Iterable[str] | None = None) -> dict[str, Any]:
     """Where and how a result was made. Reads CUDA/NVML only if they are there; never raises for their absence."""
-    from . import gpu  # local import: results is used by modules below gpu as well
+    from helpers.core import devices as gpu  # local import: results is used by modules below gpu as well
 
     info = gpu.device_summary()
     if command is None:

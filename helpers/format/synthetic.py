@@ -6,7 +6,7 @@ checkpoint exllamav2 loads like the real one:
 
 * every quantized linear gets two neighbouring widths mixed to hit its own target (like exllamav2's optimizer, whose
   picks look like ``0.1:6b_32g/0.9:5b_32g``); layer targets wander around the overall target with a fixed seed and
-  are nudged so that the whole comes out at the target (counted as in :mod:`helpers.exl2`: head excluded);
+  are nudged so that the whole comes out at the target (counted as in :mod:`helpers.format.exl2`: head excluded);
 * the head gets exllamav2's head mix for ``head_bits`` (6 -> 0.15:8b/0.85:6b in 128-row groups, about 6.3 bpw);
 * ``q_weight`` and ``q_scale`` are random int32 words (every word is valid data at every width);
   ``q_scale_max`` is set so that each dequantized weight has a standard deviation of about 0.5/sqrt(in_features):
@@ -31,8 +31,8 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from . import exl2
-from .errors import CourseError
+from helpers.format import exl2
+from helpers.core.errors import CourseError
 
 GIB = 2**30
 _CHUNK = 1 << 22  # uint64 words per generator chunk (32 MiB); fixed, so output does not depend on thread count
@@ -43,7 +43,7 @@ WEIGHT_GAIN = 0.5
 
 def resolve_config(config: Mapping | str | os.PathLike) -> dict:
     """A config dict from a dict, a path to config.json (or its folder), or a bundled name ('qwen2.5-14b')."""
-    from . import paths
+    from helpers.core import paths
 
     if isinstance(config, Mapping):
         return dict(config)
@@ -220,7 +220,7 @@ def write_synthetic(config: Mapping | str | os.PathLike, bpw: float, out_dir: st
                     threads: int | None = None, overwrite: bool = True) -> Path:
     """Write a synthetic EXL2 checkpoint with the config's exact shapes at ``bpw`` (decoder, head excluded).
     Returns the directory. Atomic: built beside ``out_dir`` and renamed into place."""
-    from .progress import progress as bar
+    from helpers.core.progress import progress as bar
 
     cfg = resolve_config(config)
     bpw = float(bpw)

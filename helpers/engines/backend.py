@@ -28,11 +28,11 @@ from typing import Callable
 
 import torch
 
-from . import gpu
-from .errors import CourseError
-from .reference import ReferenceModel, Tokenizer, check_context, generate_text, read_config
+from helpers.core import devices as gpu
+from helpers.core.errors import CourseError
+from helpers.engines.reference import ReferenceModel, Tokenizer, check_context, generate_text, read_config
 
-from .memory import CACHE_CLASSES, CACHE_MODES  # cache mode -> exllamav2 class name (memory owns the accounting)
+from helpers.memory.accounting import CACHE_CLASSES, CACHE_MODES  # cache mode -> exllamav2 class name (memory owns the accounting)
 
 BACKENDS = ("auto", "exllamav2", "reference")
 QUANTIZED_CACHE_ERROR = "quantized caches need exllamav2 on a CUDA GPU; use cache_mode='fp16' here"
@@ -164,7 +164,7 @@ class Backend:
 # --------------------------------------------------------------------------------------------------------------------
 
 class ReferenceBackend(Backend):
-    """The pure-PyTorch decoder (helpers.reference). CPU: float32 weights and cache (4 bytes per cache element,
+    """The pure-PyTorch decoder (helpers.engines.reference). CPU: float32 weights and cache (4 bytes per cache element,
     twice exllamav2's FP16 cache); CUDA: float16, the same bytes per element as exllamav2's FP16 cache."""
 
     name = "reference"
@@ -243,7 +243,7 @@ class ExLlamaV2Backend(Backend):
 
     def __init__(self, model_dir: Path, *, max_seq_len: int, cache_mode: str, reason: str):
         ex = _import_exllamav2()
-        from .progress import progress
+        from helpers.core.progress import progress
 
         self.model_dir, self.device, self.reason = Path(model_dir), "cuda", reason
         self.max_seq_len, self.cache_mode = int(max_seq_len), cache_mode
@@ -271,7 +271,7 @@ class ExLlamaV2Backend(Backend):
 
     @functools.cached_property
     def tokenizer(self) -> Tokenizer:
-        """Loaded on first use: a synthetic checkpoint (helpers.synthetic) has no tokenizer and is only benchmarked."""
+        """Loaded on first use: a synthetic checkpoint (helpers.format.synthetic) has no tokenizer and is only benchmarked."""
         return Tokenizer(self.model_dir)
 
     @property
@@ -356,7 +356,7 @@ def load(model_dir: str | Path | None = None, *, max_seq_len: int = 4096, cache_
          backend: str = "auto", device: str | None = None, dtype: torch.dtype | None = None) -> Backend:
     """Load a model with a preallocated cache of ``max_seq_len`` tokens on the engine that fits this machine.
 
-    model_dir None -> helpers.models.resolve_model_dir() (argument, $EXL2_COURSE_MODEL, the embedded model).
+    model_dir None -> helpers.models.embedded.resolve_model_dir() (argument, $EXL2_COURSE_MODEL, the embedded model).
     dtype applies to the reference only (default float32 on the CPU, float16 on CUDA)."""
     cache_mode = str(cache_mode).lower()
     if cache_mode not in CACHE_MODES:
@@ -367,7 +367,7 @@ def load(model_dir: str | Path | None = None, *, max_seq_len: int = 4096, cache_
     if engine == "reference" and cache_mode != "fp16":
         raise CourseError(f"{QUANTIZED_CACHE_ERROR} (this machine runs the reference: {reason})")
     if model_dir is None:
-        from .models import resolve_model_dir
+        from helpers.models.embedded import resolve_model_dir
 
         model_dir = resolve_model_dir()
     model_dir = Path(model_dir).expanduser()
@@ -496,8 +496,8 @@ def save_agreement(name: str, rows: list[dict], extra: dict, tensors: dict[str, 
     """results/agreement/<name>.json (rows, summary, provenance) and <name>.safetensors beside it, both atomic."""
     from safetensors.torch import save_file
 
-    from .paths import RESULTS_DIR
-    from .results import provenance, save_result, slug
+    from helpers.core.paths import RESULTS_DIR
+    from helpers.core.results import provenance, save_result, slug
 
     folder = Path(results_dir or RESULTS_DIR) / AGREEMENT_TOPIC
     folder.mkdir(parents=True, exist_ok=True)
@@ -516,8 +516,8 @@ def record_agreement(max_new_tokens: int = 48) -> Path:
     .safetensors file with the prompt ids, exllamav2's prompt logits and both engines' last-position logits, so
     notebook 02 can compare the reference it runs live on a CPU against the recorded exllamav2 logits
     (``recorded_vs_live``)."""
-    from .models import embedded_model_dir
-    from .results import provenance
+    from helpers.models.embedded import embedded_model_dir
+    from helpers.core.results import provenance
 
     gpu.require_cuda("recording exllamav2 vs reference agreement")
     model_dir = embedded_model_dir()
@@ -539,7 +539,7 @@ def load_agreement(results_dir: Path | None = None) -> tuple[dict, dict[str, tor
     """The latest recorded agreement (its JSON document, its tensors), or None if nothing is recorded yet."""
     from safetensors.torch import load_file
 
-    from .results import load_results
+    from helpers.core.results import load_results
 
     docs = [d for d in load_results(AGREEMENT_TOPIC, results_dir=results_dir) if d.get("tensors_file")]
     if not docs:

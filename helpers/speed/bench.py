@@ -42,7 +42,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from .errors import CourseError
+from helpers.core.errors import CourseError
 
 GIB = 2**30
 #: exllamav2 pages its cache in blocks of 256 tokens (generator/dynamic.py: PAGED_PAGE_SIZE); a cache length must be
@@ -129,7 +129,7 @@ def kv_read_bytes(shape: Any, depth: int, cache_mode: str = "fp16") -> int:
 
     Not the FP16 temp layer that quantized modes also allocate: it is scratch, written and read again while a layer
     runs (that traffic is left out of the count, so the quantized-cache roofline is optimistic at depth)."""
-    from . import memory
+    from helpers.memory import accounting as memory
 
     s = memory.model_shape(shape)
     return int(s.n_layers * memory.kv_layer_bytes_per_token(s, cache_mode) * depth)
@@ -143,7 +143,7 @@ def decode_bytes(model_dir_or_shape: Any, depth: int, cache_mode: str = "fp16", 
     model shape (then pass ``weight_bytes`` or ``bpw``). ``weight_bytes`` overrides the weight count, e.g. with what
     a loaded backend really holds. The embedding row is reported apart, not added: it comes from system RAM.
     """
-    from . import memory
+    from helpers.memory import accounting as memory
 
     if depth < 0:
         raise CourseError(f"context depth must not be negative, got {depth}")
@@ -203,7 +203,7 @@ def measure_bandwidth(device: str = "cpu", *, nbytes: int | None = None, repeats
     device = str(device)
     is_cuda = device.startswith("cuda")
     if is_cuda:
-        from . import gpu
+        from helpers.core import devices as gpu
 
         gpu.require_cuda("measuring GPU memory bandwidth")
     key = f"{device}:{nbytes}:{threads}"
@@ -240,7 +240,7 @@ def datasheet_bandwidth(device_name: str | None) -> float | None:
     """The datasheet memory bandwidth of a known GPU (bytes/s) from ``memory.GPUS``, or None."""
     if not device_name:
         return None
-    from . import memory
+    from helpers.memory import accounting as memory
 
     name = str(device_name).strip()
     try:
@@ -273,7 +273,7 @@ def _uses_exllamav2(backend: str) -> bool:
         return True
     if backend != "auto":
         return False
-    from . import gpu
+    from helpers.core import devices as gpu
 
     return gpu.course_path()[0] == "gpu"
 
@@ -284,7 +284,7 @@ def check_request(ctx: int, depth: int, *, cache_mode: str = "fp16", backend: st
     check_config(ctx, depth, decode_tokens=decode_tokens, exllamav2=_uses_exllamav2(backend))
     why = _needs_gpu(backend, cache_mode)
     if why:
-        from . import gpu
+        from helpers.core import devices as gpu
 
         gpu.require_cuda(f"measuring {why}")
 
@@ -440,7 +440,7 @@ def measure_loaded(b, depth: int, *, repeats: int = 5, warmup: int = 2, decode_t
                    prefill_tokens: int = 512, profile_steps: int = 4, bandwidth_bytes_s: float | None = None,
                    progress: bool = True, desc: str = "") -> dict[str, Any]:
     """Measure one depth on an already loaded backend ``b`` (its cache length is ``b.max_seq_len``)."""
-    from .progress import progress as bar
+    from helpers.core.progress import progress as bar
 
     ctx, mode = int(b.max_seq_len), str(b.cache_mode)
     check_config(ctx, depth, decode_tokens=decode_tokens, exllamav2=(b.name == "exllamav2"))
@@ -546,7 +546,7 @@ def plan_matrix(ctxs: Iterable[int], depths: Iterable[int], cache_modes: Iterabl
     for m in modes:
         why = _needs_gpu(backend, m)
         if why:
-            from . import gpu
+            from helpers.core import devices as gpu
 
             gpu.require_cuda(f"measuring {why}")
     plan, first_error = [], None
@@ -575,8 +575,8 @@ def bench_matrix(model_dir=None, *, ctxs: Iterable[int] = (4096, 32768), depths:
                  model_label: str | None = None) -> list[dict[str, Any]]:
     """Every (cache mode, ctx, depth) combination; one load per (cache mode, ctx). Depths that do not fit a cache
     are skipped (a single combination that does not fit is an error)."""
-    from . import backend as backend_mod
-    from . import models
+    from helpers.engines import backend as backend_mod
+    from helpers.models import embedded as models
 
     model_dir = models.resolve_model_dir(model_dir)
     plan = plan_matrix(ctxs, depths, cache_modes, decode_tokens=decode_tokens, backend=backend,
@@ -615,7 +615,7 @@ def bench_matrix(model_dir=None, *, ctxs: Iterable[int] = (4096, 32768), depths:
 
 def _memory_before_load() -> dict[str, Any]:
     """Readings taken before a load (NVML's used bytes include other processes and the CUDA context)."""
-    from . import gpu
+    from helpers.core import devices as gpu
 
     out: dict[str, Any] = {"process_rss_bytes": gpu.process_rss_bytes()}
     if gpu.cuda_status()["available"]:
@@ -647,7 +647,7 @@ def bench_subprocess(model_dir, *, ctx: int, depth: int, cache_mode: str = "fp16
     """The same measurement in a fresh Python process (nothing cached, allocated or compiled by earlier runs)."""
     import tempfile
 
-    from .paths import REPO_DIR
+    from helpers.core.paths import REPO_DIR
 
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         out = Path(tmp) / "rows.json"
@@ -740,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
                         repeats=args.repeats, warmup=args.warmup, decode_tokens=args.decode_tokens,
                         prefill_tokens=args.prefill_tokens, progress=not args.no_progress, device=args.device,
                         skip_unfit=not single, model_label=args.label)
-    from . import results
+    from helpers.core import results
 
     prov = results.provenance(["python", "-m", "helpers", "bench", *(argv if argv is not None else sys.argv[1:])])
     if args.record:
@@ -758,7 +758,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check_modes(modes: list[str]) -> None:
-    from .backend import CACHE_MODES
+    from helpers.engines.backend import CACHE_MODES
 
     known = [m.lower() for m in CACHE_MODES]
     for m in modes:
@@ -783,8 +783,8 @@ REC_SETTINGS = dict(repeats=5, warmup=2, decode_tokens=64, prefill_tokens=512)
 
 def synthetic_dir() -> Path:
     """The 14B-shaped 5.5 bpw checkpoint in the cache folder (written once)."""
-    from . import synthetic
-    from .paths import cache_dir
+    from helpers.format import synthetic
+    from helpers.core.paths import cache_dir
 
     out = cache_dir() / "synthetic" / f"{SYNTH_CONFIG}-{SYNTH_BPW}bpw"
     if not (out / "config.json").exists():
@@ -795,8 +795,9 @@ def synthetic_dir() -> Path:
 def record_matrix(model_dir, label: str, name: str, *, ctxs=REC_CTXS, depths=REC_DEPTHS, modes=REC_MODES,
                   settings: dict | None = None, results_dir: Path | None = None) -> Path:
     """Every (mode, ctx, depth) of the matrix, each in a fresh process, saved as results/speed/<name>-<gpu>.json."""
-    from . import gpu, results
-    from .progress import progress
+    from helpers.core import devices as gpu
+    from helpers.core import results
+    from helpers.core.progress import progress
 
     gpu.require_cuda("recording decode speed")
     settings = {**REC_SETTINGS, **(settings or {})}
@@ -816,8 +817,9 @@ def record_matrix(model_dir, label: str, name: str, *, ctxs=REC_CTXS, depths=REC
 def record_repeatability(model_dir=None, label: str = SYNTH_LABEL, *, processes: int = 3, ctx: int = 4096,
                          depth: int = 128, cache_mode: str = "fp16", results_dir: Path | None = None) -> Path:
     """One configuration in ``processes`` fresh processes: the spread within each run and across runs."""
-    from . import gpu, results
-    from .progress import progress
+    from helpers.core import devices as gpu
+    from helpers.core import results
+    from helpers.core.progress import progress
 
     gpu.require_cuda("recording run-to-run variation")
     model_dir = model_dir or synthetic_dir()
@@ -836,14 +838,15 @@ def record_repeatability(model_dir=None, label: str = SYNTH_LABEL, *, processes:
 
 
 def _record_synthetic(mode: str) -> Path:
-    from . import gpu
+    from helpers.core import devices as gpu
 
     gpu.require_cuda("recording the 14B-shaped checkpoint's speed")
     return record_matrix(synthetic_dir(), SYNTH_LABEL, f"speed-qwen2.5-14b-5.5bpw-{mode}", modes=(mode,))
 
 
 def _record_embedded() -> Path:
-    from . import gpu, models
+    from helpers.core import devices as gpu
+    from helpers.models import embedded as models
 
     gpu.require_cuda("recording the embedded model's speed")
     return record_matrix(models.embedded_model_dir(), EMBEDDED_LABEL, "speed-embedded")
@@ -866,7 +869,7 @@ GPU_RECORDINGS: dict[str, Callable[[], Path]] = {
 def load_recorded(results_dir: Path | None = None, *, include_repeatability: bool = False) -> list[dict]:
     """Every recorded speed row, each with its ``label`` (where and when it was measured), ``gpu`` and ``source``
     file. The repeatability runs (one configuration in several processes) are left out unless asked for."""
-    from . import results
+    from helpers.core import results
 
     out = []
     for doc in results.load_results("speed", results_dir=results_dir):
@@ -880,7 +883,7 @@ def load_recorded(results_dir: Path | None = None, *, include_repeatability: boo
 
 def load_run_to_run(results_dir: Path | None = None) -> list[dict]:
     """The recorded run-to-run documents: [{'label', 'what', 'run_to_run', 'within_spreads'}]."""
-    from . import results
+    from helpers.core import results
 
     out = []
     for doc in results.load_results("speed", results_dir=results_dir):

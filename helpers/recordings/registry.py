@@ -2,7 +2,7 @@
 
 Each room that measures something on a GPU lists its recordings in a module-level ``GPU_RECORDINGS`` dict
 ({name: callable}); each callable checks for CUDA, measures, writes ``results/<topic>/<name>.json`` through
-``helpers.results.save_result`` (provenance included) and returns that path. This command runs every recording in a
+``helpers.core.results.save_result`` (provenance included) and returns that path. This command runs every recording in a
 fresh process (so allocations of one never colour the next), in the order of ``MODULES``, and keeps a ledger per GPU in
 the cache folder: what is already recorded for this GPU is skipped, an interrupted run resumes where it stopped, and
 ``--force`` records again. Afterwards the notebooks are re-executed so that their stored outputs show the new records.
@@ -19,13 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import CourseError
-from .paths import REPO_DIR, cache_dir
-from .results import atomic_write_text, slug
+from helpers.core.errors import CourseError
+from helpers.core.paths import REPO_DIR, cache_dir
+from helpers.core.results import atomic_write_text, slug
 
 #: rooms that may hold GPU recordings, in the order they run (cheap format checks first, the emulator last)
-MODULES = ("helpers.exl2", "helpers.models", "helpers.backend", "helpers.memory", "helpers.bench",
-           "helpers.fallback", "helpers.emulate")
+MODULES = ("helpers.format.exl2", "helpers.models.embedded", "helpers.engines.backend", "helpers.memory.accounting", "helpers.speed.bench",
+           "helpers.fallback.spill", "helpers.fallback.emulator")
 
 
 def discover() -> list[str]:
@@ -66,7 +66,7 @@ def execute_notebooks(notebooks_dir: Path = REPO_DIR / "notebooks") -> None:
     The GPU is hidden from them (``CUDA_VISIBLE_DEVICES=""``): stored outputs are what CI checks with nbval on a
     machine without one, so they must come from the CPU path, with the recorded figures read from results/. A
     reader's own run on a GPU shows live figures beside them."""
-    from .progress import progress
+    from helpers.core.progress import progress
 
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     for nb in progress(sorted(notebooks_dir.glob("[0-9][0-9]_*.ipynb")), desc="re-executing notebooks", unit="nb"):
@@ -97,7 +97,7 @@ def main(argv: list[str]) -> int:
     if not targets:
         raise CourseError(f"no recording matches --only '{args.only}'; see `python -m helpers record --list`")
 
-    from . import gpu
+    from helpers.core import devices as gpu
 
     gpu.require_cuda("recording GPU results")
     gpu_name = gpu.device_summary()["gpu_name"]
