@@ -13,8 +13,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from helpers.format import exl2
 from helpers.format import synthetic
+from helpers.format.config import resolve_config
+from helpers.format.reader import open_exl2
 
 
 def main(argv=None) -> int:
@@ -25,7 +26,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dir", default=None, help="where to build (default: a temporary folder, deleted after)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
-    cfg = synthetic.resolve_config(args.model)
+    cfg = resolve_config(args.model)
     full_layers = cfg["num_hidden_layers"]
     if args.layers:
         cfg["num_hidden_layers"] = min(args.layers, full_layers)
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         synthetic.write_synthetic(cfg, args.bpw, out, progress=True, threads=args.threads)
         dt = time.perf_counter() - t0
-        ckpt = exl2.open_exl2(out)
+        ckpt = open_exl2(out)
         disk = ckpt.byte_breakdown()["disk_bytes"]
         layer_bytes = sum(r["file_bytes"] for r in ckpt.layer_table() if r["layer"] is not None)
         n = cfg["num_hidden_layers"]

@@ -9,8 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers.format import exl2
+from helpers.core import units
 from helpers.core.errors import CourseError
+from helpers.format import packing, quantize, reader, tiny, writer
+from helpers.format.bits import auto_mix, stored_bits
+from helpers.format.names import LINEAR_KINDS
+from helpers.recordings import format_check
 
 torch.set_num_threads(2)
 FIXTURES = Path(__file__).parent / "fixtures" / "exl2"
@@ -20,7 +24,7 @@ NAMES = ["tiny_llama_b3.0", "tiny_llama_b4.5", "tiny_qwen2_b6.5"]
 @pytest.fixture(scope="module", params=NAMES)
 def fixture(request):
     d = FIXTURES / request.param
-    return exl2.open_exl2(d), load_file(str(d / "exllamav2_truth.safetensors"))
+    return reader.open_exl2(d), load_file(str(d / "exllamav2_truth.safetensors"))
 
 
 def runtime_order(ckpt, q, w_t):
@@ -50,21 +54,21 @@ def test_dequantize_matches_exllamav2(fixture):
 def test_all_bit_widths_are_exercised_by_the_fixtures():
     seen = set()
     for n in NAMES:
-        seen |= set(exl2.open_exl2(FIXTURES / n).bits_histogram())
+        seen |= set(reader.open_exl2(FIXTURES / n).bits_histogram())
     assert seen == {2, 3, 4, 5, 6, 8}
-    assert 2 in exl2.open_exl2(FIXTURES / "tiny_llama_b3.0").bits_histogram()
+    assert 2 in reader.open_exl2(FIXTURES / "tiny_llama_b3.0").bits_histogram()
 
 
 def test_bits_per_weight_is_near_the_converters_target():
     for n in NAMES:
         target = float(n.split("_b")[1])
-        ckpt = exl2.open_exl2(FIXTURES / n)
+        ckpt = reader.open_exl2(FIXTURES / n)
         assert abs(ckpt.bits_per_weight - target) < 0.05, (n, ckpt.bits_per_weight)
         assert ckpt.config["quantization_config"]["bits"] == target
 
 
 def test_counting_of_one_linear_by_hand():
-    ckpt = exl2.open_exl2(FIXTURES / "tiny_llama_b3.0")
+    ckpt = reader.open_exl2(FIXTURES / "tiny_llama_b3.0")
     q = ckpt.linears["model.layers.0.self_attn.k_proj"]
     assert q.groups == [(3, 64), (2, 64), (2, 64), (2, 64)]
     assert (q.in_features, q.out_features) == (256, 128)
@@ -109,7 +113,7 @@ def test_float_state_dict_names_and_layouts(fixture):
 
 
 def test_byte_breakdown_adds_up():
-    ckpt = exl2.open_exl2(FIXTURES / "tiny_qwen2_b6.5")
+    ckpt = reader.open_exl2(FIXTURES / "tiny_qwen2_b6.5")
     bb = ckpt.byte_breakdown()
     assert bb["vram_bytes"] == sum(bb["by_kind"].values())
     assert bb["vram_bytes"] == bb["decoder_linear_bytes"] + bb["head_bytes"] + bb["norm_bytes"]
@@ -122,8 +126,8 @@ def test_byte_breakdown_adds_up():
 
 
 def test_layer_table_rows():
-    rows = exl2.open_exl2(FIXTURES / "tiny_llama_b4.5").layer_table()
-    assert [r["kind"] for r in rows][:7] == list(exl2.LINEAR_KINDS)
+    rows = reader.open_exl2(FIXTURES / "tiny_llama_b4.5").layer_table()
+    assert [r["kind"] for r in rows][:7] == list(LINEAR_KINDS)
     assert [r["name"] for r in rows][:2] == ["model.layers.0.self_attn.q_proj",
                                                  "model.layers.0.self_attn.k_proj"]
     assert rows[-1]["name"] == "lm_head" and rows[-1]["layer"] is None
@@ -148,7 +152,7 @@ def _one_line(exc_info):
 
 def test_missing_directory(tmp_path):
     with pytest.raises(CourseError) as e:
-        exl2.open_exl2(tmp_path / "nope")
+        reader.open_exl2(tmp_path / "nope")
     assert "does not exist" in _one_line(e)
 
 
@@ -156,7 +160,7 @@ def test_missing_config(tmp_path):
     d = _copy(tmp_path)
     (d / "config.json").unlink()
     with pytest.raises(CourseError) as e:
-        exl2.open_exl2(d)
+        reader.open_exl2(d)
     assert "config.json" in _one_line(e)
 
 
@@ -166,11 +170,11 @@ def test_not_an_exl2_checkpoint(tmp_path):
     (d / "config.json").write_text(json.dumps({"hidden_size": 8}))
     save_file({"model.layers.0.self_attn.q_proj.weight": torch.zeros(8, 8)}, str(d / "model.safetensors"))
     with pytest.raises(CourseError) as e:
-        exl2.open_exl2(d)
+        reader.open_exl2(d)
     assert "not an EXL2 checkpoint" in _one_line(e)
     (d / "model.safetensors").unlink()
     with pytest.raises(CourseError) as e:
-        exl2.open_exl2(d)
+        reader.open_exl2(d)
     assert "no *.safetensors" in _one_line(e)
 
 
@@ -181,7 +185,7 @@ def test_truncated_or_corrupt_file(tmp_path, keep):
     data = f.read_bytes()
     f.write_bytes(data[: int(len(data) * keep)])
     with pytest.raises(CourseError) as e:
-        exl2.open_exl2(d)
+        reader.open_exl2(d)
     assert "corrupt" in _one_line(e)
 
 
@@ -189,7 +193,7 @@ def test_garbage_header(tmp_path):
     d = _copy(tmp_path)
     (d / "output.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     with pytest.raises(CourseError) as e:
-        exl2.open_exl2(d)
+        reader.open_exl2(d)
     assert "corrupt" in _one_line(e)
 
 
@@ -204,7 +208,7 @@ def test_missing_tensor(tmp_path):
     d = _copy(tmp_path)
     _rewrite(d, lambda t: t.pop("model.layers.1.self_attn.o_proj.q_scale"))
     with pytest.raises(CourseError) as e:
-        exl2.open_exl2(d)
+        reader.open_exl2(d)
     assert "o_proj.q_scale is missing" in _one_line(e)
 
 
@@ -222,7 +226,7 @@ def test_wrong_shapes_and_bits(tmp_path, edit, words):
     d = _copy(tmp_path)
     _rewrite(d, edit)
     with pytest.raises(CourseError) as e:
-        exl2.open_exl2(d)
+        reader.open_exl2(d)
     assert words in _one_line(e)
 
 
@@ -231,7 +235,7 @@ def test_packing_is_byte_exact_with_the_converter(fixture):
     ckpt, _ = fixture
     for name, q in ckpt.linears.items():
         stored = q.tensors()
-        made = exl2.pack_linear(q.codes(), q.scale_codes(), q.scale_max, q.groups, q.invperm, q.bias)
+        made = packing.pack_linear(q.codes(), q.scale_codes(), q.scale_max, q.groups, q.invperm, q.bias)
         assert set(made) == set(stored)
         for k in stored:
             assert made[k].dtype == stored[k].dtype and torch.equal(made[k], stored[k]), (name, k)
@@ -242,15 +246,15 @@ def test_pack_unpack_every_width(bits):
     g = torch.Generator().manual_seed(bits)
     for rows in (32, 64, 96):
         codes = torch.randint(0, 2**bits, (rows, 40), generator=g)
-        words = exl2.pack_columns(codes, bits)
+        words = packing.pack_columns(codes, bits)
         assert words.shape == (rows * bits // 32, 40) and words.dtype == torch.int32
-        assert torch.equal(exl2.unpack_columns(words, bits, rows).long(), codes)
+        assert torch.equal(packing.unpack_columns(words, bits, rows).long(), codes)
     # the layout itself: 4-bit, value i of a column sits at bits 4i..4i+3 of the word, low first
-    assert exl2.pack_columns(torch.arange(8)[:, None], 4).item() == 0x76543210
+    assert packing.pack_columns(torch.arange(8)[:, None], 4).item() == 0x76543210
     # 3-bit values straddle words: value 10 is bits 30..32
     c = torch.zeros(32, 1, dtype=torch.long)
     c[10] = 0b111
-    assert exl2.pack_columns(c, 3)[:, 0].tolist() == [-(2**31) + 2**30, 1, 0]
+    assert packing.pack_columns(c, 3)[:, 0].tolist() == [-(2**31) + 2**30, 1, 0]
 
 
 # exllamav2 RTN-like error levels for Gaussian weights in groups of 32 (relative RMS); a broken packer is ~100%
@@ -259,13 +263,13 @@ RTN_RMS = {2: 0.5, 3: 0.25, 4: 0.125, 5: 0.063, 6: 0.032, 8: 0.009}
 
 def _roundtrip(tmp_path, weight, spec, **kw):
     n, k = weight.shape
-    q = exl2.quantize_linear(weight, spec, **kw)
+    q = quantize.quantize_linear(weight, spec, **kw)
     d = tmp_path / "one"
     d.mkdir(exist_ok=True)
     cfg = {"architectures": ["LlamaForCausalLM"], "hidden_size": k, "num_attention_heads": 4, "intermediate_size": n}
     save_file({f"model.layers.0.mlp.up_proj.{s}": v for s, v in q.items()}, str(d / "output.safetensors"))
     (d / "config.json").write_text(json.dumps(cfg))
-    ql = exl2.open_exl2(d).linears["model.layers.0.mlp.up_proj"]
+    ql = reader.open_exl2(d).linears["model.layers.0.mlp.up_proj"]
     return q, ql
 
 
@@ -302,21 +306,21 @@ def test_mixed_groups_and_exllamav2_mix_strings(tmp_path):
 
 def test_target_bpw_is_hit():
     for target in (2.5, 3.0, 4.25, 5.5, 6.5, 8.0):
-        groups = exl2.auto_mix(5120, 5120, target)
-        bpw = exl2.stored_bits(5120, 5120, groups) / 5120**2
+        groups = auto_mix(5120, 5120, target)
+        bpw = stored_bits(5120, 5120, groups) / 5120**2
         assert abs(bpw - target) < 0.01, (target, bpw)
         assert len({b for b, _ in groups}) <= 2
 
 
 def _tiny(tmp_path, **kw):
-    cfg = exl2.tiny_config(**kw)
-    sd = exl2.random_float_state_dict(cfg, seed=1)
+    cfg = tiny.tiny_config(**kw)
+    sd = tiny.random_float_state_dict(cfg, seed=1)
     return cfg, sd
 
 
 def test_write_exl2_round_trip_with_config_and_tokenizer(tmp_path):
     cfg, sd = _tiny(tmp_path, arch="Qwen2ForCausalLM")
-    out = exl2.write_exl2(tmp_path / "m", cfg, sd, bits=5.0, head_bits=6, progress=False,
+    out = writer.write_exl2(tmp_path / "m", cfg, sd, bits=5.0, head_bits=6, progress=False,
                           tokenizer_dir=FIXTURES / "tiny_qwen2_b6.5")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "output.safetensors", "tokenizer.json",
                                                      "tokenizer_config.json"]
@@ -325,7 +329,7 @@ def test_write_exl2_round_trip_with_config_and_tokenizer(tmp_path):
     assert written["rope_theta"] == 100000.0  # top level, although the source nests it (transformers 5)
     assert written["quantization_config"]["quant_method"] == "exl2"
     assert written["quantization_config"]["head_bits"] == 6
-    ckpt = exl2.open_exl2(out)
+    ckpt = reader.open_exl2(out)
     assert abs(ckpt.bits_per_weight - 5.0) < 0.1
     assert written["quantization_config"]["bits"] == pytest.approx(ckpt.bits_per_weight, abs=1e-3)
     assert ckpt.linears["lm_head"].rows_per_bits() == {8: 128, 6: 128}  # exllamav2's 6-bit head: 0.15:8b/0.85:6b
@@ -339,7 +343,7 @@ def test_write_exl2_round_trip_with_config_and_tokenizer(tmp_path):
 
 def test_tied_model_has_no_head(tmp_path):
     cfg, sd = _tiny(tmp_path, tied=True, vocab=1024)
-    ckpt = exl2.open_exl2(exl2.write_exl2(tmp_path / "m", cfg, sd, bits=4, progress=False))
+    ckpt = reader.open_exl2(writer.write_exl2(tmp_path / "m", cfg, sd, bits=4, progress=False))
     assert ckpt.tied_head and "lm_head" not in ckpt.linears
     assert "lm_head.weight" not in ckpt.float_state_dict()
     bb = ckpt.byte_breakdown()
@@ -350,18 +354,18 @@ def test_tied_model_has_no_head(tmp_path):
 def test_write_refuses_bad_input(tmp_path):
     cfg, sd = _tiny(tmp_path)
     with pytest.raises(CourseError, match="unsupported bit width 7"):
-        exl2.write_exl2(tmp_path / "a", cfg, sd, bits=7, progress=False)
+        writer.write_exl2(tmp_path / "a", cfg, sd, bits=7, progress=False)
     bad = dict(sd)
     bad["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(256, 128)
     with pytest.raises(CourseError, match="wrong shapes"):
-        exl2.write_exl2(tmp_path / "b", cfg, bad, bits=4, progress=False)
+        writer.write_exl2(tmp_path / "b", cfg, bad, bits=4, progress=False)
     with pytest.raises(CourseError, match="tokenizer directory"):
-        exl2.write_exl2(tmp_path / "c", cfg, sd, bits=4, progress=False, tokenizer_dir=tmp_path / "none")
+        writer.write_exl2(tmp_path / "c", cfg, sd, bits=4, progress=False, tokenizer_dir=tmp_path / "none")
     keep = tmp_path / "notes"
     keep.mkdir()
     (keep / "mine.txt").write_text("do not delete")
     with pytest.raises(CourseError, match="refusing to replace"):
-        exl2.write_exl2(keep, cfg, sd, bits=4, progress=False)
+        writer.write_exl2(keep, cfg, sd, bits=4, progress=False)
     assert (keep / "mine.txt").read_text() == "do not delete"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
 
@@ -370,32 +374,32 @@ def test_full_disk_mid_write_leaves_nothing(tmp_path, monkeypatch):
     import errno
 
     cfg, sd = _tiny(tmp_path)
-    real = exl2.write_safetensors
+    real = writer.write_safetensors
 
     def full(path, specs, metadata=None):
         path.write_bytes(b"half a file")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(exl2, "write_safetensors", full)
+    monkeypatch.setattr(writer, "write_safetensors", full)
     with pytest.raises(CourseError) as e:
-        exl2.write_exl2(tmp_path / "m", cfg, sd, bits=4, progress=False)
+        writer.write_exl2(tmp_path / "m", cfg, sd, bits=4, progress=False)
     assert "disk is full" in _one_line(e)
     assert list(tmp_path.iterdir()) == []
     # an existing checkpoint survives a failed rewrite untouched
-    monkeypatch.setattr(exl2, "write_safetensors", real)
-    out = exl2.write_exl2(tmp_path / "m", cfg, sd, bits=4, progress=False)
+    monkeypatch.setattr(writer, "write_safetensors", real)
+    out = writer.write_exl2(tmp_path / "m", cfg, sd, bits=4, progress=False)
     before = (out / "output.safetensors").read_bytes()
-    monkeypatch.setattr(exl2, "write_safetensors", full)
+    monkeypatch.setattr(writer, "write_safetensors", full)
     with pytest.raises(CourseError):
-        exl2.write_exl2(tmp_path / "m", cfg, sd, bits=6, progress=False)
+        writer.write_exl2(tmp_path / "m", cfg, sd, bits=6, progress=False)
     assert (out / "output.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
 
 
 def test_sharded_checkpoint_reads_like_one_file(tmp_path):
     cfg, sd = _tiny(tmp_path)
-    one = exl2.open_exl2(exl2.write_exl2(tmp_path / "one", cfg, sd, bits=4, progress=False))
-    many = exl2.open_exl2(exl2.write_exl2(tmp_path / "many", cfg, sd, bits=4, progress=False, shard_bytes=300_000))
+    one = reader.open_exl2(writer.write_exl2(tmp_path / "one", cfg, sd, bits=4, progress=False))
+    many = reader.open_exl2(writer.write_exl2(tmp_path / "many", cfg, sd, bits=4, progress=False, shard_bytes=300_000))
     assert len(many.files) > 2 and (many.dir / "model.safetensors.index.json").is_file()
     assert one.tensor_names == many.tensor_names
     for n in one.tensor_names:
@@ -409,11 +413,12 @@ def test_inspect_cli_text_and_json(capsys):
     d = FIXTURES / "tiny_llama_b3.0"
     assert main(["inspect", str(d)]) == 0
     text = capsys.readouterr().out
-    ckpt = exl2.open_exl2(d)
+    ckpt = reader.open_exl2(d)
     bb = ckpt.byte_breakdown()
     assert f"bits per weight: {ckpt.bits_per_weight:.3f}" in text
     assert "model.layers.1.mlp.down_proj" in text and "0.0833:6b/0.25:3b/0.667:2b" in text
-    assert exl2.fmt_gib(bb["vram_bytes"]) in text and exl2.fmt_gib(bb["system_ram_bytes"]) in text
+    assert units.fmt_gib(bb["vram_bytes"], 3, small_in_mib=True) in text \
+        and units.fmt_gib(bb["system_ram_bytes"], 3, small_in_mib=True) in text
     assert "2-bit" in text
     assert main(["inspect", str(d), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
@@ -426,7 +431,7 @@ def test_inspect_cli_text_and_json(capsys):
 
 
 def test_gpu_recording_is_registered_and_refuses_without_cuda():
-    assert set(exl2.GPU_RECORDINGS) == {"exl2-exllamav2-check"}
+    assert set(format_check.GPU_RECORDINGS) == {"exl2-exllamav2-check"}
     if not torch.cuda.is_available():
         with pytest.raises(CourseError, match="CUDA"):
-            exl2.GPU_RECORDINGS["exl2-exllamav2-check"]()
+            format_check.GPU_RECORDINGS["exl2-exllamav2-check"]()

@@ -6,16 +6,16 @@ import json
 import pytest
 import torch
 
-from helpers.format import exl2
+from helpers.cli import synth as synth_cli
 from helpers.core import paths
-from helpers.format import synthetic
 from helpers.core.errors import CourseError
+from helpers.format import config, reader, synthetic
 
 torch.set_num_threads(2)
 
 
 def small_qwen(layers=2):
-    cfg = synthetic.resolve_config("qwen2.5-14b")
+    cfg = config.resolve_config("qwen2.5-14b")
     cfg.update(num_hidden_layers=layers, hidden_size=512, num_attention_heads=8, num_key_value_heads=2,
                intermediate_size=1408, vocab_size=1000)
     return cfg
@@ -24,7 +24,7 @@ def small_qwen(layers=2):
 def test_shapes_bits_and_scales(tmp_path):
     cfg = small_qwen()
     out = synthetic.write_synthetic(cfg, 5.5, tmp_path / "s", progress=False)
-    ckpt = exl2.open_exl2(out)  # validates every linear's shape against the config
+    ckpt = reader.open_exl2(out)  # validates every linear's shape against the config
     assert abs(ckpt.bits_per_weight - 5.5) < 0.05
     assert ckpt.config["rope_theta"] == 1000000.0 and ckpt.config["quantization_config"]["synthetic"] is True
     assert len(ckpt.linears) == 2 * 7 + 1
@@ -50,7 +50,7 @@ def test_same_seed_same_bytes_and_shards(tmp_path):
     a = synthetic.write_synthetic(cfg, 4.0, tmp_path / "a", seed=3, progress=False)
     b = synthetic.write_synthetic(cfg, 4.0, tmp_path / "b", seed=3, progress=False, shard_bytes=1 << 20, threads=1)
     c = synthetic.write_synthetic(cfg, 4.0, tmp_path / "c", seed=4, progress=False)
-    ca, cb, cc = exl2.open_exl2(a), exl2.open_exl2(b), exl2.open_exl2(c)
+    ca, cb, cc = reader.open_exl2(a), reader.open_exl2(b), reader.open_exl2(c)
     assert len(cb.files) > 1 and len(ca.files) == 1
     for n in ca.tensor_names:
         assert torch.equal(ca.tensor(n), cb.tensor(n)), n
@@ -58,18 +58,18 @@ def test_same_seed_same_bytes_and_shards(tmp_path):
 
 
 def test_tied_config_and_bundled_name(tmp_path, monkeypatch):
-    cfg = synthetic.resolve_config("smollm2-135m")
+    cfg = config.resolve_config("smollm2-135m")
     assert cfg["tie_word_embeddings"] is True
     cfg["num_hidden_layers"] = 2
     (tmp_path / "cfgs").mkdir()
     (tmp_path / "cfgs" / "mini.json").write_text(json.dumps(cfg))
     monkeypatch.setattr(paths, "CONFIGS_DIR", tmp_path / "cfgs")
     out = synthetic.write_synthetic("mini", 3.0, tmp_path / "m", progress=False)
-    ckpt = exl2.open_exl2(out)
+    ckpt = reader.open_exl2(out)
     assert ckpt.tied_head and "lm_head" not in ckpt.linears
     assert abs(ckpt.bits_per_weight - 3.0) < 0.06
     with pytest.raises(CourseError, match="bundled names \\(mini\\)"):
-        synthetic.resolve_config("nonesuch")
+        config.resolve_config("nonesuch")
 
 
 def test_bad_input(tmp_path):
@@ -84,7 +84,7 @@ def test_bad_input(tmp_path):
 
 def test_cli(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(small_qwen(1)))
-    assert synthetic.main(["--model", str(tmp_path / "config.json"), "--bpw", "4.5", "--out", str(tmp_path / "o"),
+    assert synth_cli.main(["--model", str(tmp_path / "config.json"), "--bpw", "4.5", "--out", str(tmp_path / "o"),
                            "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "bpw (decoder, head excluded)" in out and str(tmp_path / "o") in out

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import platform
 import re
 import shlex
 import sys
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
 
+from helpers.core import devices
+from helpers.core.atomic import atomic_write_text
 from helpers.core.errors import CourseError
 from helpers.core.paths import RESULTS_DIR
 
@@ -32,9 +32,7 @@ def _version(dist: str) -> str | None:
 
 def provenance(command: str | Iterable[str] | None = None) -> dict[str, Any]:
     """Where and how a result was made. Reads CUDA/NVML only if they are there; never raises for their absence."""
-    from helpers.core import devices as gpu  # local import: results is used by modules below gpu as well
-
-    info = gpu.device_summary()
+    info = devices.device_summary()
     if command is None:
         command = sys.argv
     if not isinstance(command, str):
@@ -57,23 +55,6 @@ def provenance(command: str | Iterable[str] | None = None) -> dict[str, Any]:
 def slug(text: str) -> str:
     """A file-name-safe form of a device name: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
     return re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-") or "unknown"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder, renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def save_result(topic: str, name: str, rows: list[dict], *, prov: dict | None = None,
@@ -110,4 +91,5 @@ def load_results(topic: str, results_dir: Path | None = None) -> list[dict]:
 def label(prov: dict) -> str:
     """How a recorded figure is labelled wherever it is shown."""
     where = prov.get("gpu") or prov.get("cpu") or prov.get("device", "?")
-    return f"recorded on {where}, {str(prov.get('date', '?'))[:10]} (exllamav2 {prov.get('exllamav2') or '-'}, torch {prov.get('torch')})"
+    return (f"recorded on {where}, {str(prov.get('date', '?'))[:10]} "
+            f"(exllamav2 {prov.get('exllamav2') or '-'}, torch {prov.get('torch')})")

@@ -6,7 +6,7 @@ checkpoint exllamav2 loads like the real one:
 
 * every quantized linear gets two neighbouring widths mixed to hit its own target (like exllamav2's optimizer, whose
   picks look like ``0.1:6b_32g/0.9:5b_32g``); layer targets wander around the overall target with a fixed seed and
-  are nudged so that the whole comes out at the target (counted as in :mod:`helpers.format.exl2`: head excluded);
+  are nudged so that the whole comes out at the target (counted as in :mod:`helpers.format.reader`: head excluded);
 * the head gets exllamav2's head mix for ``head_bits`` (6 -> 0.15:8b/0.85:6b in 128-row groups, about 6.3 bpw);
 * ``q_weight`` and ``q_scale`` are random int32 words (every word is valid data at every width);
   ``q_scale_max`` is set so that each dequantized weight has a standard deviation of about 0.5/sqrt(in_features):
@@ -18,53 +18,29 @@ at a time, in shards (memory stays near one tensor). The same seed gives the sam
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as cf
 import json
 import math
 import os
-import sys
-import time
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 import torch
 
-from helpers.format import exl2
 from helpers.core.errors import CourseError
+from helpers.core.progress import progress as bar
+from helpers.core.units import GIB
+from helpers.format.bits import HEAD_MIXES, auto_mix, packed_rows, plan_groups, stored_bits
+from helpers.format.config import config_get, expected_linear_shapes, resolve_config
+from helpers.format.names import LINEAR_KINDS, linear_order
+from helpers.format.packing import q_groups_tensor
+from helpers.format.writer import TensorSpec, exl2_config, exl2_output_dir, write_shards
 
-GIB = 2**30
 _CHUNK = 1 << 22  # uint64 words per generator chunk (32 MiB); fixed, so output does not depend on thread count
 #: E[((c+1)^2/256)^2]^0.5 for a uniform 4-bit scale code c, times 1/sqrt(12) for a uniform code
 _SPREAD = math.sqrt(sum((c + 1) ** 4 for c in range(16)) / 16) / 256 / math.sqrt(12)
 WEIGHT_GAIN = 0.5
-
-
-def resolve_config(config: Mapping | str | os.PathLike) -> dict:
-    """A config dict from a dict, a path to config.json (or its folder), or a bundled name ('qwen2.5-14b')."""
-    from helpers.core import paths
-
-    if isinstance(config, Mapping):
-        return dict(config)
-    p = Path(str(config)).expanduser()
-    if p.is_dir():
-        p = p / "config.json"
-    if not p.is_file():
-        bundled = paths.CONFIGS_DIR / f"{config}.json"
-        if bundled.is_file():
-            p = bundled
-        else:
-            names = sorted(f.stem for f in paths.CONFIGS_DIR.glob("*.json")) if paths.CONFIGS_DIR.is_dir() else []
-            raise CourseError(f"no config '{config}': give a path to a config.json or one of the bundled names "
-                              f"({', '.join(names) or 'none bundled'})")
-    try:
-        cfg = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CourseError(f"{p} is not a readable config.json ({exc})") from None
-    if not isinstance(cfg, dict):
-        raise CourseError(f"{p} does not hold a JSON object")
-    return cfg
 
 
 def _norm_names(config: Mapping) -> list[str]:
@@ -111,19 +87,19 @@ def layer_targets(n_layers: int, bpw: float, seed: int) -> list[dict[str, float]
     for _ in range(n_layers):
         base = bpw + rng.uniform(-0.3, 0.3)
         out.append({k: base + (0.15 if k in ("q_proj", "k_proj", "v_proj", "o_proj") else -0.05)
-                    + rng.uniform(-0.1, 0.1) for k in exl2.LINEAR_KINDS})
+                    + rng.uniform(-0.1, 0.1) for k in LINEAR_KINDS})
     return out
 
 
 def plan_bits(config: Mapping, bpw: float, *, seed: int = 0, head_bits: int | None = 6) \
         -> dict[str, list[tuple[int, int]]]:
     """{linear prefix: groups [(bits, rows)]} for every quantized linear, the decoder hitting ``bpw`` overall."""
-    shapes = exl2.expected_linear_shapes(config)
-    missing = [k for k in exl2.LINEAR_KINDS if k not in shapes]
+    shapes = expected_linear_shapes(config)
+    missing = [k for k in LINEAR_KINDS if k not in shapes]
     if missing or "lm_head" not in shapes:
         raise CourseError("the config lacks hidden_size / num_attention_heads / intermediate_size / vocab_size: "
                           "it is not a decoder config.json that exllamav2 reads")
-    n_layers = exl2.config_get(config, "num_hidden_layers")
+    n_layers = config_get(config, "num_hidden_layers")
     if not n_layers:
         raise CourseError("the config has no num_hidden_layers")
     targets = layer_targets(n_layers, bpw, seed)
@@ -132,23 +108,23 @@ def plan_bits(config: Mapping, bpw: float, *, seed: int = 0, head_bits: int | No
     for _ in range(6):  # nudge every layer by the same amount until the whole hits the target
         plan, bits_sum, w_sum = {}, 0, 0
         for i in range(n_layers):
-            for kind in exl2.LINEAR_KINDS:
+            for kind in LINEAR_KINDS:
                 k, n = shapes[kind]
                 sub = "self_attn" if kind in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
                 t = min(8.2, max(2.05, targets[i][kind] + shift))
-                groups = exl2.auto_mix(k, n, t)
+                groups = auto_mix(k, n, t)
                 plan[f"model.layers.{i}.{sub}.{kind}"] = groups
-                bits_sum += exl2.stored_bits(k, n, groups)
+                bits_sum += stored_bits(k, n, groups)
                 w_sum += k * n
         got = bits_sum / w_sum
         if abs(got - bpw) < 0.005:
             break
         shift += bpw - got
     if head_bits is not None and not config.get("tie_word_embeddings"):
-        if head_bits not in exl2.HEAD_MIXES:
-            raise CourseError(f"head_bits must be one of {sorted(exl2.HEAD_MIXES)} (exllamav2's head options)")
+        if head_bits not in HEAD_MIXES:
+            raise CourseError(f"head_bits must be one of {sorted(HEAD_MIXES)} (exllamav2's head options)")
         k, _ = shapes["lm_head"]
-        plan["lm_head"] = exl2.plan_groups(k, exl2.HEAD_MIXES[head_bits])
+        plan["lm_head"] = plan_groups(k, HEAD_MIXES[head_bits])
     return plan
 
 
@@ -157,15 +133,15 @@ def _scale_max(bits: int, in_features: int) -> float:
 
 
 def synthetic_specs(config: Mapping, plan: Mapping[str, list[tuple[int, int]]], *, seed: int,
-                    pool: cf.Executor) -> list[exl2.TensorSpec]:
+                    pool: cf.Executor) -> list[TensorSpec]:
     """Every tensor of the checkpoint, shapes up front, data made when written."""
-    shapes = exl2.expected_linear_shapes(config)
-    h, vocab = exl2.config_get(config, "hidden_size"), exl2.config_get(config, "vocab_size")
+    shapes = expected_linear_shapes(config)
+    h, vocab = config_get(config, "hidden_size"), config_get(config, "vocab_size")
     arch = " ".join(config.get("architectures", []))
     qwen = "Qwen2" in arch or str(config.get("model_type", "")).startswith("qwen2")
     gemma = "Gemma" in arch
     bias_qkv = qwen or bool(config.get("attention_bias"))
-    specs: list[exl2.TensorSpec] = []
+    specs: list[TensorSpec] = []
     counter = [0]
     source = _Words(pool)
 
@@ -181,37 +157,37 @@ def synthetic_specs(config: Mapping, plan: Mapping[str, list[tuple[int, int]]], 
         w |= 0x2000
         return torch.from_numpy(w.view(np.float16).reshape(vocab, h))
 
-    specs.append(exl2.TensorSpec("model.embed_tokens.weight", (vocab, h), torch.float16, embed))
+    specs.append(TensorSpec("model.embed_tokens.weight", (vocab, h), torch.float16, embed))
     norm_value = 0.0 if gemma else 1.0
     for name, groups in plan.items():
         kind = name.rsplit(".", 1)[-1]
         k, n = shapes[kind]
         npad = n + (-n % 32)
-        qrows = sum(exl2.packed_rows(r, b) for b, r in groups)
+        qrows = sum(packed_rows(r, b) for b, r in groups)
         g = len(groups)
         smax = torch.tensor([_scale_max(b, k) for b, _ in groups], dtype=torch.float32).to(torch.float16)
-        qgroups = exl2.q_groups_tensor(groups)
+        qgroups = q_groups_tensor(groups)
         ikey = seed * 1_000_003 + len(specs)
         specs += [
-            exl2.TensorSpec(f"{name}.q_groups", tuple(qgroups.shape), torch.int16, lambda t=qgroups: t),
-            exl2.TensorSpec(f"{name}.q_invperm", (k,), torch.int32,
+            TensorSpec(f"{name}.q_groups", tuple(qgroups.shape), torch.int16, lambda t=qgroups: t),
+            TensorSpec(f"{name}.q_invperm", (k,), torch.int32,
                             lambda k=k, s=ikey: torch.randperm(k, generator=torch.Generator().manual_seed(s))
                             .to(torch.int32)),
-            exl2.TensorSpec(f"{name}.q_scale", (g, npad // 8), torch.int32, words((g, npad // 8), 2)),
-            exl2.TensorSpec(f"{name}.q_scale_max", (g,), torch.float16, lambda t=smax: t),
-            exl2.TensorSpec(f"{name}.q_weight", (qrows, npad), torch.int32, words((qrows, npad), 3)),
+            TensorSpec(f"{name}.q_scale", (g, npad // 8), torch.int32, words((g, npad // 8), 2)),
+            TensorSpec(f"{name}.q_scale_max", (g,), torch.float16, lambda t=smax: t),
+            TensorSpec(f"{name}.q_weight", (qrows, npad), torch.int32, words((qrows, npad), 3)),
         ]
         if bias_qkv and kind in ("q_proj", "k_proj", "v_proj"):
-            specs.append(exl2.TensorSpec(f"{name}.bias", (n,), torch.float16,
+            specs.append(TensorSpec(f"{name}.bias", (n,), torch.float16,
                                          lambda n=n, s=ikey: (0.02 * torch.randn(
                                              n, generator=torch.Generator().manual_seed(s + 1))).half()))
-    for i in range(exl2.config_get(config, "num_hidden_layers")):
+    for i in range(config_get(config, "num_hidden_layers")):
         for norm in _norm_names(config):
-            specs.append(exl2.TensorSpec(f"model.layers.{i}.{norm}.weight", (h,), torch.float16,
+            specs.append(TensorSpec(f"model.layers.{i}.{norm}.weight", (h,), torch.float16,
                                          lambda: torch.full((h,), norm_value, dtype=torch.float16)))
-    specs.append(exl2.TensorSpec("model.norm.weight", (h,), torch.float16,
+    specs.append(TensorSpec("model.norm.weight", (h,), torch.float16,
                                  lambda: torch.full((h,), norm_value, dtype=torch.float16)))
-    specs.sort(key=lambda s: exl2._linear_order(s.name))  # layer by layer, so shards follow the model
+    specs.sort(key=lambda s: linear_order(s.name))  # layer by layer, so shards follow the model
     return specs
 
 
@@ -220,8 +196,6 @@ def write_synthetic(config: Mapping | str | os.PathLike, bpw: float, out_dir: st
                     threads: int | None = None, overwrite: bool = True) -> Path:
     """Write a synthetic EXL2 checkpoint with the config's exact shapes at ``bpw`` (decoder, head excluded).
     Returns the directory. Atomic: built beside ``out_dir`` and renamed into place."""
-    from helpers.core.progress import progress as bar
-
     cfg = resolve_config(config)
     bpw = float(bpw)
     if not 2.1 <= bpw <= 8.1:
@@ -231,46 +205,18 @@ def write_synthetic(config: Mapping | str | os.PathLike, bpw: float, out_dir: st
     with cf.ThreadPoolExecutor(workers) as pool:
         specs = synthetic_specs(cfg, plan, seed=seed, pool=pool)
         total = sum(s.nbytes for s in specs)
-        decoder = [(exl2.stored_bits(*exl2.expected_linear_shapes(cfg)[p.rsplit(".", 1)[-1]], g),
-                    math.prod(exl2.expected_linear_shapes(cfg)[p.rsplit(".", 1)[-1]]))
+        decoder = [(stored_bits(*expected_linear_shapes(cfg)[p.rsplit(".", 1)[-1]], g),
+                    math.prod(expected_linear_shapes(cfg)[p.rsplit(".", 1)[-1]]))
                    for p, g in plan.items() if p != "lm_head"]
         measured = sum(b for b, _ in decoder) / sum(w for _, w in decoder)
-        out_cfg = exl2.exl2_config(cfg, bits_per_weight=measured, head_bits=head_bits if "lm_head" in plan else None,
+        out_cfg = exl2_config(cfg, bits_per_weight=measured, head_bits=head_bits if "lm_head" in plan else None,
                                    tied="lm_head" not in plan,
                                    extra={"synthetic": True, "seed": seed, "target": bpw})
         pbar = bar(total=total, desc="synthetic", unit="B", unit_scale=True) if progress else None
-        with exl2.atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-            exl2.write_shards(tmp, specs, shard_bytes=shard_bytes,
+        with exl2_output_dir(out_dir, overwrite=overwrite) as tmp:
+            write_shards(tmp, specs, shard_bytes=shard_bytes,
                               on_tensor=(lambda s: pbar.update(s.nbytes)) if pbar is not None else None)
             (tmp / "config.json").write_text(json.dumps(out_cfg, indent=2) + "\n", encoding="utf-8")
         if pbar is not None:
             pbar.close()
     return Path(out_dir).expanduser().absolute()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """python -m helpers synth --model NAME|config.json --bpw 5.5 --out DIR"""
-    ap = argparse.ArgumentParser(prog="python -m helpers synth",
-                                 description="Write a shape-faithful random EXL2 checkpoint from a config.json.")
-    ap.add_argument("--model", required=True, help="a bundled name (e.g. qwen2.5-14b) or a path to config.json")
-    ap.add_argument("--bpw", type=float, default=5.5, help="target bits per weight of the decoder (default 5.5)")
-    ap.add_argument("--out", required=True, help="output directory (replaced if it is an EXL2 checkpoint)")
-    ap.add_argument("--head-bits", type=int, default=6, help="head bits: 2, 3, 4, 5, 6 or 8 (default 6)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--shard-gib", type=float, default=2.0, help="largest shard in GiB (default 2)")
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
-    t0 = time.perf_counter()
-    out = write_synthetic(args.model, args.bpw, args.out, seed=args.seed, head_bits=args.head_bits,
-                          progress=not args.no_progress, shard_bytes=int(args.shard_gib * GIB))
-    dt = time.perf_counter() - t0
-    ckpt = exl2.open_exl2(out)
-    bb = ckpt.byte_breakdown()
-    print(f"wrote {out}: {ckpt.bits_per_weight:.3f} bpw (decoder, head excluded), {bb['disk_bytes'] / GIB:.2f} GiB "
-          f"on disk, {bb['vram_bytes'] / GIB:.2f} GiB of weights on the GPU, {dt:.1f} s "
-          f"({bb['disk_bytes'] / dt / 1e9:.2f} GB/s)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

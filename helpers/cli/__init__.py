@@ -1,0 +1,1 @@
+"""The command line: one module per `python -m helpers <command>` (argument parsing and printing only)."""
