@@ -1,4 +1,4 @@
-"""helpers.speed.bench: the roofline arithmetic, statistics, bad input, CPU bandwidth, and the harness on a fake clock."""
+"""helpers.speed: the roofline arithmetic, statistics, bad input, CPU bandwidth, and the harness on a fake clock."""
 from __future__ import annotations
 
 import json
@@ -6,115 +6,130 @@ import json
 import pytest
 import torch
 
-from helpers.speed import bench
 from helpers.core.errors import CourseError
+from helpers.recordings import speed as speed_recordings
+from helpers.speed import harness, matrix, profile, report, roofline
 
 
 # --------------------------------------------------------------------------------------------- pure arithmetic
 def test_roofline_is_bandwidth_over_bytes():
     # the seed case: ~9.7 GB of weights per token at 736 GB/s
-    assert bench.roofline_tok_s(9.7e9, 736e9) == pytest.approx(75.876, abs=1e-3)
-    assert bench.roofline_tok_s(2**30, 2**40) == 1024.0
+    assert roofline.roofline_tok_s(9.7e9, 736e9) == pytest.approx(75.876, abs=1e-3)
+    assert roofline.roofline_tok_s(2**30, 2**40) == 1024.0
 
 
 @pytest.mark.parametrize("bad", [(0, 1e9), (-5, 1e9), (1e9, 0), (1e9, None)])
 def test_roofline_rejects_nonsense(bad):
     with pytest.raises(CourseError):
-        bench.roofline_tok_s(*bad)
+        roofline.roofline_tok_s(*bad)
 
 
 def test_summarize_median_and_spread():
-    s = bench.summarize([100.0, 98.0, 102.0, 101.0, 99.0])
+    s = harness.summarize([100.0, 98.0, 102.0, 101.0, 99.0])
     assert s == {"median": 100.0, "min": 98.0, "max": 102.0, "spread": pytest.approx(0.04), "n": 5}
-    assert bench.summarize([7.0])["spread"] == 0.0
+    assert harness.summarize([7.0])["spread"] == 0.0
     with pytest.raises(CourseError, match="nothing was measured"):
-        bench.summarize([])
+        harness.summarize([])
 
 
 def test_run_to_run_uses_each_process_median():
-    r = bench.run_to_run([60.0, 61.2, 59.4])
+    r = harness.run_to_run([60.0, 61.2, 59.4])
     assert r["processes"] == 3 and r["median_tok_s"] == 60.0
     assert r["spread"] == pytest.approx((61.2 - 59.4) / 60.0)
 
 
 def test_parse_int_list():
-    assert bench.parse_int_list("4096,32768", "cache length") == [4096, 32768]
-    assert bench.parse_int_list("4k, 32k", "cache length") == [4096, 32768]
-    assert bench.parse_int_list("128,30_000", "depth") == [128, 30000]
-    assert bench.parse_int_list(512, "depth") == [512]
+    assert matrix.parse_int_list("4096,32768", "cache length") == [4096, 32768]
+    assert matrix.parse_int_list("4k, 32k", "cache length") == [4096, 32768]
+    assert matrix.parse_int_list("128,30_000", "depth") == [128, 30000]
+    assert matrix.parse_int_list(512, "depth") == [512]
     with pytest.raises(CourseError, match="not a whole number"):
-        bench.parse_int_list("4096,lots", "cache length")
+        matrix.parse_int_list("4096,lots", "cache length")
     with pytest.raises(CourseError, match="no depth"):
-        bench.parse_int_list(" , ", "depth")
+        matrix.parse_int_list(" , ", "depth")
 
 
 # ------------------------------------------------------------------------------------------------- bad input
 def test_depth_beyond_cache_says_what_the_cache_holds():
     with pytest.raises(CourseError, match="the cache holds 4096 tokens"):
-        bench.check_config(4096, 4096)
+        matrix.check_config(4096, 4096)
     with pytest.raises(CourseError, match="the cache holds 4096 tokens"):
-        bench.check_config(4096, 30000)
-    bench.check_config(4096, 4095)  # one position left: fine
+        matrix.check_config(4096, 30000)
+    matrix.check_config(4096, 4095)  # one position left: fine
 
 
 def test_depth_plus_decoded_tokens_must_fit():
     with pytest.raises(CourseError, match="at most 4064"):
-        bench.check_config(4096, 4080, decode_tokens=32)
-    bench.check_config(4096, 4064, decode_tokens=32)
+        matrix.check_config(4096, 4080, decode_tokens=32)
+    matrix.check_config(4096, 4064, decode_tokens=32)
 
 
 def test_exllamav2_cache_length_must_be_pageable():
     with pytest.raises(CourseError, match="blocks of 256 tokens.*4096 or 4352"):
-        bench.check_config(4100, 128, exllamav2=True)
+        matrix.check_config(4100, 128, exllamav2=True)
     with pytest.raises(CourseError, match="such as 256"):
-        bench.check_config(100, 10, exllamav2=True)
-    bench.check_config(4100, 128, exllamav2=False)  # the reference has no pages
-    bench.check_config(32768, 30000, exllamav2=True)
+        matrix.check_config(100, 10, exllamav2=True)
+    matrix.check_config(4100, 128, exllamav2=False)  # the reference has no pages
+    matrix.check_config(32768, 30000, exllamav2=True)
 
 
-def test_error_messages_are_one_line():
-    for call in (lambda: bench.check_config(4096, 5000), lambda: bench.check_config(4100, 1, exllamav2=True)):
-        with pytest.raises(CourseError) as info:
-            call()
-        assert "\n" not in str(info.value)
+@pytest.mark.parametrize("ctx, near", [(4100, (4096, 4352)), (300, (256, 512)), (32767, (32512, 32768)),
+                                       (1000, (768, 1024)), (100, (256,)), (1, (256,))])
+def test_unpageable_cache_length_suggests_the_neighbouring_pages(ctx, near):
+    # the suggestions are the multiples of 256 on either side of the request (only the one above when below 256)
+    with pytest.raises(CourseError) as info:
+        matrix.check_config(ctx, 0, exllamav2=True)
+    suggested = tuple(int(n) for n in str(info.value).split("such as ")[1].split(" or "))
+    assert suggested == near
+
+
+def test_cli_errors_are_one_line_and_name_the_flag(capsys):
+    from helpers.__main__ import main
+
+    # what the CLI prints for a bad request: one 'error:' line, exit 2, before anything is loaded
+    for flag in ("--max-seq-len", "--ctx"):
+        assert main(["bench", "--model", str(FIXTURE), "--backend", "reference", flag, "512", "--depth", "600"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: depth 600 does not fit: the cache holds 512 tokens")
+        assert "raise --ctx or lower --depth" in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where there is no GPU")
 @pytest.mark.parametrize("kw", [dict(backend="exllamav2"), dict(cache_mode="q4"), dict(cache_mode="q8")])
 def test_gpu_only_measurement_without_gpu(kw):
     with pytest.raises(CourseError, match="needs a CUDA GPU"):
-        bench.check_request(4096, 128, **kw)
+        matrix.check_request(4096, 128, **kw)
     with pytest.raises(CourseError, match="needs a CUDA GPU"):
-        bench.plan_matrix([4096], [128], [kw.get("cache_mode", "fp16")], backend=kw.get("backend", "auto"))
+        matrix.plan_matrix([4096], [128], [kw.get("cache_mode", "fp16")], backend=kw.get("backend", "auto"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where there is no GPU")
 def test_gpu_bandwidth_and_recordings_need_a_gpu():
     with pytest.raises(CourseError, match="needs a CUDA GPU"):
-        bench.measure_bandwidth("cuda")
-    assert set(bench.GPU_RECORDINGS) == {"speed_embedded", "speed_14b_synthetic_fp16", "speed_14b_synthetic_q4",
-                                         "speed_repeatability"}
-    for fn in bench.GPU_RECORDINGS.values():
+        roofline.measure_bandwidth("cuda")
+    assert set(speed_recordings.GPU_RECORDINGS) == {"speed_embedded", "speed_14b_synthetic_fp16",
+                                                    "speed_14b_synthetic_q4", "speed_repeatability"}
+    for fn in speed_recordings.GPU_RECORDINGS.values():
         with pytest.raises(CourseError, match="needs a CUDA GPU"):
             fn()
 
 
 def test_plan_matrix_skips_depths_that_do_not_fit():
-    plan = bench.plan_matrix([4096, 32768], [128, 30000], ["fp16"], decode_tokens=32, backend="reference")
+    plan = matrix.plan_matrix([4096, 32768], [128, 30000], ["fp16"], decode_tokens=32, backend="reference")
     assert plan == [("fp16", 4096, [128]), ("fp16", 32768, [128, 30000])]
     with pytest.raises(CourseError, match="the cache holds 4096 tokens"):
-        bench.plan_matrix([4096], [30000], ["fp16"], backend="reference")
+        matrix.plan_matrix([4096], [30000], ["fp16"], backend="reference")
     with pytest.raises(CourseError, match="the cache holds 4096 tokens"):
-        bench.plan_matrix([4096, 32768], [30000], ["fp16"], backend="reference", skip_unfit=False)
+        matrix.plan_matrix([4096, 32768], [30000], ["fp16"], backend="reference", skip_unfit=False)
 
 
 # ------------------------------------------------------------------------------------------------- bandwidth
 def test_cpu_bandwidth_is_measured_and_plausible():
-    bw = bench.measure_bandwidth("cpu", nbytes=64 * 2**20, repeats=3, cached=False)
+    bw = roofline.measure_bandwidth("cpu", nbytes=64 * 2**20, repeats=3, cached=False)
     # a CPU's memory reads somewhere between 0.5 GB/s (a very slow, busy VM) and 1 TB/s (caches included)
     assert 5e8 < bw < 1e12
     # cached per device and size: the second call is the same number
-    assert bench.measure_bandwidth("cpu", nbytes=64 * 2**20, repeats=3) == bench.measure_bandwidth(
+    assert roofline.measure_bandwidth("cpu", nbytes=64 * 2**20, repeats=3) == roofline.measure_bandwidth(
         "cpu", nbytes=64 * 2**20, repeats=3)
 
 
@@ -170,16 +185,16 @@ class FakeBackend:
 @pytest.fixture
 def fake(monkeypatch):
     clock = FakeClock()
-    monkeypatch.setattr(bench.time, "perf_counter", clock)
+    monkeypatch.setattr(harness.time, "perf_counter", clock)
     # 1 GB of weights and 1 MB per cached position at a bandwidth of 10 GB/s
-    monkeypatch.setattr(bench, "_decode_bytes_of", lambda b, depth: {
+    monkeypatch.setattr(harness, "_decode_bytes_of", lambda b, depth: {
         "weights_bytes": 10**9, "kv_bytes": depth * 10**6, "total_bytes": 10**9 + depth * 10**6, "counted": "fake"})
     return clock
 
 
 def test_harness_numbers_on_a_fake_clock(fake):
     b = FakeBackend(fake, jitter=[0.0] * 16 + [0.002] * 8 + [0.0] * 8)
-    row = bench.measure_loaded(b, 1000, repeats=3, warmup=1, decode_tokens=8, prefill_tokens=16, profile_steps=0,
+    row = harness.measure_loaded(b, 1000, repeats=3, warmup=1, decode_tokens=8, prefill_tokens=16, profile_steps=0,
                                bandwidth_bytes_s=10e9, progress=False)
     # warm-up round first (8 steps, 10 ms), then three kept rounds: 10 ms, 12 ms, 10 ms per step
     assert row["decode_tok_s_all"] == pytest.approx([100.0, 1000 / 12, 100.0])
@@ -204,20 +219,20 @@ def test_harness_numbers_on_a_fake_clock(fake):
 def test_harness_checks_depth_against_the_loaded_cache(fake):
     b = FakeBackend(fake, max_seq_len=4096)
     with pytest.raises(CourseError, match="the cache holds 4096 tokens"):
-        bench.measure_loaded(b, 5000, progress=False, bandwidth_bytes_s=1e9)
+        harness.measure_loaded(b, 5000, progress=False, bandwidth_bytes_s=1e9)
     b.name = "exllamav2"
     b.max_seq_len = 4000
     with pytest.raises(CourseError, match="blocks of 256"):
-        bench.measure_loaded(b, 128, progress=False, bandwidth_bytes_s=1e9)
+        harness.measure_loaded(b, 128, progress=False, bandwidth_bytes_s=1e9)
     assert b.steps == 0
 
 
 def test_prefill_is_shortened_to_what_fits(fake):
     b = FakeBackend(fake, max_seq_len=1024)
-    row = bench.measure_loaded(b, 1000, repeats=1, warmup=0, decode_tokens=4, prefill_tokens=512,
+    row = harness.measure_loaded(b, 1000, repeats=1, warmup=0, decode_tokens=4, prefill_tokens=512,
                                profile_steps=0, bandwidth_bytes_s=1e9, progress=False)
     assert row["prefill_tokens"] == 24
-    row = bench.measure_loaded(b, 10, repeats=1, warmup=0, decode_tokens=4, prefill_tokens=0,
+    row = harness.measure_loaded(b, 10, repeats=1, warmup=0, decode_tokens=4, prefill_tokens=0,
                                profile_steps=0, bandwidth_bytes_s=1e9, progress=False)
     assert row["prefill_tok_s"] is None and row["prefill_tokens"] == 0
 
@@ -228,15 +243,15 @@ def test_profile_decode_on_cpu_measures_torch_ops():
             a = torch.randn(256, 256)
             return (a @ a).sum(0)[: self.vocab_size]
 
-    prof = bench.profile_decode(Tiny(FakeClock()), depth=5, steps=2)
+    prof = profile.profile_decode(Tiny(FakeClock()), depth=5, steps=2)
     assert prof["gpu_busy_ms"] is None and prof["torch_ops_ms"] > 0
 
 
 def test_format_rows_and_json_round_trip(fake):
     b = FakeBackend(fake)
-    row = bench.measure_loaded(b, 128, repeats=2, warmup=0, decode_tokens=4, prefill_tokens=8, profile_steps=0,
+    row = harness.measure_loaded(b, 128, repeats=2, warmup=0, decode_tokens=4, prefill_tokens=8, profile_steps=0,
                                bandwidth_bytes_s=1e9, progress=False)
-    text = bench.format_rows([row])
+    text = report.format_rows([row])
     assert "4096" in text and "100.0 (100.0-100.0)" in text and "roofline" in text
     assert json.loads(json.dumps(row)) == row
 
@@ -246,7 +261,7 @@ FIXTURE = __import__("pathlib").Path(__file__).parent / "fixtures" / "exl2" / "t
 
 
 def test_bench_on_the_reference_backend_counts_its_bytes_exactly():
-    rows = bench.bench_matrix(FIXTURE, ctxs=[512], depths=[16, 400], cache_modes=["fp16"], backend="reference",
+    rows = harness.bench_matrix(FIXTURE, ctxs=[512], depths=[16, 400], cache_modes=["fp16"], backend="reference",
                               device="cpu", repeats=2, warmup=1, decode_tokens=4, prefill_tokens=8,
                               profile_steps=2, progress=False)
     assert [(r["ctx"], r["depth"]) for r in rows] == [(512, 16), (512, 400)]
@@ -291,35 +306,37 @@ def test_cli_json_and_errors(capsys):
 
 # ------------------------------------------------------------------------------------- bytes per decoded token
 def test_bytes_per_decoded_token_for_the_seed_model():
-    from helpers.memory import accounting as memory
+    from helpers.memory.weights import weight_bytes
+    from helpers.specs.shapes import model_shape
 
-    w = memory.weight_bytes("qwen2.5-14b", bpw=5.5)["vram_bytes"]
-    fp16 = bench.decode_bytes("qwen2.5-14b", 30000, "fp16", bpw=5.5)
+    w = weight_bytes("qwen2.5-14b", bpw=5.5)["vram_bytes"]
+    fp16 = roofline.decode_bytes("qwen2.5-14b", 30000, "fp16", bpw=5.5)
     # 48 layers x (K + V) x 8 KV heads x 128 x 2 bytes = 196,608 bytes per position
     assert fp16 == {"weights_bytes": w, "kv_bytes": 196_608 * 30000, "total_bytes": w + 196_608 * 30000,
                     "embedding_row_bytes": 5120 * 2}
     # Q4: 0.5625 bytes per element for K and V (4 bits + an fp16 scale per 32): 55,296 bytes per position
-    assert bench.decode_bytes("qwen2.5-14b", 30000, "q4", bpw=5.5)["kv_bytes"] == 55_296 * 30000
-    assert bench.bytes_per_decoded_token("qwen2.5-14b", 0, "fp16", bpw=5.5) == w
+    assert roofline.decode_bytes("qwen2.5-14b", 30000, "q4", bpw=5.5)["kv_bytes"] == 55_296 * 30000
+    assert roofline.bytes_per_decoded_token("qwen2.5-14b", 0, "fp16", bpw=5.5) == w
     # ~9.7 GB of weights at 736 GB/s (RTX 4080 Super): the decode ceiling of the seed case is ~76 tok/s
     assert 9.5e9 < w < 9.9e9
-    assert 74 < bench.roofline_tok_s(bench.bytes_per_decoded_token("qwen2.5-14b", 128, bpw=5.5), 736e9) < 78
+    assert 74 < roofline.roofline_tok_s(roofline.bytes_per_decoded_token("qwen2.5-14b", 128, bpw=5.5), 736e9) < 78
     with pytest.raises(CourseError, match="pass a model directory"):
-        bench.decode_bytes(memory.model_shape("qwen2.5-14b"), 128)
+        roofline.decode_bytes(model_shape("qwen2.5-14b"), 128)
 
 
 def test_datasheet_bandwidth_from_driver_names():
-    assert bench.datasheet_bandwidth("NVIDIA GeForce RTX 4080 SUPER") == 736e9
-    assert bench.datasheet_bandwidth("NVIDIA H100 80GB HBM3") == 3350e9
-    assert bench.datasheet_bandwidth("Some Unknown Accelerator") is None
-    assert bench.datasheet_bandwidth(None) is None
+    assert roofline.datasheet_bandwidth("NVIDIA GeForce RTX 4080 SUPER") == 736e9
+    assert roofline.datasheet_bandwidth("NVIDIA H100 80GB HBM3") == 3350e9
+    assert roofline.datasheet_bandwidth("Some Unknown Accelerator") is None
+    assert roofline.datasheet_bandwidth(None) is None
 
 
 # ------------------------------------------------------------------------------ recorded results and figures
 def _gpu_row(ctx, depth, mode, tok_s, **kw):
     per = {"fp16": 196_608, "q4": 55_296}[mode]
     r = {"ctx": ctx, "depth": depth, "cache_mode": mode, "backend": "exllamav2", "device": "cuda",
-         "model": bench.SYNTH_LABEL, "decode_tok_s": tok_s, "decode_tok_s_min": tok_s - 1, "decode_tok_s_max": tok_s + 1,
+         "model": report.SYNTH_LABEL, "decode_tok_s": tok_s, "decode_tok_s_min": tok_s - 1,
+         "decode_tok_s_max": tok_s + 1,
          "decode_spread": 2 / tok_s, "decode_tok_s_all": [tok_s - 1, tok_s, tok_s + 1], "prefill_tok_s": 2000.0,
          "step_ms": 1000 / tok_s, "gpu_ms_per_token": 4.0, "gpu_idle_fraction": 1 - 4.0 * tok_s / 1000,
          "kernel_launches_per_token": 400.0, "cpu_ms_per_token": 12.0, "profiled_ms_per_token": 20.0,
@@ -335,24 +352,24 @@ def _gpu_row(ctx, depth, mode, tok_s, **kw):
 def test_recorded_rows_tables_and_repeatability(tmp_path):
     from helpers.core import results
 
-    assert bench.load_recorded(tmp_path) == []
-    assert "not recorded yet" in bench.describe_repeatability(tmp_path)
+    assert report.load_recorded(tmp_path) == []
+    assert "not recorded yet" in report.describe_repeatability(tmp_path)
     prov = {"device": "cuda", "gpu": "Test GPU", "date": "2026-01-02T00:00:00", "torch": "t", "exllamav2": "0.3.2"}
     rows = [_gpu_row(4096, 128, "fp16", 60.0), _gpu_row(32768, 30000, "q4", 30.0)]
     results.save_result("speed", "matrix", rows, prov=prov, results_dir=tmp_path)
     rep = [_gpu_row(4096, 128, "fp16", v, process=i, decode_spread=s) for i, (v, s) in
            enumerate([(60.0, 0.01), (61.2, 0.02), (59.4, 0.015)])]
     results.save_result("speed", "rep", rep, prov=prov, results_dir=tmp_path,
-                        extra={"what": "one config", "run_to_run": bench.run_to_run([60.0, 61.2, 59.4])})
-    got = bench.load_recorded(tmp_path)
+                        extra={"what": "one config", "run_to_run": harness.run_to_run([60.0, 61.2, 59.4])})
+    got = report.load_recorded(tmp_path)
     assert len(got) == 2 and all(r["gpu"] == "Test GPU" and "recorded on Test GPU" in r["label"] for r in got)
-    assert len(bench.load_recorded(tmp_path, include_repeatability=True)) == 5
-    text = bench.describe_repeatability(tmp_path)
+    assert len(report.load_recorded(tmp_path, include_repeatability=True)) == 5
+    text = report.describe_repeatability(tmp_path)
     assert "1.0%, 2.0%, 1.5% (all under 3%)" in text and "medians 59.4-61.2 tok/s, (max-min)/median 3.0%" in text
-    table = bench.format_rows(got, where=True)
+    table = report.format_rows(got, where=True)
     # 2000 GB/s over 9 GiB + 30000 x 55,296 bytes = 176.6 tok/s; 30 tok/s is 0.170 of it
     assert "Test GPU" in table and "176.6    0.170" in table
-    split = bench.format_time_split(got)
+    split = report.format_time_split(got)
     assert "76%" in split and "400" in split  # GPU idle (1 - 4 ms / 16.67 ms) and launches per token
 
 
@@ -364,8 +381,8 @@ def test_speed_figures_draw_live_and_recorded_panels():
     fig = plots.plot_speed_vs_depth({"live": rec[:2], "recorded": rec, "none yet": []})
     ax_live, ax_rec, ax_none = fig.axes
     # one roofline per (model, mode, device): 1 in the live panel, 2 (fp16, q4) in the recorded one
-    assert sum("roofline" in (l.get_label() or "") for l in ax_rec.get_lines()) == 2
-    assert sum("roofline" in (l.get_label() or "") for l in ax_live.get_lines()) == 1
+    assert sum("roofline" in (line.get_label() or "") for line in ax_rec.get_lines()) == 2
+    assert sum("roofline" in (line.get_label() or "") for line in ax_live.get_lines()) == 1
     assert any("not recorded yet" in t.get_text() for t in ax_none.texts)
     fig2 = plots.plot_decode_time_split(rec)
     assert len(fig2.axes[0].patches) == 2 * len(rec)
@@ -374,14 +391,14 @@ def test_speed_figures_draw_live_and_recorded_panels():
 
 
 def test_bench_in_a_fresh_process_returns_its_rows():
-    rows = bench.bench_subprocess(FIXTURE, ctx=256, depth=8, backend="reference", repeats=1, warmup=0,
+    rows = harness.bench_subprocess(FIXTURE, ctx=256, depth=8, backend="reference", repeats=1, warmup=0,
                                   decode_tokens=2, prefill_tokens=0, model_label="tiny fixture")
     assert len(rows) == 1 and rows[0]["model"] == "tiny fixture" and rows[0]["ctx"] == 256
     with pytest.raises(CourseError, match="bench process for ctx 256 depth 300 fp16 failed"):
-        bench.bench_subprocess(FIXTURE, ctx=256, depth=300, backend="reference", repeats=1, warmup=0)
+        harness.bench_subprocess(FIXTURE, ctx=256, depth=300, backend="reference", repeats=1, warmup=0)
 
 
 def test_busy_time_is_the_union_of_intervals():
-    assert bench.busy_time_us([]) == 0.0
-    assert bench.busy_time_us([(0, 10), (20, 25)]) == 15.0
-    assert bench.busy_time_us([(0, 10), (5, 12), (2, 3), (30, 31)]) == 13.0  # overlaps counted once
+    assert profile.busy_time_us([]) == 0.0
+    assert profile.busy_time_us([(0, 10), (20, 25)]) == 15.0
+    assert profile.busy_time_us([(0, 10), (5, 12), (2, 3), (30, 31)]) == 13.0  # overlaps counted once

@@ -14,9 +14,12 @@ import types
 
 import pytest
 
-from helpers.fallback import emulator as emulate
-from helpers.fallback.emulator import GIB, MIB, VramEmulator
 from helpers.core.errors import CourseError, CourseWarning
+from helpers.core.units import GIB, MIB
+from helpers.fallback import emulated_report, emulator, hostalloc, routed_load
+from helpers.fallback.emulator import VramEmulator
+
+pytest_plugins = ("fake_exllamav2",)   # fixtures fake_cuda, fake_exllamav2 (tests/fake_exllamav2.py)
 
 
 # ------------------------------------------------------------------------------------------------------ fakes
@@ -197,30 +200,38 @@ def test_host_context_and_bad_budgets():
 
 
 def test_budget_for():
-    assert emulate.budget_for(16, 0.2, 512 * MIB) == 16 * GIB - int(0.2 * GIB) - 512 * MIB
+    assert emulator.budget_for(16, 0.2, 512 * MIB) == 16 * GIB - int(0.2 * GIB) - 512 * MIB
     with pytest.raises(CourseError, match="larger --card-gib"):
-        emulate.budget_for(1, 0.5, GIB)
+        emulator.budget_for(1, 0.5, GIB)
 
 
 # ------------------------------------------------------------------------------------------- what a module needs
+#: exllamav2 0.3.2's cache tensors per layer for Qwen2.5-14B's 8 KV heads of 128 at 32768 tokens (cache.py): element
+#: dtype and the last dimension of K and V (quantized modes pack values into uint8: Q4 two a byte, Q6's V two a byte)
+FAKE_CACHES = {"fp16": ("float16", 128, 128), "q8": ("uint8", 128, 128), "q6": ("uint8", 128, 64),
+               "q4": ("uint8", 64, 64)}
+#: the bytes of one such layer, by hand: fp16 2 x 32768 x 8 x 128 x 2 = 128 MiB; the quantized modes
+#: 32768 x 8 x (K + V bytes) plus fp16 scales for K and V, 2 x 32768 x 8 x 4 x 2 = 4 MiB
+LAYER_BYTES = {"fp16": 128 * MIB, "q8": 64 * MIB + 4 * MIB, "q6": 48 * MIB + 4 * MIB, "q4": 32 * MIB + 4 * MIB}
+
+
 def _fake_cache(mode, L=32768, kv=8, hd=128):
     import torch
 
-    wpe = {"fp16": (1, 1), "q4": (2, 2), "q6": (1, 2), "q8": (1, 1)}[mode]
+    dtype, k_last, v_last = FAKE_CACHES[mode]
     return types.SimpleNamespace(
-        dtype=torch.float16 if mode == "fp16" else torch.uint8, has_scales=mode != "fp16",
-        shape_wk=(1, L, kv, hd // wpe[0]), shape_wv=(1, L, kv, hd // wpe[1]), shape_s=(1, L, kv, hd // 32),
+        dtype=getattr(torch, dtype), has_scales=mode != "fp16",
+        shape_wk=(1, L, kv, k_last), shape_wv=(1, L, kv, v_last), shape_s=(1, L, kv, hd // 32),
         shape_basic=(1, L, kv, hd), **({} if mode == "fp16" else {"temp_tensors": {}}))
 
 
 @pytest.mark.parametrize("mode", ["fp16", "q8", "q6", "q4"])
 def test_cache_layer_bytes_match_the_planner(mode):
-    from helpers.memory import accounting as memory
+    from helpers.memory.kv_cache import kv_layer_bytes_per_token
 
-    per_token = memory.kv_layer_bytes_per_token("qwen2.5-14b", mode)
-    assert emulate.cache_layer_bytes(_fake_cache(mode)) == per_token * 32768
-    if mode == "fp16":
-        assert emulate.cache_layer_bytes(_fake_cache(mode)) == 128 * MIB      # 0.75 GiB / 48 layers x 8
+    assert routed_load.cache_layer_bytes(_fake_cache(mode)) == LAYER_BYTES[mode]
+    # the planner counts the same bytes per layer from the model's shape alone
+    assert kv_layer_bytes_per_token("qwen2.5-14b", mode) * 32768 == LAYER_BYTES[mode]
 
 
 def test_module_need():
@@ -238,21 +249,22 @@ def test_module_need():
 
     model = types.SimpleNamespace(modules=[ExLlamaV2Embedding(), ExLlamaV2Attention(), ExLlamaV2MLP()])
     fp16 = _fake_cache("fp16")
-    assert emulate.module_need(model, fp16, 0)["on_cpu"] is True
-    a = emulate.module_need(model, fp16, 1)
+    assert routed_load.module_need(model, fp16, 0)["on_cpu"] is True
+    a = routed_load.module_need(model, fp16, 1)
     assert a == {"module": "model.layers.0.self_attn", "kind": "ExLlamaV2Attention", "weight_bytes": 43345920,
                  "cache_bytes": 128 * MIB, "on_cpu": False}
-    assert emulate.module_need(model, fp16, 2)["cache_bytes"] == 0
+    assert routed_load.module_need(model, fp16, 2)["cache_bytes"] == 0
     q4 = _fake_cache("q4")                    # first layer of a quantized cache also makes the FP16 temp K/V
-    assert emulate.module_need(model, q4, 1)["cache_bytes"] == 36 * MIB + 2 * 64 * MIB
+    assert routed_load.module_need(model, q4, 1)["cache_bytes"] == 36 * MIB + 2 * 64 * MIB
     q4.temp_tensors["cuda:0"] = object()
-    assert emulate.module_need(model, q4, 1)["cache_bytes"] == 36 * MIB
+    assert routed_load.module_need(model, q4, 1)["cache_bytes"] == 36 * MIB
 
 
-def _fake_exllamav2(dev, events):
-    """Just enough of exllamav2 0.3.2 for ``Exl2Model``: modules with footprints, ``load_autosplit`` (cache layer,
-    then weights, per attention module), ``load`` (weights only) and a lazy cache whose ``update_cache_tensors`` makes
-    every mapped layer not made yet. Every allocation goes through the fake device, so routing shows in the bytes."""
+def _routed_model_and_cache(dev, events):
+    """exllamav2 0.3.2's model and FP16 cache as ``Exl2Model`` sees them (the rest is the shared fake's): modules with
+    footprints, ``load_autosplit`` (cache layer, then weights, per attention module), ``load`` (weights only) and a
+    lazy cache whose ``update_cache_tensors`` makes every mapped layer not made yet. Every allocation goes through the
+    fake device, so routing shows in the bytes."""
 
     class Module:
         def __init__(self, key, w):
@@ -271,10 +283,6 @@ def _fake_exllamav2(dev, events):
 
     class ExLlamaV2MLP(Module):
         pass
-
-    class ExLlamaV2Config:
-        def __init__(self, d):
-            self.vocab_size, self.max_seq_len = 100, 0
 
     class ExLlamaV2:
         def __init__(self, config):
@@ -325,14 +333,16 @@ def _fake_exllamav2(dev, events):
                     self.layers[k] = dev.alloc(40)
                     events.append(("cache", k))
 
-    return types.SimpleNamespace(ExLlamaV2Config=ExLlamaV2Config, ExLlamaV2=ExLlamaV2, ExLlamaV2Cache=ExLlamaV2Cache)
+    return types.SimpleNamespace(ExLlamaV2=ExLlamaV2, ExLlamaV2Cache=ExLlamaV2Cache)
 
 
 @pytest.mark.parametrize("path", ["autosplit", "load"])
-def test_exl2model_routes_each_load_path_in_exllamav2s_order(path, monkeypatch, tmp_path):
+def test_exl2model_routes_each_load_path_in_exllamav2s_order(path, monkeypatch, tmp_path, fake_cuda, fake_exllamav2):
     lib, events = FakeLib(), []
     dev = FakeDevice(lib)
-    monkeypatch.setattr(emulate, "_import_exllamav2", lambda: _fake_exllamav2(dev, events))
+    routed = _routed_model_and_cache(dev, events)     # the shared fake, its model and cache on the fake device
+    monkeypatch.setattr(fake_exllamav2, "ExLlamaV2", routed.ExLlamaV2)
+    monkeypatch.setattr(fake_exllamav2, "ExLlamaV2Cache", routed.ExLlamaV2Cache)
     (tmp_path / "config.json").write_text("{}")
 
     def drop(x):
@@ -340,7 +350,7 @@ def test_exl2model_routes_each_load_path_in_exllamav2s_order(path, monkeypatch, 
         x.cache.layers.clear()
 
     with VramEmulator(190 if path == "autosplit" else 230, lib, dev) as emu:
-        m = emu.own(emulate.Exl2Model(tmp_path, max_seq_len=4, emulator=emu, load_path=path), drop)
+        m = emu.own(routed_load.Exl2Model(tmp_path, max_seq_len=4, emulator=emu, load_path=path), drop)
         where = {d.module: d.where for d in emu.decisions}
         if path == "autosplit":        # same walk as the fake load above: l2.attn with its cache, and the head spill
             assert [d.module for d in emu.decisions][:3] == ["embed", "l0.attn", "l0.mlp"]
@@ -356,7 +366,7 @@ def test_exl2model_routes_each_load_path_in_exllamav2s_order(path, monkeypatch, 
         assert m.weight_bytes() == 180 and dev.pool_active is None
     assert lib.outstanding_bytes() == 0 and emu.leftover_bytes == 0
     with pytest.raises(CourseError, match="unknown load path 'lazy'"):
-        emulate.Exl2Model(tmp_path, max_seq_len=4, load_path="lazy")
+        routed_load.Exl2Model(tmp_path, max_seq_len=4, load_path="lazy")
 
 
 # ------------------------------------------------------------------------------------------------- the C allocator
@@ -384,13 +394,13 @@ def built(tmp_path_factory):
     (d / "fake_cudart.c").write_text(FAKE_CUDART)
     fake = d / "libfakecudart.so"
     subprocess.run([cc, "-shared", "-fPIC", "-o", str(fake), str(d / "fake_cudart.c")], check=True)
-    out = emulate.compile_hostalloc(d / "hostalloc.so", cudart=fake, cc=cc)
+    out = hostalloc.compile_hostalloc(d / "hostalloc.so", cudart=fake, cc=cc)
     return out, ctypes.CDLL(str(fake))
 
 
 def test_c_allocator_counts_and_frees(built):
     so, fake = built
-    lib = emulate.HostAllocLib(so)
+    lib = hostalloc.HostAllocLib(so)
     assert lib.outstanding_bytes() == 0
     a, b = lib.alloc(1000), lib.alloc(24)
     assert a and b and a != b
@@ -413,38 +423,41 @@ def test_c_allocator_counts_and_frees(built):
 
 def test_compile_errors_are_one_line(tmp_path):
     with pytest.raises(CourseError, match="needs a C compiler"):
-        emulate.compile_hostalloc(tmp_path / "x.so", cudart=None, cc=None, nvcc=None)
+        hostalloc.compile_hostalloc(tmp_path / "x.so", cudart=None, cc=None, nvcc=None)
     if shutil.which("cc"):
         bad = tmp_path / "bad.c"
         bad.write_text("this is not C")
         with pytest.raises(CourseError, match="compiling bad.c failed"):
-            emulate.compile_hostalloc(tmp_path / "y.so", cudart=tmp_path / "none.so", cc="cc", source=bad)
+            hostalloc.compile_hostalloc(tmp_path / "y.so", cudart=tmp_path / "none.so", cc="cc", source=bad)
     assert not list(tmp_path.glob(".*.tmp"))             # no half-written library left behind
 
 
 def test_cli_without_cuda_says_so(capsys):
     from helpers.__main__ import main
 
-    assert main(["emulate", "--ctx", "4096"]) == 2
-    assert "needs a CUDA GPU" in capsys.readouterr().err
+    for flag in ("--ctx", "--max-seq-len"):          # --ctx is kept as an alias of --max-seq-len
+        assert main(["emulate", flag, "4096"]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert main(["emulate", "--max-seq-len", "4k,lots"]) == 2     # parsed before CUDA is asked for
+    assert "cache length 'lots' is not a whole number" in capsys.readouterr().err
 
 
 def test_build_needs_cuda():
     with pytest.raises(CourseError, match="needs a CUDA GPU"):
-        emulate.build_hostalloc()
+        hostalloc.build_hostalloc()
 
 
 def test_the_spill_model_walks_an_emulator_placement_with_the_embedding_on_the_cpu():
-    from helpers.fallback import spill as fallback
+    from helpers.fallback import spill
 
     lib = FakeLib()
     dev = FakeDevice(lib)
     with VramEmulator(190, lib, dev) as emu:
         emu.own(fake_load(emu, dev))
         placement = emu.placement()
-    walked = fallback.place(placement, 190, 0)          # the model's own walk over the emulator's byte counts
+    walked = spill.place(placement, 190, 0)          # the model's own walk over the emulator's byte counts
     assert [p["where"] for p in walked] == [d["where"] for d in placement]
-    pred = fallback.evaluate(placement, depth=0, max_seq_len=100, overhead_s_per_token=0, vram_bandwidth=1.0,
+    pred = spill.evaluate(placement, depth=0, max_seq_len=100, overhead_s_per_token=0, vram_bandwidth=1.0,
                              pcie_bandwidth=0.5)
     assert pred.vram_read_bytes == 10 + 30 + 10 + 30 + 30 and pred.sysmem_read_bytes == 10 + 60
 
@@ -454,7 +467,7 @@ def test_recorded_results_are_read_labelled_and_plotted(tmp_path):
     from helpers import plots
     from helpers.core import results
 
-    assert "not recorded yet" in emulate.report_recorded(tmp_path)
+    assert "not recorded yet" in emulated_report.report_recorded(tmp_path)
     prov = {"gpu": "TEST GPU", "date": "2026-01-01T00:00:00+00:00", "torch": "x", "exllamav2": "0.3.2"}
     base = {"cache_mode": "fp16", "depth": 128, "card_gib": 16.0, "spilled_modules": [], "pcie_read_gbs": 50.0,
             "vram_bandwidth_gbs": 2800.0, "overhead_ms": 14.0, "pinned_left_bytes": 0}
@@ -473,11 +486,11 @@ def test_recorded_results_are_read_labelled_and_plotted(tmp_path):
     results.save_result("fallback", "linux-oom-test", [{"ctx": 32768, "outcome": "out-of-memory",
                         "error_type": "RuntimeError", "error": "Insufficient VRAM for model and cache",
                         "explanation": "Linux has no sysmem fallback"}], prov=prov, results_dir=tmp_path)
-    rec = emulate.load_recorded(tmp_path)
+    rec = emulated_report.load_recorded(tmp_path)
     assert [r["ctx"] for r in rec["emulated"]] == [4096, 32768, 32768] and len(rec["oom"]) == 1
     auto32 = next(r for r in rec["emulated"] if r["ctx"] == 32768 and "load_path" not in r)
     assert auto32["decisions"] == [{"where": "vram"}] and "TEST GPU" in rec["emulated"][0]["label"]
-    text = emulate.report_recorded(tmp_path)
+    text = emulated_report.report_recorded(tmp_path)
     assert "emulated/native = 0.983 (target: within 5%)" in text
     assert "measured slowdown / predicted = 1.11 (target: within 25%)" in text
     assert "after an injected interrupt mid-load: 0" in text and "Insufficient VRAM" in text

@@ -1,0 +1,314 @@
+"""The bench harness: prefill and decode speed at a cache length and a context depth, on a loaded backend.
+
+What one measurement does (``bench``):
+1. load the model with a cache of ``ctx`` tokens (``backend.load``) and read memory (torch, NVML, or the process RSS);
+2. prefill: time ``forward`` of ``prefill_tokens`` tokens appended at depth ``depth`` -> prefill tokens/s;
+3. decode: set the cache to ``depth`` tokens directly (``fill_cache``; nobody decodes 30,000 tokens to get there),
+   then time ``decode_tokens`` greedy steps, each waiting for its token as a real generator does. ``warmup``
+   repeats are thrown away, then ``repeats`` are kept: median, min, max and the spread (max - min) / median;
+4. the roofline (``helpers.speed.roofline``): a decoded token must read every GPU-resident weight once and the K and
+   V of every layer for ``depth`` positions. Those bytes over the memory bandwidth measured on the same device is the
+   fastest decode the memory allows; each measured figure is also given as a fraction of it;
+5. where the time goes per token (``helpers.speed.profile``), apart from the timed rounds.
+
+``bench_subprocess`` runs the same measurement in a fresh process (``python -m helpers bench``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from helpers.core import devices as gpu
+from helpers.core.errors import CourseError
+from helpers.core.paths import REPO_DIR
+from helpers.core.progress import progress as bar
+from helpers.core.units import GIB
+from helpers.engines import backend as backend_mod
+from helpers.models import embedded as models
+from helpers.speed.matrix import check_config, plan_matrix
+from helpers.speed.profile import profile_decode
+from helpers.speed.roofline import datasheet_bandwidth, decode_bytes, measure_bandwidth, roofline_tok_s
+
+
+def summarize(values: Sequence[float]) -> dict[str, float]:
+    """median, min, max and spread = (max - min) / median of repeated measurements."""
+    vals = [float(v) for v in values]
+    if not vals:
+        raise CourseError("nothing was measured: repeats must be at least 1")
+    med = statistics.median(vals)
+    lo, hi = min(vals), max(vals)
+    return {"median": med, "min": lo, "max": hi, "spread": (hi - lo) / med if med else math.inf, "n": len(vals)}
+
+
+def run_to_run(medians: Sequence[float]) -> dict[str, float]:
+    """Variation across processes: the same statistics over each process's median."""
+    s = summarize(medians)
+    return {"processes": s["n"], "median_tok_s": s["median"], "min_tok_s": s["min"], "max_tok_s": s["max"],
+            "spread": s["spread"]}
+
+
+def _trained_ctx(model_dir: Path) -> int | None:
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return cfg.get("max_position_embeddings")
+
+
+def _prompt_ids(vocab_size: int, n: int, seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, int(vocab_size), (1, n), generator=g)
+
+
+def _time_decode(b, depth: int, steps: int, first_token: int) -> dict[str, Any]:
+    """``steps`` greedy decode steps from depth ``depth``: total seconds and each step's wall time. Each step waits
+    for its token (a generator needs it before the next step), so a step's wall time is what a reader sees."""
+    b.fill_cache(depth)
+    b.synchronize()
+    tok, walls = first_token, []
+    start = time.perf_counter()
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        tok = int(b.decode_step(tok).argmax())
+        walls.append(time.perf_counter() - t0)
+    b.synchronize()
+    return {"seconds": time.perf_counter() - start, "walls": walls}
+
+
+def _time_prefill(b, depth: int, ids) -> float:
+    b.fill_cache(depth)
+    b.synchronize()
+    t0 = time.perf_counter()
+    b.forward(ids, reset=False)
+    b.synchronize()
+    return time.perf_counter() - t0
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
+
+
+def _flat_memory(prefix: str, reading: dict) -> dict[str, Any]:
+    return {f"{prefix}{k}": v for k, v in (reading or {}).items() if isinstance(v, (int, float, str, type(None)))}
+
+
+def _decode_bytes_of(b, depth: int) -> dict[str, Any]:
+    """What one decoded token reads on the loaded backend ``b`` at ``depth`` (see the module's docstring).
+
+    exllamav2: the checkpoint's GPU-resident bytes and the cache mode's bytes per token (``memory``). The reference:
+    its own tensors in its own dtype (float32 on a CPU: twice fp16's bytes), counted from the loaded model.
+    """
+    if b.name == "reference" and hasattr(b, "model"):
+        m = b.model
+        tensors = [m.norm, m.lm_head]
+        for layer in m.layers:
+            tensors += [t for t in vars(layer).values() if hasattr(t, "element_size")]
+        weights = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        kv = int(m.cache.bytes_per_token()) * depth
+        return {"weights_bytes": int(weights), "kv_bytes": kv, "total_bytes": int(weights) + kv,
+                "counted": f"reference {str(b.dtype).replace('torch.', '')} tensors: layers, final norm, head "
+                           f"(not the input embedding unless tied as the head); K and V of {depth} positions"}
+    d = decode_bytes(b.model_dir, depth, b.cache_mode)
+    d["counted"] = (f"EXL2 GPU-resident weights incl. head and norms (not the input embedding, in system RAM); K and "
+                    f"V of {depth} positions at {b.cache_mode}")
+    return d
+
+
+def measure_loaded(b, depth: int, *, repeats: int = 5, warmup: int = 2, decode_tokens: int = 32,
+                   prefill_tokens: int = 512, profile_steps: int = 4, bandwidth_bytes_s: float | None = None,
+                   progress: bool = True, desc: str = "") -> dict[str, Any]:
+    """Measure one depth on an already loaded backend ``b`` (its cache length is ``b.max_seq_len``)."""
+    ctx, mode = int(b.max_seq_len), str(b.cache_mode)
+    check_config(ctx, depth, decode_tokens=decode_tokens, exllamav2=(b.name == "exllamav2"))
+    if repeats < 1 or warmup < 0 or decode_tokens < 1 or prefill_tokens < 0:
+        raise CourseError("repeats and decode_tokens must be at least 1, warmup and prefill_tokens at least 0")
+    n_prefill = min(prefill_tokens, ctx - depth)
+    ids = _prompt_ids(b.vocab_size, n_prefill) if n_prefill else None
+    rounds = warmup + repeats
+    pbar = bar(total=rounds * (decode_tokens + (1 if n_prefill else 0)), desc=desc or f"ctx {ctx} depth {depth}",
+               unit="tok") if progress else None
+    prefill_s, decode, walls = [], [], []
+    try:
+        for r in range(rounds):
+            if n_prefill:
+                dt = _time_prefill(b, depth, ids)
+                if r >= warmup:
+                    prefill_s.append(dt)
+                if pbar:
+                    pbar.update(1)
+            run = _time_decode(b, depth, decode_tokens, first_token=0)
+            if r >= warmup:
+                decode.append(decode_tokens / run["seconds"])
+                walls += run["walls"]
+            if pbar:
+                pbar.update(decode_tokens)
+    finally:
+        if pbar:
+            pbar.close()
+    mem_run = b.memory()
+    prof = profile_decode(b, depth, steps=profile_steps) if profile_steps else {}
+    d = summarize(decode)
+    row: dict[str, Any] = {
+        "ctx": ctx, "depth": depth, "cache_mode": mode, "backend": b.name, "device": str(b.device),
+        "torch_threads": _torch_threads(),
+        "decode_tokens": decode_tokens, "repeats": repeats, "warmup": warmup,
+        "decode_tok_s": d["median"], "decode_tok_s_min": d["min"], "decode_tok_s_max": d["max"],
+        "decode_spread": d["spread"], "decode_tok_s_all": decode,
+        "prefill_tokens": n_prefill,
+    }
+    if n_prefill:
+        p = summarize([n_prefill / s for s in prefill_s])
+        row.update(prefill_tok_s=p["median"], prefill_tok_s_min=p["min"], prefill_tok_s_max=p["max"],
+                   prefill_spread=p["spread"])
+    else:
+        row.update(prefill_tok_s=None)
+    step_ms = statistics.median(walls) * 1e3
+    cuda = str(b.device).startswith("cuda")
+    gpu_ms = prof.get("gpu_busy_ms")
+    ops_ms = prof.get("torch_ops_ms")
+    row.update(
+        step_ms=step_ms,
+        # CUDA: the host's own work per token (profiled: Python, exllamav2's host code, kernel launches); CPU: all of it
+        cpu_ms_per_token=prof.get("host_work_ms") if cuda else step_ms,
+        gpu_ms_per_token=gpu_ms,
+        gpu_idle_fraction=(max(0.0, 1 - gpu_ms / step_ms) if gpu_ms is not None and step_ms else None),
+        host_blocked_ms_per_token=prof.get("host_blocked_ms"),
+        kernel_launches_per_token=prof.get("kernel_launches"),
+        profiled_ms_per_token=prof.get("profiled_ms"),
+        torch_ops_ms_per_token=ops_ms,
+        outside_torch_ops_ms_per_token=(max(0.0, prof["profiled_ms"] - ops_ms) if ops_ms is not None else None),
+    )
+    # bytes and the roofline
+    counted = _decode_bytes_of(b, depth)
+    row.update(weights_bytes=counted["weights_bytes"], kv_read_bytes=counted["kv_bytes"],
+               bytes_per_token=counted["total_bytes"], bytes_counted=counted["counted"])
+    if bandwidth_bytes_s is None:
+        bandwidth_bytes_s = measure_bandwidth(str(b.device))
+    row["bandwidth_gbs"] = bandwidth_bytes_s / 1e9
+    roof = roofline_tok_s(row["bytes_per_token"], bandwidth_bytes_s)
+    row.update(roofline_tok_s=roof, roofline_fraction=row["decode_tok_s"] / roof)
+    if row.get("prefill_tok_s"):
+        # prefill reads the weights once for the whole prompt: memory is not what limits it, compute is
+        row["prefill_over_decode"] = row["prefill_tok_s"] / row["decode_tok_s"]
+    row["cache_bytes"] = int(b.cache_bytes())
+    row["cache_gib"] = row["cache_bytes"] / GIB
+    row.update(_flat_memory("mem_after_run_", mem_run))
+    return row
+
+
+def bench(model_dir=None, *, ctx: int = 4096, depth: int = 128, cache_mode: str = "fp16", backend: str = "auto",
+          repeats: int = 5, warmup: int = 2, decode_tokens: int = 32, prefill_tokens: int = 512,
+          progress: bool = True, device: str | None = None, profile_steps: int = 4) -> dict[str, Any]:
+    """One measurement (one row): load with a cache of ``ctx`` tokens, set it to ``depth``, time prefill and decode.
+
+    Keys (units in the names): ctx, depth, cache_mode, backend, device, prefill_tok_s, decode_tok_s (median of
+    ``repeats``), decode_tok_s_min/max, decode_spread = (max - min) / median, bytes_per_token (weights_bytes +
+    kv_read_bytes), roofline_tok_s, roofline_fraction, bandwidth_gbs, cache_bytes, mem_* readings, step_ms,
+    cpu_ms_per_token, gpu_ms_per_token (CUDA), gpu_idle_fraction, torch_ops_ms_per_token.
+    """
+    return bench_matrix(model_dir, ctxs=[ctx], depths=[depth], cache_modes=[cache_mode], backend=backend,
+                        repeats=repeats, warmup=warmup, decode_tokens=decode_tokens, prefill_tokens=prefill_tokens,
+                        progress=progress, device=device, profile_steps=profile_steps, skip_unfit=False)[0]
+
+
+def bench_matrix(model_dir=None, *, ctxs: Iterable[int] = (4096, 32768), depths: Iterable[int] = (128,),
+                 cache_modes: Iterable[str] = ("fp16",), backend: str = "auto", repeats: int = 5, warmup: int = 2,
+                 decode_tokens: int = 32, prefill_tokens: int = 512, progress: bool = True,
+                 device: str | None = None, profile_steps: int = 4, skip_unfit: bool = True,
+                 model_label: str | None = None) -> list[dict[str, Any]]:
+    """Every (cache mode, ctx, depth) combination; one load per (cache mode, ctx). Depths that do not fit a cache
+    are skipped (a single combination that does not fit is an error)."""
+    model_dir = models.resolve_model_dir(model_dir)
+    plan = plan_matrix(ctxs, depths, cache_modes, decode_tokens=decode_tokens, backend=backend,
+                       skip_unfit=skip_unfit)
+    trained = _trained_ctx(model_dir)
+    rows = []
+    bw = None
+    for mode, c, ds in plan:
+        before = _memory_before_load()
+        b = backend_mod.load(model_dir, max_seq_len=c, cache_mode=mode, backend=backend, device=device)
+        try:
+            mem_loaded = b.memory()
+            if bw is None:  # the same threads as the decode it bounds
+                bw = measure_bandwidth(str(b.device), threads=_torch_threads())
+            for d in ds:
+                row = measure_loaded(b, d, repeats=repeats, warmup=warmup, decode_tokens=decode_tokens,
+                                     prefill_tokens=prefill_tokens, profile_steps=profile_steps,
+                                     bandwidth_bytes_s=bw, progress=progress,
+                                     desc=f"{mode} ctx {c} depth {d}")
+                row.update(_flat_memory("mem_before_load_", before))
+                row.update(_flat_memory("mem_loaded_", mem_loaded))
+                if str(b.device).startswith("cuda"):
+                    import torch
+
+                    row["mem_peak_torch_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
+                row.update(model=model_label or Path(model_dir).name, model_dir=str(model_dir),
+                           trained_ctx=trained, beyond_trained_ctx=bool(trained and c > trained),
+                           bandwidth_method=_bandwidth_method(str(b.device)))
+                ds_bw = datasheet_bandwidth(_device_name(str(b.device)))
+                row["datasheet_bandwidth_gbs"] = ds_bw / 1e9 if ds_bw else None
+                rows.append(row)
+        finally:
+            b.unload()
+    return rows
+
+
+def _memory_before_load() -> dict[str, Any]:
+    """Readings taken before a load (NVML's used bytes include other processes and the CUDA context)."""
+    out: dict[str, Any] = {"process_rss_bytes": gpu.process_rss_bytes()}
+    if gpu.cuda_status()["available"]:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        out["nvml_used_bytes"] = gpu.nvml_used_bytes(torch.cuda.current_device())
+    return out
+
+
+def _bandwidth_method(device: str) -> str:
+    if device.startswith("cuda"):
+        return "median of 5 sums over a 1 GiB fp16 buffer, CUDA events"
+    return f"median of 5 sums over a 256 MiB fp32 buffer, {_torch_threads()} torch threads"
+
+
+def _device_name(device: str) -> str | None:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    return None
+
+
+def bench_subprocess(model_dir, *, ctx: int, depth: int, cache_mode: str = "fp16", backend: str = "auto",
+                     repeats: int = 5, warmup: int = 2, decode_tokens: int = 32, prefill_tokens: int = 512,
+                     model_label: str | None = None, timeout: float | None = None) -> list[dict[str, Any]]:
+    """The same measurement in a fresh Python process (nothing cached, allocated or compiled by earlier runs)."""
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        out = Path(tmp) / "rows.json"
+        cmd = [sys.executable, "-m", "helpers", "bench", "--max-seq-len", str(ctx), "--depth", str(depth),
+               "--cache", cache_mode, "--backend", backend, "--repeats", str(repeats), "--warmup", str(warmup),
+               "--decode-tokens", str(decode_tokens), "--prefill-tokens", str(prefill_tokens), "--out", str(out)]
+        if model_dir is not None:
+            cmd += ["--model", str(model_dir)]
+        if model_label:
+            cmd += ["--label", model_label]
+        # the child's stdout goes to our stderr: exllamav2 prints while it loads, and `record` reads our stdout
+        try:
+            sink = sys.stderr.fileno()
+        except (AttributeError, OSError, ValueError):  # a captured stderr (pytest, some notebooks) has no descriptor
+            sink = None
+        proc = subprocess.run(cmd, stdout=sink, timeout=timeout, cwd=REPO_DIR)
+        if proc.returncode != 0 or not out.is_file():
+            raise CourseError(f"the bench process for ctx {ctx} depth {depth} {cache_mode} failed (exit "
+                              f"{proc.returncode}); run `python {' '.join(cmd[1:-2])}` to see why")
+        return json.loads(out.read_text(encoding="utf-8"))["rows"]

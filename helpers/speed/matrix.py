@@ -1,0 +1,127 @@
+"""What a bench is asked to measure: cache lengths x depths x cache modes, each bad request refused in one line.
+
+``check_config`` (a cache length and a depth), ``check_request`` (that, and whether it needs a CUDA GPU),
+``plan_matrix`` (the combinations that fit), ``parse_int_list`` ('4k,32k' -> [4096, 32768]) and ``check_modes``.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+from helpers.core import devices as gpu
+from helpers.core.errors import CourseError
+from helpers.memory.cache_modes import check_cache_mode
+
+#: exllamav2 pages its cache in blocks of 256 tokens (generator/dynamic.py: PAGED_PAGE_SIZE); a cache length must be
+#: a multiple of it
+PAGE = 256
+
+
+def parse_int_list(text: str | int | Iterable[int], what: str) -> list[int]:
+    """'4096,32768' or '4k,32k' -> [4096, 32768]; one clear error for anything else."""
+    if isinstance(text, int):
+        return [text]
+    if not isinstance(text, str):
+        return [int(t) for t in text]
+    out = []
+    for part in text.split(","):
+        p = part.strip().lower().replace("_", "")
+        if not p:
+            continue
+        mult = 1024 if p.endswith("k") else 1
+        try:
+            value = int(p[:-1] if p.endswith("k") else p) * mult
+        except ValueError:
+            raise CourseError(f"{what} '{part.strip()}' is not a whole number of tokens; write e.g. 4096,32768 "
+                              "(or 4k,32k)") from None
+        if value < 0:
+            raise CourseError(f"{what} must not be negative, got {value}")
+        out.append(value)
+    if not out:
+        raise CourseError(f"no {what} given; write e.g. 4096,32768")
+    return out
+
+
+def check_modes(modes: list[str]) -> list[str]:
+    """Each cache mode checked by ``memory.cache_modes.check_cache_mode`` (its one error message); at least one."""
+    if not modes:
+        raise CourseError("no cache mode given; write e.g. --cache fp16,q4")
+    return [check_cache_mode(m) for m in modes]
+
+
+def check_config(ctx: int, depth: int, *, decode_tokens: int = 0, exllamav2: bool = False) -> None:
+    """The bad inputs a bench can be given, each as one line."""
+    if ctx <= 0:
+        raise CourseError(f"cache length must be positive, got {ctx}")
+    if exllamav2 and ctx % PAGE:
+        lo, hi = ctx // PAGE * PAGE, -(-ctx // PAGE) * PAGE
+        near = f"{hi}" if lo == 0 else f"{lo} or {hi}"
+        raise CourseError(f"exllamav2 pages its cache in blocks of {PAGE} tokens, so a cache of {ctx} tokens cannot "
+                          f"be paged; use a multiple of {PAGE} such as {near}")
+    if depth < 0:
+        raise CourseError(f"context depth must not be negative, got {depth}")
+    if depth >= ctx:
+        raise CourseError(f"depth {depth} does not fit: the cache holds {ctx} tokens, so the depth must be below "
+                          f"{ctx}; raise --ctx or lower --depth")
+    if decode_tokens and depth + decode_tokens > ctx:
+        raise CourseError(f"depth {depth} plus {decode_tokens} decoded tokens passes the cache's {ctx} tokens; "
+                          f"use a depth of at most {ctx - decode_tokens} or fewer decode tokens")
+
+
+def _needs_gpu(backend: str, cache_mode: str) -> str | None:
+    """Why a configuration can only be measured on a CUDA GPU, or None."""
+    if backend == "exllamav2":
+        return "the exllamav2 backend"
+    if str(cache_mode).lower() not in ("fp16",):
+        return f"cache mode '{cache_mode}' (quantized caches exist only in exllamav2, on CUDA)"
+    return None
+
+
+def uses_exllamav2(backend: str) -> bool:
+    """Whether a load with this backend choice ends in exllamav2 (then the cache pages in 256s)."""
+    if backend == "exllamav2":
+        return True
+    if backend != "auto":
+        return False
+    return gpu.course_path()[0] == "gpu"
+
+
+def _require_gpu_for(backend: str, cache_mode: str) -> None:
+    why = _needs_gpu(backend, cache_mode)
+    if why:
+        gpu.require_cuda(f"measuring {why}")
+
+
+def check_request(ctx: int, depth: int, *, cache_mode: str = "fp16", backend: str = "auto",
+                  decode_tokens: int = 0) -> None:
+    """Every bad input of a bench as one line, before anything is loaded."""
+    check_config(ctx, depth, decode_tokens=decode_tokens, exllamav2=uses_exllamav2(backend))
+    _require_gpu_for(backend, cache_mode)
+
+
+def plan_matrix(ctxs: Iterable[int], depths: Iterable[int], cache_modes: Iterable[str], *, decode_tokens: int = 32,
+                backend: str = "auto", skip_unfit: bool = True) -> list[tuple[str, int, list[int]]]:
+    """[(cache_mode, ctx, [depths])] to measure; combinations whose depth does not fit the cache are left out
+    (``skip_unfit``) unless nothing would be left, then the first one's error is raised."""
+    ctxs, depths, modes = list(ctxs), list(depths), [str(m).lower() for m in cache_modes]
+    ex = uses_exllamav2(backend)
+    for c in ctxs:  # a cache length that cannot be paged is an error whatever the depth
+        check_config(c, 0, exllamav2=ex)
+    for m in modes:
+        _require_gpu_for(backend, m)
+    plan, first_error = [], None
+    for m in modes:
+        for c in ctxs:
+            fit = []
+            for d in depths:
+                try:
+                    check_config(c, d, decode_tokens=decode_tokens, exllamav2=ex)
+                    fit.append(d)
+                except CourseError as exc:
+                    if not skip_unfit:
+                        raise
+                    first_error = first_error or exc
+            if fit:
+                plan.append((m, c, fit))
+    if not plan:
+        raise first_error or CourseError("nothing to measure: give at least one --ctx and one --depth")
+    return plan

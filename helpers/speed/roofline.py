@@ -1,0 +1,167 @@
+"""The decode roofline: bytes read per decoded token over the memory bandwidth is the fastest decode memory allows.
+
+What is counted as "bytes read per decoded token" (``decode_bytes``; the byte counts themselves come from
+``helpers.memory`` and ``helpers.specs``):
+- weights: every tensor the backend keeps on the compute device for the decoder: the quantized linears
+  (q_weight, q_scale, q_scale_max, q_groups, q_perm/q_invperm, biases) including the output head, and the norms.
+  NOT the input embedding: exllamav2 keeps it in system RAM and copies one row (hidden x 2 bytes) per token.
+  For the CPU reference backend, whatever its weight tensors occupy in its own dtype.
+- KV cache: K and V of every layer for ``depth`` positions at the cache mode's bytes per element, scales included
+  (FP16 2 + 2 bytes, Q4 0.5625 + 0.5625 bytes per element, ...).
+- Not counted: activations, the logits, scratch buffers, and for quantized caches exllamav2's expansion of the
+  cache into its FP16 temp buffer (it writes and reads ``depth`` positions of FP16 per layer again), so the Q4/Q6/Q8
+  roofline at depth is optimistic: a real Q4 decode moves more bytes than this count.
+
+The bandwidth: measured on the device (``measure_bandwidth``, the median of sums over one large buffer) or the
+datasheet's (``datasheet_bandwidth``).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from contextlib import contextmanager
+from typing import Any
+
+from helpers.core import devices as gpu
+from helpers.core.errors import CourseError
+from helpers.core.units import GIB, MIB
+from helpers.memory import weights
+from helpers.memory.kv_cache import kv_layer_bytes_per_token
+from helpers.specs.gpus import gpu_spec
+from helpers.specs.shapes import model_shape
+
+
+def roofline_tok_s(bytes_per_token: float, bandwidth_bytes_s: float) -> float:
+    """The fastest decode memory allows: bandwidth / bytes read per token (tokens/s)."""
+    if not bytes_per_token or bytes_per_token <= 0:
+        raise CourseError(f"bytes per token must be positive, got {bytes_per_token!r}")
+    if not bandwidth_bytes_s or bandwidth_bytes_s <= 0:
+        raise CourseError(f"memory bandwidth must be positive, got {bandwidth_bytes_s!r}")
+    return float(bandwidth_bytes_s) / float(bytes_per_token)
+
+
+# -------------------------------------------------------------------------------------------- bytes per token
+def kv_read_bytes(shape: Any, depth: int, cache_mode: str = "fp16") -> int:
+    """K and V of every layer for ``depth`` positions at the cache mode's bytes per element, scales included.
+
+    Not the FP16 temp layer that quantized modes also allocate: it is scratch, written and read again while a layer
+    runs (that traffic is left out of the count, so the quantized-cache roofline is optimistic at depth)."""
+    s = model_shape(shape)
+    return int(s.n_layers * kv_layer_bytes_per_token(s, cache_mode) * depth)
+
+
+def decode_bytes(model_dir_or_shape: Any, depth: int, cache_mode: str = "fp16", *,
+                 weight_bytes: int | None = None, bpw: float | None = None) -> dict[str, int]:
+    """What one decoded token reads at ``depth``: {'weights_bytes', 'kv_bytes', 'total_bytes', 'embedding_row_bytes'}.
+
+    ``model_dir_or_shape``: an EXL2 model directory (its GPU-resident bytes come from ``memory.weights.weight_bytes``),
+    or a model shape (then pass ``weight_bytes`` or ``bpw``). ``weight_bytes`` overrides the weight count, e.g. with
+    what a loaded backend really holds. The embedding row is reported apart, not added: it comes from system RAM.
+    """
+    if depth < 0:
+        raise CourseError(f"context depth must not be negative, got {depth}")
+    spec = model_dir_or_shape
+    shape = model_shape(spec)
+    if weight_bytes is None:
+        if isinstance(spec, (str, os.PathLike)) or bpw is not None:
+            weight_bytes = int(weights.weight_bytes(spec, bpw=bpw)["vram_bytes"])
+        else:
+            raise CourseError("a model shape alone does not say how many weight bytes a token reads; pass a model "
+                              "directory, or weight_bytes=, or bpw=")
+    kv = kv_read_bytes(shape, depth, cache_mode)
+    hidden = _shape_get(shape, "hidden")
+    return {"weights_bytes": int(weight_bytes), "kv_bytes": kv, "total_bytes": int(weight_bytes) + kv,
+            "embedding_row_bytes": int(hidden) * 2 if hidden else 0}
+
+
+def bytes_per_decoded_token(model_dir_or_shape: Any, depth: int, cache_mode: str = "fp16", **kw) -> int:
+    """GPU-resident weight bytes + the KV cache read at ``depth`` (see ``decode_bytes`` for what is counted)."""
+    return decode_bytes(model_dir_or_shape, depth, cache_mode, **kw)["total_bytes"]
+
+
+def _shape_get(shape: Any, key: str, default=None):
+    if isinstance(shape, dict):
+        return shape.get(key, default)
+    return getattr(shape, key, default)
+
+
+# ----------------------------------------------------------------------------------------------- bandwidth
+_BANDWIDTH_CACHE: dict[str, float] = {}
+
+
+@contextmanager
+def _threads(n: int | None):
+    import torch
+
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def measure_bandwidth(device: str = "cpu", *, nbytes: int | None = None, repeats: int = 5, threads: int | None = 2,
+                      cached: bool = True) -> float:
+    """Memory read bandwidth of ``device`` in bytes/s: the median over ``repeats`` sums of one large buffer.
+
+    GPU: a 1 GiB fp16 buffer summed, timed with CUDA events. CPU: a 256 MiB fp32 buffer summed with ``threads``
+    threads (2 by default, what the course's CPU runs use). The first pass is a warm-up and is not counted.
+    """
+    import torch
+
+    device = str(device)
+    is_cuda = device.startswith("cuda")
+    if is_cuda:
+        gpu.require_cuda("measuring GPU memory bandwidth")
+    key = f"{device}:{nbytes}:{threads}"
+    if cached and key in _BANDWIDTH_CACHE:
+        return _BANDWIDTH_CACHE[key]
+    if repeats < 1:
+        raise CourseError(f"repeats must be at least 1, got {repeats}")
+    if is_cuda:
+        n = (nbytes or GIB) // 2
+        buf = torch.ones(n, dtype=torch.float16, device=device)
+        times = gpu.timed_reads(buf, repeats)
+        read = n * 2
+        del buf
+        torch.cuda.empty_cache()
+    else:
+        n = (nbytes or 256 * MIB) // 4
+        buf = torch.ones(n, dtype=torch.float32)
+        times = []
+        with _threads(threads):
+            for i in range(repeats + 1):
+                t0 = time.perf_counter()
+                buf.sum()
+                dt = time.perf_counter() - t0
+                if i:
+                    times.append(dt)
+        read = n * 4
+        del buf
+    bw = read / statistics.median(times)
+    _BANDWIDTH_CACHE[key] = bw
+    return bw
+
+
+def datasheet_bandwidth(device_name: str | None) -> float | None:
+    """The datasheet memory bandwidth of a known GPU (bytes/s) from ``specs.gpus.GPUS``, or None."""
+    if not device_name:
+        return None
+    name = str(device_name).strip()
+    try:
+        spec = gpu_spec(name)
+    except (CourseError, KeyError, LookupError):
+        return None
+    if spec is None:
+        return None
+    for key in ("bandwidth_bytes_s", "bandwidth_Bps", "bandwidth"):
+        val = spec.get(key) if isinstance(spec, dict) else getattr(spec, key, None)
+        if val:
+            return float(val)
+    gbs = spec.get("bandwidth_gbs") if isinstance(spec, dict) else getattr(spec, "bandwidth_gbs", None)
+    return float(gbs) * 1e9 if gbs else None
