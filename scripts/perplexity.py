@@ -12,6 +12,7 @@ rounding costs, not a GPU kernel. Lower is better; "vs float" is the ratio of th
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from helpers.core.errors import CourseError  # noqa: E402
+from helpers.core.paths import MODEL_ENV  # noqa: E402
+from helpers.core.units import gib  # noqa: E402
+from helpers.lessons import quality  # noqa: E402
+from helpers.models import embedded as models  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,16 +38,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from helpers.models import embedded as models
-    from helpers.lessons import quality
-
     torch.set_num_threads(max(1, args.threads))
     max_tokens = args.max_tokens or quality.DEFAULT_MAX_TOKENS
     if args.sweep:
         rows = quality.quality_sweep(max_tokens=max_tokens)
         print(f"{'model':<26} {'bpw':>6} {'weights GiB':>12} {'perplexity':>11} {'vs float':>9}")
         for r in rows:
-            print(f"{r['label']:<26} {r['bpw']:>6.2f} {r['weights_bytes'] / 2**30:>12.3f} "
+            print(f"{r['label']:<26} {r['bpw']:>6.2f} {gib(r['weights_bytes']):>12.3f} "
                   f"{r['perplexity']:>11.3f} {r['ppl_vs_float']:>9.4f}")
         return 0
 
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, UnicodeDecodeError) as exc:
             raise CourseError(f"cannot read --text {args.text} ({exc}): pass a UTF-8 text file") from None
     exl2_dir = models.resolve_model_dir(args.model)
-    custom = args.model or models.os.environ.get(models.MODEL_ENV)
+    custom = args.model or os.environ.get(MODEL_ENV)
     float_dir = Path(args.float_dir) if args.float_dir else (None if custom else models.float_model_dir())
     source = "the fixed text" if text is None else args.text
     print(f"text: {source} ({'first ' if max_tokens else ''}{max_tokens} tokens at most)")

@@ -1,17 +1,21 @@
-"""The backend API: choosing an engine, the reference behind it, exllamav2's wiring (faked on CPU), errors, the CLI."""
+"""The backend API: choosing an engine, the reference behind it, exllamav2's wiring and its front door (faked on
+CPU), errors, the CLI, the agreement measurement."""
 from __future__ import annotations
 
-import builtins
-import sys
-import types
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers.engines import backend as B
+from helpers.cli.generate import main as main_generate
 from helpers.core import devices as gpu
 from helpers.core.errors import CourseError
+from helpers.engines import agreement as A
+from helpers.engines import backend as B
+from helpers.engines import exllama
+from helpers.memory.cache_modes import CACHE_CLASSES, CACHE_MODES
 
 FIXTURES = Path(__file__).parent / "fixtures" / "exl2"
 LLAMA = FIXTURES / "tiny_llama_b4.5"
@@ -19,9 +23,9 @@ QWEN = FIXTURES / "tiny_qwen2_b6.5"
 
 torch.set_num_threads(2)
 
+pytest_plugins = ("fake_exllamav2",)   # fixtures fake_cuda, fake_exllamav2, forbid_exllamav2 (tests/fake_exllamav2.py)
+
 NO_CUDA = {"available": False, "reason": "this torch is a CPU-only build", "torch": torch.__version__}
-FAKE_CUDA = {"available": True, "torch": torch.__version__, "torch_cuda": "12.4",
-             "devices": [{"index": 0, "name": "Fake GPU 16GB", "total_gib": 16.0, "capability": "8.9", "sms": 1}]}
 
 
 @pytest.fixture
@@ -29,29 +33,11 @@ def no_cuda(monkeypatch):
     monkeypatch.setattr(gpu, "cuda_status", lambda: dict(NO_CUDA))
 
 
-@pytest.fixture
-def fake_cuda(monkeypatch):
-    monkeypatch.setattr(gpu, "cuda_status", lambda: dict(FAKE_CUDA))
-
-
-def _forbid_exllamav2_import(monkeypatch, error: BaseException | None = None):
-    real_import = builtins.__import__
-
-    def guarded(name, *args, **kwargs):
-        if name.split(".")[0] == "exllamav2":
-            if error is None:
-                raise AssertionError("exllamav2 was imported on a machine without CUDA")
-            raise error
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.delitem(sys.modules, "exllamav2", raising=False)
-    monkeypatch.setattr(builtins, "__import__", guarded)
-
 
 # --- the reference behind the API ---------------------------------------------------------------------------------
 
-def test_auto_on_a_cpu_machine_is_the_reference_and_never_imports_exllamav2(no_cuda, monkeypatch):
-    _forbid_exllamav2_import(monkeypatch)
+def test_auto_on_a_cpu_machine_is_the_reference_and_never_imports_exllamav2(no_cuda, forbid_exllamav2):
+    forbid_exllamav2()
     be = B.load(LLAMA, max_seq_len=128)
     assert (be.name, be.device, be.cache_mode, be.max_seq_len, be.vocab_size) == ("reference", "cpu", "fp16", 128, 1024)
     assert "no CUDA GPU" in be.reason and "float32" in be.reason
@@ -97,7 +83,7 @@ def test_generate_streams_and_samples_reproducibly():
 
 
 def test_embedded_model_answers_paris_through_the_cli(capsys):
-    assert B.main_generate(["--prompt", "What is the capital of France?", "--max-new-tokens", "16",
+    assert main_generate(["--prompt", "What is the capital of France?", "--max-new-tokens", "16",
                             "--device", "cpu"]) == 0
     out, err = capsys.readouterr()
     assert "Paris" in out
@@ -105,7 +91,7 @@ def test_embedded_model_answers_paris_through_the_cli(capsys):
 
 
 def test_cli_with_a_model_dir_and_plain_prompt(capsys):
-    assert B.main_generate(["--prompt", "hello", "--model", str(QWEN), "--no-chat", "--max-new-tokens", "5",
+    assert main_generate(["--prompt", "hello", "--model", str(QWEN), "--no-chat", "--max-new-tokens", "5",
                             "--backend", "reference"]) == 0
     out, err = capsys.readouterr()
     assert out.strip() and "backend: reference" in err and "asked for" in err
@@ -119,7 +105,7 @@ def test_quantized_cache_on_the_reference_says_what_to_do(no_cuda):
 
 
 def test_unknown_names_are_refused():
-    with pytest.raises(CourseError, match="cache_mode 'q3' is unknown: use one of fp16"):
+    with pytest.raises(CourseError, match="unknown cache mode 'q3': use one of fp16"):
         B.load(LLAMA, cache_mode="q3")
     with pytest.raises(CourseError, match="backend 'vllm' is unknown"):
         B.load(LLAMA, backend="vllm")
@@ -127,8 +113,8 @@ def test_unknown_names_are_refused():
         B.load(LLAMA / "nope", backend="reference")
 
 
-def test_cuda_asked_for_where_there_is_none(no_cuda, monkeypatch):
-    _forbid_exllamav2_import(monkeypatch)
+def test_cuda_asked_for_where_there_is_none(no_cuda, forbid_exllamav2):
+    forbid_exllamav2()
     with pytest.raises(CourseError, match="device='cuda' needs a CUDA GPU, but this torch is a CPU-only build"):
         B.load(LLAMA, device="cuda")
     with pytest.raises(CourseError, match="exllamav2 needs a CUDA GPU"):
@@ -144,9 +130,6 @@ def test_context_beyond_the_cache(no_cuda):
 
 
 def test_unsupported_architecture(tmp_path):
-    import json
-    import shutil
-
     for f in LLAMA.iterdir():
         shutil.copy(f, tmp_path / f.name)
     cfg = json.loads((tmp_path / "config.json").read_text())
@@ -157,9 +140,9 @@ def test_unsupported_architecture(tmp_path):
         B.load(tmp_path, backend="reference")
 
 
-def test_extension_build_failure_is_one_line_and_auto_falls_back(fake_cuda, monkeypatch):
+def test_extension_build_failure_is_one_line_and_auto_falls_back(fake_cuda, forbid_exllamav2):
     boom = RuntimeError("Error building extension 'exllamav2_ext':\n[1/45] c++ ... \nninja: build stopped")
-    _forbid_exllamav2_import(monkeypatch, error=boom)
+    forbid_exllamav2(boom)
     with pytest.raises(CourseError) as info:
         B.load(LLAMA, backend="exllamav2")
     msg = str(info.value)
@@ -169,80 +152,16 @@ def test_extension_build_failure_is_one_line_and_auto_falls_back(fake_cuda, monk
     assert (engine, device) == ("reference", "cuda") and "exllamav2 cannot run" in reason
 
 
-def test_exllamav2_not_installed(fake_cuda, monkeypatch):
-    _forbid_exllamav2_import(monkeypatch, error=ModuleNotFoundError("No module named 'exllamav2'", name="exllamav2"))
+def test_exllamav2_not_installed(fake_cuda, forbid_exllamav2):
+    forbid_exllamav2(ModuleNotFoundError("No module named 'exllamav2'", name="exllamav2"))
     with pytest.raises(CourseError, match=r"exllamav2 is not installed: `pip install exllamav2==0.3.2`"):
         B.choose_backend("exllamav2")
 
 
 # --- exllamav2's wiring, against a stand-in module with the same names (no GPU, no compile) ---------------------
 
-def _fake_exllamav2() -> types.ModuleType:
-    ex = types.ModuleType("exllamav2")
-    ex.calls = []
-
-    class ExLlamaV2Config:
-        def __init__(self, model_dir):
-            self.model_dir, self.no_sdpa, self.max_seq_len = model_dir, False, 2048
-            self.vocab_size, self.rotary_embedding_base = 1024, 10000.0
-
-    class ExLlamaV2:
-        def __init__(self, config):
-            self.config, self.modules = config, ["embed", "attn", "mlp", "head"]
-
-        def load_autosplit(self, cache, callback=None):
-            for i, _ in enumerate(self.modules):
-                callback(i + 1, len(self.modules))
-
-        def forward(self, ids, cache):
-            assert ids.device.type == "cpu"
-            ex.calls.append(("forward", cache.current_seq_len, ids.shape[1]))
-            cache.current_seq_len += ids.shape[1]
-            return torch.randn(1, ids.shape[1], 1024).half()
-
-        def unload(self):
-            ex.calls.append(("unload",))
-
-    class ExLlamaV2Cache:
-        bytes_per = 1
-
-        def __init__(self, model, max_seq_len=-1, lazy=False):
-            shape = (1, max_seq_len, 2, 64)
-            self.max_seq_len, self.current_seq_len = max_seq_len, 0
-            self.key_states = [torch.zeros(shape, dtype=torch.float16) for _ in range(2)]
-            self.value_states = [torch.zeros(shape, dtype=torch.float16) for _ in range(2)]
-
-        def get_kv_state(self, layer, batch, offset, width):
-            return self.key_states[layer], self.value_states[layer]
-
-        def store_kv_state(self, layer, batch, offset, width):
-            ex.calls.append(("store", layer, offset, width))
-
-        def all_tensors(self):
-            return self.key_states + self.value_states
-
-    class ExLlamaV2Cache_Q4(ExLlamaV2Cache):
-        """Like exllamav2's: uint8 storage, FP16 staging tensors that store_kv_state quantizes from."""
-
-        def __init__(self, model, max_seq_len=-1, lazy=False):
-            super().__init__(model, max_seq_len, lazy)
-            shape = (1, max_seq_len, 2, 64)
-            self.temp_tensors = {"cuda:0": (torch.zeros(shape, dtype=torch.float16),
-                                            torch.zeros(shape, dtype=torch.float16))}
-            self.key_states = [torch.zeros(1, max_seq_len, 2, 32, dtype=torch.uint8) for _ in range(2)]
-            self.value_states = [torch.zeros(1, max_seq_len, 2, 32, dtype=torch.uint8) for _ in range(2)]
-
-        def get_kv_state(self, layer, batch, offset, width):
-            return self.temp_tensors["cuda:0"]
-
-    ex.ExLlamaV2Config, ex.ExLlamaV2, ex.ExLlamaV2Cache, ex.ExLlamaV2Cache_Q4 = (
-        ExLlamaV2Config, ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Cache_Q4)
-    return ex
-
-
-def test_exllamav2_path_wiring(fake_cuda, monkeypatch):
-    ex = _fake_exllamav2()
-    monkeypatch.setitem(sys.modules, "exllamav2", ex)
+def test_exllamav2_path_wiring(fake_cuda, fake_exllamav2):
+    ex = fake_exllamav2
     be = B.load(QWEN, max_seq_len=300)
     assert (be.name, be.device) == ("exllamav2", "cuda") and "Fake GPU 16GB" in be.reason
     assert be.config.no_sdpa is True and be.config.max_seq_len == 300        # the SDPA trap avoided
@@ -263,9 +182,8 @@ def test_exllamav2_path_wiring(fake_cuda, monkeypatch):
     assert ex.calls[-1] == ("unload",)
 
 
-def test_exllamav2_quantized_cache_fill_goes_through_store_kv_state(fake_cuda, monkeypatch):
-    ex = _fake_exllamav2()
-    monkeypatch.setitem(sys.modules, "exllamav2", ex)
+def test_exllamav2_quantized_cache_fill_goes_through_store_kv_state(fake_cuda, fake_exllamav2):
+    ex = fake_exllamav2
     be = B.load(LLAMA, max_seq_len=256, cache_mode="q4", backend="exllamav2")
     assert type(be.cache).__name__ == "ExLlamaV2Cache_Q4"
     # storage (uint8, half the head_dim) + FP16 staging K and V
@@ -275,30 +193,29 @@ def test_exllamav2_quantized_cache_fill_goes_through_store_kv_state(fake_cuda, m
     assert be.depth == 100
 
 
-def test_rope_theta_only_in_rope_parameters_is_passed_to_exllamav2(fake_cuda, monkeypatch, tmp_path):
-    import json
-    import shutil
-    import warnings
-
+def _rope_parameters_only(tmp_path: Path, theta: float = 100000.0) -> Path:
     for f in QWEN.iterdir():
         shutil.copy(f, tmp_path / f.name)
     cfg = json.loads((tmp_path / "config.json").read_text())
     del cfg["rope_theta"]
-    cfg["rope_parameters"]["rope_theta"] = 100000.0
+    cfg["rope_parameters"]["rope_theta"] = theta
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    monkeypatch.setitem(sys.modules, "exllamav2", _fake_exllamav2())
+    return tmp_path
+
+
+def test_rope_theta_only_in_rope_parameters_is_passed_to_exllamav2(fake_cuda, fake_exllamav2, tmp_path):
+    import warnings
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        be = B.load(tmp_path, max_seq_len=64, backend="exllamav2")
+        be = B.load(_rope_parameters_only(tmp_path), max_seq_len=64, backend="exllamav2")
     assert be.config.rotary_embedding_base == 100000.0
 
 
-def test_exllamav2_loads_a_checkpoint_without_tokenizer_files(fake_cuda, monkeypatch, tmp_path):
-    """Synthetic checkpoints (helpers.format.synthetic) carry no tokenizer: loading and decoding by id must still work."""
-    import shutil
-
+def test_exllamav2_loads_a_checkpoint_without_tokenizer_files(fake_cuda, fake_exllamav2, tmp_path):
+    """Synthetic checkpoints (helpers.format.synthetic) carry no tokenizer: loading and decoding by id must still
+    work."""
     shutil.copy(LLAMA / "config.json", tmp_path / "config.json")
-    monkeypatch.setitem(sys.modules, "exllamav2", _fake_exllamav2())
     be = B.load(tmp_path, max_seq_len=256, backend="exllamav2")
     be.fill_cache(10)
     assert be.decode_step(5).shape == (1024,) and be.depth == 11
@@ -306,12 +223,93 @@ def test_exllamav2_loads_a_checkpoint_without_tokenizer_files(fake_cuda, monkeyp
         be.encode("hello")
 
 
+# --- the front door (helpers.engines.exllama), against the same stand-in ----------------------------------------
+
+def test_front_door_config_sets_no_sdpa_max_seq_len_and_the_rope_theta_fix(fake_cuda, fake_exllamav2, tmp_path):
+    config = exllama.make_config(QWEN, max_seq_len=300)
+    assert config.no_sdpa is True and config.max_seq_len == 300 and config.max_input_len == 2048
+    assert config.rotary_embedding_base == 10000.0        # config.json has a top-level rope_theta: left to exllamav2
+    config = exllama.make_config(_rope_parameters_only(tmp_path), max_seq_len=128, max_input_len=256)
+    assert config.rotary_embedding_base == 100000.0 and config.max_input_len == 128   # capped at max_seq_len
+    with pytest.raises(CourseError, match="max_seq_len must be a positive number of tokens, not 0"):
+        exllama.make_config(QWEN, max_seq_len=0)
+
+
+@pytest.mark.parametrize("mode", CACHE_MODES)
+def test_front_door_cache_class_per_mode(fake_cuda, fake_exllamav2, mode):
+    model = fake_exllamav2.ExLlamaV2(exllama.make_config(QWEN, max_seq_len=256))
+    cache = exllama.make_cache(model, mode, 256, lazy=True)
+    assert type(cache).__name__ == CACHE_CLASSES[mode] == exllama.cache_class_name(mode)
+    assert fake_exllamav2.calls[-1] == ("cache", CACHE_CLASSES[mode], 256, True)
+    assert exllama.cache_bytes(cache) == 0                 # lazy: nothing allocated before the model loads
+    assert exllama.cache_class_name(mode.upper()) == CACHE_CLASSES[mode]
+    with pytest.raises(CourseError, match="unknown cache mode 'q3'"):
+        exllama.make_cache(model, "q3", 256, lazy=True)
+
+
+def test_front_door_autosplit_makes_a_lazy_cache_then_loads_with_it(fake_cuda, fake_exllamav2):
+    seen = []
+    loaded = exllama.load(QWEN, max_seq_len=256, cache_mode="q4", on_module=lambda i, n: seen.append((i, n)))
+    assert [c[0] for c in fake_exllamav2.calls] == ["config", "model", "cache", "load_autosplit"]
+    assert fake_exllamav2.calls[2:] == [("cache", "ExLlamaV2Cache_Q4", 256, True),
+                                        ("load_autosplit", "ExLlamaV2Cache_Q4")]
+    n = len(loaded.model.modules)
+    assert seen == [(i, n) for i in range(n + 1)]          # before each module, then (n, n) at the end
+    assert loaded.config.no_sdpa and loaded.max_seq_len == 256 and loaded.cache_mode == "q4"
+    assert exllama.cache_bytes(loaded.cache) == 2 * 2 * 256 * 2 * 32 + 2 * 256 * 2 * 64 * 2
+
+
+def test_front_door_load_path_loads_the_weights_then_makes_the_cache(fake_cuda, fake_exllamav2):
+    seen = []
+    loaded = exllama.load(QWEN, max_seq_len=128, load_path="load", on_module=lambda i, n: seen.append(i))
+    assert [c[0] for c in fake_exllamav2.calls] == ["config", "model", "load", "cache"]
+    assert fake_exllamav2.calls[-1] == ("cache", "ExLlamaV2Cache", 128, False)       # not lazy, after model.load()
+    assert seen == list(range(len(loaded.model.modules) + 1))
+    assert exllama.cache_bytes(loaded.cache) == 2 * 2 * 128 * 2 * 64 * 2
+    bare = exllama.load(QWEN, max_seq_len=128, cache_mode=None, load_path="load")   # weights only
+    assert bare.cache is None and fake_exllamav2.calls[-1] == ("load",)
+    with pytest.raises(CourseError, match="unknown load path 'fast'"):
+        exllama.load(QWEN, max_seq_len=128, load_path="fast")
+    with pytest.raises(CourseError, match="give a cache_mode"):
+        exllama.load(QWEN, max_seq_len=128, cache_mode=None)
+
+
+def test_front_door_prepare_then_load_modules_without_the_cache(fake_cuda, fake_exllamav2):
+    """What the emulator does on the 'load' path: a lazy cache first, the weights, then its own layer-by-layer cache."""
+    loaded = exllama.prepare(QWEN, max_seq_len=64, cache_mode="fp16")
+    assert loaded.cache is not None and exllama.cache_bytes(loaded.cache) == 0
+    exllama.load_modules(loaded, "load", cache_after_load=False)
+    assert [c[0] for c in fake_exllamav2.calls] == ["config", "model", "cache", "load"]
+    loaded.cache.update_cache_tensors()
+    assert exllama.cache_bytes(loaded.cache) == 2 * 2 * 64 * 2 * 64 * 2
+
+
+def test_front_door_import_failure_is_one_line(fake_cuda, forbid_exllamav2):
+    forbid_exllamav2(RuntimeError("Error building extension 'exllamav2_ext':\n[3/45] "
+                                                            "nvcc ...\nninja: build stopped: subcommand failed."))
+    with pytest.raises(CourseError) as info:
+        exllama.load(QWEN, max_seq_len=64)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith("exllamav2's CUDA extension failed to build or load (RuntimeError: ")
+    assert "ninja: build stopped" in msg and "backend='reference'" not in msg
+    forbid_exllamav2(ModuleNotFoundError("No module named 'flash_attn'", name="flash_attn"))
+    with pytest.raises(CourseError, match=r"^exllamav2 failed to import \(ModuleNotFoundError: No module named "
+                                          r"'flash_attn'\): install its missing dependency, or use X$"):
+        exllama.import_exllamav2(alternative="use X")
+
+
+def test_front_door_never_imports_exllamav2_without_cuda(no_cuda, forbid_exllamav2):
+    forbid_exllamav2()
+    with pytest.raises(CourseError, match="exllamav2 needs a CUDA GPU, but this torch is a CPU-only build"):
+        exllama.load(QWEN, max_seq_len=64)
+
+
 # --- the agreement recording's logic (run on a CPU with two references) ---------------------------------------
 
 def test_compare_logits_and_top2_gap():
-    d = B.compare_logits(torch.tensor([3.0, 4.0]), torch.tensor([0.0, 4.0]))
+    d = A.compare_logits(torch.tensor([3.0, 4.0]), torch.tensor([0.0, 4.0]))
     assert d == {"max_abs_diff": 3.0, "rel_l2": 0.75}
-    assert B.top2_gap(torch.tensor([1.0, 5.0, 4.5, -2.0])) == 0.5
+    assert A.top2_gap(torch.tensor([1.0, 5.0, 4.5, -2.0])) == 0.5
 
 
 class _Noisy:
@@ -334,36 +332,36 @@ def test_greedy_agreement_stops_blaming_at_the_first_near_tie():
     ref = B.load(QWEN, max_seq_len=64, backend="reference")
     other = B.load(QWEN, max_seq_len=64, backend="reference")
     ids = torch.arange(3, 10)[None]
-    rows, summary = B.greedy_agreement(other, ref, ids, 8)
+    rows, summary = A.greedy_agreement(other, ref, ids, 8)
     assert len(rows) == 8 and all(r["same"] and r["max_abs_diff"] == 0 for r in rows)
     assert summary == {"first_different_token": None, "first_near_tie": None, "agree_until_first_near_tie": True}
     noise = torch.zeros(1024)
     noise[int(ref.forward(ids)[0, -1].topk(2).indices[1])] = 50.0   # the runner-up wins: a real disagreement
-    rows, summary = B.greedy_agreement(_Noisy(other, noise), ref, ids, 3)
+    rows, summary = A.greedy_agreement(_Noisy(other, noise), ref, ids, 3)
     assert summary["first_different_token"] == 0 and summary["first_near_tie"] == 0
     assert rows[0]["max_abs_diff"] == 50.0 and not rows[0]["same"]
 
 
 def test_load_agreement_without_recordings(tmp_path):
-    assert B.load_agreement(results_dir=tmp_path) is None
+    assert A.load_agreement(results_dir=tmp_path) is None
 
 
 def test_agreement_record_round_trip_and_live_comparison_on_cpu(tmp_path):
     """The recording's files, written from two CPU engines (one perturbed), read back as notebook 02 does."""
     ref = B.load(QWEN, max_seq_len=64, backend="reference")
     noise = torch.linspace(-0.01, 0.01, 1024)
-    rows, extra, tensors = B.measure_agreement(_Noisy(B.load(QWEN, max_seq_len=64, backend="reference"), noise), ref,
+    rows, extra, tensors = A.measure_agreement(_Noisy(B.load(QWEN, max_seq_len=64, backend="reference"), noise), ref,
                                                prompt="hello there", chat=False, steps=5)
     assert extra["prompt_logits_max_abs_diff"] == pytest.approx(0.01, abs=1e-5)
     assert tensors["exllamav2_prompt_logits"].shape == (extra["prompt_tokens"], 1024)
-    path = B.save_agreement("exllamav2-vs-reference-Fake GPU", rows, extra, tensors,
+    path = A.save_agreement("exllamav2-vs-reference-Fake GPU", rows, extra, tensors,
                             prov={"device": "cuda", "gpu": "Fake GPU", "date": "2026-01-01"}, results_dir=tmp_path)
     assert path.name == "exllamav2-vs-reference-fake-gpu.json"
     assert sorted(p.name for p in path.parent.iterdir()) == ["exllamav2-vs-reference-fake-gpu.json",
                                                               "exllamav2-vs-reference-fake-gpu.safetensors"]
-    doc, back = B.load_agreement(tmp_path)
+    doc, back = A.load_agreement(tmp_path)
     assert doc["rows"] == rows and torch.equal(back["prompt_ids"], tensors["prompt_ids"])
-    live = B.recorded_vs_live(ref, results_dir=tmp_path)
+    live = A.recorded_vs_live(ref, results_dir=tmp_path)
     assert live["same_next_token"] and live["live_backend"] == "reference on cpu"
     assert live["max_abs_diff"] == pytest.approx(0.01, abs=0.01)   # the perturbation, through fp16 storage
     assert live["recorded"]["agree_until_first_near_tie"] is True
@@ -385,7 +383,7 @@ def test_real_exllamav2_matches_its_fixtures_and_fills_every_cache_mode(name):
     got = be.forward(t["input_ids"]).cpu()
     assert float((got - t["logits_prefill"]).norm() / t["logits_prefill"].norm()) < 0.01   # causal (no_sdpa)
     be.unload()
-    for mode in B.CACHE_MODES:
+    for mode in CACHE_MODES:
         be = B.load(FIXTURES / name, max_seq_len=512, cache_mode=mode, backend="exllamav2")
         be.fill_cache(400)
         assert be.depth == 400 and torch.isfinite(be.decode_step(5)).all() and be.depth == 401

@@ -23,14 +23,15 @@ def test_every_command_target_resolves():
     import importlib
 
     for name, (target, _) in COMMANDS.items():
+        assert target == f"helpers.cli.{name}:main", name   # each command's parsing and printing in helpers/cli/
         mod, fn = target.split(":")
         assert callable(getattr(importlib.import_module(mod), fn)), name
 
 
 def test_no_module_imports_exllamav2_at_import_time():
     code = ("import importlib, sys, pkgutil, helpers\n"
-            "for m in pkgutil.iter_modules(helpers.__path__):\n"
-            "    importlib.import_module('helpers.' + m.name)\n"
+            "for m in pkgutil.walk_packages(helpers.__path__, 'helpers.'):\n"
+            "    importlib.import_module(m.name)\n"
             "print('exllamav2' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

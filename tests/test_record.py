@@ -1,17 +1,24 @@
 """The recording command: discovery works without a GPU, refuses to record without one, resumes with its ledger."""
 import json
-import sys
 import types
 
 import pytest
 
-from helpers.recordings import registry as record
+from helpers.cli import record as record_cli
 from helpers.core.errors import CourseError
+from helpers.recordings import registry as record
 
 
 def test_every_recording_is_discoverable_on_cpu():
     targets = record.discover()
     assert all(":" in t and t.split(":")[0] in record.MODULES for t in targets)
+    assert {t.split(":")[0] for t in targets} == set(record.MODULES)   # every room exists and records something
+
+
+def test_a_missing_room_fails_loudly(monkeypatch):
+    monkeypatch.setattr(record, "MODULES", record.MODULES + ("helpers.recordings.no_such_room",))
+    with pytest.raises(ModuleNotFoundError, match="no_such_room"):
+        record.discover()
 
 
 def test_record_without_gpu_is_one_line(monkeypatch):
@@ -20,13 +27,13 @@ def test_record_without_gpu_is_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(record, "discover", lambda: ["helpers.fake:x"])
     with pytest.raises(CourseError, match="recording GPU results needs a CUDA GPU"):
-        record.main([])
+        record_cli.main([])
 
 
 def test_unknown_only_pattern(monkeypatch):
     monkeypatch.setattr(record, "discover", lambda: ["helpers.fake:x"])
     with pytest.raises(CourseError, match="no recording matches"):
-        record.main(["--only", "nothing*"])
+        record_cli.main(["--only", "nothing*"])
 
 
 def test_skips_what_the_ledger_holds_and_resumes(monkeypatch, tmp_path, capsys):
@@ -48,7 +55,7 @@ def test_skips_what_the_ledger_holds_and_resumes(monkeypatch, tmp_path, capsys):
         return types.SimpleNamespace(returncode=0, stdout=str(tmp_path / "b.json") + "\n")
 
     monkeypatch.setattr(record.subprocess, "run", fake_run)
-    assert record.main(["--no-notebooks"]) == 0
+    assert record_cli.main(["--no-notebooks"]) == 0
     assert calls == ["helpers.fake:b"]  # a was skipped
     assert json.loads(ledger.read_text())["helpers.fake:b"].endswith("b.json")
     assert "skip     helpers.fake:a" in capsys.readouterr().out

@@ -10,8 +10,15 @@ import torch
 from safetensors.torch import load_file
 
 from helpers.core.errors import CourseError, CourseWarning
-from helpers.engines.reference import (DecoderConfig, KVCache, ReferenceModel, TextStream, Tokenizer, rope_inv_freq,
-                               sample_next)
+from helpers.engines.reference import (
+    DecoderConfig,
+    KVCache,
+    ReferenceModel,
+    TextStream,
+    Tokenizer,
+    rope_inv_freq,
+    sample_next,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "exl2"
 NAMES = ["tiny_llama_b3.0", "tiny_llama_b4.5", "tiny_qwen2_b6.5"]
@@ -65,7 +72,7 @@ def test_causal_logits_match_exllamav2_on_its_own_dequantized_weights(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_exllamav2_sdpa_path_is_the_non_causal_prefill(name):
-    """DOMAIN trap: exllamav2 0.3.2's SDPA path without flash-attn drops the causal mask."""
+    """docs/FACTS.md §3: exllamav2 0.3.2's SDPA path without flash-attn drops the causal mask."""
     t = truth(name)
     model = model_from_truth_weights(name)
     causal = model.forward(t["input_ids"])
@@ -230,7 +237,8 @@ def test_context_beyond_the_cache_says_to_raise_max_seq_len():
     with pytest.raises(CourseError, match="larger max_seq_len"):
         model.decode_step(0)
     n = model.tokenizer.encode("hello world").shape[1]
-    with pytest.raises(CourseError, match=f"prompt \\({n} tokens\\) plus max_new_tokens \\(15\\).*max_seq_len >= {n + 15}"):
+    expected = f"prompt \\({n} tokens\\) plus max_new_tokens \\(15\\).*max_seq_len >= {n + 15}"
+    with pytest.raises(CourseError, match=expected):
         model.generate("hello world", max_new_tokens=15, chat=False)
 
 

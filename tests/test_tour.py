@@ -11,13 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.engines import backend as B
-from helpers.format import exl2
-from helpers.memory import accounting as memory
 from helpers import plots
-from helpers.lessons import tour
 from helpers.__main__ import main as cli
 from helpers.core.errors import CourseError
+from helpers.engines import agreement as A
+from helpers.engines import backend as B
+from helpers.format import bits as exl2_bits
+from helpers.format import names as exl2_names
+from helpers.format import packing as exl2_packing
+from helpers.format import tiny as exl2_tiny
+from helpers.lessons import tour
+from helpers.memory.kv_cache import kv_cache_bytes
+from helpers.specs.shapes import model_shape
 
 FIXTURES = Path(__file__).parent / "fixtures" / "exl2"
 LLAMA3 = FIXTURES / "tiny_llama_b3.0"      # exllamav2's converter at 3.0 bpw: 2, 3, 4, 6 and 8-bit groups
@@ -43,7 +48,8 @@ def test_inspect_report_equals_the_cli_json(folder):
     assert ours == theirs
     cli_totals = _cli_stdout("inspect", str(folder), "--totals").rstrip("\n")
     assert tour.inspect_totals_text(ckpt) == cli_totals.replace(str(ckpt.dir), ckpt.dir.name)
-    assert ckpt.dir.name in tour.inspect_totals_text(ckpt) and str(ckpt.dir.parent) not in tour.inspect_totals_text(ckpt)
+    totals = tour.inspect_totals_text(ckpt)
+    assert ckpt.dir.name in totals and str(ckpt.dir.parent) not in totals
 
 
 def test_the_embedded_model_report_equals_the_cli_json():
@@ -85,13 +91,13 @@ def test_tensor_inventory_counts_every_stored_byte():
     inv = {r["tensor"]: r for r in tour.tensor_inventory(ckpt)}
     n = len(ckpt.linears)
     assert n == 2 * 7 + 1
-    for s in exl2.Q_SUFFIXES:
+    for s in exl2_names.Q_SUFFIXES:
         assert inv[s]["count"] == n
     assert inv["q_weight"]["dtype"] == "int32" and inv["q_groups"]["dtype"] == "int16"
     assert inv["embed_tokens.weight"]["count"] == 1 and inv["*norm.weight"]["count"] == 2 * 2 + 1
     assert sum(r["bytes"] for r in inv.values()) == sum(ckpt.tensor_nbytes(t) for t in ckpt.tensor_names)
     one = tour.linear_tensors(ckpt, "model.layers.0.mlp.down_proj")
-    assert [r["name"].rsplit(".", 1)[1] for r in one] == list(exl2.Q_SUFFIXES)
+    assert [r["name"].rsplit(".", 1)[1] for r in one] == list(exl2_names.Q_SUFFIXES)
     assert one[-1]["shape"] == [768] and one[0]["shape"][1] == 256
     with pytest.raises(CourseError, match="no quantized linear"):
         tour.linear_tensors(ckpt, "model.layers.9.self_attn.q_proj")
@@ -104,20 +110,21 @@ def test_group_table_decodes_q_groups():
         assert [(r["bits"], r["rows"]) for r in rows] == q.groups
         assert sum(r["rows"] for r in rows) == q.in_features
         assert sum(r["packed_rows"] for r in rows) == ckpt.tensor_shape(f"{name}.q_weight")[0]
-        assert all(r["packed_rows"] == exl2.packed_rows(r["rows"], r["bits"]) for r in rows)
+        assert all(r["packed_rows"] == exl2_bits.packed_rows(r["rows"], r["bits"]) for r in rows)
         assert [r["first_row"] for r in rows] == [sum(x["rows"] for x in rows[:i]) for i in range(len(rows))]
 
 
-@pytest.mark.parametrize("bits", exl2.BIT_WIDTHS)
+@pytest.mark.parametrize("bits", exl2_bits.BIT_WIDTHS)
 def test_hand_unpack_reads_the_packed_bit_stream(bits):
     codes = torch.randint(0, 2**bits, (32, 3), generator=torch.Generator().manual_seed(bits), dtype=torch.int64)
-    words = exl2.pack_columns(codes, bits)
+    words = exl2_packing.pack_columns(codes, bits)
     for col in range(3):
         assert tour.hand_unpack(words[:, col].tolist(), bits, 32) == codes[:, col].tolist()
 
 
 def test_walkthrough_agrees_with_the_library_and_with_exllamav2():
-    """Each first group's bit width (8, 6, 4, 3 and 2 occur in this fixture), decoded by hand, equals helpers.format.exl2's
+    """Each first group's bit width (8, 6, 4, 3 and 2 occur in this fixture), decoded by hand, equals
+    helpers.format.reader's
     decoder, and the weights placed by q_invperm equal exllamav2's own get_weight_tensor_dq() within fp16 rounding."""
     from safetensors.torch import load_file
 
@@ -126,7 +133,7 @@ def test_walkthrough_agrees_with_the_library_and_with_exllamav2():
     seen = set()
     for name in ckpt.linears:
         if name.endswith(("gate_proj", "up_proj", "down_proj")):
-            continue  # exllamav2's runtime order differs from the file's for the MLP (DOMAIN.md)
+            continue  # exllamav2's runtime order differs from the file's for the MLP (tests/fixtures/exl2/README.md)
         for column in (0, 13):
             w = tour.decode_walkthrough(ckpt, name, column=column, n_values=7)
             assert w["agrees"], name
@@ -139,7 +146,7 @@ def test_walkthrough_agrees_with_the_library_and_with_exllamav2():
             seen.add(w["bits"])
     assert {8, 4, 3}.issubset(seen)
     text = tour.format_walkthrough(tour.decode_walkthrough(ckpt, "model.layers.0.self_attn.q_proj"))
-    assert "hand decoding agrees with helpers.format.exl2: True" in text and "low nibble first" in text
+    assert "hand decoding agrees with helpers.format.reader: True" in text and "low nibble first" in text
 
 
 def test_walkthrough_catches_a_wrong_decoder(monkeypatch):
@@ -154,7 +161,7 @@ def test_load_with_memory_reads_before_and_after_and_the_cache_it_predicts():
     be = loaded.backend
     assert be.name == "reference" and be.max_seq_len == 256
     assert loaded.before["process_rss_bytes"] > 0 and loaded.after["process_rss_bytes"] > 0
-    assert loaded.predicted_cache_bytes == memory.kv_cache_bytes(memory.model_shape(str(QWEN)), 256, "fp16")
+    assert loaded.predicted_cache_bytes == kv_cache_bytes(model_shape(str(QWEN)), 256, "fp16")
     # 2 layers x K and V x 256 tokens x 2 KV heads x 64: fp16 in exllamav2 (plus its fp16 temp layer for Q modes only)
     assert loaded.predicted_cache_bytes == 2 * 2 * 256 * 2 * 64 * 2
     assert be.cache_bytes() == 2 * loaded.predicted_cache_bytes      # float32 on the CPU
@@ -186,8 +193,8 @@ def test_agreement_without_a_recording_says_how_to_make_one(tmp_path):
 def test_agreement_shows_a_recording_with_its_label_and_a_live_check(tmp_path):
     be = B.load(QWEN, max_seq_len=64, backend="reference")
     other = B.load(QWEN, max_seq_len=64, backend="reference")
-    rows, extra, tensors = B.measure_agreement(other, be, prompt="hello there", chat=False, steps=3)
-    B.save_agreement("exllamav2-vs-reference-Fake GPU", rows, extra, tensors,
+    rows, extra, tensors = A.measure_agreement(other, be, prompt="hello there", chat=False, steps=3)
+    A.save_agreement("exllamav2-vs-reference-Fake GPU", rows, extra, tensors,
                      prov={"device": "cuda", "gpu": "Fake GPU", "date": "2026-01-02T00:00:00", "torch": "2.x"},
                      results_dir=tmp_path)
     a = tour.agreement(be, results_dir=tmp_path)
@@ -218,7 +225,7 @@ def test_agreement_on_exllamav2_runs_both_engines_live(monkeypatch):
                                "agree_until_first_near_tie": True}, {}
 
     monkeypatch.setattr(B, "load", fake_load)
-    monkeypatch.setattr(B, "measure_agreement", fake_measure)
+    monkeypatch.setattr(A, "measure_agreement", fake_measure)
     a = tour.agreement(FakeExl(), steps=5)
     assert calls["load"] == {"max_seq_len": 1024, "backend": "reference", "device": "cuda", "dtype": torch.float32}
     assert calls["measure"][1:] == (ref, tour.PROMPT, 5) and a["mode"] == "live"
@@ -228,9 +235,9 @@ def test_agreement_on_exllamav2_runs_both_engines_live(monkeypatch):
 def test_reference_vs_transformers_on_a_float_checkpoint(tmp_path):
     from safetensors.torch import save_file
 
-    cfg = exl2.tiny_config(vocab=1024, layers=2)
+    cfg = exl2_tiny.tiny_config(vocab=1024, layers=2)
     cfg["rope_theta"] = 100000.0
-    save_file({k: v.contiguous() for k, v in exl2.random_float_state_dict(cfg, seed=1).items()},
+    save_file({k: v.contiguous() for k, v in exl2_tiny.random_float_state_dict(cfg, seed=1).items()},
               str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     for f in ("tokenizer.json", "tokenizer_config.json"):

@@ -8,11 +8,12 @@ from __future__ import annotations
 import os
 import platform
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from typing import Any
 
 from helpers.core.errors import CourseError
+from helpers.core.units import GIB
 
-GIB = 2**30
 NOT_AVAILABLE = "not available"
 
 
@@ -198,7 +199,8 @@ def report() -> str:
         for g in nv.gpus:
             link = (f"PCIe gen {g['pcie_gen']} x{g['pcie_width']} (max gen {g['pcie_gen_max']} x{g['pcie_width_max']})"
                     if g.get("pcie_gen") else "PCIe link not reported")
-            lines.append(f"NVML GPU {g['index']}   {g['name']}: {g['used_gib']:.2f} of {g['total_gib']:.2f} GiB used, {link}")
+            lines.append(f"NVML GPU {g['index']}   {g['name']}: "
+                         f"{g['used_gib']:.2f} of {g['total_gib']:.2f} GiB used, {link}")
     else:
         lines.append(f"NVML         {NOT_AVAILABLE}: {nv.reason}")
     lines.append(f"CPU          {cpu['cpu']}, {cpu['cores']} logical cores")
@@ -212,7 +214,6 @@ def course_path() -> tuple[str, str]:
     if not cu["available"]:
         return "cpu", f"no CUDA GPU ({cu['reason']}): the pure-PyTorch reference runs the EXL2 files on the CPU"
     try:
-        from importlib import metadata
         metadata.version("exllamav2")
     except Exception:
         return "cpu", "a CUDA GPU is here but exllamav2 is not installed: the reference runs on the GPU instead"
@@ -221,20 +222,3 @@ def course_path() -> tuple[str, str]:
 
 def as_dict(reading: NvmlReading) -> dict[str, Any]:
     return asdict(reading)
-
-
-def main(argv: list[str]) -> int:
-    """`python -m helpers devices`"""
-    import argparse
-    import json
-
-    ap = argparse.ArgumentParser(prog="python -m helpers devices", description="Device readings.")
-    ap.add_argument("--json", action="store_true", help="print one JSON object")
-    args = ap.parse_args(argv)
-    if args.json:
-        print(json.dumps(device_summary(), indent=1))
-    else:
-        print(report())
-        path, why = course_path()
-        print(f"course path  {path.upper()}: {why}")
-    return 0

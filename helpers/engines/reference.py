@@ -1,8 +1,8 @@
 """The reference decoder: Llama, Mistral and Qwen2 written out in plain PyTorch, with an exllamav2-shaped KV cache.
 
 Why it exists: the course runs everywhere, also where there is no NVIDIA GPU. This module reads the same EXL2
-files as exllamav2 (dequantized to floats by ``helpers.format.exl2``) or a float Hugging Face directory, and computes the
-same logits, so every notebook has a CPU path. It is written to be read next to the course text:
+files as exllamav2 (dequantized to floats by ``helpers.format.reader``) or a float Hugging Face directory, and
+computes the same logits, so every notebook has a CPU path. It is written to be read next to the course text:
 
 - one function per step of a decoder layer (``rms_norm``, ``apply_rope``, ``attention``, ``mlp``);
 - weights keep their Hugging Face names and ``nn.Linear`` layout (out_features, in_features), so ``F.linear`` is
@@ -15,8 +15,9 @@ same logits, so every notebook has a CPU path. It is written to be read next to 
 
 Prefill runs ``scaled_dot_product_attention`` with a causal mask; a decode step runs it for one query over the
 cache slice ``[0, depth)`` with no mask (``attention_by_hand`` writes that step out in plain matmuls and softmax;
-the fused call is used because three small parallel ops per layer were up to 5x slower on a busy 2-core machine). ``forward(..., causal=False)`` drops the mask on purpose: that is what
-exllamav2 0.3.2's SDPA path computes without flash-attn (DOMAIN.md, "three traps"), and the tests show the
+the fused call is used because three small parallel ops per layer were up to 5x slower on a busy 2-core machine).
+``forward(..., causal=False)`` drops the mask on purpose: that is what
+exllamav2 0.3.2's SDPA path computes without flash-attn (docs/FACTS.md §3, "three traps"), and the tests show the
 difference against exllamav2's own logits.
 
 Public names: ``SUPPORTED_ARCHITECTURES``, ``DecoderConfig``, ``KVCache``, ``ReferenceModel`` (``from_dir``,
@@ -36,6 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from helpers.core.errors import CourseError, CourseWarning
+from helpers.format.config import is_exl2_dir, load_config
+from helpers.format.reader import open_exl2  # dequantizes EXL2 tensors into floats, logical (file) order
 
 #: architectures (config.json "architectures"[0]) this decoder implements
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -76,7 +79,8 @@ class DecoderConfig:
             raise CourseError(f"architecture {arch} is not supported by the reference decoder; it runs "
                               f"{', '.join(SUPPORTED_ARCHITECTURES)}: pick a model of one of these families")
         # transformers 5 writes rope_parameters={rope_theta, rope_type, ...}; older files a top-level rope_theta and
-        # an optional rope_scaling. exllamav2 0.3.2 reads only the top-level key (DOMAIN.md), so say when it is absent.
+        # an optional rope_scaling. exllamav2 0.3.2 reads only the top-level key (docs/FACTS.md §3), so say when it is
+        # absent.
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
         theta = rope.get("rope_theta", cfg.get("rope_theta"))
         if theta is None:
@@ -116,18 +120,6 @@ class DecoderConfig:
         )
 
 
-def read_config(model_dir: str | Path) -> dict:
-    """config.json of a model directory as a dict (CourseError if missing or unreadable)."""
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise CourseError(f"{model_dir} has no config.json: point --model at a Hugging Face style model directory "
-                          "(config.json, *.safetensors, tokenizer files)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CourseError(f"{path} is unreadable ({exc}); re-download or rebuild the model") from None
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Weights
 # --------------------------------------------------------------------------------------------------------------------
@@ -141,30 +133,18 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
     return sorted(p for p in model_dir.glob("*.safetensors") if p.name != "exllamav2_truth.safetensors")
 
 
-def is_exl2_dir(model_dir: str | Path) -> bool:
-    """True when the directory holds an EXL2 checkpoint (any tensor named '*.q_weight')."""
-    from safetensors import safe_open
-
-    for path in _safetensors_files(Path(model_dir)):
-        with safe_open(str(path), framework="pt") as fh:
-            if any(k.endswith(".q_weight") for k in fh.keys()):
-                return True
-    return False
-
-
 def load_state_dict(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config dict, float state dict with Hugging Face names) of an EXL2 or a float safetensors directory."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CourseError(f"model directory {model_dir} does not exist: pass an existing folder, or omit it to use "
                           "the course's embedded model")
-    cfg = read_config(model_dir)
+    cfg = load_config(Path(model_dir))
     files = _safetensors_files(model_dir)
     if not files:
         raise CourseError(f"{model_dir} holds no *.safetensors weights: the reference reads safetensors only "
                           "(convert .bin/.gguf first)")
     if is_exl2_dir(model_dir):
-        from helpers.format.exl2 import open_exl2  # dequantizes EXL2 tensors into floats, logical (file) order
 
         return cfg, open_exl2(model_dir).float_state_dict(dtype)
     from safetensors.torch import load_file
@@ -550,7 +530,7 @@ class ReferenceModel:
     def from_dir(cls, model_dir: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  max_seq_len: int = 2048) -> "ReferenceModel":
         """Load an EXL2 (dequantized to ``dtype``) or a float safetensors Hugging Face directory."""
-        cfg = read_config(model_dir)
+        cfg = load_config(Path(model_dir))
         config = DecoderConfig.from_hf(cfg)  # checks the architecture before reading any weights
         _, state = load_state_dict(model_dir, dtype=dtype)
         return cls(config, state, device=device, dtype=dtype, max_seq_len=max_seq_len, model_dir=model_dir)
@@ -597,7 +577,8 @@ class ReferenceModel:
             raise CourseError("forward() got no tokens: pass at least one token id")
         self._check_room(start, n)
         if int(ids.max()) >= self.config.vocab_size or int(ids.min()) < 0:
-            raise CourseError(f"token ids must be in [0, {self.config.vocab_size}): the ids do not belong to this model")
+            raise CourseError(f"token ids must be in [0, {self.config.vocab_size}): "
+                              "the ids do not belong to this model")
         cfg = self.config
         cos, sin = self.rope_cos[start:start + n], self.rope_sin[start:start + n]
         x = F.embedding(ids.to(self.device), self.embed_tokens)            # (b, n, hidden)

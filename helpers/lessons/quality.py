@@ -1,7 +1,7 @@
 """What quantization costs: perplexity of the embedded model at several EXL2 widths against its float source.
 
 Perplexity is exp(mean negative log-likelihood) of each next token of a fixed text: how "surprised" the model is on
-average. It is measured here on ``helpers/data/perplexity_text.txt``, a plain-English passage written for the course
+average. It is measured here on ``helpers/lessons/perplexity_text.txt``, a plain-English passage written for the course
 (about 1,700 tokens with SmolLM2's tokenizer), with the project's reference decoder (``helpers.engines.reference``) in
 float32 on the CPU. An EXL2 checkpoint is evaluated on its dequantized weights, so the numbers measure the format's
 rounding, not a kernel.
@@ -20,11 +20,15 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from helpers.core.atomic import atomic_write_text
 from helpers.core.errors import CourseError
-from helpers.core.paths import DATA_DIR, cache_dir
+from helpers.core.paths import cache_dir
 from helpers.core.progress import progress
+from helpers.engines.reference import ReferenceModel, load_state_dict
+from helpers.format.reader import open_exl2
+from helpers.models import embedded as models
 
-TEXT_PATH = DATA_DIR / "perplexity_text.txt"
+TEXT_PATH = Path(__file__).with_name("perplexity_text.txt")
 #: tokens of the fixed text used by default (the whole passage is ~1,700 tokens)
 DEFAULT_MAX_TOKENS = 1024
 SWEEP_BITS = (3, 4, 5, 6, 8)
@@ -55,8 +59,6 @@ def _encode(text: str, tokenizer_dir: Path) -> "torch.Tensor":  # noqa: F821
 def _load(model) -> tuple[dict, dict, Path | None]:
     """(config, float state dict, folder) from a folder (EXL2 or float) or a (config, state_dict) pair."""
     if isinstance(model, (str, os.PathLike)):
-        from helpers.engines.reference import load_state_dict
-
         cfg, state = load_state_dict(Path(model))
         return cfg, state, Path(model)
     if isinstance(model, tuple) and len(model) == 2:
@@ -68,8 +70,6 @@ def nll_of(config: dict, state_dict: dict, ids) -> float:
     """Mean negative log-likelihood (nats/token) of ``ids[1:]`` given the prefix, with the reference decoder."""
     import torch
     import torch.nn.functional as F
-
-    from helpers.engines.reference import ReferenceModel
 
     if ids.numel() < 2:
         raise CourseError("perplexity needs a text of at least two tokens")
@@ -89,16 +89,12 @@ def perplexity(model, text: str | None = None, *, max_tokens: int = DEFAULT_MAX_
     config, state, folder = _load(model)
     tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else folder
     if tok_dir is None:
-        from helpers.models.embedded import float_model_dir
-
-        tok_dir = float_model_dir()
+        tok_dir = models.float_model_dir()
     ids = _encode(fixed_text() if text is None else text, tok_dir)[: int(max_tokens)]
     return math.exp(nll_of(config, state, ids))
 
 
 def _sweep_key(bits_list: Sequence[float], max_tokens: int) -> str:
-    from helpers.models import embedded as models
-
     text_hash = hashlib.sha256(fixed_text().encode("utf-8")).hexdigest()[:12]
     raw = json.dumps([SWEEP_VERSION, models._exl2_name(0), list(map(float, bits_list)), max_tokens, text_hash])
     return hashlib.sha256(raw.encode()).hexdigest()[:12]
@@ -117,9 +113,6 @@ def quality_sweep(bits_list: Sequence[float] = SWEEP_BITS, *, max_tokens: int = 
     ``fp16_bytes``, what the same weights take in 16-bit), ``perplexity``, ``ppl_vs_float`` (ratio). Computed once
     and cached in the cache folder (``refresh=True`` recomputes).
     """
-    from helpers.models import embedded as models
-    from helpers.core.results import atomic_write_text
-
     bits_list = [float(b) for b in bits_list]
     cache_file = cache_dir() / f"quality-sweep-{_sweep_key(bits_list, max_tokens)}.json"
     if cache_file.is_file() and not refresh:
@@ -135,7 +128,6 @@ def quality_sweep(bits_list: Sequence[float] = SWEEP_BITS, *, max_tokens: int = 
     del state
     rows = [{"label": "float (dequantized GGUF)", "bits": None, "bpw": 32.0, "weights_bytes": _folder_bytes(float_dir),
              "fp16_bytes": 2 * n_params, "perplexity": round(base, 4), "ppl_vs_float": 1.0}]
-    from helpers.format.exl2 import open_exl2
 
     for bits in progress(bits_list, desc="quality sweep (write EXL2, measure)", unit="width"):
         cached = models.exl2_model_dir(bits, build=False) if models.is_complete(

@@ -3,10 +3,12 @@
 The notebook (``notebooks/02_load_an_exl2_model.ipynb``) keeps its cells short; everything it computes is here:
 
 1. Inside the file (``tensor_inventory``, ``linear_tensors``, ``decode_walkthrough``): which tensors an EXL2 file
-   holds, and one linear decoded by hand, bit by bit, checked against ``helpers.format.exl2``'s decoder. The per-layer chart
+   holds, and one linear decoded by hand, bit by bit, checked against ``helpers.format.reader``'s decoder. The
+   per-layer chart
    and the byte breakdown come from ``inspect_report``, which is exactly what ``python -m helpers inspect --json``
    prints (``Exl2Checkpoint.layer_table()`` and ``.byte_breakdown()``); a test holds the two equal.
-2. Loading (``load_with_memory``): ``helpers.engines.backend.load`` with an explicit ``max_seq_len`` and cache mode, memory
+2. Loading (``load_with_memory``): ``helpers.engines.backend.load`` with an explicit ``max_seq_len`` and cache mode,
+memory
    read before and after (NVML's used bytes on a GPU, the process's resident bytes on a CPU), then ``chat``.
 3. Agreement (``agreement``): on a GPU, exllamav2's and the reference's logits on one prompt, live; elsewhere the
    recorded GPU comparison (labelled) and the live reference against the recorded exllamav2 logits, plus
@@ -14,12 +16,15 @@ The notebook (``notebooks/02_load_an_exl2_model.ipynb``) keeps its cells short; 
 4. Quantization cost (``quantization_cost``): ``helpers.lessons.quality.quality_sweep`` on a bounded text, cached.
 5. The reader's own model (``own_model``): ``$EXL2_COURSE_MODEL``, or the embedded model with a one-line note.
 
-Imports: exl2, models, memory, backend, quality, results, gpu (all below this module). exllamav2 is never imported
-here; the GPU branch goes through ``helpers.engines.backend``, which imports it only after ``gpu.require_cuda()``.
+Imports: core, format, specs, memory, models, engines and lessons.quality (all below this module). exllamav2 is never
+imported here; the GPU branch goes through ``helpers.engines.backend`` and its front door ``helpers.engines.exllama``,
+which imports it only after ``require_cuda()``.
 """
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,8 +33,20 @@ import torch
 
 from helpers.core import devices as gpu
 from helpers.core.errors import CourseError
-from helpers.format.exl2 import GIB, Exl2Checkpoint, QuantLinear, inspect_summary, inspect_text, open_exl2
 from helpers.core.paths import MODEL_ENV
+from helpers.core.progress import progress
+from helpers.core.results import label
+from helpers.core.units import GIB, fmt_gib
+from helpers.engines import agreement as engine_agreement
+from helpers.engines import backend as B
+from helpers.engines.reference import ReferenceModel
+from helpers.format.config import config_get
+from helpers.format.inspect import inspect_summary, inspect_text
+from helpers.format.reader import Exl2Checkpoint, QuantLinear, open_exl2
+from helpers.lessons import quality
+from helpers.memory.kv_cache import kv_cache_bytes
+from helpers.models import embedded as models
+from helpers.specs.shapes import model_shape
 
 #: the prompt of the chat and of the agreement checks
 PROMPT = "What is the capital of France?"
@@ -43,19 +60,13 @@ SWEEP_TOKENS = 256
 CONVERTER_FIXTURE = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "exl2" / "tiny_llama_b3.0"
 
 
-def fmt_gib(n: float, digits: int = 4) -> str:
-    return f"{n / GIB:.{digits}f} GiB"
-
-
 # ====================================================================================================================
 # 1. Inside the file
 # ====================================================================================================================
 
 def open_model(model_dir: str | os.PathLike | None = None) -> Exl2Checkpoint:
     """Open an EXL2 checkpoint: ``model_dir``, else ``$EXL2_COURSE_MODEL``, else the embedded model."""
-    from helpers.models.embedded import resolve_model_dir
-
-    return open_exl2(resolve_model_dir(model_dir))
+    return open_exl2(models.resolve_model_dir(model_dir))
 
 
 def tensor_inventory(ckpt: Exl2Checkpoint) -> list[dict]:
@@ -126,7 +137,7 @@ def hand_unpack(words: list[int], bits: int, count: int) -> list[int]:
 
 def decode_walkthrough(ckpt: Exl2Checkpoint, prefix: str = DEMO_LINEAR, *, column: int = 0, n_values: int = 6) \
         -> dict:
-    """One linear decoded by hand in front of the reader, checked against helpers.format.exl2's vectorised decoder.
+    """One linear decoded by hand in front of the reader, checked against helpers.format.reader's vectorised decoder.
 
     For the first group and one output ``column``: the q_scale word, its 8 4-bit codes, the scale
     ``(code + 1)^2 * q_scale_max / 256``; the first q_weight words of the column, the first ``n_values`` codes in
@@ -179,26 +190,30 @@ def format_walkthrough(d: dict) -> str:
     g, b = d["group"], d["bits"]
     lines = [
         f"{d['linear']}: in={d['in_features']}, out={d['out_features']}, {d['n_groups']} groups; "
-        f"group 0 = {g['rows']} rows at {b} bits, packed rows {g['first_packed_row']}..{g['first_packed_row'] + g['packed_rows'] - 1}",
-        f"q_scale[0, {d['column'] // 8}] = 0x{d['scale_word']:08x} -> 4-bit codes (low nibble first) {d['scale_codes']}",
+        f"group 0 = {g['rows']} rows at {b} bits, "
+        f"packed rows {g['first_packed_row']}..{g['first_packed_row'] + g['packed_rows'] - 1}",
+        f"q_scale[0, {d['column'] // 8}] = 0x{d['scale_word']:08x} "
+        f"-> 4-bit codes (low nibble first) {d['scale_codes']}",
         f"column {d['column']}: code {d['scale_code']}; q_scale_max[0] = {d['q_scale_max']:.6g}; "
         f"scale = ({d['scale_code']} + 1)^2 x {d['q_scale_max']:.6g} / 256 = {d['scale_exact']:.6g}; "
         f"in fp16, as the kernels compute it: {d['scale_by_hand']:.6g} (library: {d['scale_lib']:.6g})",
         f"q_weight words of column {d['column']}: " + " ".join(f"0x{w:08x}" for w in d["weight_words"]),
-        f"first {len(d['codes'])} {b}-bit codes: {d['codes']} (library: {d['codes_lib']}); zero point 2^{b - 1} = {d['zero']}",
+        f"first {len(d['codes'])} {b}-bit codes: {d['codes']} (library: {d['codes_lib']}); "
+        f"zero point 2^{b - 1} = {d['zero']}",
         "weights (q - zero) x scale: " + ", ".join(f"{w:+.5f}" for w in d["weights_by_hand"]),
         "library dequantize_stored:  " + ", ".join(f"{w:+.5f}" for w in d["weights_lib"]),
         f"q_invperm puts stored rows 0..{len(d['codes']) - 1} at inputs {d['stored_rows_to_inputs']} of the "
         f"logical weight; dequantize()[{d['column']}, those inputs] = "
         + ", ".join(f"{w:+.5f}" for w in d["weights_in_logical_matrix"]),
-        f"hand decoding agrees with helpers.format.exl2: {d['agrees']}",
+        f"hand decoding agrees with helpers.format.reader: {d['agrees']}",
     ]
     return "\n".join(lines)
 
 
 def inspect_report(ckpt: Exl2Checkpoint) -> dict:
     """Exactly what ``python -m helpers inspect DIR --json`` prints, from the same functions:
-    {'layers': ``Exl2Checkpoint.layer_table()``, 'totals': ``helpers.format.exl2.inspect_summary()``}. The notebook's chart
+    {'layers': ``Exl2Checkpoint.layer_table()``, 'totals': ``helpers.format.inspect.inspect_summary()``}. The
+    notebook's chart
     and byte lines are drawn from this dict and nothing else (tests/test_tour.py holds the two equal)."""
     return {"layers": ckpt.layer_table(), "totals": inspect_summary(ckpt)}
 
@@ -227,8 +242,6 @@ def vram_parts(totals: dict) -> list[tuple[str, int]]:
 
 def summary(ckpt: Exl2Checkpoint) -> str:
     """One paragraph: what this checkpoint is."""
-    from helpers.format.exl2 import config_get
-
     cfg = ckpt.config
     t = inspect_summary(ckpt)   # the numbers inspect prints, rounded as it rounds them
     return (f"{ckpt.dir.name}: {t['architecture']}, {t['layers']} layers, hidden {config_get(cfg, 'hidden_size')}, "
@@ -268,8 +281,8 @@ class Loaded:
             a, b = self.before.get(key), self.after.get(key)
             if a is not None and b is not None:
                 lines.append(f"{what:<26} before {fmt_gib(a, 3)}, after {fmt_gib(b, 3)}: {(b - a) / GIB:+.3f} GiB")
-        lines.append(f"KV cache this engine allocated: {fmt_gib(be.cache_bytes())}; exllamav2's {be.cache_mode} "
-                     f"cache of the same length: {fmt_gib(self.predicted_cache_bytes)}")
+        lines.append(f"KV cache this engine allocated: {fmt_gib(be.cache_bytes(), 4)}; exllamav2's {be.cache_mode} "
+                     f"cache of the same length: {fmt_gib(self.predicted_cache_bytes, 4)}")
         return "\n".join(lines + self.notes)
 
 
@@ -279,10 +292,6 @@ def load_with_memory(model_dir: str | os.PathLike | None = None, *, max_seq_len:
 
     exllamav2 shows its own progress bar (one step per module); the reference's load is one step (read and
     dequantize every linear, allocate the cache), shown as such."""
-    from helpers.engines import backend as B
-    from helpers.memory import accounting as memory
-    from helpers.core.progress import progress
-
     engine, device, _ = B.choose_backend(backend)
     before = memory_reading(device)
     if engine == "exllamav2":
@@ -292,15 +301,13 @@ def load_with_memory(model_dir: str | os.PathLike | None = None, *, max_seq_len:
             be = B.load(model_dir, max_seq_len=max_seq_len, cache_mode=cache_mode, backend=backend)
             bar.update(1)
     after = memory_reading(be.device)
-    predicted = memory.kv_cache_bytes(memory.model_shape(str(be.model_dir)), be.max_seq_len, be.cache_mode)
+    predicted = kv_cache_bytes(model_shape(str(be.model_dir)), be.max_seq_len, be.cache_mode)
     return Loaded(be, before, after, predicted)
 
 
 def chat(be, prompts: list[str] | str = PROMPT, *, max_new_tokens: int = 24,
          out: Callable[[str], None] | None = None) -> list[str]:
     """A short chat: each prompt in the model's chat template, greedy, streamed as it is decoded. Returns answers."""
-    import sys
-
     write = out or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     answers = []
     for p in [prompts] if isinstance(prompts, str) else prompts:
@@ -321,25 +328,23 @@ def agreement(be, *, steps: int = 8, results_dir: Path | None = None) -> dict:
     """exllamav2 against the reference on ``PROMPT``.
 
     ``be`` is exllamav2 (a CUDA machine): the reference is loaded on the same GPU in float32 and both run live
-    (``helpers.engines.backend.measure_agreement``). Otherwise the latest recording (``results/agreement``) is shown with its
+    (``helpers.engines.agreement.measure_agreement``). Otherwise the latest recording (``results/agreement``) is shown
+    with its
     label, and this machine's engine is compared live with the recorded exllamav2 logits on the recorded prompt ids
-    (``helpers.engines.backend.recorded_vs_live``). ``mode``: 'live', 'recorded' or 'none'."""
-    from helpers.engines import backend as B
-    from helpers.core.results import label
-
+    (``helpers.engines.agreement.recorded_vs_live``). ``mode``: 'live', 'recorded' or 'none'."""
     if be.name == "exllamav2":
         ref = B.load(be.model_dir, max_seq_len=min(1024, be.max_seq_len), backend="reference", device="cuda",
                      dtype=torch.float32)
         try:
-            rows, extra, _ = B.measure_agreement(be, ref, prompt=PROMPT, steps=steps)
+            rows, extra, _ = engine_agreement.measure_agreement(be, ref, prompt=PROMPT, steps=steps)
         finally:
             ref.unload()
         return {"mode": "live", "engines": extra["engines"], "rows": rows, "summary": extra}
-    found = B.load_agreement(results_dir)
+    found = engine_agreement.load_agreement(results_dir)
     if found is None:
         return {"mode": "none", "message": NOT_RECORDED}
     doc, _ = found
-    live = B.recorded_vs_live(be, results_dir=results_dir)
+    live = engine_agreement.recorded_vs_live(be, results_dir=results_dir)
     return {"mode": "recorded", "label": label(doc["provenance"]), "summary": {k: v for k, v in doc.items()
                                                                            if k not in ("rows", "provenance")},
             "rows": doc["rows"], "live_vs_recorded": live}
@@ -352,7 +357,8 @@ def format_agreement(a: dict) -> str:
     head = (f"{' vs '.join(s.get('engines', []))}, live on this machine" if a["mode"] == "live"
             else f"exllamav2 vs reference, {a['label']}")
     lines = [head,
-             f"prompt logits over {s.get('prompt_tokens')} positions: max |diff| {s['prompt_logits_max_abs_diff']:.4f}, "
+             f"prompt logits over {s.get('prompt_tokens')} positions: "
+             f"max |diff| {s['prompt_logits_max_abs_diff']:.4f}, "
              f"relative L2 error {s['prompt_logits_rel_l2']:.2e}",
              f"greedy tokens: first different at step {s.get('first_different_token')}, first near-tie at step "
              f"{s.get('first_near_tie')}; agree until the first near-tie: {s.get('agree_until_first_near_tie')}"]
@@ -367,12 +373,7 @@ def format_agreement(a: dict) -> str:
 def reference_vs_transformers(float_dir: str | os.PathLike | None = None, prompt: str = PROMPT) -> dict:
     """The course's reference decoder against transformers' LlamaForCausalLM, both float32 on the CPU, on the same
     float safetensors (the embedded model's source by default): logits of every position of one chat prompt."""
-    import warnings
-
-    from helpers.models.embedded import float_model_dir
-    from helpers.engines.reference import ReferenceModel
-
-    folder = Path(float_dir) if float_dir is not None else float_model_dir()
+    folder = Path(float_dir) if float_dir is not None else models.float_model_dir()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import transformers
@@ -407,10 +408,9 @@ def format_reference_vs_transformers(r: dict, tol: float = 1e-4) -> str:
 # ====================================================================================================================
 
 def quantization_cost(bits_list=SWEEP_BITS, *, max_tokens: int = SWEEP_TOKENS) -> list[dict]:
-    """``helpers.lessons.quality.quality_sweep`` at the notebook's widths and text length (cached after the first run)."""
-    from helpers.lessons.quality import quality_sweep
-
-    return quality_sweep(bits_list, max_tokens=max_tokens)
+    """``helpers.lessons.quality.quality_sweep`` at the notebook's widths and text length (cached after the first
+    run)."""
+    return quality.quality_sweep(bits_list, max_tokens=max_tokens)
 
 
 def format_cost(rows: list[dict]) -> str:
@@ -428,16 +428,14 @@ def format_cost(rows: list[dict]) -> str:
 def own_model() -> tuple[Path, str]:
     """(folder, one-line message): ``$EXL2_COURSE_MODEL`` if set and valid, else the embedded model. A bad value is
     reported in the message (not raised), and the embedded model is used."""
-    from helpers.models.embedded import check_exl2_dir, embedded_model_dir
-
     value = os.environ.get(MODEL_ENV, "").strip()
     if not value:
-        return embedded_model_dir(), (f"{MODEL_ENV} is not set: using the embedded model. Set it to your EXL2 folder "
-                                      "to run these cells on your own model.")
+        return models.embedded_model_dir(), (f"{MODEL_ENV} is not set: using the embedded model. "
+                                             "Set it to your EXL2 folder to run these cells on your own model.")
     try:
-        folder = check_exl2_dir(Path(value), origin=f"{MODEL_ENV}=")
+        folder = models.check_exl2_dir(Path(value), origin=f"{MODEL_ENV}=")
     except CourseError as exc:
-        return embedded_model_dir(), f"{exc} (using the embedded model for now)"
+        return models.embedded_model_dir(), f"{exc} (using the embedded model for now)"
     return folder, f"{MODEL_ENV}={folder}: using your model"
 
 

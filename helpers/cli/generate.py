@@ -1,0 +1,46 @@
+"""`python -m helpers generate --prompt TEXT`: stream an answer from exllamav2 (CUDA) or the reference (anywhere)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from helpers.core.errors import CourseError
+from helpers.engines.backend import BACKENDS, load
+from helpers.memory.cache_modes import CACHE_MODES
+
+
+def main(argv: list[str]) -> int:
+    """`python -m helpers generate --prompt TEXT [--model DIR] [--max-new-tokens N] ...`: stream the answer."""
+    ap = argparse.ArgumentParser(prog="python -m helpers generate",
+                                 description="Generate text with exllamav2 (CUDA) or the reference (anywhere).")
+    ap.add_argument("--prompt", required=True, help="the user's message (wrapped in the chat template)")
+    ap.add_argument("--model", default=None, help="model directory (default: $EXL2_COURSE_MODEL or the embedded model)")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--max-seq-len", "--ctx", type=int, default=2048, help="cache length in tokens (default 2048)")
+    ap.add_argument("--cache-mode", default="fp16", choices=CACHE_MODES)
+    ap.add_argument("--backend", default="auto", choices=BACKENDS)
+    ap.add_argument("--device", default=None, choices=("cuda", "cpu"))
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-chat", action="store_true", help="feed the prompt as plain text, without the chat template")
+    args = ap.parse_args(argv)
+    warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
+    if args.max_new_tokens < 1:
+        raise CourseError("--max-new-tokens must be at least 1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        be = load(args.model, max_seq_len=args.max_seq_len, cache_mode=args.cache_mode, backend=args.backend,
+                  device=args.device)
+    print(f"backend: {be.name} on {be.device} ({be.reason}); model {be.model_dir}", file=sys.stderr)
+
+    def emit(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    be.generate(args.prompt, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
+                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=emit)
+    sys.stdout.write("\n")
+    return 0
