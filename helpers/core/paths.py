@@ -11,8 +11,7 @@ from pathlib import Path
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 REPO_DIR = PACKAGE_DIR.parent
 RESULTS_DIR = Path(os.environ.get("EXL2_COURSE_RESULTS", REPO_DIR / "results"))
-CONFIGS_DIR = PACKAGE_DIR / "configs"
-DATA_DIR = PACKAGE_DIR / "data"
+CONFIGS_DIR = PACKAGE_DIR / "specs" / "configs"
 
 #: environment variable a reader sets to point every tool at their own EXL2 model directory
 MODEL_ENV = "EXL2_COURSE_MODEL"

@@ -1,0 +1,27 @@
+"""The checks every memory term shares: a context length and a batch size the planner accepts."""
+from __future__ import annotations
+
+from typing import Any
+
+from helpers.core.errors import CourseError
+
+#: largest context the planner accepts: exllamav2 allocates the whole cache up front, so 16M tokens is already
+#: terabytes for any real model. Anything larger is a typo.
+MAX_SEQ_LEN_LIMIT = 2**24
+
+
+def check_len(max_seq_len: Any, what: str = "max_seq_len") -> int:
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, (int, float)) or max_seq_len != max_seq_len:
+        raise CourseError(f"{what} must be a whole number of tokens (got {max_seq_len!r})")
+    if max_seq_len != int(max_seq_len) or max_seq_len <= 0:
+        raise CourseError(f"{what} must be a positive whole number of tokens (got {max_seq_len})")
+    if max_seq_len > MAX_SEQ_LEN_LIMIT:
+        raise CourseError(f"{what} {int(max_seq_len):,} is absurd: exllamav2 allocates the whole cache up front; "
+                          f"use at most {MAX_SEQ_LEN_LIMIT:,} tokens")
+    return int(max_seq_len)
+
+
+def check_batch(batch: Any) -> int:
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1 or batch > 4096:
+        raise CourseError(f"batch must be a whole number from 1 to 4096 (got {batch!r})")
+    return batch

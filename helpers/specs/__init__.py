@@ -1,0 +1,1 @@
+"""Facts about models and GPUs the course plans with: decoder shapes from config.json, GPU datasheets."""
