@@ -9,7 +9,7 @@ export PYTHON VENV
 
 help:
 	@echo "make lab    - set up (first time only) and open JupyterLab on notebooks/"
-	@echo "make test   - set up (first time only), then unit tests and every notebook through nbval"
+	@echo "make test   - set up (first time only), then the linter (ruff), unit tests and every notebook through nbval"
 	@echo "make gpu-results - (CUDA machine) record every GPU figure the course shows into results/"
 
 setup:
@@ -19,6 +19,7 @@ lab: setup
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --port=$(PORT) $(if $(filter 0,$(shell id -u)),--allow-root)
 
 test: setup
+	$(VENV)/bin/python -m ruff check helpers tests scripts conftest.py
 	$(VENV)/bin/python -m pytest
 
 gpu-results: setup

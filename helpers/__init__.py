@@ -1,8 +1,9 @@
 """Helpers for the course "GPU memory and inference speed of local LLMs with ExLlamaV2".
 
-Rooms, one idea each, imported from the ground up (nothing imports upward):
-errors/paths/results -> gpu, exl2 -> memory, models, reference -> backend -> bench -> fallback -> plots, __main__.
-exllamav2 is imported lazily, only on a CUDA machine (it compiles its extension on first import).
+One folder per layer, one idea per file, imports only downward (docs/ARCHITECTURE.md; tests/test_architecture.py
+checks it): core -> format -> specs -> memory -> models -> engines -> speed -> fallback -> lessons -> plots ->
+recordings -> cli. exllamav2 is imported lazily, only on a CUDA machine, and only by engines/exllama.py (it compiles
+its extension on first import).
 """
 __version__ = "0.1.0"
 

@@ -6,6 +6,7 @@ one line, ``error: ...``, and exit status 2.
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
 
@@ -13,23 +14,25 @@ from helpers.core.errors import CourseError
 
 # command -> ("module:function", one-line help). Each function takes argv (list[str]) and returns an exit code.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "devices": ("helpers.core.devices:main", "torch/CUDA, NVML, CPU and RAM readings, and the path the course takes here"),
-    "plan": ("helpers.memory.accounting:main_plan", "will a model, context and cache mode fit on a GPU? (memory breakdown)"),
-    "inspect": ("helpers.format.exl2:main_inspect", "per-layer bits, groups and byte totals of an EXL2 checkpoint"),
-    "synth": ("helpers.format.synthetic:main", "write a shape-faithful random EXL2 checkpoint from a config and a bpw"),
-    "model": ("helpers.models.embedded:main", "build or locate the course's embedded EXL2 model; prints its directory last"),
-    "generate": ("helpers.engines.backend:main_generate", "generate text with exllamav2 (CUDA) or the reference (anywhere)"),
-    "bench": ("helpers.speed.bench:main", "prefill/decode tokens/s at a cache length and depth, with its roofline"),
-    "probe": ("helpers.fallback.spill:main_probe", "probe --fallback: does this GPU spill into system RAM, and how fast?"),
-    "emulate": ("helpers.fallback.emulator:main", "(Linux+CUDA) emulate the Windows sysmem fallback with mapped host memory"),
-    "record": ("helpers.recordings.registry:main", "(CUDA) record every GPU figure the course shows into results/, resumable"),
+    "devices": ("helpers.cli.devices:main",
+                "torch/CUDA, NVML, CPU and RAM readings, and the path the course takes here"),
+    "plan": ("helpers.cli.plan:main", "will a model, context and cache mode fit on a GPU? (memory breakdown)"),
+    "inspect": ("helpers.cli.inspect:main", "per-layer bits, groups and byte totals of an EXL2 checkpoint"),
+    "synth": ("helpers.cli.synth:main", "write a shape-faithful random EXL2 checkpoint from a config and a bpw"),
+    "model": ("helpers.cli.model:main", "build or locate the course's embedded EXL2 model; prints its directory last"),
+    "generate": ("helpers.cli.generate:main", "generate text with exllamav2 (CUDA) or the reference (anywhere)"),
+    "bench": ("helpers.cli.bench:main", "prefill/decode tokens/s at a cache length and depth, with its roofline"),
+    "probe": ("helpers.cli.probe:main", "probe --fallback: does this GPU spill into system RAM, and how fast?"),
+    "emulate": ("helpers.cli.emulate:main", "(Linux+CUDA) emulate the Windows sysmem fallback with mapped host memory"),
+    "record": ("helpers.cli.record:main", "(CUDA) record every GPU figure the course shows into results/, resumable"),
 }
 
 
 def _usage() -> str:
     width = max(map(len, COMMANDS))
     rows = "\n".join(f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items())
-    return f"usage: python -m helpers <command> [options]\n\ncommands:\n{rows}\n\n'python -m helpers <command> -h' for options."
+    return (f"usage: python -m helpers <command> [options]\n\ncommands:\n{rows}\n\n"
+            "'python -m helpers <command> -h' for options.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,8 +42,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        import difflib
-
         close = difflib.get_close_matches(name, COMMANDS, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         print(f"error: unknown command '{name}'.{hint} Run 'python -m helpers --help' for the list.", file=sys.stderr)

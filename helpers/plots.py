@@ -4,15 +4,24 @@ Every function returns the matplotlib Figure (so a notebook cell shows it) and l
 """
 from __future__ import annotations
 
+import sys
+import warnings
+
+from helpers.core.units import GIB, gib
+from helpers.memory.breakdown import breakdown
+from helpers.memory.cache_modes import LOAD_PATHS
+from helpers.memory.kv_cache import kv_cache_bytes
+from helpers.specs.gpus import gpu_spec
+from helpers.specs.shapes import model_shape
 
 # ================================================================================================================
-# memory (notebooks 01 and 05): KV cache and the planner. Owner: helpers.memory.accounting's author.
+# memory (notebooks 01 and 05): KV cache and the planner. Owner: helpers.memory's author.
 # ================================================================================================================
 
 def _plt():
     import matplotlib
 
-    if "ipykernel" not in __import__("sys").modules:
+    if "ipykernel" not in sys.modules:
         matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
@@ -21,16 +30,15 @@ def _plt():
 
 def plot_kv_cache_vs_context(models, modes=("fp16", "q8", "q4"), lengths=None, ax=None):
     """KV cache (GiB) against max_seq_len for several models and cache modes, as exllamav2 allocates it."""
-    from helpers.memory import accounting as memory
 
     plt = _plt()
     lengths = list(lengths or [2**k for k in range(10, 18)])
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(8, 4.5))
     styles = {"fp16": "-", "fp8": (0, (1, 1)), "q8": "--", "q6": "-.", "q4": ":"}
     for i, name in enumerate(models):
-        shape = memory.model_shape(name)
+        shape = model_shape(name)
         for mode in modes:
-            y = [memory.gib(memory.kv_cache_bytes(shape, n, mode)) for n in lengths]
+            y = [gib(kv_cache_bytes(shape, n, mode)) for n in lengths]
             ax.plot(lengths, y, linestyle=styles.get(mode, "-"), color=f"C{i}", marker="o", markersize=3,
                     label=f"{shape.name} {mode}")
     ax.set_xscale("log", base=2)
@@ -46,21 +54,19 @@ def plot_kv_cache_vs_context(models, modes=("fp16", "q8", "q4"), lengths=None, a
 def plot_total_vs_context(spec, gpu, *, bpw=None, modes=("fp16", "q8", "q6", "q4"), lengths=None, ax=None,
                           **plan_kw):
     """Everything the GPU must hold against max_seq_len, one line per cache mode, with the card's memory."""
-    import warnings
 
-    from helpers.memory import accounting as memory
 
     plt = _plt()
-    g = memory.gpu_spec(gpu)
+    g = gpu_spec(gpu)
     lengths = list(lengths or [1024 * k for k in range(1, 65)])
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(8, 4.5))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for i, mode in enumerate(modes):
-            y = [memory.gib(memory.breakdown(spec, bpw=bpw, max_seq_len=n, cache_mode=mode, **plan_kw)
-                            .vram_total_bytes) for n in lengths]
+            y = [gib(breakdown(spec, bpw=bpw, max_seq_len=n, cache_mode=mode, **plan_kw)
+                     .vram_total_bytes) for n in lengths]
             ax.plot(lengths, y, color=f"C{i}", label=f"{mode} cache")
-        shape = memory.model_shape(spec)
+        shape = model_shape(spec)
     ax.axhline(g["vram_gib"], color="k", linewidth=1)
     ax.text(lengths[0], g["vram_gib"], f" {g['name']}: {g['vram_gib']:g} GiB", va="bottom", fontsize=8)
     if shape.max_position_embeddings <= lengths[-1]:
@@ -85,7 +91,7 @@ def plot_breakdown(breakdowns, gpu_gib=None, ax=None):
     terms = [t.split(",")[0] for t in terms]  # "KV cache, 48 layers x 4,096 tokens" -> "KV cache"
     bottoms = [0.0] * len(labels)
     for j, term in enumerate(terms):
-        vals = [breakdowns[k].terms()[j][1] / 2**30 for k in labels]
+        vals = [breakdowns[k].terms()[j][1] / GIB for k in labels]
         ax.bar(labels, vals, bottom=bottoms, color=f"C{j % 10}", label=term)
         bottoms = [b + v for b, v in zip(bottoms, vals)]
     if gpu_gib:
@@ -116,7 +122,7 @@ def plot_predicted_vs_measured(rows, ax=None):
     """Recorded predicted vs measured (torch allocated) GiB, one point per configuration, with the 2% band."""
     plt = _plt()
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5, 5))
-    pts = [(r["predicted_torch_bytes"] / 2**30, r["torch_allocated_no_cublas_bytes"] / 2**30, r)
+    pts = [(r["predicted_torch_bytes"] / GIB, r["torch_allocated_no_cublas_bytes"] / GIB, r)
            for r in rows if "torch_allocated_no_cublas_bytes" in r]
     if not pts:
         ax.text(0.5, 0.5, "not recorded yet", ha="center")
@@ -124,7 +130,7 @@ def plot_predicted_vs_measured(rows, ax=None):
     hi = max(max(p, q) for p, q, _ in pts) * 1.1
     ax.plot([0, hi], [0, hi], color="k", linewidth=1)
     ax.fill_between([0, hi], [0, hi * 0.98], [0, hi * 1.02], color="grey", alpha=0.2, label="within 2%")
-    for p, q, r in pts:
+    for p, q, _ in pts:
         ax.scatter([p], [q], s=15)
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -136,14 +142,13 @@ def plot_predicted_vs_measured(rows, ax=None):
 
 
 # ================================================================================================================
-# fallback (notebook 04): the Windows sysmem fallback, its spill model and the Linux emulator. Owner: helpers.fallback.spill.
+# fallback (notebook 04): the Windows sysmem fallback, its spill model and the Linux emulator. Owner: helpers.fallback.
 # ================================================================================================================
 
 def plot_spill_walk(prediction, ax=None, title=None):
     """exllamav2's load order walked against the VRAM budget: cumulative GiB per module, coloured by where it went."""
     plt = _plt()
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(8, 3.8))
-    gib = 2**30
     colours = {"vram": "C0", "sysmem": "C3", "cpu": "0.7"}
     total = prediction.fixed_bytes
     xs, bottoms, heights, cols = [], [], [], []
@@ -152,16 +157,16 @@ def plot_spill_walk(prediction, ax=None, title=None):
             continue
         size = p["weight_bytes"] + p["cache_bytes"] + int(p.get("scratch_bytes", 0) or 0)
         xs.append(i)
-        bottoms.append(total / gib)
-        heights.append(size / gib)
+        bottoms.append(total / GIB)
+        heights.append(size / GIB)
         cols.append(colours[p["where"]])
         total += size
     ax.bar(xs, heights, bottom=bottoms, color=cols, width=1.0, linewidth=0)
-    ax.axhline(prediction.budget_bytes / gib, color="k", linestyle="--", linewidth=1)
-    ax.text(0, prediction.budget_bytes / gib, " VRAM budget (card - OS reserve)", va="bottom", fontsize=8)
-    ax.axhspan(0, prediction.fixed_bytes / gib, color="0.85", zorder=0)
+    ax.axhline(prediction.budget_bytes / GIB, color="k", linestyle="--", linewidth=1)
+    ax.text(0, prediction.budget_bytes / GIB, " VRAM budget (card - OS reserve)", va="bottom", fontsize=8)
+    ax.axhspan(0, prediction.fixed_bytes / GIB, color="0.85", zorder=0)
     cache_after = any(p.get("kind") == "cache" for p in prediction.placement)
-    ax.text(0, prediction.fixed_bytes / gib / 2, " before the first module: CUDA context" +
+    ax.text(0, prediction.fixed_bytes / GIB / 2, " before the first module: CUDA context" +
             ("" if cache_after else ", transients, load reserve"), va="center", fontsize=7)
     from matplotlib.patches import Patch
 
@@ -171,7 +176,7 @@ def plot_spill_walk(prediction, ax=None, title=None):
                                                           "modules, each attention module with its cache layer"))
     ax.set_ylabel("VRAM taken so far (GiB)")
     ax.set_title(title or f"cache {prediction.max_seq_len:,} ({prediction.cache_mode}): "
-                          f"{prediction.spilled_bytes / gib:.2f} GiB spilled")
+                          f"{prediction.spilled_bytes / GIB:.2f} GiB spilled")
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
@@ -235,7 +240,6 @@ def plot_spill_vs_depth(curves, reported=None, ax=None):
     each would decode at the reported speed. ``curves``: fallback.seed_depth_curves()."""
     plt = _plt()
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 3.6))
-    from helpers.memory.accounting import LOAD_PATHS
 
     for i, (path, c) in enumerate(curves.items()):
         ax.plot(c["depths"], c["tok_s"], color=f"C{i}",
@@ -262,7 +266,7 @@ def plot_emulated(rows, ax=None):
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 3.5))
     labels = [f"cache {r['ctx']:,}" + ("" if r.get("load_path", "autosplit") == "autosplit" else
                                        f", model.load()\n{r['depth']:,} deep") +
-              f"\n{r['spilled_bytes'] / 2**30:.2f} GiB spilled" for r in rows]
+              f"\n{r['spilled_bytes'] / GIB:.2f} GiB spilled" for r in rows]
     x = list(range(len(rows)))
     ax.bar([i - 0.2 for i in x], [r["native_tok_s"] for r in rows], width=0.4, color="C0", label="native")
     ax.bar([i + 0.2 for i in x], [r["emulated_tok_s"] for r in rows], width=0.4, color="C3",
@@ -278,7 +282,7 @@ def plot_emulated(rows, ax=None):
 
 
 # ================================================================================================================
-# speed (notebook 03): decode speed vs depth with the roofline, time per token, cache bytes. Owner: helpers.speed.bench.
+# speed (notebook 03): decode speed vs depth with the roofline, time per token, cache bytes. Owner: helpers.speed.
 # ================================================================================================================
 def _speed_key(r: dict) -> tuple:
     return (r.get("model", "?"), r.get("cache_mode", "?"), int(r["ctx"]))
@@ -409,7 +413,7 @@ def plot_cache_bytes_by_ctx(rows: list[dict], *, ax=None, title: str = "KV cache
         fig = ax.figure
     seen: dict[tuple, float] = {}
     for r in rows:
-        seen.setdefault(_speed_key(r) + (r.get("gpu") or r.get("device", ""),), r["cache_bytes"] / 2**30)
+        seen.setdefault(_speed_key(r) + (r.get("gpu") or r.get("device", ""),), r["cache_bytes"] / GIB)
     keys = sorted(seen, key=lambda k: (str(k[0]), k[1], k[2]))
     names = [f"{k[0][:20]}\n{k[1]} {k[2] // 1024}k" for k in keys]
     vals = [seen[k] for k in keys]
@@ -424,7 +428,7 @@ def plot_cache_bytes_by_ctx(rows: list[dict], *, ax=None, title: str = "KV cache
 
 
 # ================================================================================================================
-# tour (notebook 02): inside an EXL2 checkpoint, where its bytes go, what quantization costs. Owner: helpers.lessons.tour.
+# tour (notebook 02): inside an EXL2 checkpoint, where its bytes go, what quantization costs. Owner: helpers.lessons.
 # ================================================================================================================
 
 _KIND_MARKERS = {"q_proj": "o", "k_proj": "v", "v_proj": "^", "o_proj": "s", "gate_proj": "D", "up_proj": "P",
@@ -466,20 +470,19 @@ def plot_bytes_where(bb, title=None, ax=None):
     plt = _plt()
     bb = bb.get("bytes", bb)
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 4))
-    g = 2**30
-    ax.bar(["on disk"], [bb["disk_bytes"] / g], color="grey", label="*.safetensors")
+    ax.bar(["on disk"], [bb["disk_bytes"] / GIB], color="grey", label="*.safetensors")
     parts = [("q_weight", "q_weight (codes)"), ("q_scale", "q_scale"), ("q_meta", "groups map, perms, scale max"),
              ("norms", "norms"), ("bias", "biases"), ("fp16_head", "fp16 head (tied: embedding copy)"),
              ("other_fp16", "other fp16")]
     bottom = 0.0
     for j, (key, name) in enumerate(parts):
-        v = bb["by_kind"].get(key, 0) / g
+        v = bb["by_kind"].get(key, 0) / GIB
         if v:
             ax.bar(["in VRAM"], [v], bottom=[bottom], color=f"C{j}", label=name)
             bottom += v
-    ax.bar(["in system RAM"], [bb["system_ram_bytes"] / g], color="C9", label="input embedding (fp16)")
+    ax.bar(["in system RAM"], [bb["system_ram_bytes"] / GIB], color="C9", label="input embedding (fp16)")
     for x, v in enumerate((bb["disk_bytes"], bb["vram_bytes"], bb["system_ram_bytes"])):
-        ax.text(x, v / g, f"{v / g:.3f} GiB", ha="center", va="bottom", fontsize=8)
+        ax.text(x, v / GIB, f"{v / GIB:.3f} GiB", ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("GiB (2^30 bytes)")
     ax.set_title(title or "where the checkpoint's bytes go when exllamav2 loads it")
     ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
@@ -491,15 +494,14 @@ def plot_quantization_cost(rows, ax=None):
     """Perplexity against weight size: the float source and each EXL2 width (rows of ``quality.quality_sweep``)."""
     plt = _plt()
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 4))
-    g = 2**30
     q = [r for r in rows if r.get("bits") is not None]
     f = [r for r in rows if r.get("bits") is None]
-    ax.plot([r["weights_bytes"] / g for r in q], [r["perplexity"] for r in q], marker="o", color="C0", label="EXL2")
+    ax.plot([r["weights_bytes"] / GIB for r in q], [r["perplexity"] for r in q], marker="o", color="C0", label="EXL2")
     for r in q:
-        ax.annotate(f"{r['bpw']:.2f} bpw", (r["weights_bytes"] / g, r["perplexity"]), textcoords="offset points",
+        ax.annotate(f"{r['bpw']:.2f} bpw", (r["weights_bytes"] / GIB, r["perplexity"]), textcoords="offset points",
                     xytext=(4, 4), fontsize=7)
     for r in f:
-        ax.scatter([r["weights_bytes"] / g], [r["perplexity"]], color="k", marker="*", s=80, zorder=3,
+        ax.scatter([r["weights_bytes"] / GIB], [r["perplexity"]], color="k", marker="*", s=80, zorder=3,
                    label=f"{r['label']} (float32 file)")
         ax.axhline(r["perplexity"], color="k", linewidth=0.8, linestyle=":")
     ax.set_yscale("log")
