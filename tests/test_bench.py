@@ -73,12 +73,12 @@ def test_exllamav2_cache_length_must_be_pageable():
     matrix.check_config(32768, 30000, exllamav2=True)
 
 
-@pytest.mark.parametrize("ctx, near", [(4100, (4096, 4352)), (300, (256, 512)), (32767, (32512, 32768)),
-                                       (1000, (768, 1024)), (100, (256,)), (1, (256,))])
-def test_unpageable_cache_length_suggests_the_neighbouring_pages(ctx, near):
+@pytest.mark.parametrize("max_seq_len, near", [(4100, (4096, 4352)), (300, (256, 512)), (32767, (32512, 32768)),
+                                               (1000, (768, 1024)), (100, (256,)), (1, (256,))])
+def test_unpageable_cache_length_suggests_the_neighbouring_pages(max_seq_len, near):
     # the suggestions are the multiples of 256 on either side of the request (only the one above when below 256)
     with pytest.raises(CourseError) as info:
-        matrix.check_config(ctx, 0, exllamav2=True)
+        matrix.check_config(max_seq_len, 0, exllamav2=True)
     suggested = tuple(int(n) for n in str(info.value).split("such as ")[1].split(" or "))
     assert suggested == near
 
@@ -261,9 +261,9 @@ FIXTURE = __import__("pathlib").Path(__file__).parent / "fixtures" / "exl2" / "t
 
 
 def test_bench_on_the_reference_backend_counts_its_bytes_exactly():
-    rows = harness.bench_matrix(FIXTURE, ctxs=[512], depths=[16, 400], cache_modes=["fp16"], backend="reference",
-                              device="cpu", repeats=2, warmup=1, decode_tokens=4, prefill_tokens=8,
-                              profile_steps=2, progress=False)
+    rows = harness.bench_matrix(FIXTURE, max_seq_lens=[512], depths=[16, 400], cache_modes=["fp16"],
+                                backend="reference", device="cpu", repeats=2, warmup=1, decode_tokens=4,
+                                prefill_tokens=8, profile_steps=2, progress=False)
     assert [(r["ctx"], r["depth"]) for r in rows] == [(512, 16), (512, 400)]
     # float32 on the CPU: 2 layers x (q,o 256x256; k,v 256x128; gate,up,down 256x768; 2 norms) + final norm + head
     per_layer = 2 * 256 * 256 + 2 * 256 * 128 + 3 * 256 * 768 + 2 * 256
@@ -391,11 +391,11 @@ def test_speed_figures_draw_live_and_recorded_panels():
 
 
 def test_bench_in_a_fresh_process_returns_its_rows():
-    rows = harness.bench_subprocess(FIXTURE, ctx=256, depth=8, backend="reference", repeats=1, warmup=0,
+    rows = harness.bench_subprocess(FIXTURE, max_seq_len=256, depth=8, backend="reference", repeats=1, warmup=0,
                                   decode_tokens=2, prefill_tokens=0, model_label="tiny fixture")
     assert len(rows) == 1 and rows[0]["model"] == "tiny fixture" and rows[0]["ctx"] == 256
     with pytest.raises(CourseError, match="bench process for ctx 256 depth 300 fp16 failed"):
-        harness.bench_subprocess(FIXTURE, ctx=256, depth=300, backend="reference", repeats=1, warmup=0)
+        harness.bench_subprocess(FIXTURE, max_seq_len=256, depth=300, backend="reference", repeats=1, warmup=0)
 
 
 def test_busy_time_is_the_union_of_intervals():

@@ -50,11 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         raise CourseError(f"--repeats must be at least 1, got {args.repeats}")
     if args.warmup < 0 or args.decode_tokens < 1 or args.prefill_tokens < 0:
         raise CourseError("--warmup and --prefill-tokens must be 0 or more, --decode-tokens 1 or more")
-    ctxs = parse_int_list(args.max_seq_len, "cache length")
+    max_seq_lens = parse_int_list(args.max_seq_len, "cache length")
     depths = parse_int_list(args.depth, "depth")
     modes = check_modes([m.strip().lower() for m in args.cache.split(",") if m.strip()])
-    single = len(ctxs) == 1 and len(depths) == 1
-    rows = bench_matrix(args.model, ctxs=ctxs, depths=depths, cache_modes=modes, backend=args.backend,
+    single = len(max_seq_lens) == 1 and len(depths) == 1
+    rows = bench_matrix(args.model, max_seq_lens=max_seq_lens, depths=depths, cache_modes=modes, backend=args.backend,
                         repeats=args.repeats, warmup=args.warmup, decode_tokens=args.decode_tokens,
                         prefill_tokens=args.prefill_tokens, progress=not args.no_progress, device=args.device,
                         skip_unfit=not single, model_label=args.label)

@@ -13,7 +13,7 @@ from helpers.fallback.compare import compare, resolve_model_dir
 from helpers.fallback.emulated_report import TOPIC, format_summary, result_name
 from helpers.fallback.emulator import CARD_GIB, RESERVE_GIB, context_bytes_now
 from helpers.fallback.linux_oom import linux_oom_demo
-from helpers.memory.cache_modes import CACHE_MODES, LOAD_PATHS
+from helpers.memory.cache_modes import CACHE_MODES, LOAD_PATHS, check_cache_mode
 from helpers.speed.matrix import parse_int_list
 
 
@@ -27,7 +27,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--model", default=None, help="EXL2 model directory (default: the 14B-shaped 5.5 bpw checkpoint)")
     ap.add_argument("--max-seq-len", "--ctx", dest="max_seq_len", default="4096,32768",
                     help="cache lengths, comma-separated (4k = 4096; --ctx: the same)")
-    ap.add_argument("--cache", default="fp16", choices=sorted(CACHE_MODES), help="cache mode")
+    ap.add_argument("--cache", default="fp16", help=f"cache mode: {', '.join(CACHE_MODES)}")
     ap.add_argument("--depth", type=int, default=128, help="tokens already in the cache while decoding")
     ap.add_argument("--load-path", default="autosplit", choices=tuple(LOAD_PATHS),
                     help="load_autosplit(cache) with a lazy cache (default), or model.load() then the cache")
@@ -42,19 +42,20 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.decode_tokens < 1 or args.depth < 0:
         raise CourseError("--rounds and --decode-tokens must be at least 1, --depth at least 0")
-    ctxs = parse_int_list(args.max_seq_len, "cache length")
+    max_seq_lens = parse_int_list(args.max_seq_len, "cache length")
+    args.cache = check_cache_mode(args.cache)
     nvml_before = gpu.nvml_used_bytes()
     gpu.require_cuda("`python -m helpers emulate`")
     ctx_bytes = context_bytes_now(nvml_before)
     model_dir = resolve_model_dir(args.model)
     common = dict(card_gib=args.card_gib, reserve_gib=args.reserve_gib, context_bytes=ctx_bytes)
     if args.oom:
-        out = [linux_oom_demo(model_dir, ctx=max(ctxs), cache_mode=args.cache, **common)]
+        out = [linux_oom_demo(model_dir, max_seq_len=max(max_seq_lens), cache_mode=args.cache, **common)]
         for r in out:
             print(r["explanation"] if not args.json else json.dumps(r, indent=1))
         return 0
-    for c in ctxs:
-        res = compare(model_dir, ctx=c, cache_mode=args.cache, depth=args.depth, rounds=args.rounds,
+    for c in max_seq_lens:
+        res = compare(model_dir, max_seq_len=c, cache_mode=args.cache, depth=args.depth, rounds=args.rounds,
                       decode_tokens=args.decode_tokens, load_path=args.load_path, **common)
         s = res["summary"]
         if args.json:

@@ -18,7 +18,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--model", default=None, help="model directory (default: $EXL2_COURSE_MODEL or the embedded model)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--max-seq-len", "--ctx", type=int, default=2048, help="cache length in tokens (default 2048)")
-    ap.add_argument("--cache-mode", default="fp16", choices=CACHE_MODES)
+    ap.add_argument("--cache-mode", default="fp16", help=f"cache mode: {', '.join(CACHE_MODES)}")
     ap.add_argument("--backend", default="auto", choices=BACKENDS)
     ap.add_argument("--device", default=None, choices=("cuda", "cpu"))
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

@@ -37,7 +37,7 @@ def _flatten(rows: list[dict], run: str) -> list[float]:
     return [v for r in rows if r["run"] == run for v in r["decode_tok_s_all"]]
 
 
-def compare(model_dir, *, ctx: int, cache_mode: str = "fp16", depth: int = 128, card_gib: float = CARD_GIB,
+def compare(model_dir, *, max_seq_len: int, cache_mode: str = "fp16", depth: int = 128, card_gib: float = CARD_GIB,
             reserve_gib: float = RESERVE_GIB, context_bytes: int = 0, rounds: int = 4, repeats: int = 3,
             warmup: int = 1, decode_tokens: int = 64, lib: HostAllocLib | None = None,
             progress: bool = True, load_path: str = "autosplit") -> dict:
@@ -48,21 +48,22 @@ def compare(model_dir, *, ctx: int, cache_mode: str = "fp16", depth: int = 128, 
     vram_bw = measure_bandwidth("cuda")
     measurements: list[dict] = []
     with VramEmulator(budget, lib) as emu:
-        emulated = emu.own(Exl2Model(model_dir, max_seq_len=ctx, cache_mode=cache_mode, emulator=emu,
+        emulated = emu.own(Exl2Model(model_dir, max_seq_len=max_seq_len, cache_mode=cache_mode, emulator=emu,
                                      load_path=load_path))
         decisions, placement = emu.rows(), emu.placement()
         host_bytes_loaded = emu.host_bytes()
         pcie_bw = measure_host_read_bandwidth(emu)
-        native = emu.own(Exl2Model(model_dir, max_seq_len=ctx, cache_mode=cache_mode, load_path=load_path))
+        native = emu.own(Exl2Model(model_dir, max_seq_len=max_seq_len, cache_mode=cache_mode, load_path=load_path))
         jobs = [(r, name) for r in range(rounds)
                 for name in (("native", "emulated") if r % 2 == 0 else ("emulated", "native"))]
-        for r, name in (bar(jobs, desc=f"cache {ctx}: native/emulated rounds", unit="run") if progress else jobs):
+        shown = bar(jobs, desc=f"cache {max_seq_len}: native/emulated rounds", unit="run") if progress else jobs
+        for r, name in shown:
             b = native if name == "native" else emulated
             row = measure_loaded(b, depth, repeats=repeats, warmup=warmup, decode_tokens=decode_tokens,
                                        prefill_tokens=0, profile_steps=0, bandwidth_bytes_s=vram_bw, progress=False)
             keep = {k: row[k] for k in ("decode_tok_s", "decode_tok_s_all", "decode_spread", "bytes_per_token",
                                         "roofline_tok_s", "step_ms") if k in row}
-            measurements.append({"ctx": ctx, "run": name, "round": r, **keep})
+            measurements.append({"ctx": max_seq_len, "run": name, "round": r, **keep})
         pinned_peak = lib.peak_bytes()
     pinned_left = emu.leftover_bytes            # still pinned after cleanup, before any forced free (target 0)
     pinned_outstanding = lib.outstanding_bytes()
@@ -70,9 +71,9 @@ def compare(model_dir, *, ctx: int, cache_mode: str = "fp16", depth: int = 128, 
     nat, emt = statistics.median(native_all), statistics.median(emu_all)
     # the spill model for this GPU: measured bandwidths; overhead from the native run (it spills nothing)
     all_vram = [{**p, "where": "vram" if p["where"] == "sysmem" else p["where"]} for p in placement]
-    vram_b, _ = read_bytes(all_vram, depth, ctx)
+    vram_b, _ = read_bytes(all_vram, depth, max_seq_len)
     overhead, note = overhead_from_run(nat, vram_b, vram_bw)
-    kw = dict(depth=depth, max_seq_len=ctx, cache_mode=cache_mode, overhead_s_per_token=overhead,
+    kw = dict(depth=depth, max_seq_len=max_seq_len, cache_mode=cache_mode, overhead_s_per_token=overhead,
               vram_bandwidth=vram_bw, pcie_bandwidth=pcie_bw, budget_bytes=budget)
     pred_nat = evaluate(all_vram, **kw)
     pred_emu = evaluate(placement, **kw)
@@ -82,7 +83,7 @@ def compare(model_dir, *, ctx: int, cache_mode: str = "fp16", depth: int = 128, 
     slowdown = nat / emt                                            # measured: native tok/s over emulated tok/s
     predicted = pred_emu.seconds_per_token / pred_nat.seconds_per_token
     summary = {
-        "ctx": ctx, "cache_mode": cache_mode, "depth": depth, "load_path": load_path, "card_gib": card_gib,
+        "ctx": max_seq_len, "cache_mode": cache_mode, "depth": depth, "load_path": load_path, "card_gib": card_gib,
         "reserve_gib": reserve_gib,
         "context_bytes": int(context_bytes), "budget_bytes": budget,
         "spilled_bytes": emu_spilled(placement), "spilled_gib": emu_spilled(placement) / GIB,
@@ -105,7 +106,7 @@ def compare(model_dir, *, ctx: int, cache_mode: str = "fp16", depth: int = 128, 
     return {"summary": summary, "measurements": measurements, "decisions": decisions}
 
 
-def cleanup_checks(model_dir, *, ctx: int, cache_mode: str = "fp16", budget_bytes: int, lib: HostAllocLib,
+def cleanup_checks(model_dir, *, max_seq_len: int, cache_mode: str = "fp16", budget_bytes: int, lib: HostAllocLib,
                    after_spilled: int = 2, load_path: str = "autosplit") -> dict:
     """Interrupt an emulated load twice, once with an error and once with KeyboardInterrupt (as Ctrl-C raises it),
     ``after_spilled`` modules after the spill began; return the pinned bytes cleanup found still held after each
@@ -124,7 +125,7 @@ def cleanup_checks(model_dir, *, ctx: int, cache_mode: str = "fp16", budget_byte
         try:
             with VramEmulator(budget_bytes, lib) as emu:
                 ref.append(emu)
-                emu.own(Exl2Model(model_dir, max_seq_len=ctx, cache_mode=cache_mode, emulator=emu,
+                emu.own(Exl2Model(model_dir, max_seq_len=max_seq_len, cache_mode=cache_mode, emulator=emu,
                                   on_module=lambda i, n, ref=ref: stop(i, n, ref), load_path=load_path))
             out[f"pinned_left_after_{name}_bytes"] = None          # the spill never began: nothing to interrupt
         except Injected:

@@ -10,10 +10,10 @@ from helpers.core import results
 TOPIC = "fallback"
 
 
-def result_name(ctx: int, load_path: str, prov: dict) -> str:
+def result_name(max_seq_len: int, load_path: str, prov: dict) -> str:
     """The results/fallback/ file name of one emulated run: cache length, load path (when not autosplit), GPU."""
     tag = "" if load_path == "autosplit" else f"-{load_path}"
-    return f"emulated-{ctx}{tag}-{prov.get('gpu') or 'gpu'}"
+    return f"emulated-{max_seq_len}{tag}-{prov.get('gpu') or 'gpu'}"
 
 
 def load_recorded(results_dir: Path | None = None) -> dict[str, list[dict]]:

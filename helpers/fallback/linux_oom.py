@@ -16,7 +16,7 @@ from helpers.fallback.emulator import CARD_GIB, RESERVE_GIB, budget_for
 from helpers.fallback.routed_load import Exl2Model
 
 
-def linux_oom_demo(model_dir, *, ctx: int = 32768, cache_mode: str = "fp16", card_gib: float = CARD_GIB,
+def linux_oom_demo(model_dir, *, max_seq_len: int = 32768, cache_mode: str = "fp16", card_gib: float = CARD_GIB,
                    reserve_gib: float = RESERVE_GIB, context_bytes: int = 0) -> dict:
     """The same overflow without the emulator: cap this process's VRAM to the smaller card, load, catch the error.
 
@@ -31,14 +31,15 @@ def linux_oom_demo(model_dir, *, ctx: int = 32768, cache_mode: str = "fp16", car
         raise CourseError(f"this GPU has {total / GIB:.1f} GiB, not more than the emulated {card_gib} GiB card: "
                           "nothing to cap; use a smaller --card-gib")
     reached: list[int] = []
-    out = {"ctx": ctx, "cache_mode": cache_mode, "card_gib": card_gib, "reserve_gib": reserve_gib,
+    out = {"ctx": max_seq_len, "cache_mode": cache_mode, "card_gib": card_gib, "reserve_gib": reserve_gib,
            "context_bytes": int(context_bytes), "cap_bytes": cap, "fraction": cap / total}
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.set_per_process_memory_fraction(cap / total)
     model = None
     try:
-        model = Exl2Model(model_dir, max_seq_len=ctx, cache_mode=cache_mode, on_module=lambda i, n: reached.append(i))
+        model = Exl2Model(model_dir, max_seq_len=max_seq_len, cache_mode=cache_mode,
+                          on_module=lambda i, n: reached.append(i))
         out.update(outcome="loaded", error=None)
     except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
         text = str(exc).strip().splitlines()
@@ -67,5 +68,6 @@ def linux_oom_demo(model_dir, *, ctx: int = 32768, cache_mode: str = "fp16", car
             "out-of-memory, found no further GPU and stopped ('Insufficient VRAM for model and cache'). The same "
             "load on a Windows driver 536.40+ would not stop: it would put the rest in system RAM and run slowly.")
     else:
-        out["explanation"] = f"the model and its {ctx}-token cache fit in {cap / GIB:.2f} GiB: nothing overflowed"
+        out["explanation"] = (f"the model and its {max_seq_len}-token cache fit in {cap / GIB:.2f} GiB: "
+                              "nothing overflowed")
     return out

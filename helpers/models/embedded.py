@@ -35,7 +35,7 @@ from helpers.core.paths import MODEL_ENV, cache_dir
 from helpers.core.progress import progress
 from helpers.core.units import MIB, fmt_gib
 from helpers.format import writer
-from helpers.format.config import is_exl2_dir
+from helpers.format.config import is_exl2_dir, load_config
 from helpers.models.gguf import GGUF_NAME, GGUF_SHA256, MODEL_NAME, SOURCE_SPEC, gguf_path, read_gguf, write_tokenizer
 
 try:
@@ -202,8 +202,7 @@ def load_float_tensors(folder: Path | None = None) -> tuple[dict, dict]:
     from safetensors.torch import load_file
 
     folder = Path(folder) if folder is not None else float_model_dir()
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    return config, load_file(str(folder / "model.safetensors"))
+    return load_config(folder), load_file(str(folder / "model.safetensors"))
 
 
 def write_exl2_from_float(out_dir: Path, bpw: float, *, float_dir: Path | None = None,

@@ -15,23 +15,24 @@ from helpers.fallback.hostalloc import HostAllocLib, build_hostalloc
 from helpers.fallback.linux_oom import linux_oom_demo
 
 
-def record_compare(ctx: int, *, model_dir=None, results_dir: Path | None = None, load_path: str = "autosplit",
+def record_compare(max_seq_len: int, *, model_dir=None, results_dir: Path | None = None, load_path: str = "autosplit",
                    **kw) -> Path:
     """Record ``compare`` for one cache length and load path into results/fallback/ (run it in a fresh process)."""
     nvml_before = gpu.nvml_used_bytes()          # before CUDA starts in this process
     gpu.require_cuda("recording the emulated sysmem fallback")
     ctx_bytes = context_bytes_now(nvml_before)
     lib = HostAllocLib(build_hostalloc())
-    out = compare(resolve_model_dir(model_dir), ctx=ctx, context_bytes=ctx_bytes, lib=lib, load_path=load_path, **kw)
+    out = compare(resolve_model_dir(model_dir), max_seq_len=max_seq_len, context_bytes=ctx_bytes, lib=lib,
+                  load_path=load_path, **kw)
     s = out["summary"]
     if s["spilled_bytes"]:
-        s.update(cleanup_checks(resolve_model_dir(model_dir), ctx=ctx, cache_mode=s["cache_mode"],
+        s.update(cleanup_checks(resolve_model_dir(model_dir), max_seq_len=max_seq_len, cache_mode=s["cache_mode"],
                                 budget_bytes=s["budget_bytes"], lib=lib, load_path=load_path))
     prov = results.provenance()
-    return results.save_result(TOPIC, result_name(ctx, load_path, prov), [out["summary"]], prov=prov,
+    return results.save_result(TOPIC, result_name(max_seq_len, load_path, prov), [out["summary"]], prov=prov,
                                results_dir=results_dir,
                                extra={"what": f"Qwen2.5-14B-shaped 5.5 bpw on an emulated {CARD_GIB:g} GiB card, "
-                                              f"cache {ctx}, {load_path} load path, {s['depth']} tokens deep: "
+                                              f"cache {max_seq_len}, {load_path} load path, {s['depth']} tokens deep: "
                                               "native vs emulated decode, alternating rounds",
                                       "measurements": out["measurements"], "decisions": out["decisions"]})
 

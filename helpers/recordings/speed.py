@@ -16,24 +16,25 @@ from helpers.speed.harness import bench_subprocess, run_to_run
 from helpers.speed.matrix import plan_matrix
 from helpers.speed.report import EMBEDDED_LABEL, SYNTH_LABEL
 
-#: the recorded matrix: cache lengths, depths (only where depth < ctx), cache modes
-REC_CTXS = (4096, 32768)
+#: the recorded matrix: cache lengths, depths (only where depth < max_seq_len), cache modes
+REC_MAX_SEQ_LENS = (4096, 32768)
 REC_DEPTHS = (128, 30000)
 REC_MODES = ("fp16", "q4")
 REC_SETTINGS = dict(repeats=5, warmup=2, decode_tokens=64, prefill_tokens=512)
 
 
-def record_matrix(model_dir, label: str, name: str, *, ctxs=REC_CTXS, depths=REC_DEPTHS, modes=REC_MODES,
-                  settings: dict | None = None, results_dir: Path | None = None) -> Path:
-    """Every (mode, ctx, depth) of the matrix, each in a fresh process, saved as results/speed/<name>-<gpu>.json."""
+def record_matrix(model_dir, label: str, name: str, *, max_seq_lens=REC_MAX_SEQ_LENS, depths=REC_DEPTHS,
+                  modes=REC_MODES, settings: dict | None = None, results_dir: Path | None = None) -> Path:
+    """Every (mode, max_seq_len, depth) of the matrix, each in a fresh process, saved as
+    results/speed/<name>-<gpu>.json."""
     gpu.require_cuda("recording decode speed")
     settings = {**REC_SETTINGS, **(settings or {})}
-    plan = plan_matrix(ctxs, depths, modes, decode_tokens=settings["decode_tokens"], backend="exllamav2")
+    plan = plan_matrix(max_seq_lens, depths, modes, decode_tokens=settings["decode_tokens"], backend="exllamav2")
     jobs = [(m, c, d) for m, c, ds in plan for d in ds]
     rows = []
     for m, c, d in progress(jobs, desc=f"recording {label}", unit="config"):
-        rows += bench_subprocess(model_dir, ctx=c, depth=d, cache_mode=m, backend="exllamav2", model_label=label,
-                                 **settings)
+        rows += bench_subprocess(model_dir, max_seq_len=c, depth=d, cache_mode=m, backend="exllamav2",
+                                 model_label=label, **settings)
     prov = results.provenance()
     return results.save_result("speed", f"{name}-{prov.get('gpu') or 'gpu'}", rows, prov=prov,
                                results_dir=results_dir,
@@ -41,22 +42,22 @@ def record_matrix(model_dir, label: str, name: str, *, ctxs=REC_CTXS, depths=REC
                                       "settings": settings})
 
 
-def record_repeatability(model_dir=None, label: str = SYNTH_LABEL, *, processes: int = 3, ctx: int = 4096,
+def record_repeatability(model_dir=None, label: str = SYNTH_LABEL, *, processes: int = 3, max_seq_len: int = 4096,
                          depth: int = 128, cache_mode: str = "fp16", results_dir: Path | None = None) -> Path:
     """One configuration in ``processes`` fresh processes: the spread within each run and across runs."""
     gpu.require_cuda("recording run-to-run variation")
     model_dir = model_dir or synthetic_14b_dir()
     rows = []
     for i in progress(range(processes), desc="repeatability", unit="process"):
-        for r in bench_subprocess(model_dir, ctx=ctx, depth=depth, cache_mode=cache_mode, backend="exllamav2",
-                                  model_label=label, **REC_SETTINGS):
+        for r in bench_subprocess(model_dir, max_seq_len=max_seq_len, depth=depth, cache_mode=cache_mode,
+                                  backend="exllamav2", model_label=label, **REC_SETTINGS):
             r["process"] = i
             rows.append(r)
     across = run_to_run([r["decode_tok_s"] for r in rows])
     prov = results.provenance()
     return results.save_result("speed", f"repeatability-{prov.get('gpu') or 'gpu'}", rows, prov=prov,
                                results_dir=results_dir,
-                               extra={"what": f"{label}, {cache_mode} cache {ctx}, depth {depth}, "
+                               extra={"what": f"{label}, {cache_mode} cache {max_seq_len}, depth {depth}, "
                                               f"{processes} fresh processes", "run_to_run": across})
 
 

@@ -1,7 +1,8 @@
 """The bench harness: prefill and decode speed at a cache length and a context depth, on a loaded backend.
 
 What one measurement does (``bench``):
-1. load the model with a cache of ``ctx`` tokens (``backend.load``) and read memory (torch, NVML, or the process RSS);
+1. load the model with a cache of ``max_seq_len`` tokens (``backend.load``) and read memory (torch, NVML, or the
+   process RSS);
 2. prefill: time ``forward`` of ``prefill_tokens`` tokens appended at depth ``depth`` -> prefill tokens/s;
 3. decode: set the cache to ``depth`` tokens directly (``fill_cache``; nobody decodes 30,000 tokens to get there),
    then time ``decode_tokens`` greedy steps, each waiting for its token as a real generator does. ``warmup``
@@ -31,6 +32,7 @@ from helpers.core.paths import REPO_DIR
 from helpers.core.progress import progress as bar
 from helpers.core.units import GIB
 from helpers.engines import backend as backend_mod
+from helpers.format.config import load_config
 from helpers.models import embedded as models
 from helpers.speed.matrix import check_config, plan_matrix
 from helpers.speed.profile import profile_decode
@@ -56,8 +58,8 @@ def run_to_run(medians: Sequence[float]) -> dict[str, float]:
 
 def _trained_ctx(model_dir: Path) -> int | None:
     try:
-        cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        cfg = load_config(model_dir)
+    except CourseError:  # a synthetic or odd folder: then no trained length is known
         return None
     return cfg.get("max_position_embeddings")
 
@@ -129,15 +131,15 @@ def measure_loaded(b, depth: int, *, repeats: int = 5, warmup: int = 2, decode_t
                    prefill_tokens: int = 512, profile_steps: int = 4, bandwidth_bytes_s: float | None = None,
                    progress: bool = True, desc: str = "") -> dict[str, Any]:
     """Measure one depth on an already loaded backend ``b`` (its cache length is ``b.max_seq_len``)."""
-    ctx, mode = int(b.max_seq_len), str(b.cache_mode)
-    check_config(ctx, depth, decode_tokens=decode_tokens, exllamav2=(b.name == "exllamav2"))
+    max_seq_len, mode = int(b.max_seq_len), str(b.cache_mode)
+    check_config(max_seq_len, depth, decode_tokens=decode_tokens, exllamav2=(b.name == "exllamav2"))
     if repeats < 1 or warmup < 0 or decode_tokens < 1 or prefill_tokens < 0:
         raise CourseError("repeats and decode_tokens must be at least 1, warmup and prefill_tokens at least 0")
-    n_prefill = min(prefill_tokens, ctx - depth)
+    n_prefill = min(prefill_tokens, max_seq_len - depth)
     ids = _prompt_ids(b.vocab_size, n_prefill) if n_prefill else None
     rounds = warmup + repeats
-    pbar = bar(total=rounds * (decode_tokens + (1 if n_prefill else 0)), desc=desc or f"ctx {ctx} depth {depth}",
-               unit="tok") if progress else None
+    pbar = bar(total=rounds * (decode_tokens + (1 if n_prefill else 0)),
+               desc=desc or f"ctx {max_seq_len} depth {depth}", unit="tok") if progress else None
     prefill_s, decode, walls = [], [], []
     try:
         for r in range(rounds):
@@ -160,7 +162,7 @@ def measure_loaded(b, depth: int, *, repeats: int = 5, warmup: int = 2, decode_t
     prof = profile_decode(b, depth, steps=profile_steps) if profile_steps else {}
     d = summarize(decode)
     row: dict[str, Any] = {
-        "ctx": ctx, "depth": depth, "cache_mode": mode, "backend": b.name, "device": str(b.device),
+        "ctx": max_seq_len, "depth": depth, "cache_mode": mode, "backend": b.name, "device": str(b.device),
         "torch_threads": _torch_threads(),
         "decode_tokens": decode_tokens, "repeats": repeats, "warmup": warmup,
         "decode_tok_s": d["median"], "decode_tok_s_min": d["min"], "decode_tok_s_max": d["max"],
@@ -207,22 +209,24 @@ def measure_loaded(b, depth: int, *, repeats: int = 5, warmup: int = 2, decode_t
     return row
 
 
-def bench(model_dir=None, *, ctx: int = 4096, depth: int = 128, cache_mode: str = "fp16", backend: str = "auto",
+def bench(model_dir=None, *, max_seq_len: int = 4096, depth: int = 128, cache_mode: str = "fp16", backend: str = "auto",
           repeats: int = 5, warmup: int = 2, decode_tokens: int = 32, prefill_tokens: int = 512,
           progress: bool = True, device: str | None = None, profile_steps: int = 4) -> dict[str, Any]:
-    """One measurement (one row): load with a cache of ``ctx`` tokens, set it to ``depth``, time prefill and decode.
+    """One measurement (one row): load with a cache of ``max_seq_len`` tokens, set it to ``depth``, time prefill and
+    decode.
 
     Keys (units in the names): ctx, depth, cache_mode, backend, device, prefill_tok_s, decode_tok_s (median of
     ``repeats``), decode_tok_s_min/max, decode_spread = (max - min) / median, bytes_per_token (weights_bytes +
     kv_read_bytes), roofline_tok_s, roofline_fraction, bandwidth_gbs, cache_bytes, mem_* readings, step_ms,
     cpu_ms_per_token, gpu_ms_per_token (CUDA), gpu_idle_fraction, torch_ops_ms_per_token.
     """
-    return bench_matrix(model_dir, ctxs=[ctx], depths=[depth], cache_modes=[cache_mode], backend=backend,
-                        repeats=repeats, warmup=warmup, decode_tokens=decode_tokens, prefill_tokens=prefill_tokens,
-                        progress=progress, device=device, profile_steps=profile_steps, skip_unfit=False)[0]
+    return bench_matrix(model_dir, max_seq_lens=[max_seq_len], depths=[depth], cache_modes=[cache_mode],
+                        backend=backend, repeats=repeats, warmup=warmup, decode_tokens=decode_tokens,
+                        prefill_tokens=prefill_tokens, progress=progress, device=device, profile_steps=profile_steps,
+                        skip_unfit=False)[0]
 
 
-def bench_matrix(model_dir=None, *, ctxs: Iterable[int] = (4096, 32768), depths: Iterable[int] = (128,),
+def bench_matrix(model_dir=None, *, max_seq_lens: Iterable[int] = (4096, 32768), depths: Iterable[int] = (128,),
                  cache_modes: Iterable[str] = ("fp16",), backend: str = "auto", repeats: int = 5, warmup: int = 2,
                  decode_tokens: int = 32, prefill_tokens: int = 512, progress: bool = True,
                  device: str | None = None, profile_steps: int = 4, skip_unfit: bool = True,
@@ -230,7 +234,7 @@ def bench_matrix(model_dir=None, *, ctxs: Iterable[int] = (4096, 32768), depths:
     """Every (cache mode, ctx, depth) combination; one load per (cache mode, ctx). Depths that do not fit a cache
     are skipped (a single combination that does not fit is an error)."""
     model_dir = models.resolve_model_dir(model_dir)
-    plan = plan_matrix(ctxs, depths, cache_modes, decode_tokens=decode_tokens, backend=backend,
+    plan = plan_matrix(max_seq_lens, depths, cache_modes, decode_tokens=decode_tokens, backend=backend,
                        skip_unfit=skip_unfit)
     trained = _trained_ctx(model_dir)
     rows = []
@@ -289,13 +293,13 @@ def _device_name(device: str) -> str | None:
     return None
 
 
-def bench_subprocess(model_dir, *, ctx: int, depth: int, cache_mode: str = "fp16", backend: str = "auto",
+def bench_subprocess(model_dir, *, max_seq_len: int, depth: int, cache_mode: str = "fp16", backend: str = "auto",
                      repeats: int = 5, warmup: int = 2, decode_tokens: int = 32, prefill_tokens: int = 512,
                      model_label: str | None = None, timeout: float | None = None) -> list[dict[str, Any]]:
     """The same measurement in a fresh Python process (nothing cached, allocated or compiled by earlier runs)."""
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         out = Path(tmp) / "rows.json"
-        cmd = [sys.executable, "-m", "helpers", "bench", "--max-seq-len", str(ctx), "--depth", str(depth),
+        cmd = [sys.executable, "-m", "helpers", "bench", "--max-seq-len", str(max_seq_len), "--depth", str(depth),
                "--cache", cache_mode, "--backend", backend, "--repeats", str(repeats), "--warmup", str(warmup),
                "--decode-tokens", str(decode_tokens), "--prefill-tokens", str(prefill_tokens), "--out", str(out)]
         if model_dir is not None:
@@ -309,6 +313,6 @@ def bench_subprocess(model_dir, *, ctx: int, depth: int, cache_mode: str = "fp16
             sink = None
         proc = subprocess.run(cmd, stdout=sink, timeout=timeout, cwd=REPO_DIR)
         if proc.returncode != 0 or not out.is_file():
-            raise CourseError(f"the bench process for ctx {ctx} depth {depth} {cache_mode} failed (exit "
+            raise CourseError(f"the bench process for ctx {max_seq_len} depth {depth} {cache_mode} failed (exit "
                               f"{proc.returncode}); run `python {' '.join(cmd[1:-2])}` to see why")
         return json.loads(out.read_text(encoding="utf-8"))["rows"]

@@ -48,23 +48,23 @@ def check_modes(modes: list[str]) -> list[str]:
     return [check_cache_mode(m) for m in modes]
 
 
-def check_config(ctx: int, depth: int, *, decode_tokens: int = 0, exllamav2: bool = False) -> None:
+def check_config(max_seq_len: int, depth: int, *, decode_tokens: int = 0, exllamav2: bool = False) -> None:
     """The bad inputs a bench can be given, each as one line."""
-    if ctx <= 0:
-        raise CourseError(f"cache length must be positive, got {ctx}")
-    if exllamav2 and ctx % PAGE:
-        lo, hi = ctx // PAGE * PAGE, -(-ctx // PAGE) * PAGE
+    if max_seq_len <= 0:
+        raise CourseError(f"cache length must be positive, got {max_seq_len}")
+    if exllamav2 and max_seq_len % PAGE:
+        lo, hi = max_seq_len // PAGE * PAGE, -(-max_seq_len // PAGE) * PAGE
         near = f"{hi}" if lo == 0 else f"{lo} or {hi}"
-        raise CourseError(f"exllamav2 pages its cache in blocks of {PAGE} tokens, so a cache of {ctx} tokens cannot "
-                          f"be paged; use a multiple of {PAGE} such as {near}")
+        raise CourseError(f"exllamav2 pages its cache in blocks of {PAGE} tokens, so a cache of {max_seq_len} "
+                          f"tokens cannot be paged; use a multiple of {PAGE} such as {near}")
     if depth < 0:
         raise CourseError(f"context depth must not be negative, got {depth}")
-    if depth >= ctx:
-        raise CourseError(f"depth {depth} does not fit: the cache holds {ctx} tokens, so the depth must be below "
-                          f"{ctx}; raise --ctx or lower --depth")
-    if decode_tokens and depth + decode_tokens > ctx:
-        raise CourseError(f"depth {depth} plus {decode_tokens} decoded tokens passes the cache's {ctx} tokens; "
-                          f"use a depth of at most {ctx - decode_tokens} or fewer decode tokens")
+    if depth >= max_seq_len:
+        raise CourseError(f"depth {depth} does not fit: the cache holds {max_seq_len} tokens, so the depth must be "
+                          f"below {max_seq_len}; raise --ctx or lower --depth")
+    if decode_tokens and depth + decode_tokens > max_seq_len:
+        raise CourseError(f"depth {depth} plus {decode_tokens} decoded tokens passes the cache's {max_seq_len} tokens; "
+                          f"use a depth of at most {max_seq_len - decode_tokens} or fewer decode tokens")
 
 
 def _needs_gpu(backend: str, cache_mode: str) -> str | None:
@@ -91,26 +91,27 @@ def _require_gpu_for(backend: str, cache_mode: str) -> None:
         gpu.require_cuda(f"measuring {why}")
 
 
-def check_request(ctx: int, depth: int, *, cache_mode: str = "fp16", backend: str = "auto",
+def check_request(max_seq_len: int, depth: int, *, cache_mode: str = "fp16", backend: str = "auto",
                   decode_tokens: int = 0) -> None:
     """Every bad input of a bench as one line, before anything is loaded."""
-    check_config(ctx, depth, decode_tokens=decode_tokens, exllamav2=uses_exllamav2(backend))
+    check_config(max_seq_len, depth, decode_tokens=decode_tokens, exllamav2=uses_exllamav2(backend))
     _require_gpu_for(backend, cache_mode)
 
 
-def plan_matrix(ctxs: Iterable[int], depths: Iterable[int], cache_modes: Iterable[str], *, decode_tokens: int = 32,
-                backend: str = "auto", skip_unfit: bool = True) -> list[tuple[str, int, list[int]]]:
-    """[(cache_mode, ctx, [depths])] to measure; combinations whose depth does not fit the cache are left out
+def plan_matrix(max_seq_lens: Iterable[int], depths: Iterable[int], cache_modes: Iterable[str], *,
+                decode_tokens: int = 32, backend: str = "auto",
+                skip_unfit: bool = True) -> list[tuple[str, int, list[int]]]:
+    """[(cache_mode, max_seq_len, [depths])] to measure; combinations whose depth does not fit the cache are left out
     (``skip_unfit``) unless nothing would be left, then the first one's error is raised."""
-    ctxs, depths, modes = list(ctxs), list(depths), [str(m).lower() for m in cache_modes]
+    max_seq_lens, depths, modes = list(max_seq_lens), list(depths), [str(m).lower() for m in cache_modes]
     ex = uses_exllamav2(backend)
-    for c in ctxs:  # a cache length that cannot be paged is an error whatever the depth
+    for c in max_seq_lens:  # a cache length that cannot be paged is an error whatever the depth
         check_config(c, 0, exllamav2=ex)
     for m in modes:
         _require_gpu_for(backend, m)
     plan, first_error = [], None
     for m in modes:
-        for c in ctxs:
+        for c in max_seq_lens:
             fit = []
             for d in depths:
                 try:
