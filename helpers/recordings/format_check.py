@@ -75,7 +75,7 @@ def record_exllamav2_check(results_dir: Path | None = None) -> Path:
     """(CUDA) Write checkpoints at every width (2..8, act-order, a padded 1000-wide head, mixed groups, Qwen2
     biases, a tied head) and a synthetic Qwen2.5-shaped one, load each with exllamav2, and record how far its
     dequantized weights are from ours (relative to the largest weight). Intermediate sizes are multiples of 128
-    (exllamav2's fused MLP was wrong at 800: DOMAIN.md)."""
+    (real models' shapes, for which exllamav2's fused MLP kernel is used: docs/FACTS.md §3)."""
     devices.require_cuda("recording the exllamav2 check of EXL2 checkpoints")
 
     prov = provenance()
