@@ -16,11 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
-from helpers.core.errors import CourseError
-
-
-def _short(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:160] or type(exc).__name__
+from helpers.core.errors import CourseError, short_reason
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -73,5 +69,5 @@ def atomic_output_dir(out_dir: str | os.PathLike, *, overwrite: bool = True,
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise CourseError(f"the disk is full while writing {out}; nothing was kept. Free some space "
                                   "(or pick a folder on a bigger disk) and run it again") from None
-            raise CourseError(f"could not write {out} ({_short(exc)}); nothing was kept") from None
+            raise CourseError(f"could not write {out} ({short_reason(exc)}); nothing was kept") from None
         raise

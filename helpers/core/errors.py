@@ -15,3 +15,8 @@ class CourseError(Exception):
 
 class CourseWarning(UserWarning):
     """A warning the course wants the reader to see (e.g. a context beyond what the model was trained for)."""
+
+
+def short_reason(exc: BaseException) -> str:
+    """An exception's message on one line, at most 160 characters, for the end of a CourseError ("... (reason)")."""
+    return " ".join(str(exc).split())[:160] or type(exc).__name__

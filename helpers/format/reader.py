@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from helpers.core.errors import CourseError
+from helpers.core.errors import CourseError, short_reason
 from helpers.format.bits import BIT_WIDTHS
 from helpers.format.config import config_get, expected_linear_shapes, load_config
 from helpers.format.names import Q_SUFFIXES, layer_of, linear_order, natural_key
@@ -224,7 +224,7 @@ class Exl2Checkpoint:
                     sl = h.get_slice(k)
                     self._meta[k] = (list(sl.get_shape()), sl.get_dtype())
             except Exception as exc:  # safetensors raises its own error types for a bad header / truncation
-                raise CourseError(f"{f} is not a readable safetensors file ({_short(exc)}); it is corrupt or "
+                raise CourseError(f"{f} is not a readable safetensors file ({short_reason(exc)}); it is corrupt or "
                                   "truncated: re-download or rebuild the checkpoint") from None
             self._handles[f] = h
             for k in keys:
@@ -264,7 +264,7 @@ class Exl2Checkpoint:
         try:
             t = self._handles[self._where[name]].get_tensor(name)
         except Exception as exc:
-            raise CourseError(f"could not read tensor {name} from {self._where[name]} ({_short(exc)}); the file "
+            raise CourseError(f"could not read tensor {name} from {self._where[name]} ({short_reason(exc)}); the file "
                               "is corrupt: re-download or rebuild the checkpoint") from None
         if t.numel() <= 1 << 16:
             self._cache[name] = t
@@ -416,9 +416,6 @@ class Exl2Checkpoint:
     def __repr__(self) -> str:
         return f"Exl2Checkpoint({self.dir}, {len(self.linears)} quantized linears, {self.bits_per_weight:.3f} bpw)"
 
-
-def _short(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:160] or type(exc).__name__
 
 
 def open_exl2(model_dir: str | os.PathLike) -> Exl2Checkpoint:
