@@ -2,10 +2,9 @@
 
     .venv/bin/python scripts/bench_reference.py [--model DIR] [--threads 2] [--tokens 32] [--repeats 5]
 
-Both engines load the embedded model's float source (``helpers.models.embedded.float_model_dir()``; or ``--model``, a
-float
-or EXL2 directory: transformers gets the reference's dequantized weights either way), in the same dtype, in the same
-process, with the same number of torch threads. Each repeat prefills the same chat prompt and then decodes
+Both engines load the embedded model's float source (``helpers.models.embedded.float_model_dir()``; or ``--model``,
+a float or EXL2 directory: transformers gets the reference's dequantized weights either way), in the same dtype,
+in the same process, with the same number of torch threads. Each repeat prefills the same chat prompt and then decodes
 ``--tokens`` greedy tokens one at a time, timing the decode steps only; the engines alternate repeat by repeat so that
 a machine busy with something else slows both alike. Prints each engine's median tokens/s and the ratio.
 This is a benchmark, not a test: it prints figures and asserts nothing.

@@ -124,8 +124,8 @@ def test_hand_unpack_reads_the_packed_bit_stream(bits):
 
 def test_walkthrough_agrees_with_the_library_and_with_exllamav2():
     """Each first group's bit width (8, 6, 4, 3 and 2 occur in this fixture), decoded by hand, equals
-    helpers.format.reader's
-    decoder, and the weights placed by q_invperm equal exllamav2's own get_weight_tensor_dq() within fp16 rounding."""
+    helpers.format.reader's decoder, and the weights placed by q_invperm equal exllamav2's own
+    get_weight_tensor_dq() within fp16 rounding."""
     from safetensors.torch import load_file
 
     ckpt = tour.open_model(LLAMA3)

@@ -11,9 +11,8 @@ Both engines expose the same calls: ``encode``/``decode`` (the model's own Huggi
 ``forward`` (prefill from position 0 or append at the current depth), ``fill_cache`` (put the cache at a depth
 directly, by writing values into the preallocated K/V tensors), ``decode_step``, ``generate`` (greedy or sampled,
 streaming), ``memory``, ``cache_bytes``, ``unload``. The exllamav2 path is set up by the front door
-(``no_sdpa = True``: exllamav2 0.3.2's SDPA attention without flash-attn computes a non-causal prefill, docs/FACTS.md
-§3,
-"three traps").
+(``no_sdpa = True``: exllamav2 0.3.2's SDPA attention without flash-attn computes a non-causal prefill,
+docs/FACTS.md §3, "three traps").
 
 How far the two engines agree is measured in ``helpers.engines.agreement``; ``python -m helpers generate`` is
 ``helpers.cli.generate``.

@@ -79,8 +79,8 @@ class DecoderConfig:
             raise CourseError(f"architecture {arch} is not supported by the reference decoder; it runs "
                               f"{', '.join(SUPPORTED_ARCHITECTURES)}: pick a model of one of these families")
         # transformers 5 writes rope_parameters={rope_theta, rope_type, ...}; older files a top-level rope_theta and
-        # an optional rope_scaling. exllamav2 0.3.2 reads only the top-level key (docs/FACTS.md §3), so say when it is
-        # absent.
+        # an optional rope_scaling. exllamav2 0.3.2 reads only the top-level key (docs/FACTS.md §3), so say when
+        # it is absent.
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
         theta = rope.get("rope_theta", cfg.get("rope_theta"))
         if theta is None:

@@ -21,8 +21,8 @@ from helpers.core.units import GIB, MIB
 # ------------------------------------------------------------------------------------------------- driver facts
 #: NVIDIA driver 536.40 introduced the fallback to shared system memory (NVIDIA support answer 5490; docs/FACTS.md §4)
 FALLBACK_DRIVER = (536, 40)
-#: 546.01 added the per-application switch "CUDA - Sysmem Fallback Policy" in the NVIDIA Control Panel (docs/FACTS.md
-#: §4)
+#: 546.01 added the per-application switch "CUDA - Sysmem Fallback Policy" in the NVIDIA Control Panel
+#: (docs/FACTS.md §4)
 POLICY_DRIVER = (546, 1)
 
 

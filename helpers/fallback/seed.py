@@ -46,8 +46,8 @@ def seed_case(*, depth: int = 256, pcie_bandwidth: float | None = None, flash_at
               load_path: str = "autosplit") -> dict:
     """The seed case told with the model, parameters from the datasheet and the user's own readings:
 
-    - VRAM 736 GB/s (datasheet, ``specs.gpus.GPUS``); PCIe 4.0 x16 ~25 GB/s in practice (an assumption, docs/FACTS.md
-    §5);
+    - VRAM 736 GB/s (datasheet, ``specs.gpus.GPUS``); PCIe 4.0 x16 ~25 GB/s in practice (an assumption,
+      docs/FACTS.md §5);
     - overhead: the 4k run's 80 tok/s minus its bandwidth time (negative: at or above the roofline, so 0);
     - the reserve: from the user's memory readings (12 GB used at 4k, 15.8 of 16 GB when full), not the speeds;
     - ``load_path``: how the front end loaded (the report does not say): ``SpillModel.load_path``.

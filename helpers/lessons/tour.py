@@ -3,13 +3,12 @@
 The notebook (``notebooks/02_load_an_exl2_model.ipynb``) keeps its cells short; everything it computes is here:
 
 1. Inside the file (``tensor_inventory``, ``linear_tensors``, ``decode_walkthrough``): which tensors an EXL2 file
-   holds, and one linear decoded by hand, bit by bit, checked against ``helpers.format.reader``'s decoder. The
-   per-layer chart
-   and the byte breakdown come from ``inspect_report``, which is exactly what ``python -m helpers inspect --json``
-   prints (``Exl2Checkpoint.layer_table()`` and ``.byte_breakdown()``); a test holds the two equal.
+   holds, and one linear decoded by hand, bit by bit, checked against ``helpers.format.reader``'s decoder.
+   The per-layer chart and the byte breakdown come from ``inspect_report``, which is exactly what
+   ``python -m helpers inspect --json`` prints (``Exl2Checkpoint.layer_table()`` and ``.byte_breakdown()``); a test
+   holds the two equal.
 2. Loading (``load_with_memory``): ``helpers.engines.backend.load`` with an explicit ``max_seq_len`` and cache mode,
-memory
-   read before and after (NVML's used bytes on a GPU, the process's resident bytes on a CPU), then ``chat``.
+   memory read before and after (NVML's used bytes on a GPU, the process's resident bytes on a CPU), then ``chat``.
 3. Agreement (``agreement``): on a GPU, exllamav2's and the reference's logits on one prompt, live; elsewhere the
    recorded GPU comparison (labelled) and the live reference against the recorded exllamav2 logits, plus
    ``reference_vs_transformers``: the reference against transformers' LlamaForCausalLM on the float source.
@@ -213,8 +212,8 @@ def format_walkthrough(d: dict) -> str:
 def inspect_report(ckpt: Exl2Checkpoint) -> dict:
     """Exactly what ``python -m helpers inspect DIR --json`` prints, from the same functions:
     {'layers': ``Exl2Checkpoint.layer_table()``, 'totals': ``helpers.format.inspect.inspect_summary()``}. The
-    notebook's chart
-    and byte lines are drawn from this dict and nothing else (tests/test_tour.py holds the two equal)."""
+    notebook's chart and byte lines are drawn from this dict and nothing else (tests/test_tour.py holds the two
+    equal)."""
     return {"layers": ckpt.layer_table(), "totals": inspect_summary(ckpt)}
 
 
@@ -222,14 +221,6 @@ def inspect_totals_text(ckpt: Exl2Checkpoint) -> str:
     """``python -m helpers inspect DIR --totals``, word for word, except that the folder is shown by its name (the
     full path depends on the machine)."""
     return inspect_text(ckpt, table=False).replace(str(ckpt.dir), ckpt.dir.name)
-
-
-def per_layer_bpw(layers: list[dict]) -> dict[str, list[tuple[int, float]]]:
-    """{kind: [(layer, bpw), ...]} from layer-table rows (bpw as the table gives it); the head at layer -1."""
-    out: dict[str, list[tuple[int, float]]] = {}
-    for r in layers:
-        out.setdefault(r["kind"], []).append((-1 if r["layer"] is None else r["layer"], r["bpw"]))
-    return out
 
 
 def vram_parts(totals: dict) -> list[tuple[str, int]]:
