@@ -1,0 +1,148 @@
+"""Figures for notebook 03: decode speed against depth with the roofline, time per token, cache bytes."""
+from __future__ import annotations
+
+from helpers.core.units import GIB
+from helpers.plots.style import pyplot as _plt
+
+
+def _speed_key(r: dict) -> tuple:
+    return (r.get("model", "?"), r.get("cache_mode", "?"), int(r["ctx"]))
+
+
+def _speed_short(model) -> str:
+    return str(model or "?").split(" (")[0][:28]
+
+
+def _speed_roofline_curve(r: dict, depths):
+    """tokens/s the memory allows at each depth for a row's model, cache and bandwidth: B / (W + kv_per_pos * d)."""
+    per_pos = r["kv_read_bytes"] / r["depth"] if r.get("depth") else None
+    if not per_pos or not r.get("weights_bytes") or not r.get("bandwidth_gbs"):
+        return None
+    return [r["bandwidth_gbs"] * 1e9 / (r["weights_bytes"] + per_pos * d) for d in depths]
+
+
+def plot_speed_vs_depth(panels: dict, *, title: str = "decode speed vs context depth, roofline dashed"):
+    """Decode tokens/s (median, bars from min to max) against depth, one panel per entry of ``panels``
+    ({title: rows}), one line per (model, cache mode, cache length, device), and one grey dashed roofline per
+    (model, cache mode, device): bandwidth / (weight bytes + KV bytes per position x depth); the cache length does
+    not change it. An empty panel says it is not recorded yet."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], panels.items()):
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("context depth (tokens already in the cache)")
+        ax.set_ylabel("decode tokens/s")
+        if not rows:
+            ax.text(0.5, 0.5, "not recorded yet:\nrun `make gpu-results`\non a CUDA machine", ha="center",
+                    va="center", transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
+        groups: dict[tuple, list[dict]] = {}
+        for r in rows:
+            groups.setdefault(_speed_key(r) + (r.get("gpu") or r.get("device", ""),), []).append(r)
+        several = len({k[3] for k in groups}) > 1 or len({k[0] for k in groups}) > 1
+        for i, (key, rs) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0]))):
+            model, mode, ctx, where = key
+            rs = sorted(rs, key=lambda r: r["depth"])
+            color = f"C{i % 10}"
+            d = [r["depth"] for r in rs]
+            y = [r["decode_tok_s"] for r in rs]
+            err = [[r["decode_tok_s"] - r["decode_tok_s_min"] for r in rs],
+                   [r["decode_tok_s_max"] - r["decode_tok_s"] for r in rs]]
+            extra = f" ({_speed_short(model)}, {where})" if several else ""
+            short = ctx <= 4096  # 4k: small filled circles; longer: large hollow squares, so equal points both show
+            ax.errorbar(d, y, yerr=err, marker="o" if short else "s", markersize=5 if short else 10,
+                        markerfacecolor=color if short else "none", color=color, capsize=3,
+                        linestyle="-" if short else ":", label=f"{mode}, cache {ctx // 1024}k{extra}")
+        # one roofline per (model, cache mode, device): the cache length does not change the bytes a token reads
+        roofs: dict[tuple, dict] = {}
+        for r in rows:
+            if r.get("depth"):
+                roofs.setdefault((r.get("model"), r.get("cache_mode"), r.get("gpu") or r.get("device")), r)
+        top = max(r["depth"] for r in rows) * 1.05
+        xs = [top * k / 40 for k in range(41)]
+        for j, (key, ref) in enumerate(sorted(roofs.items(), key=lambda kv: str(kv[0]))):
+            ys = _speed_roofline_curve(ref, xs)
+            if ys:
+                ax.plot(xs, ys, linestyle=(0, (4, 2 + 2 * j)), color="0.35", linewidth=1,
+                        label=f"roofline, {key[1]}" + (f" ({_speed_short(key[0])}, {key[2]})" if several else ""))
+        models = sorted({k[0] for k in groups})
+        ax.set_title(f"{name}\n{', '.join(_speed_short(m) for m in models)}", fontsize=9)
+        ax.set_yscale("log")
+        from matplotlib.ticker import FuncFormatter
+
+        fmt = FuncFormatter(lambda v, _: f"{v:g}")
+        ax.yaxis.set_major_formatter(fmt)
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(f"{v:g}")[0] in "25" else ""))
+        ax.legend(fontsize=7, loc="best")
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_decode_time_split(rows: list[dict], *, ax=None, title: str = "where one decoded token's time goes"):
+    """One bar per row, as shares of a decode step (the ms per token written beside it): on a GPU the time its
+    kernels ran vs the time it waited for the host; on a CPU the time inside torch operators vs everything else
+    (Python, the harness). Returns the figure."""
+    plt = _plt()
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(10, 1.6 + 0.42 * max(1, len(rows))))
+    else:
+        fig = ax.figure
+    labels, busy, colours = [], [], []
+    for r in rows:
+        where = r.get("gpu") or r.get("device", "?")
+        labels.append(f"{_speed_short(r.get('model'))}, {r['cache_mode']} {r['ctx'] // 1024}k @ {r['depth']} ({where})")
+        if r.get("gpu_ms_per_token") is not None:
+            busy.append(min(1.0, r["gpu_ms_per_token"] / r["step_ms"]))
+            colours.append(("C2", "C3"))
+        else:
+            ops, prof = r.get("torch_ops_ms_per_token"), r.get("profiled_ms_per_token")
+            busy.append(min(1.0, ops / prof) if ops and prof else 1.0)
+            colours.append(("C0", "0.6"))
+    y = list(range(len(rows)))
+    ax.barh(y, [100 * b for b in busy], color=[c[0] for c in colours])
+    ax.barh(y, [100 * (1 - b) for b in busy], left=[100 * b for b in busy], color=[c[1] for c in colours])
+    for i, r in enumerate(rows):
+        ax.text(101, i, f"{r['step_ms']:.2f} ms/token", va="center", fontsize=8)
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 122)
+    ax.set_xticks([0, 25, 50, 75, 100])
+    ax.set_xlabel("% of the time per decoded token")
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color="C2", label="GPU: kernels running"),
+                       Patch(color="C3", label="GPU: idle, waiting for the host"),
+                       Patch(color="C0", label="CPU: inside torch operators"),
+                       Patch(color="0.6", label="CPU: everything else")],
+              fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3 if len(rows) > 3 else -0.45), ncol=2)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_cache_bytes_by_ctx(rows: list[dict], *, ax=None, title: str = "KV cache allocated: 4k vs 32k"):
+    """Bars of the cache's bytes (GiB) per (model, cache mode, cache length), one bar per distinct configuration."""
+    plt = _plt()
+
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+    else:
+        fig = ax.figure
+    seen: dict[tuple, float] = {}
+    for r in rows:
+        seen.setdefault(_speed_key(r) + (r.get("gpu") or r.get("device", ""),), r["cache_bytes"] / GIB)
+    keys = sorted(seen, key=lambda k: (str(k[0]), k[1], k[2]))
+    names = [f"{k[0][:20]}\n{k[1]} {k[2] // 1024}k" for k in keys]
+    vals = [seen[k] for k in keys]
+    bars = ax.bar(range(len(keys)), vals, color=["C0" if k[2] <= 4096 else "C1" for k in keys])
+    for b, v in zip(bars, vals):
+        ax.annotate(f"{v:.2f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(keys)), names, fontsize=7)
+    ax.set_ylabel("GiB (2^30 bytes)")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
