@@ -2,7 +2,8 @@
 
 Each command lives in the module that owns its idea and is imported only when called, so `python -m helpers plan`
 never loads torch models and nothing ever imports exllamav2 on a machine without CUDA. Every user mistake ends in
-one line, ``error: ...``, and exit status 2.
+one line, ``error: ...``, and exit status 2; so does a package missing from the Python that runs the command (the
+usual cause: ``python -m helpers`` outside the course's .venv), which names the package and the way out.
 """
 from __future__ import annotations
 
@@ -26,6 +27,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "emulate": ("helpers.cli.emulate:main", "(Linux+CUDA) emulate the Windows sysmem fallback with mapped host memory"),
     "record": ("helpers.cli.record:main", "(CUDA) record every GPU figure the course shows into results/, resumable"),
 }
+
+
+def missing_dependency(package: str) -> str:
+    """One line for a package this Python lacks: which interpreter ran, and the two ways out."""
+    return (f"the package '{package}' is not installed for this Python ({sys.executable}): run the course's own "
+            f"interpreter (.venv/bin/python -m helpers ..., in a notebook !{{sys.executable}} -m helpers ...) or "
+            f"install the requirements into this one (python -m pip install -r requirements.txt)")
 
 
 def _usage() -> str:
@@ -53,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(fn(rest) or 0)
     except CourseError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or ""
+        if missing.split(".")[0] == "helpers" or not missing:
+            raise          # a bug in the course itself: keep the traceback
+        print(f"error: {missing_dependency(missing.split('.')[0])}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; nothing half-written was kept. Run the command again to resume.", file=sys.stderr)

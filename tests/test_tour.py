@@ -294,3 +294,44 @@ def test_fits_here_refuses_a_model_too_big_for_the_cpu_reference(monkeypatch):
     ok, why = tour.fits_here(ckpt, "cpu")
     assert not ok and why.startswith("too big for the CPU reference here")
     assert tour.fits_here(ckpt, "cuda") == (True, "")
+
+
+# --- the figures of notebooks 01 and 02: titles, no overlapping labels, no doubled legend ---------------------------
+def test_quantization_cost_legend_is_not_doubled_and_neighbour_labels_alternate():
+    rows = [{"label": "float (dequantized GGUF)", "bits": None, "bpw": 32.0, "weights_bytes": 2**29,
+             "perplexity": 27.2, "ppl_vs_float": 1.0}]
+    rows += [{"label": f"EXL2 {b} bpw", "bits": float(b), "bpw": b - 0.01, "weights_bytes": 2**23 * b,
+              "perplexity": 27.7, "ppl_vs_float": 1.02} for b in (6, 8)]
+    ax = plots.plot_quantization_cost(rows).axes[0]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "float source (float32 file)" in legend and not any(") (" in t for t in legend)
+    offsets = [a.xyann for a in ax.texts]           # 5.99 and 8.01 bpw: one label above, one below
+    assert len(offsets) == 2 and offsets[0][1] > 0 > offsets[1][1]
+    assert ax.get_title()
+
+
+def test_kv_cache_plot_is_linear_with_separated_end_labels():
+    ax = plots.plot_kv_cache_vs_context(["qwen2.5-7b", "qwen2.5-14b"], modes=("fp16", "q4")).axes[0]
+    assert ax.get_xscale() == "linear" and ax.get_yscale() == "linear" and "linear" in ax.get_title()
+    ys = sorted(a.xyann[1] for a in ax.texts)
+    gap = (ax.get_ylim()[1] - ax.get_ylim()[0]) * 0.04
+    assert len(ys) == 4 and all(b - a >= gap for a, b in zip(ys, ys[1:]))   # 14b q4 and 7b fp16 nearly coincide
+    assert any("qwen2.5-14b q4: 58 KiB/token" in a.get_text() for a in ax.texts)
+
+
+def test_total_vs_context_marks_and_explains_its_bend():
+    ax = plots.plot_total_vs_context("qwen2.5-14b", "RTX 4080 Super", bpw=5.5).axes[0]
+    assert any(list(line.get_xdata()) == [2048, 2048] for line in ax.lines)
+    assert any("bend at 2,048 tokens" in t.get_text() and "max_attention_size" in t.get_text() for t in ax.texts)
+
+
+def test_every_figure_of_notebooks_01_and_02_has_a_title():
+    from helpers.memory.breakdown import breakdown
+
+    bd = breakdown("qwen2.5-14b", bpw=5.5, max_seq_len=4096, cache_mode="fp16")
+    figs = [plots.plot_breakdown({"4k": bd}, gpu_gib=16), plots.plot_gqa("qwen2.5-14b"),
+            plots.plot_gqa("qwen2.5-14b", flash_attn=True),
+            plots.plot_calculator_error([{"case": "a", "exllamav2_gib": 1.0, "simple_gib": 0.8}]),
+            plots.plot_predicted_vs_measured([])]
+    for fig in figs:
+        assert all(ax.get_title() for ax in fig.axes), fig

@@ -199,6 +199,12 @@ class KVCache:
         self.value_states[layer][:, start:end] = v
         return self.key_states[layer][:, :end], self.value_states[layer][:, :end]
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start: int, causal: bool = True,
+               window: int | None = None) -> torch.Tensor:
+        """Attention over the slice ``store`` returned. This cache gives back exactly what was stored; a quantized
+        one (``helpers.engines.kv_quant.QuantizedKVCache``) reads earlier positions back dequantized."""
+        return attention(q, k, v, start=start, causal=causal, window=window)
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # The decoder's building blocks
@@ -593,7 +599,7 @@ class ReferenceModel:
             keys, values = self.cache.store(i, start, k, v)                 # this layer's cache slice [0, start+n)
             if b < self.cache.batch_size:
                 keys, values = keys[:b], values[:b]
-            a = attention(q, keys, values, start=start, causal=causal, window=cfg.sliding_window)
+            a = self.cache.attend(q, keys, values, start=start, causal=causal, window=cfg.sliding_window)
             x = x + linear(a, w.o_proj, w.o_bias)
             # feed-forward block
             x = x + mlp(rms_norm(x, w.post_norm, cfg.rms_norm_eps), w)

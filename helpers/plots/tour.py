@@ -70,12 +70,12 @@ def plot_quantization_cost(rows, ax=None):
     q = [r for r in rows if r.get("bits") is not None]
     f = [r for r in rows if r.get("bits") is None]
     ax.plot([r["weights_bytes"] / GIB for r in q], [r["perplexity"] for r in q], marker="o", color="C0", label="EXL2")
-    for r in q:
+    for i, r in enumerate(q):     # labels alternate above and below: neighbours (6 and 8 bpw) nearly coincide
         ax.annotate(f"{r['bpw']:.2f} bpw", (r["weights_bytes"] / GIB, r["perplexity"]), textcoords="offset points",
-                    xytext=(4, 4), fontsize=7)
+                    xytext=(-10, 8) if i % 2 == 0 else (-10, -14), fontsize=7)
     for r in f:
         ax.scatter([r["weights_bytes"] / GIB], [r["perplexity"]], color="k", marker="*", s=80, zorder=3,
-                   label=f"{r['label']} (float32 file)")
+                   label="float source (float32 file)")
         ax.axhline(r["perplexity"], color="k", linewidth=0.8, linestyle=":")
     ax.set_yscale("log")
     ax.set_xlabel("weights on disk (GiB)")

@@ -1,0 +1,76 @@
+"""Notebook 01's exercises (KV-cache math). Each expected answer is computed below, from the bundled config.json
+files (first principles) or the course's helpers; ``solution(id)`` prints the function that computes it."""
+from __future__ import annotations
+
+import json
+
+from helpers.core.paths import CONFIGS_DIR
+from helpers.core.units import GIB
+from helpers.lessons.exercises import Exercise
+from helpers.memory import kv_cache
+from helpers.specs import shapes
+
+
+def _config(name: str) -> dict:
+    return json.loads((CONFIGS_DIR / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def kv_llama8b() -> int:
+    cfg = _config("llama-3.1-8b")
+    layers, kv_heads = cfg["num_hidden_layers"], cfg["num_key_value_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return 2 * layers * kv_heads * head_dim * 2            # K and V, every layer, 2 bytes per fp16 value
+
+
+def kv_llama8b_forgot_v() -> int:                        # a typical slip: K only
+    return kv_llama8b() // 2
+
+
+def q4_cache_14b_32k() -> float:
+    shape = shapes.model_shape("qwen2.5-14b")
+    return kv_cache.kv_cache_bytes(shape, 32768, "q4") / GIB
+
+
+def q4_cache_14b_32k_no_temp() -> float:                 # forgot the FP16 temp layer
+    shape = shapes.model_shape("qwen2.5-14b")
+    return kv_cache.kv_layer_bytes_per_token(shape, "q4") * shape.n_layers * 32768 / GIB
+
+
+def gqa_saving_gemma() -> float:
+    cfg = _config("gemma-2-9b")
+    return cfg["num_attention_heads"] / cfg["num_key_value_heads"]   # MHA would store one KV head per query head
+
+
+def fp16_tokens_in_4gib() -> int:
+    per_token = kv_cache.kv_bytes_per_token("qwen2.5-7b", "fp16")
+    return int(4 * GIB // per_token)
+
+
+EXERCISES = {
+    "01.kv_llama8b": Exercise(
+        "01.kv_llama8b",
+        "How many bytes does one token cost in an FP16 cache of Llama-3.1-8B (all layers, K and V)? Read "
+        "helpers/specs/configs/llama-3.1-8b.json.",
+        kv_llama8b, unit="B",
+        hint="2 (K and V) x num_hidden_layers x num_key_value_heads x head_dim x 2 bytes; "
+             "head_dim = hidden_size / num_attention_heads when the config has no head_dim",
+        mistakes=((kv_llama8b_forgot_v, "that is K alone: the cache stores V too"),)),
+    "01.q4_14b_32k": Exercise(
+        "01.q4_14b_32k",
+        "How many GiB does a Q4 cache of Qwen2.5-14B take at max_seq_len 32768, its FP16 temp layer included?",
+        q4_cache_14b_32k, unit="GiB", rel_tol=0.01,
+        hint="per token: 48 layers x (K and V) x 8 KV heads x (128 x 0.5 B of codes + 128/32 x 2 B of scales), plus "
+             "one FP16 layer (2 x 8 x 128 x 2 B) to decode into; times 32768, divided by 2^30",
+        mistakes=((q4_cache_14b_32k_no_temp, "you left out the one full-length FP16 temp layer (K and V) that "
+                                             "quantized caches decode into"),)),
+    "01.gqa_gemma": Exercise(
+        "01.gqa_gemma",
+        "Gemma-2-9B uses GQA. How many times larger would its KV cache be if every query head had its own KV head?",
+        gqa_saving_gemma, unit="x",
+        hint="the cache scales with num_key_value_heads; plain multi-head attention has num_attention_heads of them"),
+    "01.fp16_tokens_4gib": Exercise(
+        "01.fp16_tokens_4gib",
+        "How many tokens of FP16 cache of Qwen2.5-7B fit in 4 GiB (round down)?",
+        fp16_tokens_in_4gib, unit="tokens", rel_tol=0.002,
+        hint="4 x 2^30 bytes divided by the bytes per token (2 x layers x KV heads x head_dim x 2) of qwen2.5-7b"),
+}
