@@ -188,7 +188,8 @@ def fake(monkeypatch):
     monkeypatch.setattr(harness.time, "perf_counter", clock)
     # 1 GB of weights and 1 MB per cached position at a bandwidth of 10 GB/s
     monkeypatch.setattr(harness, "_decode_bytes_of", lambda b, depth: {
-        "weights_bytes": 10**9, "kv_bytes": depth * 10**6, "total_bytes": 10**9 + depth * 10**6, "counted": "fake"})
+        "weights_bytes": 10**9, "kv_bytes": depth * 10**6, "position_bytes": 10**6, "flash_attn": False,
+        "attention_path": "fake", "total_bytes": 10**9 + depth * 10**6, "counted": "fake"})
     return clock
 
 
@@ -272,6 +273,7 @@ def test_bench_on_the_reference_backend_counts_its_bytes_exactly():
     for r in rows:
         assert r["backend"] == "reference" and r["device"] == "cpu" and r["cache_mode"] == "fp16"
         assert r["weights_bytes"] == weights and r["kv_read_bytes"] == kv_per_token * r["depth"]
+        assert r["position_bytes"] == kv_per_token and r["attention_path"].startswith("reference")
         assert r["bytes_per_token"] == weights + kv_per_token * r["depth"]
         assert r["cache_bytes"] == kv_per_token * 512
         assert r["roofline_tok_s"] == pytest.approx(r["bandwidth_gbs"] * 1e9 / r["bytes_per_token"])
@@ -294,6 +296,15 @@ def test_cli_json_and_errors(capsys):
     assert doc["provenance"]["device"] in ("cpu", "cuda") and doc["provenance"]["command"].startswith(
         "python -m helpers bench")
     assert len(doc["rows"]) == 1 and doc["rows"][0]["depth"] == 8
+    # a matrix: what it leaves out and the course's warnings each come as one plain line, no Python source line
+    assert main(["bench", "--model", str(FIXTURE), "--backend", "reference", "--ctx", "256,4096", "--depth", "8,300",
+                 "--repeats", "1", "--warmup", "0", "--decode-tokens", "2", "--prefill-tokens", "0",
+                 "--no-progress", "--json"]) == 0
+    out = capsys.readouterr()
+    assert [(r["ctx"], r["depth"]) for r in json.loads(out.out)["rows"]] == [(256, 8), (4096, 8), (4096, 300)]
+    assert "skipped 256@300: depth >= context\n" in out.err
+    assert "warning: max_seq_len 4096 is beyond" in out.err and "warnings.warn" not in out.err
+    assert "Warning:" not in out.err
     # depth beyond the cache: one line, exit 2, nothing loaded
     assert main(["bench", "--model", str(FIXTURE), "--backend", "reference", "--ctx", "256", "--depth", "300"]) == 2
     err = capsys.readouterr().err
@@ -310,16 +321,26 @@ def test_bytes_per_decoded_token_for_the_seed_model():
     from helpers.specs.shapes import model_shape
 
     w = weight_bytes("qwen2.5-14b", bpw=5.5)["vram_bytes"]
-    fp16 = roofline.decode_bytes("qwen2.5-14b", 30000, "fp16", bpw=5.5)
-    # 48 layers x (K + V) x 8 KV heads x 128 x 2 bytes = 196,608 bytes per position
-    assert fp16 == {"weights_bytes": w, "kv_bytes": 196_608 * 30000, "total_bytes": w + 196_608 * 30000,
-                    "embedding_row_bytes": 5120 * 2}
-    # Q4: 0.5625 bytes per element for K and V (4 bits + an fp16 scale per 32): 55,296 bytes per position
-    assert roofline.decode_bytes("qwen2.5-14b", 30000, "q4", bpw=5.5)["kv_bytes"] == 55_296 * 30000
+    fp16 = roofline.decode_bytes("qwen2.5-14b", 30000, "fp16", bpw=5.5, flash_attn=True)
+    # flash-attn reads the cache once: 48 layers x (K + V) x 8 KV heads x 128 x 2 bytes = 196,608 B per position
+    assert fp16 == {"weights_bytes": w, "kv_bytes": 196_608 * 30000, "position_bytes": 196_608,
+                    "total_bytes": w + 196_608 * 30000, "embedding_row_bytes": 5120 * 2}
+    # without flash-attn (the default), repeat_kv also writes and reads K and V at 40 heads: 48 x 45,056 B
+    assert roofline.decode_bytes("qwen2.5-14b", 30000, "fp16", bpw=5.5)["position_bytes"] == 2_162_688
+    # the bytes per position are the speed model's, one place
+    from helpers.speed.model import position_bytes
+
+    for mode in ("fp16", "q4"):
+        for fa in (True, False):
+            got = roofline.decode_bytes("qwen2.5-14b", 7, mode, bpw=5.5, flash_attn=fa)
+            assert got["kv_bytes"] == 7 * position_bytes("qwen2.5-14b", mode, fa).total
     assert roofline.bytes_per_decoded_token("qwen2.5-14b", 0, "fp16", bpw=5.5) == w
     # ~9.7 GB of weights at 736 GB/s (RTX 4080 Super): the decode ceiling of the seed case is ~76 tok/s
     assert 9.5e9 < w < 9.9e9
-    assert 74 < roofline.roofline_tok_s(roofline.bytes_per_decoded_token("qwen2.5-14b", 128, bpw=5.5), 736e9) < 78
+    assert 75 < roofline.roofline_tok_s(roofline.bytes_per_decoded_token("qwen2.5-14b", 128, bpw=5.5, flash_attn=True),
+                                        736e9) < 76
+    # without flash-attn 128 positions already cost ~0.28 GB more per token: ~73.7 tok/s
+    assert 73 < roofline.roofline_tok_s(roofline.bytes_per_decoded_token("qwen2.5-14b", 128, bpw=5.5), 736e9) < 74
     with pytest.raises(CourseError, match="pass a model directory"):
         roofline.decode_bytes(model_shape("qwen2.5-14b"), 128)
 
@@ -333,7 +354,8 @@ def test_datasheet_bandwidth_from_driver_names():
 
 # ------------------------------------------------------------------------------ recorded results and figures
 def _gpu_row(ctx, depth, mode, tok_s, **kw):
-    per = {"fp16": 196_608, "q4": 55_296}[mode]
+    per = {"fp16": 196_608, "q4": 448_512}[mode]  # bytes per position with flash-attn (helpers.speed.model)
+    cache_per = {"fp16": 196_608, "q4": 55_296}[mode]
     r = {"ctx": ctx, "depth": depth, "cache_mode": mode, "backend": "exllamav2", "device": "cuda",
          "model": report.SYNTH_LABEL, "decode_tok_s": tok_s, "decode_tok_s_min": tok_s - 1,
          "decode_tok_s_max": tok_s + 1,
@@ -341,7 +363,8 @@ def _gpu_row(ctx, depth, mode, tok_s, **kw):
          "step_ms": 1000 / tok_s, "gpu_ms_per_token": 4.0, "gpu_idle_fraction": 1 - 4.0 * tok_s / 1000,
          "kernel_launches_per_token": 400.0, "cpu_ms_per_token": 12.0, "profiled_ms_per_token": 20.0,
          "torch_ops_ms_per_token": 3.0, "weights_bytes": 9 * 2**30, "kv_read_bytes": per * depth,
-         "bandwidth_gbs": 2000.0, "cache_bytes": per * ctx, "cache_gib": per * ctx / 2**30}
+         "position_bytes": per, "flash_attn": True, "bandwidth_gbs": 2000.0, "cache_bytes": cache_per * ctx,
+         "cache_gib": cache_per * ctx / 2**30}
     r["bytes_per_token"] = r["weights_bytes"] + r["kv_read_bytes"]
     r["roofline_tok_s"] = 2000e9 / r["bytes_per_token"]
     r["roofline_fraction"] = tok_s / r["roofline_tok_s"]
@@ -367,8 +390,8 @@ def test_recorded_rows_tables_and_repeatability(tmp_path):
     text = report.describe_repeatability(tmp_path)
     assert "1.0%, 2.0%, 1.5% (all under 3%)" in text and "medians 59.4-61.2 tok/s, (max-min)/median 3.0%" in text
     table = report.format_rows(got, where=True)
-    # 2000 GB/s over 9 GiB + 30000 x 55,296 bytes = 176.6 tok/s; 30 tok/s is 0.170 of it
-    assert "Test GPU" in table and "176.6    0.170" in table
+    # 2000 GB/s over 9 GiB + 30000 x 448,512 bytes (Q4, flash-attn) = 86.5 tok/s; 30 tok/s is 0.347 of it
+    assert "Test GPU" in table and "86.5    0.347" in table
     split = report.format_time_split(got)
     assert "76%" in split and "400" in split  # GPU idle (1 - 4 ms / 16.67 ms) and launches per token
 
@@ -402,3 +425,53 @@ def test_busy_time_is_the_union_of_intervals():
     assert profile.busy_time_us([]) == 0.0
     assert profile.busy_time_us([(0, 10), (20, 25)]) == 15.0
     assert profile.busy_time_us([(0, 10), (5, 12), (2, 3), (30, 31)]) == 13.0  # overlaps counted once
+
+
+# ----------------------------------------------------------------------------------------- external records
+def test_external_record_import_keeps_figures_and_says_external(tmp_path):
+    import hashlib
+
+    from helpers.core import results
+    from helpers.speed.model import position_bytes
+
+    src_doc = {"what": "w", "provenance": {"gpu": "NVIDIA H100 80GB HBM3", "driver": "1", "cuda_torch": "torch 2.11",
+                                           "exllamav2": "0.3.2 (x)", "python": "3.12", "flash_attn": False,
+                                           "date": "2026-11-25", "harness": "external: a script", "method": "m",
+                                           "model": "Qwen2.5-14B shape (48 layers)"},
+               "bandwidth": {"hbm_read_gbs": 2857}, "caveats": ["c"],
+               "memory": {"x_gib": 10.73, "method": "NVML not usable (see DOMAIN.md section 5)"},
+               "rows": [{"run": 1, "cache_len": 32768, "depth": 30000, "decode_tok_s": 18.1, "load_s": 9.1}]}
+    src = tmp_path / "h100.json"
+    src.write_text(json.dumps(src_doc))
+    from helpers.recordings.speed import import_external
+
+    path = import_external(src, results_dir=tmp_path / "results")
+    doc = json.loads(path.read_text())
+    assert "DOMAIN" not in path.read_text() and doc["memory"]["method"].endswith("(see the record's caveats)")
+    assert doc["memory"]["x_gib"] == 10.73 and doc["bandwidth"] == {"hbm_read_gbs": 2857} and doc["caveats"] == ["c"]
+    p = doc["provenance"]
+    assert p["external"] and p["method"] == "m" and p["source_file"] == "h100.json"
+    assert p["source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    assert results.label(p).startswith("external: measured on NVIDIA H100 80GB HBM3, 2026-11-25")
+    assert results.label({"gpu": "G", "date": "2026"}).startswith("recorded on G")
+    (row,) = doc["rows"]
+    assert (row["ctx"], row["depth"], row["decode_tok_s"], row["load_s"]) == (32768, 30000, 18.1, 9.1)
+    assert row["position_bytes"] == position_bytes("qwen2.5-14b").total and row["flash_attn"] is False
+    got = report.load_recorded(tmp_path / "results")
+    assert got[0]["external"] and got[0]["label"].startswith("external")
+    assert "18.1" in report.format_rows(got, where=True)
+
+
+def test_alternate_decode_interleaves_and_pairs_rounds(fake):
+    a, b = FakeBackend(fake, step_s=0.010), FakeBackend(fake, max_seq_len=32768, step_s=0.020)
+    rows = harness.alternate_decode({"4k": a, "32k": b}, [128, 4000], rounds=3, warmup=1, decode_tokens=4)
+    assert [(r["name"], r["depth"]) for r in rows] == [("4k", 128), ("32k", 128), ("4k", 4000), ("32k", 4000)]
+    assert all(len(r["tok_s_all"]) == 3 for r in rows) and rows[0]["tok_s"] == pytest.approx(100.0)
+    # round 2 runs backwards: the last configuration of round 1 is the first of round 2
+    assert [c for c in a.calls if c[0] == "fill"][:4] == [("fill", 128), ("fill", 4000), ("fill", 4000), ("fill", 128)]
+    r = harness.paired_ratio(rows, ("32k", 128), ("4k", 128))
+    assert r["median"] == pytest.approx(0.5) and r["best"] == pytest.approx(0.5) and r["rounds"] == 3
+    assert rows[0]["best"] == pytest.approx(100.0)
+    assert harness.paired_ratio(rows, ("32k", 128), ("4k", 128), key="tok_s_all")["median"] == pytest.approx(0.5)
+    with pytest.raises(CourseError):
+        harness.alternate_decode({"4k": a}, [5000], rounds=1)

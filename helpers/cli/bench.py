@@ -4,13 +4,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from helpers.core import results
 from helpers.core.atomic import atomic_write_text
-from helpers.core.errors import CourseError
+from helpers.core.errors import CourseError, CourseWarning
+from helpers.core.units import parse_token_list
 from helpers.speed.harness import bench_matrix
-from helpers.speed.matrix import check_modes, parse_int_list
+from helpers.speed.matrix import check_modes, parse_int_list, unfit
 from helpers.speed.report import format_rows
 
 
@@ -20,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m helpers bench",
                                  description="Prefill and decode tokens/s at cache lengths and context depths, "
                                              "with the memory-bandwidth roofline.")
-    ap.add_argument("--max-seq-len", "--ctx", dest="max_seq_len", default="4096,32768",
+    ap.add_argument("--max-seq-len", "--ctx", dest="max_seq_len", default="4096,32768", type=parse_token_list,
                     help="cache lengths (max_seq_len), comma-separated; 4k = 4096 (--ctx: the same)")
     ap.add_argument("--depth", default="128", help="context depths: tokens already in the cache, comma-separated")
     ap.add_argument("--cache", default="fp16", help="cache modes, comma-separated: fp16, q8, q6, q4 (quantized: "
@@ -54,10 +56,21 @@ def main(argv: list[str] | None = None) -> int:
     depths = parse_int_list(args.depth, "depth")
     modes = check_modes([m.strip().lower() for m in args.cache.split(",") if m.strip()])
     single = len(max_seq_lens) == 1 and len(depths) == 1
-    rows = bench_matrix(args.model, max_seq_lens=max_seq_lens, depths=depths, cache_modes=modes, backend=args.backend,
-                        repeats=args.repeats, warmup=args.warmup, decode_tokens=args.decode_tokens,
-                        prefill_tokens=args.prefill_tokens, progress=not args.no_progress, device=args.device,
-                        skip_unfit=not single, model_label=args.label)
+    if not single:  # say what the matrix leaves out, one line each, before anything is loaded
+        for line in unfit(max_seq_lens, depths, decode_tokens=args.decode_tokens):
+            print(line, file=sys.stderr)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CourseWarning)
+        rows = bench_matrix(args.model, max_seq_lens=max_seq_lens, depths=depths, cache_modes=modes,
+                            backend=args.backend, repeats=args.repeats, warmup=args.warmup,
+                            decode_tokens=args.decode_tokens, prefill_tokens=args.prefill_tokens,
+                            progress=not args.no_progress, device=args.device, skip_unfit=not single,
+                            model_label=args.label)
+    for msg in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, CourseWarning)):
+        print(f"warning: {msg}", file=sys.stderr)  # one line each, no Python source line
+    for w in caught:  # anything else is passed on as it came
+        if not issubclass(w.category, CourseWarning):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     prov = results.provenance(["python", "-m", "helpers", "bench", *(argv if argv is not None else sys.argv[1:])])
     if args.record:
         where = prov.get("gpu") or prov.get("cpu") or prov["device"]

@@ -88,8 +88,17 @@ def load_results(topic: str, results_dir: Path | None = None) -> list[dict]:
     return docs
 
 
+def is_external(prov: dict) -> bool:
+    """Whether a record was measured outside the course's harness (imported by scripts/import_external.py)."""
+    return bool(prov.get("external")) or str(prov.get("harness", "")).startswith("external")
+
+
 def label(prov: dict) -> str:
-    """How a recorded figure is labelled wherever it is shown."""
+    """How a recorded figure is labelled wherever it is shown: "recorded on ..." for the course's own recordings,
+    "external: measured on ..." for figures measured with another script."""
     where = prov.get("gpu") or prov.get("cpu") or prov.get("device", "?")
+    if is_external(prov):
+        return (f"external: measured on {where}, {str(prov.get('date', '?'))[:10]} with a standalone script, not "
+                f"the course's harness (exllamav2 {prov.get('exllamav2') or '-'}, torch {prov.get('torch')})")
     return (f"recorded on {where}, {str(prov.get('date', '?'))[:10]} "
             f"(exllamav2 {prov.get('exllamav2') or '-'}, torch {prov.get('torch')})")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from helpers.core.units import GIB
 from helpers.plots.style import pyplot as _plt
+from helpers.speed.roofline import roofline_curve
 
 
 def _speed_key(r: dict) -> tuple:
@@ -14,11 +15,11 @@ def _speed_short(model) -> str:
 
 
 def _speed_roofline_curve(r: dict, depths):
-    """tokens/s the memory allows at each depth for a row's model, cache and bandwidth: B / (W + kv_per_pos * d)."""
-    per_pos = r["kv_read_bytes"] / r["depth"] if r.get("depth") else None
-    if not per_pos or not r.get("weights_bytes") or not r.get("bandwidth_gbs"):
+    """tokens/s the memory allows at each depth for a row's model, cache, attention path and bandwidth
+    (``speed.roofline.roofline_curve`` with the row's bytes per position from ``speed.model``)."""
+    if not r.get("position_bytes") or not r.get("weights_bytes") or not r.get("bandwidth_gbs"):
         return None
-    return [r["bandwidth_gbs"] * 1e9 / (r["weights_bytes"] + per_pos * d) for d in depths]
+    return roofline_curve(r["weights_bytes"], r["position_bytes"], r["bandwidth_gbs"], depths)
 
 
 def plot_speed_vs_depth(panels: dict, *, title: str = "decode speed vs context depth, roofline dashed"):
@@ -51,6 +52,7 @@ def plot_speed_vs_depth(panels: dict, *, title: str = "decode speed vs context d
             err = [[r["decode_tok_s"] - r["decode_tok_s_min"] for r in rs],
                    [r["decode_tok_s_max"] - r["decode_tok_s"] for r in rs]]
             extra = f" ({_speed_short(model)}, {where})" if several else ""
+            extra += ", external" if any(r.get("external") for r in rs) else ""
             short = ctx <= 4096  # 4k: small filled circles; longer: large hollow squares, so equal points both show
             ax.errorbar(d, y, yerr=err, marker="o" if short else "s", markersize=5 if short else 10,
                         markerfacecolor=color if short else "none", color=color, capsize=3,
@@ -65,8 +67,9 @@ def plot_speed_vs_depth(panels: dict, *, title: str = "decode speed vs context d
         for j, (key, ref) in enumerate(sorted(roofs.items(), key=lambda kv: str(kv[0]))):
             ys = _speed_roofline_curve(ref, xs)
             if ys:
+                path = {True: ", flash-attn", False: ", no flash-attn"}.get(ref.get("flash_attn"), "")
                 ax.plot(xs, ys, linestyle=(0, (4, 2 + 2 * j)), color="0.35", linewidth=1,
-                        label=f"roofline, {key[1]}" + (f" ({_speed_short(key[0])}, {key[2]})" if several else ""))
+                        label=f"roofline, {key[1]}{path}" + (f" ({_speed_short(key[0])}, {key[2]})" if several else ""))
         models = sorted({k[0] for k in groups})
         ax.set_title(f"{name}\n{', '.join(_speed_short(m) for m in models)}", fontsize=9)
         ax.set_yscale("log")
@@ -77,6 +80,41 @@ def plot_speed_vs_depth(panels: dict, *, title: str = "decode speed vs context d
         ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(f"{v:g}")[0] in "25" else ""))
         ax.legend(fontsize=7, loc="best")
         ax.grid(alpha=0.3, which="both")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_decode_model(panels: dict, *, title: str = "decode speed against depth: the speed model (estimate)"):
+    """One panel per entry of ``panels`` ({panel title: {"curves": {label: [DecodeEstimate, ...]}, "points": rows,
+    "lines": {label: tok/s}, "bands": True}}): each curve is the central estimate with its low-high range shaded
+    (unless "bands" is False); ``points`` are
+    measured rows (depth, decode_tok_s, label) drawn as markers, "external" in the legend when they are."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.4), squeeze=False)
+    for ax, (name, panel) in zip(axes[0], panels.items()):
+        for i, (label, est) in enumerate(panel.get("curves", {}).items()):
+            xs = [e.depth for e in est]
+            ax.plot(xs, [e.tok_s for e in est], color=f"C{i}", label=label)
+            if panel.get("bands", True):
+                ax.fill_between(xs, [e.tok_s_low for e in est], [e.tok_s_high for e in est], color=f"C{i}",
+                                alpha=0.15)
+        for j, (label, y) in enumerate(panel.get("lines", {}).items()):
+            ax.axhline(y, color="0.3", linestyle=(0, (3, 2 + 2 * j)), linewidth=1, label=label)
+        pts = panel.get("points") or []
+        for k, (ctx, rs) in enumerate(sorted({r["ctx"]: [x for x in pts if x["ctx"] == r["ctx"]]
+                                              for r in pts}.items())):
+            ext = ", external" if any(r.get("external") for r in rs) else ""
+            where = _speed_short(rs[0].get("gpu") or rs[0].get("device"))
+            ax.plot([r["depth"] for r in rs], [r["decode_tok_s"] for r in rs], linestyle="none",
+                    marker="os"[k % 2], markersize=8, markerfacecolor="none" if k else "k", color="k",
+                    label=f"measured, cache {ctx // 1024}k ({where}{ext})")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("context depth (tokens already in the cache)")
+        ax.set_ylabel("decode tokens/s")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper right")
     fig.suptitle(title)
     fig.tight_layout()
     return fig
@@ -134,9 +172,11 @@ def plot_cache_bytes_by_ctx(rows: list[dict], *, ax=None, title: str = "KV cache
         fig = ax.figure
     seen: dict[tuple, float] = {}
     for r in rows:
+        if r.get("cache_bytes") is None:  # e.g. an external record: its cache was not measured
+            continue
         seen.setdefault(_speed_key(r) + (r.get("gpu") or r.get("device", ""),), r["cache_bytes"] / GIB)
     keys = sorted(seen, key=lambda k: (str(k[0]), k[1], k[2]))
-    names = [f"{k[0][:20]}\n{k[1]} {k[2] // 1024}k" for k in keys]
+    names = [f"{_speed_short(k[0])}\n{k[1]} {k[2] // 1024}k" for k in keys]
     vals = [seen[k] for k in keys]
     bars = ax.bar(range(len(keys)), vals, color=["C0" if k[2] <= 4096 else "C1" for k in keys])
     for b, v in zip(bars, vals):

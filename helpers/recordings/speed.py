@@ -4,16 +4,23 @@ fresh process (``helpers.speed.harness.bench_subprocess``), into results/speed/ 
 ``helpers.speed.report.load_recorded``)."""
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from pathlib import Path
 from typing import Callable
 
 from helpers.core import devices as gpu
 from helpers.core import results
+from helpers.core.errors import CourseError
 from helpers.core.progress import progress
+from helpers.memory.kv_cache import kv_cache_bytes
+from helpers.memory.weights import weight_bytes
 from helpers.models import embedded as models
 from helpers.models.synthetic_dirs import synthetic_14b_dir
 from helpers.speed.harness import bench_subprocess, run_to_run
 from helpers.speed.matrix import plan_matrix
+from helpers.speed.model import position_bytes
 from helpers.speed.report import EMBEDDED_LABEL, SYNTH_LABEL
 
 #: the recorded matrix: cache lengths, depths (only where depth < max_seq_len), cache modes
@@ -73,6 +80,75 @@ def _record_embedded() -> Path:
 
 def _record_repeatability() -> Path:
     return record_repeatability()
+
+
+# --------------------------------------------------------------------------------------- external records
+_EXTERNAL_MODEL = "qwen2.5-14b"
+_EXTERNAL_BPW = 5.5
+
+
+def _neutral(text: str) -> str:
+    """A record's cross-references to notes outside the course, replaced by a pointer to its own caveats."""
+    return re.sub(r"\s*\(see [A-Z]+\.md[^)]*\)", " (see the record's caveats)", text)
+
+
+def external_speed_record(src: Path) -> tuple[str, dict, list[dict], dict]:
+    """(name, provenance, rows, extra) of a decode-speed record measured outside the course (a standalone script on a
+    GPU; /work/shared/measurements/ in the project's set-up), in the course's result format.
+
+    Measured figures are copied untouched (decode_tok_s, load_s, the bandwidth block, the memory block, caveats).
+    Fields the course derives for its tables and plots are added and listed under ``derived``: the weights a token
+    reads (estimated from the shape at 5.5 bpw, ``memory.weights``), the bytes per position of the record's attention
+    path (``speed.model.position_bytes``), the roofline at the record's measured HBM bandwidth.
+    """
+    raw = src.read_bytes()
+    doc = json.loads(raw)
+    p = doc["provenance"]
+    if p.get("flash_attn") is not False or "Qwen2.5-14B" not in p.get("model", ""):
+        raise CourseError(f"{src.name}: only the Qwen2.5-14B-shaped no-flash-attn record is understood by this import")
+    prov = {"device": "cuda", "gpu": p["gpu"], "driver": p.get("driver"), "cuda": None, "cpu": None,
+            "torch": str(p.get("cuda_torch", "")).removeprefix("torch ") or None,
+            "exllamav2": str(p.get("exllamav2", "")).split(" ")[0],
+            "python": p.get("python"), "os": None, "date": p["date"], "command": None,
+            "external": True, "harness": p["harness"], "method": p["method"], "pcie": p.get("pcie"),
+            "flash_attn": False, "model_detail": p["model"], "source_file": src.name,
+            "source_sha256": hashlib.sha256(raw).hexdigest(), "imported_by": "scripts/import_external.py"}
+    w = int(weight_bytes(_EXTERNAL_MODEL, bpw=_EXTERNAL_BPW)["vram_bytes"])
+    per = position_bytes(_EXTERNAL_MODEL, "fp16", flash_attn=False).total
+    bw = float(doc["bandwidth"]["hbm_read_gbs"])
+    rows = []
+    for r in doc["rows"]:
+        tok = float(r["decode_tok_s"])
+        row = {"run": r["run"], "ctx": r["cache_len"], "depth": r["depth"], "cache_mode": "fp16",
+               "backend": "exllamav2", "device": "cuda", "model": SYNTH_LABEL, "flash_attn": False,
+               "attention_path": "torch attention with repeat_kv", "decode_tok_s": tok, "decode_tok_s_min": tok,
+               "decode_tok_s_max": tok, "decode_spread": None, "prefill_tok_s": None, "load_s": r.get("load_s"),
+               "external": True, "weights_bytes": w, "position_bytes": per, "kv_read_bytes": per * r["depth"],
+               "bytes_per_token": w + per * r["depth"], "bandwidth_gbs": bw,
+               "cache_bytes_computed": kv_cache_bytes(_EXTERNAL_MODEL, r["cache_len"], "fp16")}
+        row["roofline_tok_s"] = bw * 1e9 / row["bytes_per_token"]
+        row["roofline_fraction"] = tok / row["roofline_tok_s"]
+        rows.append(row)
+    memory = dict(doc.get("memory", {}))
+    if "method" in memory:
+        memory["method"] = _neutral(memory["method"])
+    extra = {"what": doc["what"], "bandwidth": doc["bandwidth"], "memory": memory, "caveats": doc.get("caveats", []),
+             "derived": {"weights_bytes": f"estimated from the Qwen2.5-14B shape at {_EXTERNAL_BPW} bpw, head 6 "
+                                          "bits (helpers.memory.weights)",
+                         "position_bytes": "helpers.speed.model.position_bytes (FP16 cache, no flash-attn)",
+                         "bandwidth_gbs": "the record's measured HBM read bandwidth",
+                         "roofline_tok_s": "bandwidth / (weights + position_bytes x depth)",
+                         "cache_bytes_computed": "helpers.memory.kv_cache.kv_cache_bytes (not measured)"},
+             "edits": ["memory.method: a cross-reference to a note outside the course replaced by \"see the record's "
+                       "caveats\"; every figure untouched (source_sha256 is the original file's)"]}
+    name = "external-" + src.stem
+    return name, prov, rows, extra
+
+
+def import_external(src: Path, results_dir: Path | None = None) -> Path:
+    """Write an external record into results/speed/ (see ``external_speed_record``); returns the path written."""
+    name, prov, rows, extra = external_speed_record(Path(src))
+    return results.save_result("speed", name, rows, prov=prov, extra=extra, results_dir=results_dir)
 
 
 #: each runs on a CUDA machine (``python -m helpers record``), starts one fresh process per configuration, and

@@ -7,15 +7,17 @@ What one measurement does (``bench``):
 3. decode: set the cache to ``depth`` tokens directly (``fill_cache``; nobody decodes 30,000 tokens to get there),
    then time ``decode_tokens`` greedy steps, each waiting for its token as a real generator does. ``warmup``
    repeats are thrown away, then ``repeats`` are kept: median, min, max and the spread (max - min) / median;
-4. the roofline (``helpers.speed.roofline``): a decoded token must read every GPU-resident weight once and the K and
-   V of every layer for ``depth`` positions. Those bytes over the memory bandwidth measured on the same device is the
-   fastest decode the memory allows; each measured figure is also given as a fraction of it;
+4. the roofline (``helpers.speed.roofline``): a decoded token must read every GPU-resident weight once and move
+   ``depth`` x the attention path's bytes per position (``helpers.speed.model``). Those bytes over the memory
+   bandwidth measured on the same device is the fastest decode the memory allows; each measured figure is also given
+   as a fraction of it;
 5. where the time goes per token (``helpers.speed.profile``), apart from the timed rounds.
 
 ``bench_subprocess`` runs the same measurement in a fresh process (``python -m helpers bench``).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import statistics
@@ -105,11 +107,18 @@ def _flat_memory(prefix: str, reading: dict) -> dict[str, Any]:
     return {f"{prefix}{k}": v for k, v in (reading or {}).items() if isinstance(v, (int, float, str, type(None)))}
 
 
-def _decode_bytes_of(b, depth: int) -> dict[str, Any]:
-    """What one decoded token reads on the loaded backend ``b`` at ``depth`` (see the module's docstring).
+def flash_attn_installed() -> bool:
+    """Whether this Python has flash-attn (exllamav2 then attends with it; found without importing it)."""
+    return importlib.util.find_spec("flash_attn") is not None
 
-    exllamav2: the checkpoint's GPU-resident bytes and the cache mode's bytes per token (``memory``). The reference:
-    its own tensors in its own dtype (float32 on a CPU: twice fp16's bytes), counted from the loaded model.
+
+def _decode_bytes_of(b, depth: int) -> dict[str, Any]:
+    """What one decoded token moves on the loaded backend ``b`` at ``depth`` (see ``speed.roofline``).
+
+    exllamav2: the checkpoint's GPU-resident bytes and the bytes per position of its attention path
+    (``speed.model.position_bytes``: flash-attn if installed, else torch attention with repeat_kv). The reference:
+    its own tensors in its own dtype (float32 on a CPU: twice fp16's bytes), counted from the loaded model; its SDPA
+    attention reads its cache once per position (``enable_gqa``, no copy).
     """
     if b.name == "reference" and hasattr(b, "model"):
         m = b.model
@@ -117,13 +126,20 @@ def _decode_bytes_of(b, depth: int) -> dict[str, Any]:
         for layer in m.layers:
             tensors += [t for t in vars(layer).values() if hasattr(t, "element_size")]
         weights = sum(t.numel() * t.element_size() for t in tensors if t is not None)
-        kv = int(m.cache.bytes_per_token()) * depth
-        return {"weights_bytes": int(weights), "kv_bytes": kv, "total_bytes": int(weights) + kv,
+        per_pos = int(m.cache.bytes_per_token())
+        kv = per_pos * depth
+        return {"weights_bytes": int(weights), "kv_bytes": kv, "position_bytes": per_pos,
+                "total_bytes": int(weights) + kv,
+                "flash_attn": None, "attention_path": "reference SDPA (reads its cache once)",
                 "counted": f"reference {str(b.dtype).replace('torch.', '')} tensors: layers, final norm, head "
                            f"(not the input embedding unless tied as the head); K and V of {depth} positions"}
-    d = decode_bytes(b.model_dir, depth, b.cache_mode)
-    d["counted"] = (f"EXL2 GPU-resident weights incl. head and norms (not the input embedding, in system RAM); K and "
-                    f"V of {depth} positions at {b.cache_mode}")
+    flash = flash_attn_installed()
+    d = decode_bytes(b.model_dir, depth, b.cache_mode, flash_attn=flash)
+    d["flash_attn"] = flash
+    d["attention_path"] = "flash-attn" if flash else "torch attention with repeat_kv"
+    d["counted"] = (f"EXL2 GPU-resident weights incl. head and norms (not the input embedding, in system RAM); "
+                    f"{depth} positions x {d['position_bytes']:,} B ({b.cache_mode} cache, {d['attention_path']}, "
+                    "helpers.speed.model)")
     return d
 
 
@@ -194,7 +210,9 @@ def measure_loaded(b, depth: int, *, repeats: int = 5, warmup: int = 2, decode_t
     # bytes and the roofline
     counted = _decode_bytes_of(b, depth)
     row.update(weights_bytes=counted["weights_bytes"], kv_read_bytes=counted["kv_bytes"],
-               bytes_per_token=counted["total_bytes"], bytes_counted=counted["counted"])
+               position_bytes=counted["position_bytes"], flash_attn=counted["flash_attn"],
+               attention_path=counted["attention_path"], bytes_per_token=counted["total_bytes"],
+               bytes_counted=counted["counted"])
     if bandwidth_bytes_s is None:
         bandwidth_bytes_s = measure_bandwidth(str(b.device))
     row["bandwidth_gbs"] = bandwidth_bytes_s / 1e9
@@ -217,8 +235,8 @@ def bench(model_dir=None, *, max_seq_len: int = 4096, depth: int = 128, cache_mo
 
     Keys (units in the names): ctx, depth, cache_mode, backend, device, prefill_tok_s, decode_tok_s (median of
     ``repeats``), decode_tok_s_min/max, decode_spread = (max - min) / median, bytes_per_token (weights_bytes +
-    kv_read_bytes), roofline_tok_s, roofline_fraction, bandwidth_gbs, cache_bytes, mem_* readings, step_ms,
-    cpu_ms_per_token, gpu_ms_per_token (CUDA), gpu_idle_fraction, torch_ops_ms_per_token.
+    kv_read_bytes = depth x position_bytes), roofline_tok_s, roofline_fraction, bandwidth_gbs, cache_bytes, mem_*
+    readings, step_ms, cpu_ms_per_token, gpu_ms_per_token (CUDA), gpu_idle_fraction, torch_ops_ms_per_token.
     """
     return bench_matrix(model_dir, max_seq_lens=[max_seq_len], depths=[depth], cache_modes=[cache_mode],
                         backend=backend, repeats=repeats, warmup=warmup, decode_tokens=decode_tokens,
@@ -291,6 +309,42 @@ def _device_name(device: str) -> str | None:
 
         return torch.cuda.get_device_name(torch.device(device))
     return None
+
+
+def alternate_decode(backends: dict, depths: Iterable[int], *, rounds: int = 3, warmup: int = 1,
+                     decode_tokens: int = 8) -> list[dict[str, Any]]:
+    """Decode speed of several loaded backends ({name: backend}) at several depths, the configurations interleaved
+    round by round (forward, then backward order) so that a shared machine's slow spells hit them all alike.
+
+    One row per (name, depth): ``tok_s_all`` (each kept round: tokens / seconds), ``best_all`` (each kept round: 1 /
+    its fastest step; noise on a shared machine only ever adds time, so the fastest step is the steadiest figure)
+    and ``tok_s``, ``best`` (median and fastest over the rounds). Compare them with ``paired_ratio``."""
+    depths = list(depths)
+    if rounds < 1 or warmup < 0 or decode_tokens < 1:
+        raise CourseError("rounds and decode_tokens must be at least 1, warmup at least 0")
+    combos = [(n, d) for d in depths for n in backends]
+    for n, d in combos:
+        check_config(int(backends[n].max_seq_len), d, decode_tokens=decode_tokens)
+    runs: dict[tuple, list[float]] = {c: [] for c in combos}
+    best: dict[tuple, list[float]] = {c: [] for c in combos}
+    for r in range(warmup + rounds):
+        for n, d in (combos if r % 2 == 0 else combos[::-1]):
+            run = _time_decode(backends[n], d, decode_tokens, first_token=0)
+            if r >= warmup:
+                runs[(n, d)].append(decode_tokens / run["seconds"])
+                best[(n, d)].append(1 / min(run["walls"]))
+    return [{"name": n, "depth": d, "tok_s_all": runs[(n, d)], "tok_s": statistics.median(runs[(n, d)]),
+             "best_all": best[(n, d)], "best": max(best[(n, d)])} for n, d in combos]
+
+
+def paired_ratio(rows: list[dict], a: tuple, b: tuple, key: str = "best_all") -> dict[str, float]:
+    """Two ``alternate_decode`` rows compared, a = (name, depth) over b: ``best``, the ratio of their fastest steps
+    over all rounds (the steadiest figure a busy machine gives), and the round-by-round ratios of ``key`` (each
+    round's fastest step by default; "tok_s_all" for whole rounds): their median, min and max."""
+    row = {(r["name"], r["depth"]): r for r in rows}
+    ratios = [x / y for x, y in zip(row[a][key], row[b][key])]
+    return {"best": max(row[a]["best_all"]) / max(row[b]["best_all"]), "median": statistics.median(ratios),
+            "min": min(ratios), "max": max(ratios), "rounds": len(ratios)}
 
 
 def bench_subprocess(model_dir, *, max_seq_len: int, depth: int, cache_mode: str = "fp16", backend: str = "auto",

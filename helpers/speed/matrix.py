@@ -98,6 +98,18 @@ def check_request(max_seq_len: int, depth: int, *, cache_mode: str = "fp16", bac
     _require_gpu_for(backend, cache_mode)
 
 
+def unfit(max_seq_lens: Iterable[int], depths: Iterable[int], *, decode_tokens: int = 32) -> list[str]:
+    """One short line per (cache length, depth) a matrix leaves out, e.g. 'skipped 4096@30000: depth >= context'."""
+    out = []
+    for c in max_seq_lens:
+        for d in depths:
+            if d >= c:
+                out.append(f"skipped {c}@{d}: depth >= context")
+            elif decode_tokens and d + decode_tokens > c:
+                out.append(f"skipped {c}@{d}: depth + {decode_tokens} decoded tokens > context")
+    return out
+
+
 def plan_matrix(max_seq_lens: Iterable[int], depths: Iterable[int], cache_modes: Iterable[str], *,
                 decode_tokens: int = 32, backend: str = "auto",
                 skip_unfit: bool = True) -> list[tuple[str, int, list[int]]]:

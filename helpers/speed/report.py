@@ -19,21 +19,26 @@ def _fmt(x, spec=".1f"):
     return "-" if x is None else format(x, spec)
 
 
+def _spread(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
 def format_rows(rows: list[dict], *, where: bool = False) -> str:
     """A plain table of bench rows (``where``: add the model and the device or GPU each row was measured on)."""
     head = (f"{'cache':<5} {'ctx':>6} {'depth':>6} {'prefill':>8} {'decode tok/s (min-max)':>23} {'spread':>6} "
             f"{'roofline':>8} {'fraction':>8} {'cache GiB':>9}")
     if where:
-        head = f"{'model':<24} {'measured on':<22} " + head
+        head = f"{'model':<26} {'measured on':<22} " + head
     lines = [head]
     for r in rows:
         dec = f"{_fmt(r['decode_tok_s'])} ({_fmt(r['decode_tok_s_min'])}-{_fmt(r['decode_tok_s_max'])})"
         line = (f"{r['cache_mode']:<5} {r['ctx']:>6} {r['depth']:>6} {_fmt(r.get('prefill_tok_s')):>8} "
-                f"{dec:>23} {_fmt(100 * r['decode_spread'], '.1f') + '%':>6} "
+                f"{dec:>23} {_spread(r.get('decode_spread')):>6} "
                 f"{_fmt(r.get('roofline_tok_s')):>8} {_fmt(r.get('roofline_fraction'), '.3f'):>8} "
                 f"{_fmt(r.get('cache_gib'), '.3f'):>9}")
         if where:
-            line = f"{str(r.get('model', '?'))[:24]:<24} {str(r.get('gpu') or r.get('device', '?'))[:22]:<22} " + line
+            model = str(r.get("model", "?")).split(" (")[0][:26]
+            line = f"{model:<26} {str(r.get('gpu') or r.get('device', '?'))[:22]:<22} " + line
         lines.append(line)
     if rows and not where:
         r = rows[0]
@@ -43,15 +48,17 @@ def format_rows(rows: list[dict], *, where: bool = False) -> str:
 
 
 def load_recorded(results_dir: Path | None = None, *, include_repeatability: bool = False) -> list[dict]:
-    """Every recorded speed row, each with its ``label`` (where and when it was measured), ``gpu`` and ``source``
-    file. The repeatability runs (one configuration in several processes) are left out unless asked for."""
+    """Every recorded speed row, each with its ``label`` (where and when it was measured; "external: ..." for figures
+    measured outside the course's harness, ``external`` True), ``gpu`` and ``source`` file. The repeatability runs
+    (one configuration in several processes) are left out unless asked for."""
     out = []
     for doc in results.load_results("speed", results_dir=results_dir):
         if "run_to_run" in doc and not include_repeatability:
             continue
         lab = results.label(doc["provenance"])
         for r in doc["rows"]:
-            out.append({**r, "label": lab, "source": Path(doc["path"]).name, "gpu": doc["provenance"].get("gpu")})
+            out.append({**r, "label": lab, "source": Path(doc["path"]).name, "gpu": doc["provenance"].get("gpu"),
+                        "external": results.is_external(doc["provenance"])})
     return out
 
 

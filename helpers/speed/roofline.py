@@ -1,17 +1,16 @@
-"""The decode roofline: bytes read per decoded token over the memory bandwidth is the fastest decode memory allows.
+"""The decode roofline: bytes moved per decoded token over the memory bandwidth is the fastest decode memory allows.
 
-What is counted as "bytes read per decoded token" (``decode_bytes``; the byte counts themselves come from
-``helpers.memory`` and ``helpers.specs``):
-- weights: every tensor the backend keeps on the compute device for the decoder: the quantized linears
-  (q_weight, q_scale, q_scale_max, q_groups, q_perm/q_invperm, biases) including the output head, and the norms.
-  NOT the input embedding: exllamav2 keeps it in system RAM and copies one row (hidden x 2 bytes) per token.
-  For the CPU reference backend, whatever its weight tensors occupy in its own dtype.
-- KV cache: K and V of every layer for ``depth`` positions at the cache mode's bytes per element, scales included
-  (FP16 2 + 2 bytes, Q4 0.5625 + 0.5625 bytes per element, ...).
-- Not counted: activations, the logits, scratch buffers, and for quantized caches exllamav2's expansion of the
-  cache into its FP16 temp buffer (it writes and reads ``depth`` positions of FP16 per layer again), so the Q4/Q6/Q8
-  roofline at depth is optimistic: a real Q4 decode moves more bytes than this count.
+What is counted as "bytes per decoded token" (``decode_bytes``):
+- weights: every tensor the backend keeps on the compute device for the decoder (``helpers.memory.weights``): the
+  quantized linears (q_weight, q_scale, q_scale_max, q_groups, q_perm/q_invperm, biases) including the output head,
+  and the norms. NOT the input embedding: exllamav2 keeps it in system RAM and copies one row (hidden x 2 bytes) per
+  token. For the CPU reference backend, whatever its weight tensors occupy in its own dtype.
+- attention at ``depth``: ``depth`` x the bytes per position of the attention path and cache mode, from THE speed
+  model (``helpers.speed.model.position_bytes``: the cache read, the quantized caches' dequantization into the FP16
+  temp layer, and without flash-attn the ``repeat_kv`` copy from KV heads to query heads).
+- Not counted: activations, the logits, scratch buffers.
 
+The roofline is ``helpers.speed.model.decode_estimate`` with no host overhead and first-principles attention.
 The bandwidth: measured on the device (``measure_bandwidth``, the median of sums over one large buffer) or the
 datasheet's (``datasheet_bandwidth``).
 """
@@ -27,9 +26,9 @@ from helpers.core import devices as gpu
 from helpers.core.errors import CourseError
 from helpers.core.units import GIB, MIB
 from helpers.memory import weights
-from helpers.memory.kv_cache import kv_layer_bytes_per_token
 from helpers.specs.gpus import gpu_spec
 from helpers.specs.shapes import model_shape
+from helpers.speed.model import position_bytes
 
 
 def roofline_tok_s(bytes_per_token: float, bandwidth_bytes_s: float) -> float:
@@ -41,19 +40,17 @@ def roofline_tok_s(bytes_per_token: float, bandwidth_bytes_s: float) -> float:
     return float(bandwidth_bytes_s) / float(bytes_per_token)
 
 
+def roofline_curve(weights_bytes: float, position_bytes_per_token: float, bandwidth_gbs: float, depths) -> list:
+    """The roofline at each depth: bandwidth / (weights + bytes per position x depth), tokens/s."""
+    return [roofline_tok_s(weights_bytes + position_bytes_per_token * d, bandwidth_gbs * 1e9) for d in depths]
+
+
 # -------------------------------------------------------------------------------------------- bytes per token
-def kv_read_bytes(shape: Any, depth: int, cache_mode: str = "fp16") -> int:
-    """K and V of every layer for ``depth`` positions at the cache mode's bytes per element, scales included.
-
-    Not the FP16 temp layer that quantized modes also allocate: it is scratch, written and read again while a layer
-    runs (that traffic is left out of the count, so the quantized-cache roofline is optimistic at depth)."""
-    s = model_shape(shape)
-    return int(s.n_layers * kv_layer_bytes_per_token(s, cache_mode) * depth)
-
-
 def decode_bytes(model_dir_or_shape: Any, depth: int, cache_mode: str = "fp16", *,
-                 weight_bytes: int | None = None, bpw: float | None = None) -> dict[str, int]:
-    """What one decoded token reads at ``depth``: {'weights_bytes', 'kv_bytes', 'total_bytes', 'embedding_row_bytes'}.
+                 weight_bytes: int | None = None, bpw: float | None = None, flash_attn: bool = False) -> dict[str, int]:
+    """What one decoded token moves at ``depth``: {'weights_bytes', 'kv_bytes', 'position_bytes', 'total_bytes',
+    'embedding_row_bytes'}; ``kv_bytes`` = ``depth`` x ``position_bytes`` (``speed.model.position_bytes`` for the
+    attention path: ``flash_attn`` or exllamav2's torch attention).
 
     ``model_dir_or_shape``: an EXL2 model directory (its GPU-resident bytes come from ``memory.weights.weight_bytes``),
     or a model shape (then pass ``weight_bytes`` or ``bpw``). ``weight_bytes`` overrides the weight count, e.g. with
@@ -69,14 +66,15 @@ def decode_bytes(model_dir_or_shape: Any, depth: int, cache_mode: str = "fp16", 
         else:
             raise CourseError("a model shape alone does not say how many weight bytes a token reads; pass a model "
                               "directory, or weight_bytes=, or bpw=")
-    kv = kv_read_bytes(shape, depth, cache_mode)
+    per_pos = position_bytes(shape, cache_mode, flash_attn).total
+    kv = per_pos * int(depth)
     hidden = _shape_get(shape, "hidden")
-    return {"weights_bytes": int(weight_bytes), "kv_bytes": kv, "total_bytes": int(weight_bytes) + kv,
-            "embedding_row_bytes": int(hidden) * 2 if hidden else 0}
+    return {"weights_bytes": int(weight_bytes), "kv_bytes": kv, "position_bytes": per_pos,
+            "total_bytes": int(weight_bytes) + kv, "embedding_row_bytes": int(hidden) * 2 if hidden else 0}
 
 
 def bytes_per_decoded_token(model_dir_or_shape: Any, depth: int, cache_mode: str = "fp16", **kw) -> int:
-    """GPU-resident weight bytes + the KV cache read at ``depth`` (see ``decode_bytes`` for what is counted)."""
+    """GPU-resident weight bytes + the attention bytes at ``depth`` (see ``decode_bytes`` for what is counted)."""
     return decode_bytes(model_dir_or_shape, depth, cache_mode, **kw)["total_bytes"]
 
 

@@ -1,0 +1,132 @@
+"""helpers.speed.model: bytes per position counted by hand, the decode estimate's behaviour, and the H100 slope."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers.core.errors import CourseError
+from helpers.core.paths import REPO_DIR
+from helpers.memory import weights
+from helpers.speed import model
+
+# the small shape: SmolLM2-135M, 30 layers, 9 heads, 3 KV heads, head_dim 64
+SMALL = "smollm2-135m"
+QWEN = "qwen2.5-14b"  # 48 layers, 40 heads, 8 KV heads, head_dim 128
+
+
+@pytest.mark.parametrize("shape, mode, flash, layer, total", [
+    # FP16, torch attention: cache 2 (K,V) x 3 x 64 x 2 B = 768; repeat_kv writes and reads 2 x 9 x 64 x 2 = 2304
+    (SMALL, "fp16", False, (768, 2304, 2304), 30 * 5376),
+    (SMALL, "fp16", True, (768, 0, 0), 30 * 768),
+    # Q4: K and V 3 x 32 B + scales 2 x 3 x 2 x 2 B = 216; the FP16 temp 768 written and read, then repeat_kv
+    (SMALL, "q4", False, (216, 768 + 2304, 768 + 2304), 30 * 6360),
+    (SMALL, "q4", True, (216, 768, 768), 30 * 1752),
+    # Qwen2.5-14B: cache 2 x 8 x 128 x 2 = 4096; repeat_kv 2 x 40 x 128 x 2 = 20480 written and read
+    (QWEN, "fp16", False, (4096, 20480, 20480), 48 * 45056),
+    (QWEN, "fp16", True, (4096, 0, 0), 48 * 4096),
+    # Q4: 2 x 8 x 64 + 2 x 8 x 4 x 2 = 1152; the temp 4096 written and read; repeat_kv as FP16
+    (QWEN, "q4", False, (1152, 4096 + 20480, 4096 + 20480), 48 * 50304),
+    (QWEN, "q4", True, (1152, 4096, 4096), 48 * 9344),
+])
+def test_position_bytes_by_hand(shape, mode, flash, layer, total):
+    pb = model.position_bytes(shape, mode, flash)
+    assert (pb.per_layer.cache_read, pb.per_layer.temp_written, pb.per_layer.temp_read) == layer
+    assert pb.total == total == pb.cache_read + pb.temp_written + pb.temp_read
+    assert pb.per_layer["total"] == sum(layer)
+    assert "exllamav2 0.3.2" in pb.derivation and ("repeat_kv" in pb.derivation) != flash
+    if mode != "fp16":
+        assert "q_to_fp16_kv" in pb.derivation
+
+
+def test_qwen_totals_are_the_figures_the_course_quotes():
+    assert model.position_bytes(QWEN).total == 2_162_688          # ~2.2 MB per position per token
+    assert model.position_bytes(QWEN, flash_attn=True).total == 196_608  # ~0.2 MB
+    assert model.position_bytes(QWEN, "q4").total == 2_414_592    # more than FP16
+
+
+def test_no_repeat_kv_when_heads_match():
+    mha = {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2, "hidden_size": 256,
+           "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 512, "vocab_size": 1000,
+           "max_position_embeddings": 2048}
+    pb = model.position_bytes(mha)
+    assert pb.per_layer.temp_written == 0 and pb.total == 2 * (2 * 256 * 2)
+
+
+def _est(**kw):
+    w = weights.weight_bytes(QWEN, bpw=5.5)["vram_bytes"]
+    args = dict(weight_bytes=w, bandwidth_gbs=736, depth=30000)
+    args.update(kw)
+    return model.decode_estimate(QWEN, **args)
+
+
+def test_estimate_monotonic_behaviour():
+    assert _est(flash_attn=True).tok_s > _est(flash_attn=False).tok_s
+    assert _est(cache_mode="q4").tok_s < _est(cache_mode="fp16").tok_s  # deep, no flash-attn: Q4 is slower
+    shallow = {m: _est(depth=0, cache_mode=m, flash_attn=f).tok_s for m in ("fp16", "q4") for f in (True, False)}
+    assert len({round(v, 9) for v in shallow.values()}) == 1  # at depth 0 neither mode nor path matters
+    assert _est(depth=128).tok_s > _est(depth=30000).tok_s
+
+
+def test_estimate_terms_range_and_label():
+    e = _est(overhead_s=(0.001, 0.003))
+    assert e.label == "estimate" and e.tok_s_low < e.tok_s < e.tok_s_high
+    assert set(e.seconds) == {"weights", "attention", "overhead", "pcie"}
+    assert e.seconds["attention"] == pytest.approx(30000 * 2_162_688 / 736e9)
+    assert e.seconds["overhead"] == pytest.approx(0.002) and e.seconds["pcie"] == 0
+    assert e.tok_s == pytest.approx(1 / sum(e.seconds.values()))
+    # low end: calibrated attention and the high overhead; high end: first principles and the low overhead
+    att = 30000 * 2_162_688 / 736e9
+    assert 1 / e.tok_s_low == pytest.approx(e.seconds["weights"] + att * model.CALIBRATION.value + 0.003)
+    assert 1 / e.tok_s_high == pytest.approx(e.seconds["weights"] + att + 0.001)
+    c = _est(efficiency=model.CALIBRATION, overhead_s=0.0)
+    assert c.seconds["attention"] == pytest.approx(att * model.CALIBRATION.value)
+    assert any("calibrated on H100 (external record)" in a for a in c.assumptions)
+
+
+def test_spill_goes_over_pcie():
+    w = weights.weight_bytes(QWEN, bpw=5.5)["vram_bytes"]
+    e = _est(spilled_weight_bytes=10**9, spilled_cache_layers=2, pcie_gbs=25, overhead_s=0.0)
+    assert e.seconds["pcie"] == pytest.approx((10**9 + 2 * 4096 * 30000) / 25e9)
+    assert e.seconds["weights"] == pytest.approx((w - 10**9) / 736e9)
+    assert e.seconds["attention"] == pytest.approx((30000 * 2_162_688 - 2 * 4096 * 30000) / 736e9)
+    with pytest.raises(CourseError, match="pcie_gbs"):
+        _est(spilled_weight_bytes=10**9)
+    with pytest.raises(CourseError):
+        _est(bandwidth_gbs=0)
+    with pytest.raises(CourseError):
+        _est(overhead_s=(0.003, 0.001))
+
+
+def test_depth_for_speed_inverts_the_estimate():
+    w = weights.weight_bytes(QWEN, bpw=5.5)["vram_bytes"]
+    d = model.depth_for_speed(QWEN, 25, weight_bytes=w, bandwidth_gbs=736, efficiency=model.CALIBRATION)
+    e = model.decode_estimate(QWEN, weight_bytes=w, bandwidth_gbs=736, depth=d, overhead_s=0.0,
+                              efficiency=model.CALIBRATION)
+    assert e.tok_s == pytest.approx(25, abs=0.01)
+    assert 4000 < d < 7000  # a 4080 Super without flash-attn: 25 tok/s a few thousand tokens deep, nothing spilled
+    assert model.depth_for_speed(QWEN, 500, weight_bytes=w, bandwidth_gbs=736) == 0
+
+
+def test_model_predicts_the_h100_slope():
+    measured = model.measured_slope()
+    assert measured == pytest.approx((1 / 18.1 - 1 / 59.4) / 29872)
+    predicted = model.predicted_slope()
+    assert predicted == pytest.approx(2_162_688 / 2857e9)
+    ratio = measured / predicted
+    print(f"H100 slope: measured {measured * 1e6:.3f} us/position, predicted {predicted * 1e6:.3f} us/position, "
+          f"measured/predicted {ratio:.2f}")
+    assert 1.0 < ratio < 2.5  # the same order: the model counts the bytes; the kernels reach ~60% of HBM speed here
+    assert float(model.CALIBRATION) == pytest.approx(ratio)
+    assert model.CALIBRATION.label == "calibrated on H100 (external record)"
+
+
+def test_calibration_record_matches_the_imported_external_record():
+    path = REPO_DIR / model.H100_RECORD["source"]
+    if not path.is_file():
+        pytest.skip("the external record is not imported (scripts/import_external.py)")
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    rows = {(r["ctx"], r["depth"]): r["decode_tok_s"] for r in doc["rows"]}
+    assert rows[(32768, 128)] == model.H100_RECORD["shallow"][1]
+    assert rows[(32768, 30000)] == model.H100_RECORD["deep"][1]
+    assert doc["bandwidth"]["hbm_read_gbs"] == model.H100_RECORD["hbm_read_gbs"]
