@@ -18,10 +18,10 @@ from helpers.memory.breakdown import DEFAULT_CUDA_CONTEXT_BYTES, breakdown, cuda
 from helpers.memory.cache_modes import CACHE_CLASSES, CACHE_MODES, LOAD_AUTOSPLIT_RESERVE_BYTES, check_cache_mode
 from helpers.memory.kv_cache import kv_bytes_per_token, kv_cache_bytes, kv_cache_layout, kv_layer_bytes_per_token
 from helpers.memory.load_order import load_order
-from helpers.memory.planner import plan
 from helpers.memory.scratch import scratch_bytes, scratch_detail
 from helpers.memory.simple_calculator import calculator_rows, simple_calculator_bytes
 from helpers.memory.weights import _group_map_rows, _linear_from_file, exl2_head_bytes, weight_bytes
+from helpers.planning.planner import plan
 from helpers.recordings.memory import GPU_RECORDINGS
 from helpers.specs.gpus import gpu_spec
 from helpers.specs.shapes import ModelShape, bundled_models, model_shape

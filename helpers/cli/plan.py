@@ -1,49 +1,97 @@
-"""`python -m helpers plan`: will a model, context and cache mode fit on a GPU? Every byte, in GiB."""
+"""`python -m helpers plan`: will a model, context and cache mode fit on one GPU or several, and how fast will it
+decode at a depth? Every byte, in GiB; every speed an estimate with its assumptions."""
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import warnings
 
 from helpers.core.errors import CourseError
 from helpers.core.paths import MODEL_ENV
+from helpers.core.units import parse_tokens
 from helpers.memory.cache_modes import CACHE_MODES
-from helpers.memory.planner import plan
 from helpers.memory.scratch import DEFAULT_MAX_INPUT_LEN
+from helpers.planning.multi import plan_multi
+from helpers.planning.planner import plan
+from helpers.planning.table import all_gpus, format_table, table_json
 from helpers.specs.gpus import GPUS, gpu_spec
 from helpers.specs.shapes import bundled_models
+
+
+def _tokens(what: str):
+    def parse(text: str) -> int:
+        return parse_tokens(text, what)
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m helpers plan",
-        description="Will a model, context and cache mode fit on a GPU? Every byte of exllamav2's allocation, in GiB.")
+        description="Will a model, context and cache mode fit on a GPU (or several)? Every byte of exllamav2's "
+                    "allocation, in GiB, and the estimated decode speed at a depth.")
+    ap.add_argument("model_dir", nargs="?", default=None, help="an EXL2 folder (the same as --model DIR)")
     ap.add_argument("--model", default=None,
                     help=f"bundled name ({', '.join(bundled_models())}), a config.json, or an EXL2 folder "
                          f"(default: ${MODEL_ENV} if set)")
-    ap.add_argument("--bpw", type=float, default=None, help="bits per weight (needed unless --model is an EXL2 folder)")
+    ap.add_argument("--bpw", type=float, default=None, help="bits per weight (needed unless the model is an EXL2 "
+                                                             "folder)")
     ap.add_argument("--head-bits", type=int, default=6, help="lm_head bits (exllamav2 default 6; 16 = fp16)")
-    ap.add_argument("--max-seq-len", "--ctx", dest="max_seq_len", type=int, default=4096,
-                    help="max_seq_len in tokens (--ctx is an alias)")
+    ap.add_argument("--max-seq-len", "--ctx", dest="max_seq_len", type=_tokens("--ctx"), default=4096,
+                    help="max_seq_len in tokens: 32768 or 32k (--ctx is an alias)")
+    ap.add_argument("--depth", type=_tokens("--depth"), default=None,
+                    help="tokens already in the cache for the decode estimate (default: a full cache)")
     ap.add_argument("--cache", default="fp16", help=f"cache mode: {', '.join(CACHE_MODES)}")
-    ap.add_argument("--gpu", default=None, help=f"a known card ({', '.join(GPUS)})")
+    ap.add_argument("--gpu", action="append", default=None,
+                    help="a known card; repeat it for several GPUs, or write a count: --gpu 2x'RTX 3090'")
     ap.add_argument("--gpu-gib", type=float, default=None, help="the GPU's memory in GiB instead of a card name")
+    ap.add_argument("--split", default=None, help="GiB per GPU as model.load(gpu_split=...) takes it, e.g. 20,24")
+    ap.add_argument("--tp", action="store_true", help="tensor parallel (model.load_tp) across the GPUs")
+    ap.add_argument("--all-gpus", action="store_true", help="plan on every known GPU: fits, longest contexts, speed")
     ap.add_argument("--bandwidth-gbs", type=float, default=None, help="memory bandwidth, GB/s (overrides datasheet)")
     ap.add_argument("--pcie-gbs", type=float, default=None, help="PCIe bandwidth, GB/s")
-    ap.add_argument("--reserve-gib", type=float, default=None, help="desktop/OS reserve in GiB (default 0.5)")
+    ap.add_argument("--reserve-gib", type=float, default=None, help="desktop/OS reserve in GiB (default 0.5; on "
+                                                                     "the first GPU only when there are several)")
     ap.add_argument("--cuda-context-gib", type=float, default=None,
                     help="CUDA context in GiB (default: measured or 0.5)")
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--max-input-len", type=int, default=DEFAULT_MAX_INPUT_LEN)
-    ap.add_argument("--flash-attn", action="store_true", help="flash-attn installed (smaller attention transient)")
-    ap.add_argument("--json", action="store_true", help="print one JSON object (bytes)")
+    ap.add_argument("--max-input-len", type=_tokens("--max-input-len"), default=DEFAULT_MAX_INPUT_LEN)
+    ap.add_argument("--flash-attn", action=argparse.BooleanOptionalAction, default=False,
+                    help="flash-attn installed (smaller attention transient, far less traffic at depth); "
+                         "--no-flash-attn: exllamav2's torch attention with repeat_kv (the default)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object (helpers/planning/plan.schema.json)")
     ap.add_argument("--list", action="store_true", help="list bundled models and known GPUs")
     return ap
 
 
+def expand_gpus(values: list[str]) -> list[str]:
+    """['2x RTX 3090', 'RTX 4090'] -> ['RTX 3090', 'RTX 3090', 'RTX 4090'] (counts '2x', '2 x', '2*')."""
+    out = []
+    for v in values:
+        m = re.fullmatch(r"\s*(\d+)\s*[x×*]\s*['\"]?(.+?)['\"]?\s*", v)
+        if m and not re.fullmatch(r"\s*\d+\s*(gib|gb)?\s*", v, re.I):
+            n = int(m.group(1))
+            if not 1 <= n <= 16:
+                raise CourseError(f"'{v}': give 1 to 16 GPUs")
+            out += [m.group(2)] * n
+        else:
+            out.append(v)
+    return out
+
+
+def _split(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CourseError(f"--split '{text}': give GiB per GPU separated by commas, e.g. 20,24") from None
+
+
 def main(argv: list[str]) -> int:
-    """`python -m helpers plan --model qwen2.5-14b --bpw 5.5 --max-seq-len 32768 --cache fp16 --gpu-gib 16 [--json]`"""
+    """`python -m helpers plan --model qwen2.5-14b --bpw 5.5 --ctx 32k --cache fp16 --gpu "RTX 4080 Super"
+    [--depth 30000] [--flash-attn] [--json]`; several GPUs: `--gpu 2x"RTX 3090" [--split 20,24] [--tp]`."""
     args = _parser().parse_args(argv)
     if args.list:
         print("bundled models: " + ", ".join(bundled_models()))
@@ -51,20 +99,46 @@ def main(argv: list[str]) -> int:
             print(f"  {n:<18} {g['vram_gib']:>4g} GiB  {g['bandwidth_gbs']:>5g} GB/s  "
                   f"PCIe {g['pcie_gen']}.0 x{g['pcie_lanes']}")
         return 0
-    model = args.model or os.environ.get(MODEL_ENV)
+    if args.model_dir and args.model:
+        raise CourseError("give the model once: either plan DIR or --model NAME")
+    model = args.model_dir or args.model or os.environ.get(MODEL_ENV)
     if not model:
         raise CourseError(f"give --model (a bundled name: {', '.join(bundled_models())}; a config.json; or an EXL2 "
                           f"folder), or set {MODEL_ENV}")
-    if args.gpu is None and args.gpu_gib is None:
-        raise CourseError("give --gpu NAME (e.g. 'RTX 4080 Super') or --gpu-gib N (its memory in GiB)")
-    gpu = gpu_spec(args.gpu if args.gpu is not None else args.gpu_gib, args.bandwidth_gbs, args.pcie_gbs)
+    common = dict(bpw=args.bpw, head_bits=args.head_bits, max_seq_len=args.max_seq_len, cache_mode=args.cache,
+                  cuda_context_gib=args.cuda_context_gib, batch=args.batch, max_input_len=args.max_input_len,
+                  flash_attn=args.flash_attn, depth=args.depth)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        p = plan(model, gpu, bpw=args.bpw, head_bits=args.head_bits, max_seq_len=args.max_seq_len,
-                 cache_mode=args.cache,
-                 reserve_gib=args.reserve_gib, cuda_context_gib=args.cuda_context_gib, batch=args.batch,
-                 max_input_len=args.max_input_len, flash_attn=args.flash_attn)
+        out = _run(args, model, common)
     for msg in dict.fromkeys(str(w.message) for w in caught):
         print(f"warning: {msg}", file=sys.stderr)
-    print(p.to_json() if args.json else p.summary())
+    try:
+        print(out)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `plan ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
+
+
+def _run(args, model: str, common: dict) -> str:
+    if args.all_gpus:
+        if args.gpu or args.gpu_gib is not None or args.split or args.tp:
+            raise CourseError("--all-gpus plans on every known card: leave out --gpu, --gpu-gib, --split and --tp")
+        rows = all_gpus(model, reserve_gib=args.reserve_gib, **common)
+        return table_json(rows) if args.json else format_table(rows)
+    names = expand_gpus(args.gpu or [])
+    if args.gpu_gib is not None:
+        names.append(args.gpu_gib)
+    if not names:
+        raise CourseError("give --gpu NAME (e.g. 'RTX 4080 Super'; repeat it, or 2x'RTX 3090', for several), "
+                          "--gpu-gib N (its memory in GiB), or --all-gpus")
+    split = _split(args.split)
+    if len(names) == 1 and not split and not args.tp:
+        gpu = gpu_spec(names[0], args.bandwidth_gbs, args.pcie_gbs)
+        p = plan(model, gpu, reserve_gib=args.reserve_gib, **common)
+    else:
+        gpus = [gpu_spec(n, args.bandwidth_gbs, args.pcie_gbs) for n in names]
+        p = plan_multi(model, gpus, split=split, split_mode="tp" if args.tp else None, reserve_gib=args.reserve_gib,
+                       **common)
+    return p.to_json() if args.json else p.summary()

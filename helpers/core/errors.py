@@ -4,6 +4,7 @@ Anything a user can get wrong (a missing directory, an unknown cache mode, no GP
 single line that says what happened and what to do. The CLI prints it as ``error: ...`` and exits with status 2;
 notebooks show it as one line too. Nothing here imports the rest of the package.
 """
+import sys
 
 
 class CourseError(Exception):
@@ -20,3 +21,23 @@ class CourseWarning(UserWarning):
 def short_reason(exc: BaseException) -> str:
     """An exception's message on one line, at most 160 characters, for the end of a CourseError ("... (reason)")."""
     return " ".join(str(exc).split())[:160] or type(exc).__name__
+
+
+def _print_one_line(shell, etype, value, tb, tb_offset=None):
+    """IPython custom exception handler: a CourseError as ``error: <message>``, without a traceback."""
+    print(f"error: {value}", file=sys.stderr)
+
+
+def one_line_errors() -> bool:
+    """In an IPython/Jupyter kernel, show every CourseError as one line (``error: ...``) instead of a traceback, as
+    the CLI does (a mistyped GPU or model name then reads as one line with its close matches). Returns whether a
+    kernel was found; outside one it does nothing."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    if shell is None:
+        return False
+    shell.set_custom_exc((CourseError,), _print_one_line)
+    return True

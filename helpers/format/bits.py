@@ -21,6 +21,25 @@ from typing import Any, Sequence
 
 from helpers.core.errors import CourseError
 
+#: the average bits per weight an EXL2 quant can target: exllamav2's converter (conversion/convert_exl2.py) warns
+#: "target bitrate ... will likely not be attainable" outside 2 to 8. The one range every helper checks a bpw against.
+BPW_RANGE = (2.0, 8.0)
+
+
+def check_bpw(bpw: Any) -> float:
+    """A bpw as a float inside ``BPW_RANGE``, or a one-line CourseError."""
+    lo, hi = BPW_RANGE
+    if isinstance(bpw, bool) or not isinstance(bpw, (int, float)) or bpw != bpw or bpw in (float("inf"), -float("inf")):
+        raise CourseError(f"bits per weight must be a number (got {bpw!r}), e.g. --bpw 5.5")
+    if bpw <= 0:
+        raise CourseError(f"bits per weight must be positive (got {bpw:g}); EXL2 quants are made at {lo:.1f} to "
+                          f"{hi:.1f} bpw")
+    if not lo <= bpw <= hi:
+        raise CourseError(f"bpw {bpw:g} is out of range: exllamav2's converter makes EXL2 quants of "
+                          f"{lo:.1f} to {hi:.1f} bits per weight")
+    return float(bpw)
+
+
 BIT_WIDTHS = (8, 6, 5, 4, 3, 2)  #: the widths EXL2 kernels support, in the order groups are stored
 #: exllamav2's head options (conversion/qparams.py, ``qparams_headoptions``): head_bits -> mix
 #: [(fraction of rows, bits, group size)], widest first

@@ -31,7 +31,7 @@ import torch
 from helpers.core.errors import CourseError
 from helpers.core.progress import progress as bar
 from helpers.core.units import GIB
-from helpers.format.bits import HEAD_MIXES, auto_mix, packed_rows, plan_groups, stored_bits
+from helpers.format.bits import HEAD_MIXES, auto_mix, check_bpw, packed_rows, plan_groups, stored_bits
 from helpers.format.config import config_get, expected_linear_shapes, resolve_config
 from helpers.format.names import LINEAR_KINDS, linear_order
 from helpers.format.packing import q_groups_tensor
@@ -197,9 +197,7 @@ def write_synthetic(config: Mapping | str | os.PathLike, bpw: float, out_dir: st
     """Write a synthetic EXL2 checkpoint with the config's exact shapes at ``bpw`` (decoder, head excluded).
     Returns the directory. Atomic: built beside ``out_dir`` and renamed into place."""
     cfg = resolve_config(config)
-    bpw = float(bpw)
-    if not 2.1 <= bpw <= 8.1:
-        raise CourseError(f"bpw {bpw} is out of range: EXL2 stores about 2.1 to 8.1 bits per weight")
+    bpw = check_bpw(bpw)
     plan = plan_bits(cfg, bpw, seed=seed, head_bits=head_bits)
     workers = threads or min(32, os.cpu_count() or 1)
     with cf.ThreadPoolExecutor(workers) as pool:

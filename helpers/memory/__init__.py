@@ -1,4 +1,4 @@
-"""Where every byte goes when exllamav2 0.3.2 loads a model, and the planner that says whether it fits.
+"""Where every byte goes when exllamav2 0.3.2 loads a model (the planner built on it lives in helpers.planning).
 
 Every term was read off exllamav2's own sources (each function names the file and function it follows). Nothing
 here imports exllamav2 or torch: this package must run on any laptop. Sizes are bytes (``int``) in code and GiB
@@ -9,7 +9,6 @@ here imports exllamav2 or torch: this package must run on any laptop. Sizes are 
 - weights, kv_cache, scratch: the three things exllamav2 allocates
 - breakdown: every term of one configuration, with the CUDA context and a reserve
 - load_order: the same allocations in the order exllamav2 makes them
-- planner: will it fit, the longest context, the highest bpw, advice
 - simple_calculator: the popular formula beside the real total
 - recorded: GPU measurements read back (recorded by helpers.recordings.memory)
 """

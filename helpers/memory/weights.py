@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from helpers.core.errors import CourseError, CourseWarning
-from helpers.format.bits import HEAD_MIXES
+from helpers.format.bits import HEAD_MIXES, check_bpw
 from helpers.format.header import TensorInfo, exl2_tensors, read_i16
 from helpers.memory.allocation import alloc_bytes, pad32
 from helpers.specs.shapes import HEAD_IS_EMBEDDING, ModelShape, model_shape
@@ -106,16 +106,6 @@ def exl2_head_bytes(in_features: int, out_features: int, head_bits: int = 6) -> 
     return sum(alloc_bytes(s) for s in sizes)
 
 
-def _check_bpw(bpw: Any) -> float:
-    if isinstance(bpw, bool) or not isinstance(bpw, (int, float)) or not math.isfinite(bpw):
-        raise CourseError(f"bits per weight must be a number (got {bpw!r}), e.g. --bpw 5.5")
-    if bpw <= 0:
-        raise CourseError(f"bits per weight must be positive (got {bpw}); EXL2 models are made at 2.0 to 8.0 bpw")
-    if bpw < 2.0 or bpw > 8.0:
-        raise CourseError(f"{bpw} bits per weight is outside what exllamav2's converter makes (2.0 to 8.0 bpw)")
-    return float(bpw)
-
-
 def _estimated_modules(shape: ModelShape, bpw: float, head_bits: int) -> list[dict]:
     """Per-module GPU bytes estimated from the config and an average bpw.
 
@@ -196,7 +186,7 @@ def weight_modules(shape: ModelShape, bpw: float | None, head_bits: int) -> tupl
         return _file_modules(shape), f"read from the EXL2 tensors in {shape.exl2_dir}"
     if bpw is None:
         raise CourseError(f"{shape.name} is a config without EXL2 tensors: give the bits per weight (e.g. --bpw 5.5)")
-    bpw = _check_bpw(bpw)
+    bpw = check_bpw(bpw)
     head = "fp16" if head_bits == 16 else f"{head_bits}-bit"
     return (_estimated_modules(shape, bpw, head_bits),
             f"estimated from the config at {bpw:g} bpw (decoder layers), {head} lm_head")

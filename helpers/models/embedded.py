@@ -35,6 +35,7 @@ from helpers.core.paths import MODEL_ENV, cache_dir
 from helpers.core.progress import progress
 from helpers.core.units import MIB, fmt_gib
 from helpers.format import writer
+from helpers.format.bits import check_bpw
 from helpers.format.config import is_exl2_dir, load_config
 from helpers.models.gguf import GGUF_NAME, GGUF_SHA256, MODEL_NAME, SOURCE_SPEC, gguf_path, read_gguf, write_tokenizer
 
@@ -216,9 +217,7 @@ def write_exl2_from_float(out_dir: Path, bpw: float, *, float_dir: Path | None =
 
 def exl2_model_dir(bpw: float, *, build: bool = True, rebuild: bool = False) -> Path:
     """The EXL2 checkpoint of the embedded model at ``bpw`` bits per weight, in the cache (built if missing)."""
-    bpw = float(bpw)
-    if not 2.0 <= bpw <= 8.0:
-        raise CourseError(f"--bpw {bpw:g} is outside what EXL2 can hold: pick a width from 2.0 to 8.0")
+    bpw = check_bpw(bpw)
     final = cache_dir() / _exl2_name(bpw)
     if is_complete(final) and not rebuild:
         return final

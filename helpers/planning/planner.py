@@ -1,4 +1,5 @@
-"""Will it fit? One model on one GPU: the margin, the longest context per cache mode, the highest bpw, advice.
+"""Will it fit, and how fast? One model on one GPU: the margin, the longest context per cache mode, the highest bpw,
+the estimated decode speed at a depth (``helpers.speed.model.decode_estimate``), and advice that weighs both.
 """
 from __future__ import annotations
 
@@ -10,18 +11,58 @@ from typing import Any
 
 from helpers.core.errors import CourseError, CourseWarning
 from helpers.core.units import GIB, fmt_gib
+from helpers.format.bits import BPW_RANGE
 from helpers.memory.breakdown import Breakdown, breakdown_from, resolve_cuda_context, resolve_reserve
 from helpers.memory.cache_modes import CACHE_CLASSES, CACHE_MODES, LOAD_AUTOSPLIT_RESERVE_BYTES, check_cache_mode
 from helpers.memory.limits import check_batch, check_len
 from helpers.memory.scratch import DEFAULT_MAX_ATTENTION_SIZE, DEFAULT_MAX_INPUT_LEN
 from helpers.memory.weights import ModelWeights
-from helpers.specs.gpus import gpu_spec
+from helpers.specs.gpus import gpu_label, gpu_spec
 from helpers.specs.shapes import ModelShape, model_shape
+from helpers.speed.model import decode_estimate
 
 #: the planner's longest-context search stops here (reported as "at least" when reached)
 LONGEST_CONTEXT_CAP = 2**20
-#: the dynamic generator pages the cache in 256-token pages; the planner reports lengths in these steps
+#: exllamav2 0.3.2's dynamic generator pages the cache in 256-token pages (generator/dynamic.py,
+#: ``PAGED_PAGE_SIZE = 256``) and asserts ``cache.max_seq_len % 256 == 0``; the planner reports lengths in these steps
 PAGE = 256
+#: the version of the JSON a plan writes (helpers/planning/plan.schema.json describes it)
+SCHEMA_VERSION = "1.0"
+SCHEMA_ID = "https://github.com/exl2-course/helpers/planning/plan.schema.json"
+
+
+def trained_positions(shape: ModelShape) -> int:
+    """Positions the model was trained (or RoPE-scaled) for, from config.json: ``max_position_embeddings``, or with
+    ``rope_scaling`` (YaRN, linear, Llama 3) up to ``original_max_position_embeddings`` (else
+    max_position_embeddings) x ``factor``. Qwen2.5: 32,768 without YaRN, 131,072 with its YaRN factor 4."""
+    limit = shape.max_position_embeddings
+    if shape.rope_scaling and shape.rope_scaling_factor > 1:
+        base = shape.original_max_position_embeddings or shape.max_position_embeddings
+        limit = max(limit, int(base * shape.rope_scaling_factor))
+    return limit
+
+
+def page_note(L: int) -> str | None:
+    """A note when a length is not a multiple of 256 tokens (exllamav2's dynamic generator refuses it)."""
+    if L % PAGE == 0:
+        return None
+    down, up = L // PAGE * PAGE, (L // PAGE + 1) * PAGE
+    return (f"max_seq_len {L:,} is not a multiple of {PAGE}: exllamav2 0.3.2's dynamic generator pages the cache in "
+            f"{PAGE}-token pages and refuses it ('cache.max_seq_len must be multiple of {PAGE}'); use "
+            + (f"{down:,} or " if down else "") + f"{up:,}")
+
+
+def context_note(shape: ModelShape, tokens: int, what: str = "max_seq_len") -> str | None:
+    """A note when ``tokens`` lies beyond the positions the config supports (``trained_positions``)."""
+    limit = trained_positions(shape)
+    if tokens <= limit:
+        return None
+    how = (f"rope_scaling {shape.rope_scaling} x{shape.rope_scaling_factor:g}" if shape.rope_scaling else
+           "no rope_scaling in its config.json")
+    tip = ("" if shape.rope_scaling else " (for Qwen2.5: add rope_scaling {\"type\": \"yarn\", \"factor\": 4.0, "
+           "\"original_max_position_embeddings\": 32768} to config.json; exllamav2 reads it)")
+    return (f"{what} {tokens:,} is beyond the {limit:,} positions {shape.name} was trained for ({how}): the memory "
+            f"figures hold, but quality degrades past {limit:,} tokens{tip}")
 
 
 @dataclass
@@ -39,6 +80,15 @@ class Plan:
     max_bpw_that_fits: float | None = None
     decode_roofline_tok_s: dict | None = None
     warnings: list = field(default_factory=list)
+    #: the longest context per cache mode that also leaves load_autosplit's load-time reserve free (never "tight")
+    longest_safe_context: dict = field(default_factory=dict)
+    #: DecodeEstimate at ``depth`` for the cache mode and attention path given (None without a bandwidth)
+    decode: Any = None
+    #: tok/s (central) at ``depth`` for every cache mode, same attention path (advice weighs them)
+    decode_by_cache_mode: dict = field(default_factory=dict)
+    depth: int = 0
+    trained_positions: int = 0
+    notes: list = field(default_factory=list)
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -49,31 +99,74 @@ class Plan:
         """The margin while ``load_autosplit`` loads: it holds ``LOAD_AUTOSPLIT_RESERVE_BYTES`` more until it ends."""
         return self.margin_bytes - LOAD_AUTOSPLIT_RESERVE_BYTES
 
+    def decode_dict(self) -> dict | None:
+        """The decode estimate as JSON-able numbers (tok/s, seconds, bytes), or None."""
+        e = self.decode
+        if e is None:
+            return None
+        pb = e.position_bytes
+        return {"label": e.label, "depth": e.depth, "cache_mode": pb.cache_mode, "flash_attn": pb.flash_attn,
+                "tok_s": e.tok_s, "tok_s_low": e.tok_s_low, "tok_s_high": e.tok_s_high, "seconds": e.seconds,
+                "assumptions": list(e.assumptions)}
+
+    def position_bytes_dict(self) -> dict | None:
+        if self.decode is None:
+            return None
+        pb = self.decode.position_bytes
+        return {"total": pb.total, "cache_read": pb.cache_read, "temp_written": pb.temp_written,
+                "temp_read": pb.temp_read, "per_layer": pb.per_layer.total, "derivation": pb.derivation}
+
     def to_dict(self) -> dict:
-        return {"model": self.model, "gpu": self.gpu, "units": "bytes (GiB = 2**30 bytes)",
+        e = self.decode
+        return {"$schema": SCHEMA_ID, "schema_version": SCHEMA_VERSION, "kind": "single",
+                "model": self.model, "gpu": self.gpu, "units": "bytes (GiB = 2**30 bytes); speeds in tok/s",
                 "fits": self.fits, "margin_bytes": self.margin_bytes, "kv_cache_bytes": self.kv_cache_bytes,
                 "autosplit_margin_bytes": self.autosplit_margin_bytes,
                 "vram_total_bytes": self.breakdown.vram_total_bytes, "breakdown": self.breakdown.to_dict(),
                 "longest_context": self.longest_context, "longest_context_capped": self.longest_context_capped,
+                "longest_safe_context": self.longest_safe_context,
                 "max_bpw_that_fits": self.max_bpw_that_fits, "decode_roofline_tok_s": self.decode_roofline_tok_s,
-                "recommendation": self.recommendation, "warnings": self.warnings}
+                "depth": self.depth, "trained_positions": self.trained_positions,
+                "decode_estimate_tok_s": None if e is None else e.tok_s,
+                "decode_estimate_range_tok_s": None if e is None else [e.tok_s_low, e.tok_s_high],
+                "decode_estimate": self.decode_dict(),
+                "decode_estimate_by_cache_mode_tok_s": self.decode_by_cache_mode,
+                "bytes_per_position": self.position_bytes_dict(),
+                "recommendation": self.recommendation, "notes": self.notes, "warnings": self.warnings}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
 
+    def verdict(self) -> str:
+        return (f"FITS with {fmt_gib(self.margin_bytes)} to spare" if self.fits
+                else f"DOES NOT FIT: {fmt_gib(-self.margin_bytes)} short")
+
+    def speed_line(self) -> str:
+        """One line: the decode estimate at the depth, or why there is none."""
+        e = self.decode
+        if e is None:
+            return ("decode estimate: none (the GPU's bandwidth is unknown; name a known card or give "
+                    "--bandwidth-gbs)")
+        path = "flash-attn" if e.position_bytes.flash_attn else "torch attention, no flash-attn (repeat_kv)"
+        spill = "" if self.fits else "; assumes nothing spilled, and this plan does not fit"
+        return (f"decode at depth {e.depth:,} (estimate, {e.position_bytes.cache_mode} cache, {path}): "
+                f"{e.tok_s:.1f} tok/s, range {e.tok_s_low:.1f}-{e.tok_s_high:.1f}; "
+                f"{e.position_bytes.total:,} bytes per position per token{spill}")
+
     def summary(self) -> str:
-        g = self.gpu
-        verdict = (f"FITS with {fmt_gib(self.margin_bytes)} to spare" if self.fits
-                   else f"DOES NOT FIT: {fmt_gib(-self.margin_bytes)} short")
         lines = [self.breakdown.table(), "",
-                 f"GPU: {g['name']}, {g['vram_gib']:g} GiB -> {verdict}",
+                 f"GPU: {gpu_label(self.gpu)} -> {self.verdict()}",
                  "longest context that fits (multiples of 256 tokens): " + ", ".join(
                      f"{m} {'>=' if self.longest_context_capped[m] else ''}{n:,}" for m, n in
-                     self.longest_context.items())]
+                     self.longest_context.items()),
+                 "  ... leaving load_autosplit's load-time reserve free: " + ", ".join(
+                     f"{m} {n:,}" for m, n in self.longest_safe_context.items()),
+                 self.speed_line()]
         if self.decode_roofline_tok_s:
             r = self.decode_roofline_tok_s
-            lines.append(f"decode upper bound from {g['bandwidth_gbs']:g} GB/s (bandwidth roofline, not a prediction): "
+            lines.append(f"ceiling from {self.gpu['bandwidth_gbs']:g} GB/s (bandwidth roofline, not a prediction): "
                          f"{r['empty_cache']:.0f} tok/s at an empty cache, {r['full_cache']:.0f} tok/s at a full one")
+        lines += [f"note: {n}" for n in self.notes]
         lines += ["", self.recommendation]
         return "\n".join(lines)
 
@@ -84,16 +177,38 @@ def _fits_at(st: ModelWeights, L: int, mode: str, gpu_bytes: int, kw: dict) -> i
 
 
 def _longest(st: ModelWeights, mode: str, gpu_bytes: int, kw: dict) -> tuple[int, bool]:
-    """Largest multiple of 256 tokens that fits (0 if none), and whether the search cap was reached."""
-    if _fits_at(st, PAGE, mode, gpu_bytes, kw) < 0:
+    """Largest multiple of 256 tokens that fits (0 if none), and whether the search cap was reached.
+
+    Exact: a bracket [fits, does not fit] narrowed by bisection. Past max_input_len and sqrt(max_attention_size)
+    every term grows linearly with the context, so the first guess comes from the slope there (usually right or one
+    page off), which saves most of the bisection's steps."""
+    def margin(pages: int) -> int:
+        return _fits_at(st, pages * PAGE, mode, gpu_bytes, kw)
+
+    if margin(1) < 0:
         return 0, False
-    hi_pages = LONGEST_CONTEXT_CAP // PAGE
-    if _fits_at(st, hi_pages * PAGE, mode, gpu_bytes, kw) >= 0:
-        return hi_pages * PAGE, True
-    lo, hi = 1, hi_pages  # lo fits, hi does not
+    hi = LONGEST_CONTEXT_CAP // PAGE
+    if margin(hi) >= 0:
+        return hi * PAGE, True
+    lo = 1  # lo fits, hi does not
+    edge = max(kw["max_input_len"], math.isqrt(kw["max_attention_size"]) + 1)
+    p0 = min(hi - 2, max(2, -(-edge // PAGE)))
+    m0 = margin(p0)
+    slope = m0 - margin(p0 + 1)
+    if m0 >= 0:
+        lo = p0
+        if slope > 0:
+            guess = min(hi - 1, p0 + m0 // slope)
+            if margin(guess) >= 0:
+                lo = guess
+                hi = guess + 1 if margin(guess + 1) < 0 else hi
+            else:
+                hi = guess
+    else:
+        hi = p0
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if _fits_at(st, mid * PAGE, mode, gpu_bytes, kw) >= 0:
+        if margin(mid) >= 0:
             lo = mid
         else:
             hi = mid
@@ -101,11 +216,13 @@ def _longest(st: ModelWeights, mode: str, gpu_bytes: int, kw: dict) -> tuple[int
 
 
 def _max_bpw(spec: Any, head_bits: int, L: int, mode: str, gpu_bytes: int, kw: dict) -> float | None:
-    """Highest bpw in 0.05 steps (2.0..8.0) whose estimate fits, for configs (None for a real EXL2 folder)."""
+    """Highest bpw in 0.05 steps over ``BPW_RANGE`` whose estimate fits ``gpu_bytes``, for configs (None for a real
+    EXL2 folder)."""
     shape = model_shape(spec)
     if shape.exl2_dir:
         return None
-    steps = [round(2.0 + 0.05 * i, 2) for i in range(121)]
+    lo_bpw, hi_bpw = BPW_RANGE
+    steps = [round(lo_bpw + 0.05 * i, 2) for i in range(int(round((hi_bpw - lo_bpw) / 0.05)) + 1)]
     best = None
     lo, hi = 0, len(steps) - 1
     while lo <= hi:
@@ -118,62 +235,95 @@ def _max_bpw(spec: Any, head_bits: int, L: int, mode: str, gpu_bytes: int, kw: d
     return best
 
 
-def _recommend(p_model: str, gpu: dict, bd: Breakdown, fits: bool, margin: int, longest: dict, capped: dict,
-               max_bpw: float | None, shape: ModelShape) -> str:
+def _speed(by_mode: dict, m: str) -> str:
+    return f"~{by_mode[m]:.0f} tok/s" if by_mode.get(m) else "speed unknown"
+
+
+def _recommend(p_model: str, gpu: dict, bd: Breakdown, fits: bool, margin: int, safe: dict, max_bpw: float | None,
+               shape: ModelShape, by_mode: dict, depth: int, flash: dict | None) -> str:
+    """Advice that never names a context its own check calls tight (``safe``: lengths that leave load_autosplit's
+    load-time reserve free) and weighs decode speed at ``depth`` (``by_mode``: tok/s per cache mode)."""
     L, mode = bd.max_seq_len, bd.cache_mode
+    name = gpu_label(gpu, short=True)
+    at = f"at depth {depth:,}"
 
     def ctx(m):
-        return f"{'at least ' if capped[m] else ''}{longest[m]:,} tokens"
+        return f"{safe[m]:,} tokens"
 
     if fits:
-        text = (f"Fits: {fmt_gib(margin)} to spare on {gpu['name']} at max_seq_len {L:,} with a {mode} cache. "
-                f"The longest context this {mode} cache allows is {ctx(mode)}.")
-        better = [m for m in CACHE_MODES if m != mode and m != "fp8" and longest[m] > longest[mode] * 1.2]
+        text = (f"Fits: {fmt_gib(margin)} to spare on {name} at max_seq_len {L:,} with a {mode} cache. "
+                f"The longest context this {mode} cache allows, with room left for load_autosplit, is {ctx(mode)}.")
+        better = [m for m in ("q8", "q6", "q4") if m != mode and safe[m] > safe[mode] * 1.2]
         if better:
             text += (" A quantized cache stretches it further: " +
-                     ", ".join(f"{m} {ctx(m)}" for m in better) + " (Q4/Q6/Q8 caches cost little quality; FP8 "
-                     "is rejected by the dynamic generator).")
+                     ", ".join(f"{m} {ctx(m)}" for m in better) + " (Q8/Q6 cost little quality, Q4 a little more; "
+                     "FP8 is rejected by the dynamic generator).")
         if margin < LOAD_AUTOSPLIT_RESERVE_BYTES:
             text += (f" Tight: model.load_autosplit(cache) holds {fmt_gib(LOAD_AUTOSPLIT_RESERVE_BYTES)} more while it "
                      f"loads, {fmt_gib(LOAD_AUTOSPLIT_RESERVE_BYTES - margin)} more than this margin: it fails with "
-                     "'Insufficient VRAM' on Linux and spills into system RAM on Windows. Leave that much free, or "
-                     "load with model.load() and create the cache afterwards.")
+                     "'Insufficient VRAM' on Linux and spills into system RAM on Windows. "
+                     + (f"Use max_seq_len {ctx(mode)} or less, or " if safe[mode] >= PAGE else "")
+                     + "load with model.load() and create the cache afterwards.")
     else:
         opts = []
-        if longest[mode] >= PAGE:
+        if safe[mode] >= PAGE:
             opts.append(f"lower max_seq_len to {ctx(mode)} or less with the {mode} cache")
-        for m in ("q8", "q6", "q4"):
-            if m != mode and longest[m] >= L:
-                opts.append(f"keep {L:,} tokens with a {m} cache ({CACHE_CLASSES[m]}; fits up to {ctx(m)})")
-                break
+        keep = [m for m in ("q8", "q6", "q4") if m != mode and safe[m] >= L]
+        if keep:
+            m = keep[0]
+            why = (f"{m} keeps {L:,} tokens ({CACHE_CLASSES[m]}; up to {ctx(m)})")
+            if by_mode and "q4" in keep and m != "q4":
+                why += (f"; {at} it decodes {_speed(by_mode, m)} and q4 {_speed(by_mode, 'q4')}: nearly the same, "
+                        "since exllamav2 0.3.2 dequantizes either to FP16 every token, so prefer the better quality "
+                        f"of {m}")
+            opts.append(why)
         if max_bpw is not None and bd.bpw is not None and max_bpw < bd.bpw:
             opts.append(f"use a quant of at most {max_bpw:g} bpw at {L:,} tokens with the {mode} cache")
         elif shape.exl2_dir:
             opts.append("use a lower-bpw EXL2 quant of this model")
         if not opts:
-            opts.append("use a smaller model or a bigger GPU: even the weights and scratch do not fit")
+            opts.append("use a smaller model or a bigger GPU (or two: plan --gpu A --gpu B): even the weights and "
+                        "scratch do not fit")
         text = (f"Does not fit: {p_model} at max_seq_len {L:,} with a {mode} cache needs {fmt_gib(bd.vram_total_bytes)}"
-                f", {fmt_gib(-margin)} more than {gpu['name']}'s {gpu['vram_gib']:g} GiB. Options: "
+                f", {fmt_gib(-margin)} more than the {fmt_gib(gpu['vram_bytes'], 0)} of {name}. Options: "
                 + "; ".join(f"({i + 1}) {o}" for i, o in enumerate(opts)) + ". On Windows the driver's sysmem "
                 "fallback will not fail here: it spills into system RAM over PCIe and decoding slows several-fold "
                 "(notebook 04); on Linux exllamav2 stops with CUDA out of memory.")
-    if L > shape.max_position_embeddings:
-        text += (f" Note: {L:,} tokens is beyond the {shape.max_position_embeddings:,} the model was trained for "
-                 "(see the warning on RoPE scaling).")
+    if by_mode and mode != "fp16" and by_mode.get("fp16") and by_mode.get(mode):
+        text += (f" Speed {at}: a {mode} cache decodes {_speed(by_mode, mode)} vs {_speed(by_mode, 'fp16')} with "
+                 "FP16 (estimate): exllamav2 0.3.2 dequantizes the whole cache into an FP16 temp layer every token, so "
+                 "a quantized cache buys length, not speed.")
+    if flash is not None:
+        text += (f" Without flash-attn exllamav2 copies K and V to every query head (repeat_kv) at every position: "
+                 f"installing flash-attn raises the estimate {at} from {flash['without']:.0f} to "
+                 f"{flash['with']:.0f} tok/s.")
+    note = context_note(shape, L)
+    if note:
+        text += f" Note: {note}."
     return text
+
+
+def _estimate(st: ModelWeights, bd: Breakdown, g: dict, depth: int, mode: str, flash_attn: bool):
+    return decode_estimate(st.shape, weight_bytes=bd.weights_bytes, bandwidth_gbs=float(g["bandwidth_gbs"]),
+                           depth=depth, cache_mode=mode, flash_attn=flash_attn)
 
 
 def plan(spec: Any, gpu: Any, *, bpw: float | None = None, head_bits: int = 6, max_seq_len: int,
          cache_mode: str = "fp16", reserve_gib: float | None = None, cuda_context_gib: float | None = None,
          batch: int = 1, max_input_len: int = DEFAULT_MAX_INPUT_LEN,
          max_attention_size: int = DEFAULT_MAX_ATTENTION_SIZE, flash_attn: bool = False,
-         bandwidth_gbs: float | None = None) -> Plan:
-    """Plan one model on one GPU: the breakdown, fits or not and by how much, the longest context per cache mode,
-    the highest bpw that fits (configs only), a decode roofline if the bandwidth is known, and a recommendation."""
+         bandwidth_gbs: float | None = None, depth: int | None = None) -> Plan:
+    """Plan one model on one GPU: the breakdown, fits or not and by how much, the longest context per cache mode
+    (and the longest that leaves load_autosplit's reserve free), the highest bpw that fits (configs only), the
+    estimated decode speed at ``depth`` (default: a full cache) if the bandwidth is known, and advice."""
     g = gpu_spec(gpu, bandwidth_gbs) if not isinstance(gpu, dict) or "vram_bytes" not in gpu else gpu
     mode = check_cache_mode(cache_mode)
     L = check_len(max_seq_len)
     check_len(max_input_len, "max_input_len")
+    d = L if depth is None else depth
+    if isinstance(d, bool) or not isinstance(d, int) or d < 0 or d > L:
+        raise CourseError(f"depth must be a whole number of tokens from 0 to max_seq_len ({L:,}); got {depth!r}: the "
+                          "cache holds at most max_seq_len tokens")
     ctx = resolve_cuda_context(None if cuda_context_gib is None
                        else int(round(_check_gib(cuda_context_gib, "CUDA context") * GIB)))
     res = resolve_reserve(None if reserve_gib is None else int(round(_check_gib(reserve_gib, "reserve") * GIB)))
@@ -185,24 +335,36 @@ def plan(spec: Any, gpu: Any, *, bpw: float | None = None, head_bits: int = 6, m
     bd = breakdown_from(st, L, mode, **kw)
     gpu_bytes = g["vram_bytes"]
     margin = gpu_bytes - bd.vram_total_bytes
-    longest, capped = {}, {}
+    longest, capped, safe = {}, {}, {}
     for m in CACHE_MODES:
         longest[m], capped[m] = _longest(st, m, gpu_bytes, kw)
-    max_bpw = _max_bpw(st.shape, head_bits, L, mode, gpu_bytes, kw) if bpw is not None else None
-    roof = None
+        safe[m], _ = _longest(st, m, gpu_bytes - LOAD_AUTOSPLIT_RESERVE_BYTES, kw)
+    max_bpw = (_max_bpw(st.shape, head_bits, L, mode, gpu_bytes - LOAD_AUTOSPLIT_RESERVE_BYTES, kw)
+               if bpw is not None else None)
+    roof, est, by_mode, flash = None, None, {}, None
     if g.get("bandwidth_gbs"):
         per_tok = bd.kv_layers_bytes / L
         bw = float(g["bandwidth_gbs"]) * 1e9
         roof = {"empty_cache": bw / bd.weights_bytes, "full_cache": bw / (bd.weights_bytes + per_tok * L),
                 "note": "GPU weights (+ the cache as stored) read once per token at datasheet bandwidth; an upper "
                         "bound, not a prediction"}
-    msgs = [str(w.message) for w in caught] + bd.warnings
+        est = _estimate(st, bd, g, d, mode, flash_attn)
+        by_mode = {m: _estimate(st, bd, g, d, m, flash_attn).tok_s for m in CACHE_MODES}
+        if not flash_attn and d > 0:
+            flash = {"without": est.tok_s, "with": _estimate(st, bd, g, d, mode, True).tok_s}
+    shape = st.shape
+    beyond = [n for n in (context_note(shape, L), context_note(shape, d, "depth") if d != L else None) if n]
+    notes = [n for n in [page_note(L)] if n] + beyond
+    # the breakdown's own context warning reads max_position_embeddings only; the planner's reads rope_scaling too
+    msgs = [str(w.message) for w in caught] + [w for w in bd.warnings if "max_position_embeddings" not in w] + beyond
     for msg in msgs:
         warnings.warn(msg, CourseWarning, stacklevel=2)
-    rec = _recommend(st.shape.name, g, bd, margin >= 0, margin, longest, capped, max_bpw, st.shape)
-    return Plan(model=st.shape.name, gpu=g, breakdown=bd, fits=margin >= 0, margin_bytes=margin,
+    rec = _recommend(shape.name, g, bd, margin >= 0, margin, safe, max_bpw, shape, by_mode, d, flash)
+    return Plan(model=shape.name, gpu=g, breakdown=bd, fits=margin >= 0, margin_bytes=margin,
                 longest_context=longest, longest_context_capped=capped, recommendation=rec,
-                max_bpw_that_fits=max_bpw, decode_roofline_tok_s=roof, warnings=msgs)
+                max_bpw_that_fits=max_bpw, decode_roofline_tok_s=roof, warnings=msgs, longest_safe_context=safe,
+                decode=est, decode_by_cache_mode=by_mode, depth=d, trained_positions=trained_positions(shape),
+                notes=notes)
 
 
 def _check_gib(v: Any, what: str) -> float:
@@ -211,3 +373,21 @@ def _check_gib(v: Any, what: str) -> float:
     if v > 4096:
         raise CourseError(f"{what} of {v:g} GiB is absurd; give it in GiB, e.g. 0.5")
     return float(v)
+
+
+def longest_for(spec: Any, gpu: Any, *, bpw: float | None = None, head_bits: int = 6, modes=CACHE_MODES,
+                safe: bool = True, flash_attn: bool = False, reserve_gib: float | None = None,
+                cuda_context_gib: float | None = None, max_input_len: int = DEFAULT_MAX_INPUT_LEN) -> dict:
+    """{cache mode: longest context (multiple of 256 tokens; 0 if none)} for one model, bpw and GPU, as ``plan``
+    finds it; ``safe``: leaving load_autosplit's load-time reserve free (what the advice uses)."""
+    g = gpu_spec(gpu) if not isinstance(gpu, dict) or "vram_bytes" not in gpu else gpu
+    ctx = resolve_cuda_context(None if cuda_context_gib is None
+                               else int(round(_check_gib(cuda_context_gib, "CUDA context") * GIB)))
+    res = resolve_reserve(None if reserve_gib is None else int(round(_check_gib(reserve_gib, "reserve") * GIB)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        st = ModelWeights(spec, bpw, head_bits)
+    kw = dict(batch=1, max_input_len=max_input_len, max_attention_size=DEFAULT_MAX_ATTENTION_SIZE,
+              flash_attn=flash_attn, ctx=ctx, reserve=res)
+    budget = g["vram_bytes"] - (LOAD_AUTOSPLIT_RESERVE_BYTES if safe else 0)
+    return {m: _longest(st, check_cache_mode(m), budget, kw)[0] for m in modes}

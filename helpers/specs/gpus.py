@@ -10,55 +10,78 @@ from typing import Any
 from helpers.core.errors import CourseError
 from helpers.core.units import GIB
 
-_NV = "NVIDIA datasheet / product page"
-#: known cards: memory (GiB as marketed: GDDR/HBM capacities are binary), datasheet bandwidth, PCIe link.
-#: NVML reports a total slightly below (the driver keeps some); the reserve term covers that.
+_GEFORCE = "https://www.nvidia.com/en-us/geforce/graphics-cards/"
+_DC = "https://www.nvidia.com/en-us/data-center/"
+_WS = "https://www.nvidia.com/en-us/design-visualization/"
+
+
+def _card(gib: float, gbs: float, gen: int, lanes: int, source: str, checked: str = "") -> dict:
+    return {"vram_gib": gib, "bandwidth_gbs": gbs, "pcie_gen": gen, "pcie_lanes": lanes, "_source": source,
+            "_checked": checked or "not cross-checked: the figure as the NVIDIA page in _source gives it; verify "
+                                   "there"}
+
+
+#: known cards: memory (GiB as marketed: GDDR/HBM capacities are binary), datasheet bandwidth (GB/s = 10**9 B/s), PCIe
+#: link. ``_source``: NVIDIA's product page or datasheet with the figures it gives; ``_checked``: where the figure was
+#: cross-checked (a public review or listing), or that it was not. NVML reports a total slightly below the marketed
+#: memory (the driver keeps some); the planner's reserve term covers that.
 GPUS: dict[str, dict] = {
-    "RTX 4080 Super": {"vram_gib": 16, "bandwidth_gbs": 736, "pcie_gen": 4, "pcie_lanes": 16,
-                       "_source": f"{_NV}: GeForce RTX 4080 family specs (16 GB GDDR6X, 256-bit, 23 Gbps)"},
-    "RTX 4080": {"vram_gib": 16, "bandwidth_gbs": 717, "pcie_gen": 4, "pcie_lanes": 16,
-                 "_source": f"{_NV}: GeForce RTX 4080 family specs (16 GB GDDR6X, 256-bit, 22.4 Gbps)"},
-    "RTX 4090": {"vram_gib": 24, "bandwidth_gbs": 1008, "pcie_gen": 4, "pcie_lanes": 16,
-                 "_source": f"{_NV}: GeForce RTX 4090 specs (24 GB GDDR6X, 384-bit, 21 Gbps)"},
-    "RTX 4070 Ti Super": {"vram_gib": 16, "bandwidth_gbs": 672, "pcie_gen": 4, "pcie_lanes": 16,
-                          "_source": f"{_NV}: GeForce RTX 4070 family specs (16 GB GDDR6X, 256-bit, 21 Gbps)"},
-    "RTX 4070 Ti": {"vram_gib": 12, "bandwidth_gbs": 504, "pcie_gen": 4, "pcie_lanes": 16,
-                    "_source": f"{_NV}: GeForce RTX 4070 family specs (12 GB GDDR6X, 192-bit, 21 Gbps)"},
-    "RTX 4070": {"vram_gib": 12, "bandwidth_gbs": 504, "pcie_gen": 4, "pcie_lanes": 16,
-                 "_source": f"{_NV}: GeForce RTX 4070 family specs (12 GB GDDR6X, 192-bit, 21 Gbps)"},
-    "RTX 4060 Ti 16GB": {"vram_gib": 16, "bandwidth_gbs": 288, "pcie_gen": 4, "pcie_lanes": 8,
-                         "_source": f"{_NV}: GeForce RTX 4060 family specs (16 GB GDDR6, 128-bit, 18 Gbps, "
-                                    "PCIe 4.0 x8)"},
-    "RTX 3090": {"vram_gib": 24, "bandwidth_gbs": 936, "pcie_gen": 4, "pcie_lanes": 16,
-                 "_source": f"{_NV}: GeForce RTX 3090 specs (24 GB GDDR6X, 384-bit, 19.5 Gbps)"},
-    "RTX 3090 Ti": {"vram_gib": 24, "bandwidth_gbs": 1008, "pcie_gen": 4, "pcie_lanes": 16,
-                    "_source": f"{_NV}: GeForce RTX 3090 Ti specs (24 GB GDDR6X, 384-bit, 21 Gbps)"},
-    "RTX 3060 12GB": {"vram_gib": 12, "bandwidth_gbs": 360, "pcie_gen": 4, "pcie_lanes": 16,
-                      "_source": f"{_NV}: GeForce RTX 3060 family specs (12 GB GDDR6, 192-bit, 15 Gbps)"},
-    "RTX 5090": {"vram_gib": 32, "bandwidth_gbs": 1792, "pcie_gen": 5, "pcie_lanes": 16,
-                 "_source": f"{_NV}: GeForce RTX 5090 specs (32 GB GDDR7, 512-bit, 28 Gbps)"},
-    "RTX 5080": {"vram_gib": 16, "bandwidth_gbs": 960, "pcie_gen": 5, "pcie_lanes": 16,
-                 "_source": f"{_NV}: GeForce RTX 5080 specs (16 GB GDDR7, 256-bit, 30 Gbps)"},
-    "RTX A6000": {"vram_gib": 48, "bandwidth_gbs": 768, "pcie_gen": 4, "pcie_lanes": 16,
-                  "_source": f"{_NV}: NVIDIA RTX A6000 datasheet (48 GB GDDR6)"},
-    "RTX 6000 Ada": {"vram_gib": 48, "bandwidth_gbs": 960, "pcie_gen": 4, "pcie_lanes": 16,
-                     "_source": f"{_NV}: NVIDIA RTX 6000 Ada Generation datasheet (48 GB GDDR6)"},
-    "L4": {"vram_gib": 24, "bandwidth_gbs": 300, "pcie_gen": 4, "pcie_lanes": 16,
-           "_source": f"{_NV}: NVIDIA L4 datasheet (24 GB GDDR6)"},
-    "L40S": {"vram_gib": 48, "bandwidth_gbs": 864, "pcie_gen": 4, "pcie_lanes": 16,
-             "_source": f"{_NV}: NVIDIA L40S datasheet (48 GB GDDR6 with ECC)"},
-    "A100 80GB SXM": {"vram_gib": 80, "bandwidth_gbs": 2039, "pcie_gen": 4, "pcie_lanes": 16,
-                      "_source": f"{_NV}: NVIDIA A100 datasheet (80 GB HBM2e, SXM)"},
-    "A100 80GB PCIe": {"vram_gib": 80, "bandwidth_gbs": 1935, "pcie_gen": 4, "pcie_lanes": 16,
-                       "_source": f"{_NV}: NVIDIA A100 datasheet (80 GB HBM2e, PCIe)"},
-    "H100 80GB SXM": {"vram_gib": 80, "bandwidth_gbs": 3350, "pcie_gen": 5, "pcie_lanes": 16,
-                      "_source": f"{_NV}: NVIDIA H100 datasheet (H100 SXM: 80 GB HBM3, 3.35 TB/s)"},
-    "H100 80GB PCIe": {"vram_gib": 80, "bandwidth_gbs": 2000, "pcie_gen": 5, "pcie_lanes": 16,
-                       "_source": f"{_NV}: NVIDIA H100 datasheet (H100 PCIe/NVL: 80 GB HBM2e, 2 TB/s)"},
-    "H200": {"vram_gib": 141, "bandwidth_gbs": 4800, "pcie_gen": 5, "pcie_lanes": 16,
-             "_source": f"{_NV}: NVIDIA H200 datasheet (141 GB HBM3e, 4.8 TB/s)"},
+    # --- GeForce RTX 20 (Turing, PCIe 3.0)
+    "RTX 2080": _card(8, 448, 3, 16, f"{_GEFORCE}rtx-2080/ (8 GB GDDR6, 256-bit, 14 Gbps)",
+                      "windowscentral.com 'Leaked NVIDIA GeForce RTX 2080 series specs' (8GB 256-bit, 448 GB/s)"),
+    "RTX 2080 Ti": _card(11, 616, 3, 16, f"{_GEFORCE}rtx-2080-ti/ (11 GB GDDR6, 352-bit, 14 Gbps)",
+                         "newyorkmetropolitan.com RTX 2080 Ti review spec table (11GB GDDR6, 352-bit, 616GB/s)"),
+    # --- GeForce RTX 30 (Ampere)
+    "RTX 3060 12GB": _card(12, 360, 4, 16, f"{_GEFORCE}30-series/rtx-3060-3060ti/ (12 GB GDDR6, 192-bit, 15 Gbps)"),
+    "RTX 3070": _card(8, 448, 4, 16, f"{_GEFORCE}30-series/rtx-3070-3070ti/ (8 GB GDDR6, 256-bit, 14 Gbps)",
+                      "tomshardware.com RTX 3080 Ti article's spec table (RTX 3070: 8GB GDDR6, 256-bit, 448 GBps)"),
+    "RTX 3080": _card(10, 760, 4, 16, f"{_GEFORCE}30-series/rtx-3080-3080ti/ (10 GB GDDR6X, 320-bit, 19 Gbps)",
+                      "tweaktown.com 'NVIDIA GeForce RTX 3080 specs' (10GB GDDR6X, 320-bit, 760GB/s)"),
+    "RTX 3080 12GB": _card(12, 912, 4, 16, f"{_GEFORCE}30-series/rtx-3080-3080ti/ (12 GB GDDR6X, 384-bit, 19 Gbps)",
+                           "droix.net gives 912 GB/s, atizone.it 936 GB/s (19.5 Gbps): secondary sources disagree"),
+    "RTX 3080 Ti": _card(12, 912, 4, 16, f"{_GEFORCE}30-series/rtx-3080-3080ti/ (12 GB GDDR6X, 384-bit, 19 Gbps)"),
+    "RTX 3090": _card(24, 936, 4, 16, f"{_GEFORCE}30-series/rtx-3090-3090ti/ (24 GB GDDR6X, 384-bit, 19.5 Gbps)",
+                      "tomshardware.com RTX 3080 Ti article's spec table (RTX 3090: 24GB, 384-bit, 936 GBps)"),
+    "RTX 3090 Ti": _card(24, 1008, 4, 16, f"{_GEFORCE}30-series/rtx-3090-3090ti/ (24 GB GDDR6X, 384-bit, 21 Gbps)"),
+    # --- GeForce RTX 40 (Ada)
+    "RTX 4060 Ti 16GB": _card(16, 288, 4, 8, f"{_GEFORCE}40-series/rtx-4060-4060ti/ (16 GB GDDR6, 128-bit, 18 Gbps, "
+                                             "PCIe 4.0 x8)"),
+    "RTX 4070": _card(12, 504, 4, 16, f"{_GEFORCE}40-series/rtx-4070-family/ (12 GB GDDR6X, 192-bit, 21 Gbps)",
+                      "thefpsreview.com 'NVIDIA GeForce RTX 4070 GPU family specifications' (504 GB/s)"),
+    "RTX 4070 Super": _card(12, 504, 4, 16, f"{_GEFORCE}40-series/rtx-4070-family/ (12 GB GDDR6X, 192-bit, 21 Gbps)"),
+    "RTX 4070 Ti": _card(12, 504, 4, 16, f"{_GEFORCE}40-series/rtx-4070-family/ (12 GB GDDR6X, 192-bit, 21 Gbps)"),
+    "RTX 4070 Ti Super": _card(16, 672, 4, 16, f"{_GEFORCE}40-series/rtx-4070-family/ (16 GB GDDR6X, 256-bit, "
+                                               "21 Gbps)"),
+    "RTX 4080": _card(16, 717, 4, 16, f"{_GEFORCE}40-series/rtx-4080-family/ (16 GB GDDR6X, 256-bit, 22.4 Gbps)"),
+    "RTX 4080 Super": _card(16, 736, 4, 16, f"{_GEFORCE}40-series/rtx-4080-family/ (16 GB GDDR6X, 256-bit, 23 Gbps)",
+                            "docs/FACTS.md (the course's seed case)"),
+    "RTX 4090": _card(24, 1008, 4, 16, f"{_GEFORCE}40-series/rtx-4090/ (24 GB GDDR6X, 384-bit, 21 Gbps)"),
+    # --- GeForce RTX 50 (Blackwell, PCIe 5.0)
+    "RTX 5070 Ti": _card(16, 896, 5, 16, f"{_GEFORCE}50-series/rtx-5070-family/ (16 GB GDDR7, 256-bit, 28 Gbps)"),
+    "RTX 5080": _card(16, 960, 5, 16, f"{_GEFORCE}50-series/rtx-5080/ (16 GB GDDR7, 256-bit, 30 Gbps)"),
+    "RTX 5090": _card(32, 1792, 5, 16, f"{_GEFORCE}50-series/rtx-5090/ (32 GB GDDR7, 512-bit, 28 Gbps)"),
+    # --- workstation (RTX A / Ada)
+    "RTX A4000": _card(16, 448, 4, 16, f"{_WS}rtx-a4000/ datasheet (16 GB GDDR6 with ECC, 256-bit, 448 GB/s)",
+                       "ecer.com listing reproducing the datasheet (16GB GDDR6, 256-bit, 448 GB/s, PCIe 4.0 x16)"),
+    "RTX A5000": _card(24, 768, 4, 16, f"{_WS}rtx-a5000/ datasheet (24 GB GDDR6 with ECC, 384-bit, 768 GB/s)"),
+    "RTX A6000": _card(48, 768, 4, 16, f"{_WS}rtx-a6000/ datasheet (48 GB GDDR6 with ECC, 384-bit, 768 GB/s)",
+                       "techbriefly.com 'RTX A6000 and RTX A40' (48GB GDDR6, 384-bit, 768GB/s)"),
+    "RTX 6000 Ada": _card(48, 960, 4, 16, f"{_WS}rtx-6000/ datasheet (48 GB GDDR6 with ECC, 384-bit, 960 GB/s)"),
+    # --- data centre
+    "T4": _card(16, 320, 3, 16, f"{_DC}tesla-t4/ datasheet (16 GB GDDR6, 320+ GB/s)"),
+    "A10": _card(24, 600, 4, 16, f"{_DC}products/a10-gpu/ datasheet (24 GB GDDR6, 600 GB/s)"),
+    "L4": _card(24, 300, 4, 16, f"{_DC}l4/ datasheet (24 GB GDDR6, 300 GB/s)"),
+    "L40S": _card(48, 864, 4, 16, f"{_DC}l40s/ datasheet (48 GB GDDR6 with ECC, 864 GB/s)"),
+    "A100 40GB PCIe": _card(40, 1555, 4, 16, f"{_DC}a100/ datasheet (A100 40GB PCIe: HBM2, 1,555 GB/s)"),
+    "A100 80GB PCIe": _card(80, 1935, 4, 16, f"{_DC}a100/ datasheet (A100 80GB PCIe: HBM2e, 1,935 GB/s)"),
+    "A100 80GB SXM": _card(80, 2039, 4, 16, f"{_DC}a100/ datasheet (A100 80GB SXM: HBM2e, 2,039 GB/s)"),
+    "H100 80GB PCIe": _card(80, 2000, 5, 16, f"{_DC}h100/ datasheet (H100 PCIe: 80 GB HBM2e, 2 TB/s)"),
+    "H100 80GB SXM": _card(80, 3350, 5, 16, f"{_DC}h100/ datasheet (H100 SXM: 80 GB HBM3, 3.35 TB/s)"),
+    "H200": _card(141, 4800, 5, 16, f"{_DC}h200/ datasheet (H200 SXM: 141 GB HBM3e, 4.8 TB/s)"),
 }
 _GPU_ALIASES = {"4080s": "RTX 4080 Super", "4070tis": "RTX 4070 Ti Super", "3060": "RTX 3060 12GB",
+                "4070s": "RTX 4070 Super", "4060ti16gb": "RTX 4060 Ti 16GB", "a6000": "RTX A6000",
+                "a5000": "RTX A5000", "a4000": "RTX A4000", "6000ada": "RTX 6000 Ada", "a10040gb": "A100 40GB PCIe",
                 "4060ti": "RTX 4060 Ti 16GB", "a100": "A100 80GB SXM", "h100": "H100 80GB SXM",
                 "h100sxm": "H100 80GB SXM", "h100pcie": "H100 80GB PCIe", "a1006": "RTX A6000",
                 # names the driver (NVML, torch) reports that differ from the datasheet's
@@ -100,7 +123,7 @@ def gpu_spec(name_or_gib: Any, bandwidth_gbs: float | None = None, pcie_gbs: flo
             if number:
                 return gpu_spec(float(number.group(1)), bandwidth_gbs, pcie_gbs)
             close = difflib.get_close_matches(key, list(table), n=3, cutoff=0.5)
-            names = sorted({table[c] for c in close})
+            names = list(dict.fromkeys(table[c] for c in close))  # closest first
             hint = f" Did you mean {', '.join(repr(n) for n in names)}?" if names else ""
             raise CourseError(f"unknown GPU '{text}'.{hint} Known: {', '.join(GPUS)}; or give its memory, "
                               "e.g. --gpu-gib 16")
@@ -118,3 +141,24 @@ def gpu_spec(name_or_gib: Any, bandwidth_gbs: float | None = None, pcie_gbs: flo
     else:
         spec.setdefault("pcie_gbs", None)
     return spec
+
+
+def gpu_label(spec: dict, short: bool = False) -> str:
+    """How a plan names a card: 'RTX 4080 Super (16 GiB, 736 GB/s)', or 'a GPU with 16 GiB' for a size given by the
+    user (never '16 GiB GPU, 16 GiB'). ``short``: the name alone ('RTX 4080 Super', 'a GPU with 16 GiB')."""
+    size = f"{float(spec['vram_gib']):g} GiB"
+    if spec.get("name") in GPUS:
+        if short:
+            return spec["name"]
+        bw = f", {float(spec['bandwidth_gbs']):g} GB/s" if spec.get("bandwidth_gbs") else ""
+        return f"{spec['name']} ({size}{bw})"
+    name = spec.get("name") or ""
+    base = f"a GPU with {size}" if name.endswith("GiB GPU") or name in ("", "custom") else f"{name} ({size})"
+    if short or not spec.get("bandwidth_gbs"):
+        return base
+    return f"{base}, {float(spec['bandwidth_gbs']):g} GB/s"
+
+
+def known_gpus() -> list[str]:
+    """Every known card, in the table's order (RTX 20 -> data centre)."""
+    return list(GPUS)

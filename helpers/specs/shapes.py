@@ -70,6 +70,9 @@ class ModelShape:
     rotary_dim: int = 0
     rope_theta: float = 10000.0
     rope_scaling: str | None = None
+    #: config.json ``rope_scaling``'s ``factor`` and ``original_max_position_embeddings`` (1.0 and 0 when absent)
+    rope_scaling_factor: float = 1.0
+    original_max_position_embeddings: int = 0
     n_experts: int = 1
     model_type: str = ""
     source: str = ""
@@ -252,9 +255,13 @@ def shape_from_config(cfg: dict, name: str = "config", source: str = "", exl2_di
                         "Qwen2_5_VLForConditionalGeneration") or attention_bias
     partial = float(_cfg_get(cfg, ["partial_rotary_factor"], 1.0))
     rs = _cfg_get(cfg, ["rope_scaling"], None)
-    rope_scaling = None
+    rope_scaling, rope_factor, rope_orig = None, 1.0, 0
     if isinstance(rs, dict):
         rope_scaling = str(rs.get("rope_type") or rs.get("type") or "yes")
+        if isinstance(rs.get("factor"), (int, float)) and not isinstance(rs.get("factor"), bool):
+            rope_factor = float(rs["factor"])
+        if isinstance(rs.get("original_max_position_embeddings"), int):
+            rope_orig = int(rs["original_max_position_embeddings"])
     theta = _cfg_get(cfg, ["rope_theta", "attn_config->rope_theta"], None)
     if theta is None:
         theta = rope_theta_of(cfg)
@@ -269,7 +276,8 @@ def shape_from_config(cfg: dict, name: str = "config", source: str = "", exl2_di
         qk_norm=arch in _QK_NORM or bool(cfg.get("use_qk_norm", False)),
         rope=arch not in _NO_ROPE, rope_tables=2 if arch == "Gemma3ForConditionalGeneration" else 1,
         rotary_dim=int(head_dim * partial), rope_theta=float(theta) if theta is not None else 10000.0,
-        rope_scaling=rope_scaling, n_experts=n_experts, model_type=str(cfg.get("model_type", "")),
+        rope_scaling=rope_scaling, rope_scaling_factor=rope_factor, original_max_position_embeddings=rope_orig,
+        n_experts=n_experts, model_type=str(cfg.get("model_type", "")),
         source=str(cfg.get("_source", source)), exl2_dir=exl2_dir)
 
 

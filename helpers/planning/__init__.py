@@ -1,0 +1,8 @@
+"""Planning: will a model fit on your GPU(s), how long a context, how fast at depth.
+
+Built on ``memory/`` (every byte exllamav2 0.3.2 allocates) and ``speed/`` (the decode model). Nothing here imports
+exllamav2 or torch.
+
+- planner: one model on one GPU: fits or not, the longest context per cache mode, the highest bpw, a decode
+  estimate at depth, advice
+"""

@@ -1,0 +1,58 @@
+"""Which cards fit? One model, bpw, context and cache mode planned on every known GPU (``specs.gpus.GPUS``)."""
+from __future__ import annotations
+
+import json
+import warnings
+from typing import Any
+
+from helpers.core.units import GIB
+from helpers.memory.cache_modes import CACHE_MODES
+from helpers.planning.planner import SCHEMA_ID, SCHEMA_VERSION, plan
+from helpers.specs.gpus import GPUS
+
+#: the cache modes the table shows a longest context for (FP8 is left out: the dynamic generator rejects it)
+TABLE_MODES = tuple(m for m in CACHE_MODES if m != "fp8")
+
+
+def all_gpus(spec: Any, *, bpw: float | None = None, max_seq_len: int, cache_mode: str = "fp16",
+             depth: int | None = None, flash_attn: bool = False, gpus: list[str] | None = None,
+             **plan_kw) -> list[dict]:
+    """One row per known GPU (or per name in ``gpus``): fits, margin, the longest context per cache mode that leaves
+    load_autosplit's load-time reserve free, and the estimated decode tok/s at ``depth`` (default: a full cache)."""
+    rows = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the same context warning for every card: the caller sees it once
+        for name in gpus or list(GPUS):
+            p = plan(spec, name, bpw=bpw, max_seq_len=max_seq_len, cache_mode=cache_mode, depth=depth,
+                     flash_attn=flash_attn, **plan_kw)
+            rows.append({"gpu": name, "vram_gib": float(p.gpu["vram_gib"]), "bandwidth_gbs": p.gpu["bandwidth_gbs"],
+                         "fits": p.fits, "margin_bytes": p.margin_bytes,
+                         "longest_safe_context": {m: p.longest_safe_context[m] for m in TABLE_MODES},
+                         "decode_estimate_tok_s": None if p.decode is None else p.decode.tok_s,
+                         "depth": p.depth, "model": p.model, "cache_mode": p.breakdown.cache_mode,
+                         "max_seq_len": p.breakdown.max_seq_len})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """The rows as text: one line per GPU."""
+    if not rows:
+        return "no GPUs"
+    r0 = rows[0]
+    head = (f"{r0['model']}, max_seq_len {r0['max_seq_len']:,}, {r0['cache_mode']} cache; decode estimate at depth "
+            f"{r0['depth']:,} (only where it fits: a spill is slower, notebook 04); longest context leaving "
+            "load_autosplit's reserve free (tokens, the search stops at 1,048,576)")
+    cols = f"{'GPU':<18}{'GiB':>5}  {'verdict':<20}" + "".join(f"{m:>11}" for m in TABLE_MODES) + f"{'tok/s est.':>12}"
+    lines = [head, cols]
+    for r in rows:
+        m = r["margin_bytes"] / GIB
+        verdict = f"fits (+{m:.2f} GiB)" if r["fits"] else f"no ({m:.2f} GiB)"
+        speed = f"{r['decode_estimate_tok_s']:.1f}" if r["decode_estimate_tok_s"] and r["fits"] else "-"
+        lines.append(f"{r['gpu']:<18}{r['vram_gib']:>5g}  {verdict:<20}"
+                     + "".join(f"{r['longest_safe_context'][k]:>11,}" for k in TABLE_MODES) + f"{speed:>12}")
+    return "\n".join(lines)
+
+
+def table_json(rows: list[dict]) -> str:
+    return json.dumps({"$schema": SCHEMA_ID, "schema_version": SCHEMA_VERSION, "kind": "all_gpus",
+                       "units": "bytes (GiB = 2**30 bytes); speeds in tok/s", "rows": rows}, indent=1)
