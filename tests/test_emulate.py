@@ -439,7 +439,7 @@ def test_cli_without_cuda_says_so(capsys):
         assert main(["emulate", flag, "4096"]) == 2
         assert "needs a CUDA GPU" in capsys.readouterr().err
     assert main(["emulate", "--max-seq-len", "4k,lots"]) == 2     # parsed before CUDA is asked for
-    assert "cache length 'lots' is not a whole number" in capsys.readouterr().err
+    assert "'lots' is not a whole number" in capsys.readouterr().err       # core.units' one token-count parser
 
 
 def test_build_needs_cuda():
@@ -457,9 +457,11 @@ def test_the_spill_model_walks_an_emulator_placement_with_the_embedding_on_the_c
         placement = emu.placement()
     walked = spill.place(placement, 190, 0)          # the model's own walk over the emulator's byte counts
     assert [p["where"] for p in walked] == [d["where"] for d in placement]
-    pred = spill.evaluate(placement, depth=0, max_seq_len=100, overhead_s_per_token=0, vram_bandwidth=1.0,
-                             pcie_bandwidth=0.5)
+    pred = spill.evaluate(placement, shape="qwen2.5-14b", depth=0, max_seq_len=100, overhead_s=0,
+                          vram_bandwidth=1.0, pcie_bandwidth=0.5)
     assert pred.vram_read_bytes == 10 + 30 + 10 + 30 + 30 and pred.sysmem_read_bytes == 10 + 60
+    # the speed model's time at depth 0: 110 B at 1 B/s + 70 B at 0.5 B/s
+    assert pred.seconds_per_token == pytest.approx(110 + 140)
 
 
 def test_recorded_results_are_read_labelled_and_plotted(tmp_path):

@@ -47,28 +47,76 @@ def test_read_bytes_counts_weights_and_the_cache_up_to_depth():
         spill.read_bytes(p, depth=101, max_seq_len=100)
 
 
-def test_seconds_per_token_and_evaluate():
+def _toy_eval(p, depth=25, **kw):
+    # toy byte counts on a real shape: at 1 B/s VRAM and 0.5 B/s PCIe the speed model's seconds are the bytes
+    return spill.evaluate(p, shape="qwen2.5-14b", depth=depth, max_seq_len=100, vram_bandwidth=1.0,
+                          pcie_bandwidth=0.5, **kw)
+
+
+def test_evaluate_takes_its_time_from_the_speed_model():
+    from helpers.speed.model import decode_estimate
+
     p = spill.place(_order(), budget_bytes=130)
-    pred = spill.evaluate(p, depth=25, max_seq_len=100, overhead_s_per_token=0.5, vram_bandwidth=10.0,
-                             pcie_bandwidth=1.0)
-    assert pred.vram_read_bytes == 70 and pred.sysmem_read_bytes == 90
-    assert pred.seconds_per_token == pytest.approx(0.5 + 7.0 + 90.0)
-    assert pred.tok_s == pytest.approx(1 / 97.5)
+    pred = _toy_eval(p, depth=0, overhead_s=0.5)
+    assert pred.vram_read_bytes == 50 and pred.sysmem_read_bytes == 90      # counted here, at depth 0: weights
+    # by hand: 0.5 s overhead + 50 B of weights at 1 B/s + 90 B of spilled weights at 0.5 B/s = 230.5 s
+    assert pred.seconds_per_token == pytest.approx(0.5 + 50 + 180)
+    assert pred.time_split_ms() == pytest.approx({"overhead_ms": 500.0, "vram_ms": 50e3, "pcie_ms": 180e3})
+    est = decode_estimate("qwen2.5-14b", weight_bytes=140, bandwidth_gbs=1e-9, depth=0, overhead_s=0.5,
+                          spilled_weight_bytes=90, pcie_gbs=0.5e-9)
+    assert pred.tok_s == pytest.approx(est.tok_s) and pred.seconds == pytest.approx(est.seconds)
     assert pred.spilled_bytes == 90 and pred.spilled_weight_bytes == 90 and pred.spilled_cache_bytes == 0
-    assert pred.spilled_modules() == ["l1.mlp", "head"]
-    assert pred.time_split_ms() == pytest.approx({"overhead_ms": 500.0, "vram_ms": 7000.0, "pcie_ms": 90000.0})
+    assert pred.spilled_modules() == ["l1.mlp", "head"] and pred.placement == "first_come"
+    # the overhead is a range by default (the speed model's), never a silent 0
+    assert _toy_eval(p).overhead_s == spill.DEFAULT_OVERHEAD_S and spill.DEFAULT_OVERHEAD_S[1] > 0
     with pytest.raises(CourseError):
-        spill.seconds_per_token(1, 1, overhead_s_per_token=-1, vram_bandwidth=1, pcie_bandwidth=1)
+        _toy_eval(p, overhead_s=-1)
 
 
-def test_overhead_from_run_and_the_roofline_clamp():
-    # 50 tok/s = 20 ms; 1 GB at 100 GB/s = 10 ms -> 10 ms overhead
-    over, note = spill.overhead_from_run(50.0, 1e9, 100e9)
-    assert over == pytest.approx(0.010) and note is None
-    # the seed: 80 tok/s reported, ~9.7 GB per token at 736 GB/s: roofline ~75.9 tok/s -> no time left for overhead
-    over, note = spill.overhead_from_run(80.0, 9.7e9, 736e9)
-    assert over == 0.0
-    assert "at or above the roofline of 75.9 tok/s" in note
+def test_placement_first_come_vs_first_touch():
+    from helpers.fallback import placement
+
+    order = [{"module": "ctx", "kind": "device_context", "scratch_bytes": 10},
+             {"module": "scratch", "kind": "dequant_scratch", "scratch_bytes": 40},
+             {"module": "l0", "kind": "attention", "weight_bytes": 30, "cache_bytes": 20},
+             {"module": "head", "kind": "head", "weight_bytes": 30}]
+    # budget 100: first come: ctx 10 + scratch 40 + l0 50 = 100, the head (made last) spills
+    first = spill.place(order, 100, placement="first_come")
+    assert [p["where"] for p in first] == ["vram", "vram", "vram", "sysmem"]
+    # first touch: what decode touches first (ctx, l0, head: 90), the untouched scratch gets the 10 left: spills
+    touch = spill.place(order, 100, placement="first_touch")
+    assert [p["where"] for p in touch] == ["vram", "sysmem", "vram", "vram"]
+    assert [p["module"] for p in touch] == ["ctx", "scratch", "l0", "head"]       # the order given is kept
+    assert placement.touched_by_decode("head") and not placement.touched_by_decode("load_reserve")
+    with pytest.raises(CourseError, match="unknown placement"):
+        spill.place(order, 100, placement="lazy")
+
+
+def test_placement_on_the_seed_card():
+    kw = dict(bpw=5.5, max_seq_len=32768, depth=256)
+    come = spill.SpillModel("RTX 4080 Super", reserve_gib=0.26, placement="first_come").predict("qwen2.5-14b", **kw)
+    touch = spill.SpillModel("RTX 4080 Super", reserve_gib=0.26, placement="first_touch").predict("qwen2.5-14b", **kw)
+    assert come.spilled_weight_bytes > 0 and come.spilled_modules()[-1] == "lm_head"
+    # first touch: the 1 GiB dequant scratch and the prompt's transients leave; nothing a token reads does
+    assert set(touch.spilled_modules()) == {"dequantization scratch (device context)",
+                                            "prompt transients (attention matrix, hidden state)"}
+    assert touch.sysmem_read_bytes == 0 and touch.spilled_bytes > GIB
+    assert touch.tok_s > 3 * come.tok_s
+    lay = spill.SpillModel("RTX 4080 Super", placement="first_touch").layout("qwen2.5-14b", bpw=5.5,
+                                                                           max_seq_len=32768)
+    assert lay["terms"]["load_reserve_bytes"] == 0 and "never written" in lay["notes"][-1]
+
+
+def test_overhead_from_run_and_a_reading_above_the_bound():
+    from helpers.memory.weights import weight_bytes
+
+    w = weight_bytes("qwen2.5-14b", bpw=5.5)["vram_bytes"]
+    # 50 tok/s = 20 ms; the weights at 736 GB/s take w / 736e9 s at depth 0 -> the rest is overhead
+    over, note = spill.overhead_from_run(50.0, "qwen2.5-14b", weight_bytes=w, vram_bandwidth=736e9)
+    assert over == pytest.approx(0.020 - w / 736e9) and note is None
+    # the seed's 80 tok/s is above what the bytes allow: not a clean decode, and no overhead can be read from it
+    over, note = spill.overhead_from_run(80.0, "qwen2.5-14b", weight_bytes=w, vram_bandwidth=736e9)
+    assert over == 0.0 and "not a clean decode" in note and "do not use 0" in note
 
 
 def test_pcie_bandwidths():
@@ -107,7 +155,7 @@ class FakeAnswers:
 
     def __init__(self, *, system="Windows", driver="551.86", model="WDDM", total=16 * GIB, free=15 * GIB,
                  spill=True, vram_gbs=700.0, sys_gbs=24.0, ram=64 * GIB, interrupt_after=None, gpu=True,
-                 release="10"):
+                 release="10", placement="first_come"):
         self.system, self.release_name = system, release
         self._gpu = {"name": "NVIDIA GeForce RTX 4080 SUPER", "driver": driver, "driver_model": model,
                      "dedicated_bytes": total, "free_bytes": free} if gpu else None
@@ -119,6 +167,7 @@ class FakeAnswers:
         self.allocs = 0
         self.released = 0
         self.interrupt_after = interrupt_after
+        self.placement, self.untouched = placement, set()
 
     def gpu(self):
         return self._gpu
@@ -126,7 +175,15 @@ class FakeAnswers:
     def ram_available_bytes(self):
         return self.ram
 
-    def allocate(self, nbytes):
+    def free_vram_bytes(self):
+        # what the driver has committed: everything, or (first_touch) only what was written
+        held = sum(n for h, (n, _) in self.live.items() if self.placement == "first_come" or h not in self.untouched)
+        return max(0, self.free_vram - held)
+
+    def touch(self, handle):
+        self.untouched.discard(handle)
+
+    def allocate(self, nbytes, touch=True):
         if self.interrupt_after is not None and self.allocs >= self.interrupt_after:
             raise KeyboardInterrupt
         past = self.used + nbytes > self.free_vram
@@ -137,6 +194,8 @@ class FakeAnswers:
         self.max_used = max(self.max_used, self.used)
         self.next_id += 1
         self.live[self.next_id] = (nbytes, past)
+        if not touch:
+            self.untouched.add(self.next_id)
         return self.next_id
 
     def read_bandwidth(self, handle):
@@ -217,6 +276,26 @@ def test_probe_tcc_and_linux_allocate_nothing():
     assert rep.verdict == "no-gpu" and "no NVIDIA GPU" in rep.text() and "Windows (WDDM) driver" in rep.text()
 
 
+def test_probe_reports_the_placement_the_driver_follows():
+    rep = probe.run_probe(FakeAnswers(placement="first_come"), chunk_bytes=256 * MIB)
+    assert rep.placement_observed == "first_come" == rep.placement_assumed
+    assert "lowered the free VRAM by 256 MiB when made, 0 MiB more when written" in rep.text()
+    a = FakeAnswers(placement="first_touch")
+    rep = probe.run_probe(a, chunk_bytes=256 * MIB)
+    assert rep.placement_observed == "first_touch" and "use placement='first_touch'" in rep.text()
+    assert a.live == {} and a.used == 0                  # the placement chunk is freed too
+    rep = probe.run_probe(FakeAnswers(placement="first_touch"), chunk_bytes=256 * MIB, placement="first_touch")
+    assert rep.placement_assumed == "first_touch" and "use placement" not in rep.text()
+    with pytest.raises(CourseError, match="unknown placement"):
+        probe.run_probe(FakeAnswers(), placement="never")
+
+
+def test_driver_wording_is_one_phrasing():
+    assert probe.DRIVER_WORDING == ('the fallback exists since driver 536.40; the policy switch ("CUDA - Sysmem '
+                                    'Fallback Policy") since 546.01')
+    assert probe.DRIVER_WORDING in "\n".join(probe.LINUX_LINES + probe.POLICY_STEPS)
+
+
 def test_parse_driver_version():
     assert probe.parse_driver_version("551.86") == (551, 86)
     assert probe.parse_driver_version("580.159.03") == (580, 159)
@@ -240,23 +319,29 @@ def test_main_probe_with_fake_windows_answers(capsys):
 
     doc = json.loads(capsys.readouterr().out)
     assert doc["verdict"] == "fallback-active" and doc["past_free_bytes"] == GIB // 2
+    assert doc["placement_assumed"] == "first_come" and doc["placement_observed"] == "first_come"
+    assert cli_probe.main(["--fallback", "--placement", "first_touch", "--json"],
+                          answers=FakeAnswers(placement="first_touch")) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["placement_assumed"] == doc["placement_observed"] == "first_touch"
 
 
 # ----------------------------------------------------------------------------------------- the model on real shapes
-def test_predict_nothing_spills_at_4k_and_speed_is_the_roofline():
-    p = spill.predict("qwen2.5-14b", "RTX 4080 Super", bpw=5.5, max_seq_len=4096, depth=0, reserve_gib=0.2)
+def test_predict_nothing_spills_at_4k_and_speed_is_the_speed_models():
+    p = spill.predict("qwen2.5-14b", "RTX 4080 Super", bpw=5.5, max_seq_len=4096, depth=0, reserve_gib=0.2,
+                      overhead_s=0.0)
     assert p.spilled_bytes == 0 and p.sysmem_read_bytes == 0
     from helpers.memory.weights import weight_bytes
 
     w = weight_bytes("qwen2.5-14b", bpw=5.5)["vram_bytes"]
     assert p.vram_read_bytes == w                     # every GPU weight once, nothing of the cache at depth 0
-    # no overhead and nothing spilled: the roofline, ~9.7 GB per token at 736 GB/s = ~76 tok/s (the seed's ceiling)
-    assert p.tok_s == pytest.approx(p.roofline_tok_s) and 74 < p.tok_s < 78
+    # no overhead, nothing spilled, depth 0: the roofline, ~9.7 GB per token at 736 GB/s = ~76 tok/s
+    assert p.tok_s == pytest.approx(736e9 / w) and 74 < p.tok_s < 78
     assert p.pcie_bandwidth == pytest.approx(25e9) and p.vram_bandwidth == pytest.approx(736e9)
 
 
 def test_predict_32k_spills_the_tail_of_the_load_order_and_round_trips():
-    m = spill.SpillModel("RTX 4080 Super", reserve_gib=0.2, overhead_s_per_token=0.002)
+    m = spill.SpillModel("RTX 4080 Super", reserve_gib=0.2, overhead_s=0.002)
     p = m.predict("qwen2.5-14b", bpw=5.5, max_seq_len=32768, depth=1000)
     spilled = p.spilled_modules()
     assert spilled[-1] == "lm_head" and all(s.startswith("model.layers.4") for s in spilled[:-1])
@@ -264,83 +349,130 @@ def test_predict_32k_spills_the_tail_of_the_load_order_and_round_trips():
     demand = lay["fixed_bytes"] + sum(e["bytes"] for e in lay["order"] if e["device_hint"] != "cpu")
     over = demand - lay["budget_bytes"]
     assert over > 0 and over <= p.spilled_bytes < over + 200 * MIB     # what overflows, in whole modules
-    # seconds per token is exactly the sum of its parts
+    # seconds per token is exactly the sum of the speed model's terms
     t = p.time_split_ms()
     assert 1e3 / p.tok_s == pytest.approx(t["overhead_ms"] + t["vram_ms"] + t["pcie_ms"])
-    # asking for the predicted speed gives back the bytes read over PCIe (the tail, the norm aside)
-    need = m.spill_needed_for(p.tok_s, "qwen2.5-14b", bpw=5.5, max_seq_len=32768, depth=1000)
-    assert need["sysmem_read_bytes"] == pytest.approx(p.sysmem_read_bytes, rel=1e-3)
+    assert p.spilled_cache_layers == sum(1 for q in p.modules if q["where"] == "sysmem" and q["cache_bytes"])
+    # asking for the predicted weights-only speed gives back the spilled weight bytes
+    w_only = p.estimate(spilled_cache_layers=0).tok_s
+    need = m.spill_needed_for(w_only, "qwen2.5-14b", bpw=5.5, max_seq_len=32768, depth=1000)
+    assert need["sysmem_read_bytes"] == pytest.approx(p.spilled_weight_bytes, rel=1e-6)
     assert need["modules"][0] == ("lm_head", 1.0)
 
 
 def test_spill_needed_for_inverts_the_prediction():
-    m = spill.SpillModel("RTX 4080 Super")
+    m = spill.SpillModel("RTX 4080 Super", overhead_s=0.0)
     need = m.spill_needed_for(25.0, "qwen2.5-14b", bpw=5.5, max_seq_len=32768, depth=0)
     from helpers.memory.weights import weight_bytes
 
     w = weight_bytes("qwen2.5-14b", bpw=5.5)["vram_bytes"]
     x = need["sysmem_read_bytes"]
-    # reading x of the w bytes over PCIe (25 GB/s) and the rest from VRAM (736 GB/s) takes 40 ms: 25 tok/s
-    assert spill.seconds_per_token(w - x, x, overhead_s_per_token=0.0, vram_bandwidth=736e9,
-                                   pcie_bandwidth=25e9) == pytest.approx(1 / 25)
+    # by hand: (w - x) / 736 GB/s + x / 25 GB/s = 40 ms
+    assert (w - x) / 736e9 + x / 25e9 == pytest.approx(1 / 25)
     assert 0.65e9 < x < 0.75e9        # ~0.69 GB a token: a small tail of the ~9.7 GB model
-    assert need["spilled_weight_bytes"] == pytest.approx(x)   # at depth 0 only weights are read
-    assert need["possible"]
-    # slower targets need more over PCIe; faster than the roofline needs no spill at all
+    assert need["spilled_weight_bytes"] == pytest.approx(x) and need["possible"]
     assert m.spill_needed_for(20.0, "qwen2.5-14b", bpw=5.5, max_seq_len=32768, depth=0)["sysmem_read_bytes"] > x
     assert m.spill_needed_for(100.0, "qwen2.5-14b", bpw=5.5, max_seq_len=32768)["sysmem_read_bytes"] == 0
 
 
-def test_seed_case_is_told_from_datasheet_and_readings():
+def test_seed_case_takes_no_overhead_from_the_80():
     c = seed.seed_case()
     assert c["vram_bandwidth"] == 736e9 and c["pcie_bandwidth"] == pytest.approx(25e9)
-    assert c["roofline_4k_tok_s"] < 80 < c["roofline_4k_tok_s"] * 1.1      # the report is at or above the roofline
-    assert c["overhead_s_per_token"] == 0 and "at or above the roofline" in c["overhead_note"]
-    assert c["prediction_4k"].spilled_bytes == 0
-    p = c["prediction_32k"]
-    assert p.spilled_bytes > 0 and p.tok_s < c["prediction_4k"].tok_s
+    p4, p = c["prediction_4k"], c["prediction_32k"]
+    assert p4.overhead_s == seed.DEFAULT_OVERHEAD_S and p4.seconds["overhead"] > 0
+    assert p4.spilled_bytes == 0 and p.spilled_bytes > 0 and p.tok_s < p4.tok_s
     assert c["predicted_over_reported"] == pytest.approx(p.tok_s / 25.0)
-    assert c["within_20pct"] == (abs(p.tok_s / 25.0 - 1) <= 0.2)
+    rc = seed.roofline_check()
+    # by hand: 80 / (736 GB/s / (weights + 256 positions x 48 layers x 4096 B)) = 1.06
+    assert rc["bytes_per_token"] == rc["weight_bytes"] + 256 * 48 * 4096
+    assert rc["reported_over_roofline"] == pytest.approx(80 * rc["bytes_per_token"] / 736e9)
+    assert 1.05 < rc["reported_over_roofline"] < 1.07 and 1.2 < rc["reported_over_realistic"] < 1.3
     rows = seed.seed_variants()
-    assert [(r["load_path"], r["pcie"][:3]) for r in rows] == [("autosplit", "pra"), ("autosplit", "raw"),
-                                                               ("load", "pra"), ("load", "raw")]
-    assert rows[0]["tok_s"] == pytest.approx(p.tok_s)
-    assert rows[1]["tok_s"] > rows[0]["tok_s"] and rows[3]["tok_s"] > rows[2]["tok_s"]   # faster PCIe, faster
+    assert [(r["load_path"], r["placement"]) for r in rows] == [("autosplit", "first_come"),
+                                                                ("autosplit", "first_touch"),
+                                                                ("load", "first_come"), ("load", "first_touch")]
+    assert rows[0]["tok_s"] == pytest.approx(p.tok_s) and rows[0]["tok_s_raw_pcie"] > rows[0]["tok_s"]
     assert rows[2]["spilled_weight_gb"] == 0 < rows[0]["spilled_weight_gb"]
+    assert rows[1]["sysmem_read_gb"] == 0 == rows[3]["sysmem_read_gb"]     # first touch: nothing read spills
 
 
 def test_model_load_path_spills_the_cache_tail_and_slows_with_depth():
     m = spill.SpillModel("RTX 4080 Super", reserve_gib=0.2, load_path="load")
     assert m.reserve_while_loading() == 0 and spill.SpillModel("x").reserve_while_loading() == 448 * MIB
     p = m.predict("qwen2.5-14b", bpw=5.5, max_seq_len=32768, depth=0)
-    kinds = {q["kind"] for q in p.placement if q["where"] == "sysmem"}
+    kinds = {q["kind"] for q in p.modules if q["where"] == "sysmem"}
     assert kinds == {"cache", "transient"} and p.spilled_weight_bytes == 0
-    assert p.placement[-1]["module"] == "first forward's transients"
-    assert p.sysmem_read_bytes == 0                       # depth 0: the spilled cache holds nothing yet
+    assert p.modules[-1]["module"] == "first forward's transients"
+    assert p.sysmem_read_bytes == 0 and p.seconds["pcie"] == 0     # depth 0: the spilled cache holds nothing yet
     lay = m.layout("qwen2.5-14b", bpw=5.5, max_seq_len=32768)
     assert lay["fixed_bytes"] == lay["terms"]["cuda_context_bytes"]
-    demand = lay["fixed_bytes"] + sum(e["bytes"] for e in lay["order"] if e["device_hint"] != "cpu")
-    assert demand - lay["budget_bytes"] <= p.spilled_bytes
     deep = m.predict("qwen2.5-14b", bpw=5.5, max_seq_len=32768, depth=16384)
-    spilled_cache = sum(q["cache_bytes"] for q in p.placement if q["where"] == "sysmem")
+    spilled_cache = sum(q["cache_bytes"] for q in p.modules if q["where"] == "sysmem")
     assert deep.sysmem_read_bytes == pytest.approx(spilled_cache / 2, abs=64)
+    # by hand: the spilled layers' cache up to the depth crosses PCIe: layers x 16384 x 4096 B / 25 GB/s
+    assert deep.seconds["pcie"] == pytest.approx(deep.spilled_cache_layers * 16384 * 4096 / 25e9)
     assert deep.tok_s < p.tok_s
     with pytest.raises(CourseError, match="unknown load path"):
         spill.SpillModel("RTX 4080 Super", load_path="fast").predict("qwen2.5-14b", bpw=5.5, max_seq_len=4096)
 
 
-def test_depth_for_speed_solves_the_line():
+def test_depth_at_bisects_a_falling_speed():
+    assert seed.depth_at(lambda d: 100 - d / 100, 25.0) == 7500
+    assert seed.depth_at(lambda d: 20.0, 25.0) == 0 and seed.depth_at(lambda d: 90.0, 25.0) is None
     c = seed.seed_case(depth=0, load_path="load")
     d = seed.depth_for_speed(c, 25.0)
-    p = c["prediction_32k"]
-    at = spill.evaluate(p.placement, depth=d, max_seq_len=32768, overhead_s_per_token=0.0,
-                           vram_bandwidth=p.vram_bandwidth, pcie_bandwidth=p.pcie_bandwidth)
-    assert at.tok_s == pytest.approx(25.0, rel=1e-3)
-    assert seed.depth_for_speed(c, 500.0) is None                     # faster than at depth 0
-    assert seed.depth_for_speed(seed.seed_case(depth=0), 25.0) is None   # autosplit: slower from the start
-    curves = seed.seed_depth_curves([0, 16384, 32767])
-    assert curves["load"]["depth_at_reported"] == d and curves["autosplit"]["depth_at_reported"] is None
-    assert curves["load"]["tok_s"][0] > curves["load"]["tok_s"][1] > curves["load"]["tok_s"][2]
+    assert c["prediction_32k"].at_depth(d).tok_s == pytest.approx(25.0, rel=1e-3)
+    assert seed.depth_for_speed(seed.seed_case(depth=0), 25.0) == 0   # autosplit, first come: slower from the start
+
+
+def _by_hand(depth, *, flash, spilled=0.0, overhead=0.001):
+    """The three-line model for the seed, written out: weights/736 GB/s + depth x bytes per position/736 GB/s
+    + overhead + spilled weights/25 GB/s (first principles, the speed model's central overhead)."""
+    from helpers.memory.weights import weight_bytes
+
+    w = weight_bytes("qwen2.5-14b", bpw=5.5)["vram_bytes"]
+    per_pos = 48 * (4096 if flash else 4096 + 2 * 2 * 40 * 128 * 2)     # + repeat_kv: 40 heads written and read
+    return 1 / ((w - spilled) / 736e9 + depth * per_pos / 736e9 + overhead + spilled / 25e9)
+
+
+def test_hypothesis_rows_are_hand_checkable():
+    rows = {r["id"]: r for r in seed.hypotheses(256)}
+    assert list(rows) == ["a", "b", "c", "c'", "d", "e", "f"]
+    for r in rows.values():
+        assert r["hypothesis"] and r["must_be_true"] and r["prediction"] and r["observation"]
+        assert r["tok_s_low"] <= r["tok_s"] <= r["tok_s_high"]
+    from helpers.memory.weights import weight_bytes
+
+    head = weight_bytes("qwen2.5-14b", bpw=5.5)["lm_head_bytes"]
+    # (d) and (e): no spill, by hand at 256 deep
+    assert rows["d"]["tok_s"] == pytest.approx(_by_hand(256, flash=False))
+    assert rows["e"]["tok_s"] == pytest.approx(_by_hand(256, flash=True))
+    # (c') only the lm_head over PCIe: ~26 tok/s already at a short depth
+    assert rows["c'"]["tok_s"] == pytest.approx(_by_hand(256, flash=True, spilled=head))
+    # (d) gives 25 tok/s at the depth where the line crosses 1/25 s; (e) never within 32k
+    d = rows["d"]["depth_for_25"]
+    assert _by_hand(d, flash=False) == pytest.approx(25.0, rel=1e-3) and 8000 < d < 9500
+    assert rows["e"]["depth_for_25"] is None and _by_hand(32767, flash=True) > 25
+    # the calibrated (H100) attention time brings (d) earlier: the range's early end
+    assert 4500 < rows["d"]["depth_for_25_early"] < d <= rows["d"]["depth_for_25_late"]
+    # (a) first come: slower than 25 from the first token; by hand from what spilled (weights every token, the
+    # spilled cache layers' 256 positions over PCIe); (c) first touch: nothing read spills, as fast as (e)
+    a = spill.SpillModel("RTX 4080 Super", reserve_gib=seed.seed_reserve_gib(), flash_attn=True).predict(
+        "qwen2.5-14b", bpw=5.5, max_seq_len=32768, depth=256)
+    pcie_cache = a.spilled_cache_layers * 256 * 4096
+    w = weight_bytes("qwen2.5-14b", bpw=5.5)["vram_bytes"]
+    by_hand = 1 / ((w - a.spilled_weight_bytes) / 736e9 + (256 * 48 * 4096 - pcie_cache) / 736e9 + 0.001
+                   + (a.spilled_weight_bytes + pcie_cache) / 25e9)
+    assert rows["a"]["tok_s"] == pytest.approx(by_hand) and 15 < by_hand < 20
+    assert rows["a"]["depth_for_25"] == 0 and rows["a"]["tok_s"] < 25
+    assert rows["c"]["tok_s"] == pytest.approx(rows["e"]["tok_s"]) and rows["c"]["depth_for_25"] is None
+    # (b) model.load(): fast when shallow, 25 tok/s only deep in the conversation
+    assert rows["b"]["tok_s"] > 60 and 15000 < rows["b"]["depth_for_25"] < 21000
+    # (f) 80 tok/s is above the datasheet roofline
+    assert rows["f"]["tok_s"] == pytest.approx(seed.roofline_check(256)["roofline_tok_s"])
+    assert rows["f"]["tok_s"] < 80
+    table = seed.format_table(list(rows.values()), seed.HYPOTHESIS_COLUMNS)
+    assert "Shared GPU memory" in table and "import flash_attn" in table and "Prefer No Sysmem Fallback" in table
 
 
 def test_anchored_reserve():
@@ -368,13 +500,13 @@ def test_plots_draw_the_seed_case():
     assert "spilled" in ax.get_title() and ax.get_ylabel() == "VRAM taken so far (GiB)"
     red = [p for p in ax.patches if p.get_facecolor()[:3] == pytest.approx((0.839, 0.153, 0.157), abs=0.01)]
     assert len(red) == len(c["prediction_32k"].spilled_modules())
-    fig = plots.plot_time_per_token({"4k": c["prediction_4k"], "32k": c["prediction_32k"]}, {"32k": 25})
-    assert fig.axes[0].get_xlabel() == "ms per decoded token"
-    fig = plots.plot_speed_vs_spill(c)
-    assert fig.axes[0].get_ylabel() == "decode tok/s"
-    fig = plots.plot_spill_vs_depth(seed.seed_depth_curves([0, 16384, 32767]), reported=25)
-    ax = fig.axes[0]
-    assert len(ax.get_lines()) == 4 and "deep" in ax.texts[0].get_text()   # two paths, one reported marker, 25 line
+    figs = [fig, plots.plot_time_per_token({"4k": c["prediction_4k"], "32k": c["prediction_32k"]}, {"32k": 25}),
+            plots.plot_speed_vs_spill(c),
+            plots.plot_hypotheses_vs_depth(seed.depth_curves([0, 16384, 32767]), reported=25)]
+    assert figs[1].axes[0].get_xlabel() == "ms per decoded token"
+    assert figs[2].axes[0].get_ylabel() == "decode tok/s"
+    assert len(figs[3].axes[0].get_lines()) >= 7                 # six hypotheses and the reported line
+    assert all(f.axes[0].get_title() for f in figs)               # every plot titled
     import matplotlib.pyplot as plt
 
     plt.close("all")

@@ -9,6 +9,7 @@ import sys
 from helpers.core import devices as gpu
 from helpers.core import results
 from helpers.core.errors import CourseError
+from helpers.core.units import parse_token_list
 from helpers.fallback.compare import compare, resolve_model_dir
 from helpers.fallback.emulated_report import TOPIC, format_summary, result_name
 from helpers.fallback.emulator import CARD_GIB, RESERVE_GIB, context_bytes_now
@@ -25,7 +26,7 @@ def main(argv: list[str]) -> int:
                                              "on an emulated smaller card, spill what does not fit into mapped "
                                              "system RAM, and compare decode speed with a native load.")
     ap.add_argument("--model", default=None, help="EXL2 model directory (default: the 14B-shaped 5.5 bpw checkpoint)")
-    ap.add_argument("--max-seq-len", "--ctx", dest="max_seq_len", default="4096,32768",
+    ap.add_argument("--max-seq-len", "--ctx", dest="max_seq_len", default="4096,32768", type=parse_token_list,
                     help="cache lengths, comma-separated (4k = 4096; --ctx: the same)")
     ap.add_argument("--cache", default="fp16", help=f"cache mode: {', '.join(CACHE_MODES)}")
     ap.add_argument("--depth", type=int, default=128, help="tokens already in the cache while decoding")

@@ -17,8 +17,9 @@ from helpers.core.units import GIB
 from helpers.fallback.emulator import CARD_GIB, RESERVE_GIB, VramEmulator, budget_for, measure_host_read_bandwidth
 from helpers.fallback.hostalloc import HostAllocLib, build_hostalloc
 from helpers.fallback.routed_load import Exl2Model
-from helpers.fallback.spill import evaluate, overhead_from_run, place, read_bytes
+from helpers.fallback.spill import evaluate, overhead_from_run, place
 from helpers.models.synthetic_dirs import synthetic_14b_dir
+from helpers.specs.shapes import model_shape
 from helpers.speed.harness import measure_loaded
 from helpers.speed.roofline import measure_bandwidth
 
@@ -71,10 +72,13 @@ def compare(model_dir, *, max_seq_len: int, cache_mode: str = "fp16", depth: int
     nat, emt = statistics.median(native_all), statistics.median(emu_all)
     # the spill model for this GPU: measured bandwidths; overhead from the native run (it spills nothing)
     all_vram = [{**p, "where": "vram" if p["where"] == "sysmem" else p["where"]} for p in placement]
-    vram_b, _ = read_bytes(all_vram, depth, max_seq_len)
-    overhead, note = overhead_from_run(nat, vram_b, vram_bw)
-    kw = dict(depth=depth, max_seq_len=max_seq_len, cache_mode=cache_mode, overhead_s_per_token=overhead,
-              vram_bandwidth=vram_bw, pcie_bandwidth=pcie_bw, budget_bytes=budget)
+    shape = model_shape(model_dir)
+    gpu_weights = sum(int(p["weight_bytes"]) for p in all_vram if p["where"] == "vram")
+    overhead, note = overhead_from_run(nat, shape, weight_bytes=gpu_weights, vram_bandwidth=vram_bw, depth=depth,
+                                       cache_mode=cache_mode)
+    # first principles (efficiency 1), as the overhead was derived: the emulated/native ratio is the spill's alone
+    kw = dict(shape=shape, depth=depth, max_seq_len=max_seq_len, cache_mode=cache_mode, overhead_s=overhead,
+              vram_bandwidth=vram_bw, pcie_bandwidth=pcie_bw, efficiency=1.0, budget_bytes=budget)
     pred_nat = evaluate(all_vram, **kw)
     pred_emu = evaluate(placement, **kw)
     # the same model placing the modules itself (first fit from the VRAM taken before the first GPU module)

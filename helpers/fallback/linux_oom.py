@@ -66,7 +66,8 @@ def linux_oom_demo(model_dir, *, max_seq_len: int = 32768, cache_mode: str = "fp
             f"Linux has no sysmem fallback: with {cap / GIB:.2f} GiB allowed, loading ran out of VRAM at module "
             f"{last} (torch had {peak / GIB:.2f} GiB allocated at its peak). exllamav2's load_autosplit caught CUDA's "
             "out-of-memory, found no further GPU and stopped ('Insufficient VRAM for model and cache'). The same "
-            "load on a Windows driver 536.40+ would not stop: it would put the rest in system RAM and run slowly.")
+            "load on Windows would not stop (the fallback exists since driver 536.40; the policy switch (\"CUDA - "
+            "Sysmem Fallback Policy\") since 546.01): it would put the rest in system RAM and run slowly.")
     else:
         out["explanation"] = (f"the model and its {max_seq_len}-token cache fit in {cap / GIB:.2f} GiB: "
                               "nothing overflowed")

@@ -5,6 +5,11 @@ to a little past the free VRAM, always freed again, and measures how fast the ch
 Linux there is no such policy: an allocation past VRAM raises CUDA out-of-memory. The decision logic takes its
 readings through ``Answers`` so that the Windows branch is tested with faked CUDA/NVML answers on any machine;
 ``SystemAnswers`` asks the real ones. ``python -m helpers probe --fallback`` is ``helpers.cli.probe``.
+
+Placement (``fallback.placement``, the assumption the spill model shares): every chunk the probe times is written
+once, so it has been placed under either reading ("first_come" or "first_touch"). Before that, the probe makes one
+chunk WITHOUT writing it and reads the free VRAM before, after making it and after writing it: the drop tells which
+reading this driver follows (``placement_observed``), next to the one the spill model assumes.
 """
 from __future__ import annotations
 
@@ -17,29 +22,35 @@ from typing import Any, Protocol
 from helpers.core import devices as gpu_mod
 from helpers.core.errors import CourseError
 from helpers.core.units import GIB, MIB
+from helpers.fallback.placement import DEFAULT_PLACEMENT, PLACEMENTS, check_placement
 
 # ------------------------------------------------------------------------------------------------- driver facts
-#: NVIDIA driver 536.40 introduced the fallback to shared system memory (NVIDIA support answer 5490; docs/FACTS.md §4)
+#: the fallback to shared system memory exists since driver 536.40 (NVIDIA support answer 5490; docs/FACTS.md §4)
 FALLBACK_DRIVER = (536, 40)
-#: 546.01 added the per-application switch "CUDA - Sysmem Fallback Policy" in the NVIDIA Control Panel
-#: (docs/FACTS.md §4)
+#: the per-application policy switch "CUDA - Sysmem Fallback Policy" (NVIDIA Control Panel) since 546.01
 POLICY_DRIVER = (546, 1)
+#: the one phrasing the course uses for both (docs/FACTS.md §4)
+DRIVER_WORDING = ('the fallback exists since driver 536.40; the policy switch ("CUDA - Sysmem Fallback Policy") '
+                  'since 546.01')
 
 
 class Answers(Protocol):
     """What the probe asks CUDA and NVML. ``SystemAnswers`` asks the real ones; tests pass fakes.
 
     ``gpu()`` -> None without an NVIDIA GPU, else a dict: name, driver (e.g. '551.86'), driver_model ('WDDM', 'TCC'
-    or None on Linux), dedicated_bytes, free_bytes. ``allocate(nbytes)`` returns a handle or raises (an exception
-    whose type name contains 'OutOfMemory', or MemoryError, means the allocation was refused); ``read_bandwidth``
-    times reads of one allocation (bytes/s); ``free`` and ``release`` give the memory back."""
+    or None on Linux), dedicated_bytes, free_bytes. ``allocate(nbytes, touch=True)`` returns a handle or raises (an
+    exception whose type name contains 'OutOfMemory', or MemoryError, means the allocation was refused); with
+    ``touch=False`` nothing is written to it until ``touch(handle)``; ``free_vram_bytes()`` reads the free VRAM now;
+    ``read_bandwidth`` times reads of one allocation (bytes/s); ``free`` and ``release`` give the memory back."""
 
     system: str
     release_name: str
 
     def gpu(self) -> dict | None: ...
     def ram_available_bytes(self) -> int: ...
-    def allocate(self, nbytes: int) -> Any: ...
+    def allocate(self, nbytes: int, touch: bool = True) -> Any: ...
+    def touch(self, handle: Any) -> None: ...
+    def free_vram_bytes(self) -> int: ...
     def read_bandwidth(self, handle: Any) -> float: ...
     def free(self, handle: Any) -> None: ...
     def release(self) -> None: ...
@@ -77,6 +88,8 @@ class ProbeReport:
     vram_read_gbs: float | None = None
     past_read_gbs: float | None = None
     freed: bool = True
+    placement_assumed: str = DEFAULT_PLACEMENT
+    placement_observed: str | None = None      # 'first_come', 'first_touch', or None (not tried / inconclusive)
     lines: list[str] = field(default_factory=list)
 
     def text(self) -> str:
@@ -84,7 +97,7 @@ class ProbeReport:
 
 
 POLICY_STEPS = [
-    "To make an overflow fail loudly instead of crawling (driver 546.01 or later):",
+    "To make an overflow fail loudly instead of crawling (" + DRIVER_WORDING + "):",
     "  1. Right-click the desktop > NVIDIA Control Panel > 3D Settings > Manage 3D settings.",
     "  2. Tab 'Program Settings' > 'Add' > Browse... and pick the python.exe that runs your model:",
     "       {python}",
@@ -95,7 +108,7 @@ POLICY_STEPS = [
 ]
 
 LINUX_LINES = [
-    "The 'CUDA - Sysmem Fallback Policy' exists only in NVIDIA's Windows (WDDM) driver, 536.40 and later.",
+    "The sysmem fallback exists only in NVIDIA's Windows (WDDM) driver: " + DRIVER_WORDING + ".",
     "On Linux there is no such fallback: an allocation past the GPU's VRAM raises CUDA out-of-memory",
     "(torch.cuda.OutOfMemoryError; exllamav2's load_autosplit then stops with 'Insufficient VRAM for model and",
     "cache'), so a configuration that does not fit fails at load time instead of silently slowing down.",
@@ -105,20 +118,24 @@ LINUX_LINES = [
 
 
 def run_probe(answers: Answers, *, past_bytes: int = GIB, chunk_bytes: int = 256 * MIB,
-              ram_fraction: float = 0.25, slow_ratio: float = 0.5, python: str | None = None) -> ProbeReport:
+              ram_fraction: float = 0.25, slow_ratio: float = 0.5, python: str | None = None,
+              placement: str = DEFAULT_PLACEMENT) -> ProbeReport:
     """Decide whether this machine's driver spills into system RAM, with bounded allocations that are always freed.
 
     Windows + WDDM: allocate ``chunk_bytes`` chunks (each written once) until ``past_bytes`` beyond the free VRAM
     reading are held, or an allocation is refused; never more than ``ram_fraction`` of the available system RAM beyond
     the free VRAM. Time reads of the first chunk (VRAM) and of the last one (past the free VRAM): past chunks read at
     less than ``slow_ratio`` of VRAM speed mean the fallback is active. Everything is freed in a ``finally`` (also on
-    Ctrl-C, which Python raises as KeyboardInterrupt between calls). Elsewhere nothing is allocated.
+    Ctrl-C, which Python raises as KeyboardInterrupt between calls). Elsewhere nothing is allocated. Before that, one
+    chunk made without writing it tells which ``placement`` reading this driver follows (``_placement_check``);
+    ``placement`` is the one the spill model assumes, reported beside it.
     """
     if chunk_bytes <= 0 or past_bytes < 0:
         raise CourseError("the probe's chunk must be positive and the bytes past VRAM not negative")
     system = answers.system
     g = answers.gpu()
-    rep = ProbeReport(system=system, verdict="no-gpu", gpu=g, chunk_bytes=int(chunk_bytes))
+    rep = ProbeReport(system=system, verdict="no-gpu", gpu=g, chunk_bytes=int(chunk_bytes),
+                      placement_assumed=check_placement(placement))
     L = rep.lines
     wsl = system == "Linux" and "microsoft" in (answers.release_name or "").lower()
     if g is None:
@@ -148,16 +165,49 @@ def run_probe(answers: Answers, *, past_bytes: int = GIB, chunk_bytes: int = 256
         L.append("TCC driver model: the sysmem fallback is a WDDM feature, so an overflow raises out-of-memory here.")
         return rep
     if rep.driver_has_fallback is False:
-        L.append(f"driver {g.get('driver')} predates 536.40, which introduced the fallback: expect out-of-memory.")
+        L.append(f"driver {g.get('driver')} predates 536.40 ({DRIVER_WORDING}): expect out-of-memory.")
     elif rep.driver_has_fallback:
         L.append("driver 536.40 or later: the fallback exists"
                  + ("; 546.01 or later: the policy switch exists" if rep.driver_has_policy_switch else
                     "; the policy switch needs 546.01 or later (update the driver to turn it off)"))
+    _placement_check(answers, rep, chunk_bytes)
     _allocate_and_time(answers, rep, past_bytes=past_bytes, chunk_bytes=chunk_bytes, ram_fraction=ram_fraction,
                        slow_ratio=slow_ratio)
     L.append("")
     L += [s.format(python=python or sys.executable) for s in POLICY_STEPS]
     return rep
+
+
+def _placement_check(answers: Answers, rep: ProbeReport, chunk_bytes: int) -> None:
+    """Make one chunk without writing it, then write it, reading the free VRAM before and after each: a drop when
+    it is made means "first_come", a drop only when it is written means "first_touch" (``fallback.placement``)."""
+    L = rep.lines
+    h = None
+    try:
+        f0 = answers.free_vram_bytes()
+        h = answers.allocate(chunk_bytes, touch=False)
+        f1 = answers.free_vram_bytes()
+        answers.touch(h)
+        f2 = answers.free_vram_bytes()
+    except Exception as exc:
+        if not _is_oom(exc):
+            raise
+        L.append("placement: not tried (the first chunk was refused)")
+        return
+    finally:
+        if h is not None:
+            answers.free(h)
+    made, written = f0 - f1, f1 - f2
+    if made >= chunk_bytes // 2:
+        rep.placement_observed = "first_come"
+    elif written >= chunk_bytes // 2:
+        rep.placement_observed = "first_touch"
+    seen = rep.placement_observed or "inconclusive (other programs changed the free VRAM meanwhile?)"
+    L.append(f"placement: an unwritten {chunk_bytes / MIB:.0f} MiB chunk lowered the free VRAM by {made / MIB:.0f} "
+             f"MiB when made, {written / MIB:.0f} MiB more when written -> {seen}")
+    L.append(f"           the spill model assumes {rep.placement_assumed}: {PLACEMENTS[rep.placement_assumed]}"
+             + ("" if rep.placement_observed in (None, rep.placement_assumed) else
+                f"; this driver looks like {rep.placement_observed}: use placement='{rep.placement_observed}'"))
 
 
 def _allocate_and_time(answers: Answers, rep: ProbeReport, *, past_bytes: int, chunk_bytes: int,
@@ -254,13 +304,24 @@ class SystemAnswers:
 
         return int(psutil.virtual_memory().available)
 
-    def allocate(self, nbytes: int):
+    def allocate(self, nbytes: int, touch: bool = True):
         import torch
 
         t = torch.empty(int(nbytes), dtype=torch.uint8, device="cuda")
-        t.fill_(1)  # touch it: a WDDM allocation is placed when it is first used
-        torch.cuda.synchronize()
+        if touch:          # written once: placed under either reading of fallback.placement
+            self.touch(t)
         return t
+
+    def touch(self, handle) -> None:
+        import torch
+
+        handle.fill_(1)
+        torch.cuda.synchronize()
+
+    def free_vram_bytes(self) -> int:
+        import torch
+
+        return int(torch.cuda.mem_get_info(0)[0])
 
     def read_bandwidth(self, handle) -> float:
         import torch

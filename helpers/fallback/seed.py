@@ -1,23 +1,35 @@
-"""The seed case told with the spill model: Qwen2.5-14B EXL2 5.5 bpw on an RTX 4080 Super under Windows, 80 tok/s
-at a 4k cache and 25 tok/s at 32k (docs/FACTS.md §1); what would have to spill, how it varies with the setup details
-the report leaves out and with depth, and the ways out (``ways_out``, each checked by the planner and the model).
+"""The seed case as a test of rival explanations: Qwen2.5-14B EXL2 5.5 bpw on an RTX 4080 Super under Windows, 80
+tok/s at a 4k cache and 25 tok/s at 32k (docs/FACTS.md §1).
+
+Every prediction here comes from THE speed model (``helpers.speed.model.decode_estimate``), through the spill model
+(``fallback.spill``) where something spilled: datasheet bandwidths, the speed model's overhead range, and the
+placement assumption named (``fallback.placement``). Nothing is fitted to the reported speeds. ``hypotheses`` gives
+one row per explanation: what must be true, what it predicts, and the observation on the user's machine that
+confirms or rules it out. ``ways_out`` checks the fixes with the planner and the model.
 """
 from __future__ import annotations
 
+import textwrap
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from helpers.core.units import GIB
-from helpers.fallback.pcie import pcie_raw_bandwidth
-from helpers.fallback.spill import SpillModel, overhead_from_run
+from helpers.fallback.pcie import pcie_practical_bandwidth, pcie_raw_bandwidth
+from helpers.fallback.placement import PLACEMENTS
+from helpers.fallback.spill import SpillModel
 from helpers.memory.breakdown import breakdown
 from helpers.memory.cache_modes import LOAD_PATHS
-from helpers.memory.planner import plan
+from helpers.memory.weights import weight_bytes
+from helpers.planning.planner import plan
 from helpers.specs.gpus import gpu_spec
+from helpers.speed.model import DEFAULT_OVERHEAD_S, decode_estimate, position_bytes
 
 #: what the user reported (docs/FACTS.md §1): Qwen2.5-14B-Instruct EXL2 5.5 bpw, ExLlamaV2, RTX 4080 Super, Windows
 SEED = {"model": "qwen2.5-14b", "bpw": 5.5, "gpu": "RTX 4080 Super", "tok_s_4k": 80.0, "tok_s_32k": 25.0,
         "used_4k_gib": 12.0, "full_gib": 15.8, "source": "the user's report (docs/FACTS.md §1)"}
+#: the share of the datasheet bandwidth a good memory-bound kernel reaches: an ASSUMPTION (typical, not measured
+#: here), used only to say how far 80 tok/s is from a realistic ceiling
+REALISTIC_BANDWIDTH_SHARE = 0.85
 
 
 def anchored_reserve_gib(spec: Any, gpu: Any, *, bpw: float | None, used_gib: float, full_gib: float,
@@ -29,7 +41,7 @@ def anchored_reserve_gib(spec: Any, gpu: Any, *, bpw: float | None, used_gib: fl
     g = gpu_spec(gpu) if not isinstance(gpu, dict) else gpu
     ctx = None if cuda_context_gib is None else int(round(cuda_context_gib * GIB))
     bd = breakdown(spec, bpw=bpw, max_seq_len=max_seq_len, cache_mode=cache_mode, flash_attn=flash_attn,
-                          cuda_context_bytes=ctx, reserve_bytes=0)
+                   cuda_context_bytes=ctx, reserve_bytes=0)
     process = bd.vram_total_bytes / GIB
     unused = float(g["vram_gib"]) - full_gib
     others = used_gib - process
@@ -42,100 +54,265 @@ def anchored_reserve_gib(spec: Any, gpu: Any, *, bpw: float | None, used_gib: fl
     return res, how + f"; reserve {res:.2f} GiB"
 
 
-def seed_case(*, depth: int = 256, pcie_bandwidth: float | None = None, flash_attn: bool = False,
-              load_path: str = "autosplit") -> dict:
-    """The seed case told with the model, parameters from the datasheet and the user's own readings:
-
-    - VRAM 736 GB/s (datasheet, ``specs.gpus.GPUS``); PCIe 4.0 x16 ~25 GB/s in practice (an assumption,
-      docs/FACTS.md §5);
-    - overhead: the 4k run's 80 tok/s minus its bandwidth time (negative: at or above the roofline, so 0);
-    - the reserve: from the user's memory readings (12 GB used at 4k, 15.8 of 16 GB when full), not the speeds;
-    - ``load_path``: how the front end loaded (the report does not say): ``SpillModel.load_path``.
-    Returns the roofline, the predictions at 4k and 32k, the spill needed for 25 tok/s, and the verdict."""
+def seed_reserve_gib() -> float:
+    """The seed's OS reserve from the user's memory readings (``anchored_reserve_gib``), never from the speeds."""
     s = SEED
-    base = SpillModel(s["gpu"], pcie_bandwidth=pcie_bandwidth, flash_attn=flash_attn, load_path=load_path)
-    vram_bw, pcie_bw = base.bandwidths()
-    res, how = anchored_reserve_gib(s["model"], s["gpu"], bpw=s["bpw"], used_gib=s["used_4k_gib"],
-                                    full_gib=s["full_gib"], flash_attn=flash_attn)
-    base.reserve_gib = res
-    p4_raw = base.predict(s["model"], bpw=s["bpw"], max_seq_len=4096, depth=depth)
-    bytes_4k = p4_raw.vram_read_bytes + p4_raw.sysmem_read_bytes
-    overhead, note = overhead_from_run(s["tok_s_4k"], bytes_4k, vram_bw)
-    base.overhead_s_per_token = overhead
-    p4 = base.predict(s["model"], bpw=s["bpw"], max_seq_len=4096, depth=depth)
-    p32 = base.predict(s["model"], bpw=s["bpw"], max_seq_len=32768, depth=depth)
-    need = base.spill_needed_for(s["tok_s_32k"], s["model"], bpw=s["bpw"], max_seq_len=32768, depth=depth)
+    return anchored_reserve_gib(s["model"], s["gpu"], bpw=s["bpw"], used_gib=s["used_4k_gib"],
+                                full_gib=s["full_gib"])[0]
+
+
+def roofline_check(depth: int = 256) -> dict:
+    """How the reported 80 tok/s at 4k compares with what the card's memory allows: the bytes a token reads
+    (every GPU weight, the FP16 cache up to ``depth``) over the datasheet bandwidth, and over an assumed realistic
+    share of it (``REALISTIC_BANDWIDTH_SHARE``)."""
+    s = SEED
+    g = gpu_spec(s["gpu"])
+    w = weight_bytes(s["model"], bpw=s["bpw"])["vram_bytes"]
+    kv = position_bytes(s["model"], "fp16", flash_attn=True).cache_read * depth
+    bw = float(g["bandwidth_gbs"]) * 1e9
+    roof = bw / (w + kv)
+    real = REALISTIC_BANDWIDTH_SHARE * roof
+    return {"weight_bytes": w, "kv_bytes": kv, "bytes_per_token": w + kv, "bandwidth": bw, "roofline_tok_s": roof,
+            "reported_tok_s": s["tok_s_4k"], "reported_over_roofline": s["tok_s_4k"] / roof,
+            "realistic_tok_s": real, "reported_over_realistic": s["tok_s_4k"] / real, "depth": depth}
+
+
+def _model(**kw) -> SpillModel:
+    return SpillModel(SEED["gpu"], reserve_gib=seed_reserve_gib(), **kw)
+
+
+def seed_case(*, depth: int = 256, pcie_bandwidth: float | None = None, flash_attn: bool = False,
+              load_path: str = "autosplit", placement: str = "first_come", overhead_s: Any = DEFAULT_OVERHEAD_S
+              ) -> dict:
+    """The seed case told with the spill model: VRAM 736 GB/s (datasheet); PCIe 4.0 x16 ~25 GB/s in practice (an
+    assumption, docs/FACTS.md §5); the host overhead: the speed model's range (NOT derived from the 80 tok/s, which
+    is above what the memory allows: ``roofline_check``); the OS reserve from the user's memory readings; the load
+    path and the placement: the two details the report does not give. Returns the predictions at 4k and 32k, the
+    spill the reported 25 tok/s would need, and the ratio predicted/reported."""
+    s = SEED
+    m = _model(pcie_bandwidth=pcie_bandwidth, flash_attn=flash_attn, load_path=load_path, placement=placement,
+               overhead_s=overhead_s)
+    p4 = m.predict(s["model"], bpw=s["bpw"], max_seq_len=4096, depth=depth)
+    p32 = m.predict(s["model"], bpw=s["bpw"], max_seq_len=32768, depth=depth)
+    need = m.spill_needed_for(s["tok_s_32k"], s["model"], bpw=s["bpw"], max_seq_len=32768, depth=depth)
     ratio = p32.tok_s / s["tok_s_32k"]
-    return {"seed": dict(s), "depth": depth, "load_path": load_path, "vram_bandwidth": vram_bw,
-            "pcie_bandwidth": pcie_bw,
-            "bytes_per_token_4k": bytes_4k, "roofline_4k_tok_s": vram_bw / bytes_4k,
-            "reported_over_roofline": s["tok_s_4k"] / (vram_bw / bytes_4k),
-            "overhead_s_per_token": overhead, "overhead_note": note, "reserve_gib": res, "reserve_how": how,
-            "prediction_4k": p4, "prediction_32k": p32, "needed_for_reported": need,
-            "predicted_over_reported": ratio, "within_20pct": abs(ratio - 1) <= 0.20}
+    return {"seed": dict(s), "depth": depth, "load_path": load_path, "placement": placement,
+            "vram_bandwidth": p32.vram_bandwidth, "pcie_bandwidth": p32.pcie_bandwidth,
+            "reserve_gib": seed_reserve_gib(), "prediction_4k": p4, "prediction_32k": p32,
+            "needed_for_reported": need, "predicted_over_reported": ratio, "within_20pct": abs(ratio - 1) <= 0.20}
 
 
 def seed_variants(depth: int = 256) -> list[dict]:
-    """The seed's 32k prediction under the two setup details the report does not give: how the front end loaded
-    (``load_autosplit`` with a lazy cache, or ``model.load()`` then the cache), and PCIe practical vs raw. (The
-    attention path, a third, cancels: its memory is in the 4k reading the reserve is derived from.) None is fitted."""
+    """The seed's 32k prediction for each load path and each placement, PCIe practical (25 GB/s) and raw
+    (31.5 GB/s). None is fitted."""
     rows = []
     for path in LOAD_PATHS:
-        for name, bw in (("practical 25 GB/s", None), ("raw 31.5 GB/s", pcie_raw_bandwidth(4, 16))):
-            c = seed_case(depth=depth, pcie_bandwidth=bw, load_path=path)
+        for placement in PLACEMENTS:
+            c = seed_case(depth=depth, load_path=path, placement=placement)
+            raw = seed_case(depth=depth, load_path=path, placement=placement, pcie_bandwidth=pcie_raw_bandwidth(4, 16))
             p = c["prediction_32k"]
-            rows.append({"load_path": path, "pcie": name, "reserve_gib": c["reserve_gib"],
-                         "spilled_gib": p.spilled_gib, "spilled_weight_gb": p.spilled_weight_bytes / 1e9,
-                         "sysmem_read_gb": p.sysmem_read_bytes / 1e9, "tok_s": p.tok_s,
+            rows.append({"load_path": path, "placement": placement, "spilled_gib": p.spilled_gib,
+                         "spilled_weight_gb": p.spilled_weight_bytes / 1e9, "sysmem_read_gb": p.sysmem_read_bytes / 1e9,
+                         "tok_s": p.tok_s, "tok_s_raw_pcie": raw["prediction_32k"].tok_s,
                          "vs_reported": p.tok_s / SEED["tok_s_32k"] - 1})
     return rows
 
 
-def depth_for_speed(case: dict, tok_s: float) -> int | None:
-    """The cache depth at which ``case``'s 32k prediction (``seed_case``) slows to ``tok_s``: the placement does not
-    change with depth and the bytes read grow linearly with it, so the time per token is a line in depth. None if
-    that speed is not reached between depth 0 and a full cache."""
-    p = case["prediction_32k"]
-    L = p.max_seq_len
-    t0, t1, target = p.at_depth(0).seconds_per_token, p.at_depth(L).seconds_per_token, 1.0 / tok_s
-    if not t0 <= target <= t1:
+def depth_at(tok_s_at: Callable[[int], float], target: float, max_depth: int = 32767) -> int | None:
+    """The depth (0..``max_depth``) at which a speed that falls with depth, ``tok_s_at(depth)``, reaches ``target``:
+    0 if it is already at or below it at depth 0, None if it stays above it to ``max_depth``. Bisection."""
+    if tok_s_at(0) <= target:
+        return 0
+    if tok_s_at(max_depth) > target:
         return None
-    return int(round(L * (target - t0) / (t1 - t0)))
+    lo, hi = 0, max_depth
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if tok_s_at(mid) > target else (lo, mid)
+    return hi
 
 
-def seed_depth_curves(depths: Sequence[int] | None = None) -> dict:
-    """Predicted 32k decode speed against cache depth for each load path (practical PCIe), and the depth at which each
-    would decode at the reported 25 tok/s."""
+def depth_for_speed(case: dict, tok_s: float) -> int | None:
+    """The cache depth at which ``case``'s 32k prediction (``seed_case``) slows to ``tok_s`` (``depth_at``)."""
+    p = case["prediction_32k"]
+    return depth_at(lambda d: p.at_depth(d).tok_s, tok_s, p.max_seq_len - 1)
+
+
+def _no_spill(depth: int, flash_attn: bool):
+    s = SEED
+    w = weight_bytes(s["model"], bpw=s["bpw"])["vram_bytes"]
+    return decode_estimate(s["model"], weight_bytes=w, bandwidth_gbs=gpu_spec(s["gpu"])["bandwidth_gbs"], depth=depth,
+                           flash_attn=flash_attn)
+
+
+def _lm_head_only(depth: int):
+    s = SEED
+    g = gpu_spec(s["gpu"])
+    w = weight_bytes(s["model"], bpw=s["bpw"])
+    return decode_estimate(s["model"], weight_bytes=w["vram_bytes"], bandwidth_gbs=g["bandwidth_gbs"], depth=depth,
+                           flash_attn=True, spilled_weight_bytes=w["lm_head_bytes"],
+                           pcie_gbs=pcie_practical_bandwidth(int(g["pcie_gen"]), int(g["pcie_lanes"])) / 1e9)
+
+
+def _span(fn: Callable[[int], Any]) -> dict:
+    """Depth for the reported 25 tok/s: central, and the range's early and late ends."""
+    t = SEED["tok_s_32k"]
+    return {"depth_for_25": depth_at(lambda d: fn(d).tok_s, t),
+            "depth_for_25_early": depth_at(lambda d: fn(d).tok_s_low, t),
+            "depth_for_25_late": depth_at(lambda d: fn(d).tok_s_high, t)}
+
+
+def hypotheses(depth: int = 256) -> list[dict]:
+    """The rival explanations of the case, one row each: ``id``, ``hypothesis``, ``must_be_true``, the predicted
+    tok/s at ``depth`` tokens deep (``tok_s``, range ``tok_s_low``..``tok_s_high``), the depth at which it gives the
+    reported 25 tok/s (``depth_for_25``: 0 = slower from the first token, None = not within the 32k cache; with the
+    range's ends), ``prediction`` (one line) and ``observation`` (what confirms or rules it out on the user's
+    machine). Spill rows use flash-attn so that the spill alone is tested (at a short depth the attention path
+    costs under 1 ms either way); depth rows spill nothing."""
+    s, rows = SEED, []
+
+    def row(rid, hyp, must, fn, observation, prediction=None):
+        e = fn(depth)
+        r = {"id": rid, "hypothesis": hyp, "must_be_true": must, "depth": depth, "tok_s": e.tok_s,
+             "tok_s_low": e.tok_s_low, "tok_s_high": e.tok_s_high, **_span(fn), "observation": observation}
+        d = r["depth_for_25"]
+        when = ("slower than 25 from the first token" if d == 0 else "never 25 within the 32k cache" if d is None
+                else f"25 tok/s at ~{d:,} deep ({_range(r)})")
+        r["prediction"] = prediction or f"{e.tok_s:.0f} tok/s at {depth} deep; {when}"
+        rows.append(r)
+
+    def spill(path, placement):
+        m = _model(load_path=path, placement=placement, flash_attn=True)
+        p = m.predict(s["model"], bpw=s["bpw"], max_seq_len=32768, depth=0)
+        return lambda d: p.at_depth(min(d, 32767))
+
+    a = spill("autosplit", "first_come")
+    gb = a(0).spilled_bytes / 1e9
+    torch_attn = _model(placement="first_come").predict(s["model"], bpw=s["bpw"], max_seq_len=32768, depth=depth)
+    row("a", "load_autosplit spill, first-come placement",
+        "load_autosplit(cache) (TabbyAPI, exllamav2's examples, webui autosplit); the driver places each allocation "
+        f"when made: the last layers and the lm_head ({a(0).spilled_weight_bytes / 1e9:.2f} GB of weights) in "
+        "system RAM",
+        a, f"Task Manager 'Shared GPU memory' ~{gb:.1f}-{torch_attn.spilled_bytes / 1e9:.1f} GB while decoding; slow "
+           "already at a short prompt; with 'Prefer No Sysmem Fallback' the load fails ('Insufficient VRAM'). Ruled "
+           "out if a short prompt runs faster than ~20 tok/s",
+        prediction=f"{a(depth).tok_s:.0f} tok/s at {depth} deep ({torch_attn.tok_s:.1f} without flash-attn: larger "
+                   f"prompt buffers, {torch_attn.spilled_bytes / 1e9:.1f} GB spilled); slower than 25 from the first "
+                   "token")
+    b = spill("load", "first_come")
+    row("b", "model.load() then the cache: the last cache layers spill",
+        f"model.load() then ExLlamaV2Cache (webui, autosplit off); first-come placement: "
+        f"{b(0).spilled_cache_layers} cache layers in system RAM, read over PCIe up to the depth",
+        b, f"'Shared GPU memory' ~{b(0).spilled_bytes / 1e9:.1f} GB; fast at a short prompt, slowing with depth; "
+           "the same depth with a cache that fits is fast again")
+    c = spill("autosplit", "first_touch")
+    row("c", "only untouched buffers in system RAM (placement at first touch)",
+        f"the driver keeps in VRAM what decoding touches: the dequant scratch and the prompt's transients "
+        f"({c(0).spilled_bytes / 1e9:.1f} GB) go to system RAM, no weight or cache layer does",
+        c, "'Shared GPU memory' > 0 but the speed is that of a cache that fits: the spill explains nothing; "
+           "`python -m helpers probe --fallback` reports the placement this driver follows")
+    row("c'", "only the lm_head in system RAM",
+        "the lm_head (read in full every token) is the one weight over PCIe: a smaller overflow, or a driver that "
+        "demoted it", _lm_head_only,
+        "'Shared GPU memory' ~0.6 GB; ~25-28 tok/s already at a short prompt, nearly flat with depth (flash-attn); "
+        "a cache that fits restores ~65-70 tok/s")
+    row("d", "no spill: depth without flash-attn",
+        "flash-attn absent (exllamav2 falls back to torch attention with repeat_kv, "
+        f"{position_bytes(s['model'], 'fp16', False).total / 1e6:.2f} MB per position per token); the 25 tok/s read "
+        "that deep into the conversation", lambda d: _no_spill(d, False),
+        "`import flash_attn` fails in that Python; the speed falls with the number of tokens already in the context; "
+        "the same depth with a cache that fits (FP16 at 16k, or Q8 at 32k) is just as slow")
+    row("e", "no spill: depth with flash-attn",
+        f"flash-attn installed ({position_bytes(s['model'], 'fp16', True).total / 1e6:.2f} MB per position per "
+        "token); the 25 tok/s read deep in the conversation", lambda d: _no_spill(d, True),
+        "`import flash_attn` works; ruled out as the whole story: even a full 32k context stays above 25 tok/s")
+    rc = roofline_check(depth)
+    rows.append({"id": "f", "hypothesis": "the 80 tok/s: speculative decoding, or a front-end average",
+                 "must_be_true": "a draft model (exllamav2 front ends offer one), or a counter that averages over "
+                                 "prompt tokens; a clean batch-1 decode of this model cannot reach 80",
+                 "depth": depth, "tok_s": rc["roofline_tok_s"], "tok_s_low": rc["realistic_tok_s"],
+                 "tok_s_high": rc["roofline_tok_s"], "depth_for_25": None, "depth_for_25_early": None,
+                 "depth_for_25_late": None,
+                 "prediction": f"a clean decode at most {rc['roofline_tok_s']:.1f} tok/s (datasheet roofline; ~"
+                               f"{rc['realistic_tok_s']:.0f} at {REALISTIC_BANDWIDTH_SHARE:.0%} of it); 80 is "
+                               f"{rc['reported_over_roofline']:.2f}x the roofline",
+                 "observation": "the front end's settings (draft model) and how its tok/s counter is computed; a "
+                                "plain decode timed on that machine (`python -m helpers bench`) gives 60-75"})
+    return rows
+
+
+def _range(r: dict) -> str:
+    lo, hi = r["depth_for_25_early"], r["depth_for_25_late"]
+    def f(d):
+        return "0" if d == 0 else "beyond 32k" if d is None else f"{d:,}"
+
+    return f"range {f(lo)}-{f(hi)}"
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, int]]) -> str:
+    """A text table of ``rows``: ``columns`` are (key, heading, width); long cells wrap within their width."""
+    def cells(r):
+        return [textwrap.wrap(str(r.get(k, "")), w) or [""] for k, _, w in columns]
+
+    head = " | ".join(f"{h:<{w}}" for _, h, w in columns)
+    lines = [head, "-+-".join("-" * w for _, _, w in columns)]
+    for r in rows:
+        cs = cells(r)
+        for i in range(max(len(c) for c in cs)):
+            lines.append(" | ".join(f"{(c[i] if i < len(c) else ''):<{w}}" for c, (_, _, w) in zip(cs, columns)))
+        lines.append("-+-".join("-" * w for _, _, w in columns))
+    return "\n".join(x.rstrip() for x in lines)
+
+
+HYPOTHESIS_COLUMNS = (("id", "", 2), ("hypothesis", "hypothesis", 22), ("must_be_true", "what must be true", 30),
+                      ("prediction", "predicted (speed model)", 24), ("observation", "observation that decides", 32))
+
+
+def depth_curves(depths: Sequence[int] | None = None) -> dict:
+    """Predicted decode tok/s against depth for the rows of ``hypotheses`` that vary with it (a, b, c, c', d, e)."""
     depths = list(depths) if depths is not None else list(range(0, 32768, 512)) + [32767]
     out = {}
-    for path in LOAD_PATHS:
-        c = seed_case(depth=0, load_path=path)
-        p = c["prediction_32k"]
-        tok = [p.at_depth(d).tok_s for d in depths]
-        out[path] = {"depths": depths, "tok_s": tok, "spilled_gib": p.spilled_gib,
-                     "depth_at_reported": depth_for_speed(c, SEED["tok_s_32k"])}
+    for r in hypotheses(0):
+        if r["id"] == "f":
+            continue
+        out[r["id"]] = {"label": r["hypothesis"], "depths": depths, "depth_for_25": r["depth_for_25"]}
+    fns = _row_functions()
+    for k, fn in fns.items():
+        out[k]["tok_s"] = [fn(d).tok_s for d in depths]
     return out
+
+
+def _row_functions() -> dict:
+    s = SEED
+
+    def spill(path, placement):
+        p = _model(load_path=path, placement=placement, flash_attn=True).predict(s["model"], bpw=s["bpw"],
+                                                                                 max_seq_len=32768, depth=0)
+        return lambda d: p.at_depth(min(d, 32767))
+
+    return {"a": spill("autosplit", "first_come"), "b": spill("load", "first_come"),
+            "c": spill("autosplit", "first_touch"), "c'": _lm_head_only,
+            "d": lambda d: _no_spill(d, False), "e": lambda d: _no_spill(d, True)}
 
 
 def ways_out(spec: Any = None, gpu: Any = None, *, bpw: float | None = None, max_seq_len: int = 32768,
              depth: int = 256, reserve_gib: float | None = None, desktop_extra_gib: float = 1.0,
-             overhead_s_per_token: float = 0.0) -> list[dict]:
-    """The ways out of a spill, each checked with the planner (``memory.plan``: fits, margin) and the spill model
-    (what would spill, with load_autosplit's load-time reserve, and the predicted tok/s). Defaults: the seed case
-    with the reserve from the user's readings."""
+             flash_attn: bool = False) -> list[dict]:
+    """The ways out of a spill, each checked with the planner (``planning.plan``: fits, margin) and the spill model
+    (what would spill, with load_autosplit's load-time reserve, first-come placement, and the predicted tok/s at
+    ``depth`` from the speed model). Defaults: the seed case with the reserve from the user's readings."""
     spec = spec or SEED["model"]
     gpu = gpu or SEED["gpu"]
     bpw = SEED["bpw"] if bpw is None and spec == SEED["model"] else bpw
     if reserve_gib is None:
-        reserve_gib = anchored_reserve_gib(spec, gpu, bpw=bpw, used_gib=SEED["used_4k_gib"],
-                                           full_gib=SEED["full_gib"])[0]
+        reserve_gib = seed_reserve_gib()
     rows = []
 
     def check(way: str, *, b=bpw, L=max_seq_len, mode="fp16", res=reserve_gib):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pl = plan(spec, gpu, bpw=b, max_seq_len=L, cache_mode=mode, reserve_gib=res)
-            pr = SpillModel(gpu, reserve_gib=res, overhead_s_per_token=overhead_s_per_token).predict(
+            pr = SpillModel(gpu, reserve_gib=res, flash_attn=flash_attn).predict(
                 spec, bpw=b, max_seq_len=L, cache_mode=mode, depth=min(depth, L - 1))
         rows.append({"way": way, "bpw": b, "max_seq_len": L, "cache_mode": mode, "reserve_gib": res,
                      "fits": pl.fits, "margin_gib": pl.margin_bytes / GIB, "spilled_gib": pr.spilled_gib,
@@ -150,7 +327,7 @@ def ways_out(spec: Any = None, gpu: Any = None, *, bpw: float | None = None, max
     L = pl.longest_context["fp16"]
     while L > 1024 and spills(bpw, L):
         L -= 1024
-    check("shorter max_seq_len", L=L)
+    check("shorter max_seq_len", L=min(L, max_seq_len))
     for mode in ("q8", "q6", "q4"):
         check(f"{mode.upper()} cache", mode=mode)
     if pl.max_bpw_that_fits is not None:
@@ -158,11 +335,11 @@ def ways_out(spec: Any = None, gpu: Any = None, *, bpw: float | None = None, max
         while b > 2.0 and spills(b, max_seq_len):
             b = round(b - 0.05, 2)
         check("lower bpw", b=b)
-    check(f"Q4 cache, {desktop_extra_gib:g} GiB more reserve", mode="q4", res=reserve_gib + desktop_extra_gib)
+    check(f"Q8 cache, {desktop_extra_gib:g} GiB more reserve", mode="q8", res=reserve_gib + desktop_extra_gib)
     return rows
 
 
-def format_rows(rows: list[dict]) -> str:
+def format_rows(rows: list[dict], depth: int | None = None) -> str:
     """A text table of ``ways_out`` rows."""
     head = (f"{'way out':<32}{'bpw':>5}{'max_seq_len':>12}{'cache':>6}{'fits':>6}{'margin':>11}{'spilled':>11}"
             f"{'tok/s':>7}")
@@ -171,6 +348,12 @@ def format_rows(rows: list[dict]) -> str:
         lines.append(f"{r['way']:<32}{r['bpw']:>5g}{r['max_seq_len']:>12,}{r['cache_mode']:>6}"
                      f"{'yes' if r['fits'] else 'NO':>6}{r['margin_gib']:>7.2f} GiB{r['spilled_gib']:>7.2f} GiB"
                      f"{r['tok_s']:>7.1f}")
-    lines.append("fits/margin: memory.plan (what the GPU must hold); spilled/tok/s: the spill model (load order, "
-                 "load_autosplit's load-time reserve included)")
+    lines.append("fits/margin: planning.plan (what the GPU must hold); spilled: the spill model (load order, "
+                 "load_autosplit's reserve, first-come placement); tok/s: the speed model"
+                 + (f" at {depth:,} deep" if depth is not None else "") + " (estimate)")
     return "\n".join(lines)
+
+
+__all__ = ["SEED", "anchored_reserve_gib", "seed_reserve_gib", "roofline_check", "seed_case",
+           "seed_variants", "depth_at", "depth_for_speed", "hypotheses", "format_table", "HYPOTHESIS_COLUMNS",
+           "depth_curves", "ways_out", "format_rows"]

@@ -1,22 +1,25 @@
-"""NVIDIA's Windows "sysmem fallback": a model of its decode speed when part of a model lands in system RAM.
+"""NVIDIA's Windows "sysmem fallback": which allocations land in system RAM, and the decode speed that follows.
 
-A decoded token reads every GPU-resident weight once and the K/V cache of every layer up to the current depth. On
-Windows (driver 536.40 and later) an allocation that does not fit in the card's dedicated VRAM does not fail: the
-driver places it in system RAM, and the GPU then reads it over PCIe, at a few percent of VRAM speed. The model
+On Windows (the fallback exists since driver 536.40; the policy switch ("CUDA - Sysmem Fallback Policy") since 546.01;
+docs/FACTS.md §4) an allocation that does not fit in the card's dedicated VRAM does not fail: the driver places it in
+system RAM, and the GPU then reads it over PCIe, at a few percent of VRAM speed. The spill model
 
-1. walks exllamav2's load order (``memory.load_order``: module by module, each attention module with its cache
-   layers, as ``load_autosplit`` allocates them) against the VRAM left after the OS reserve and the allocations
-   made before the first module (``fixed``: CUDA context, scratch, RoPE tables, the load-time reserve);
-   a module goes to VRAM if it fits in what is left, else to system RAM ("spills"): ``place``;
-2. counts the bytes each decoded token reads from each side at a depth: ``read_bytes``;
-3. predicts seconds per token = overhead + VRAM bytes / VRAM bandwidth + system-RAM bytes / PCIe bandwidth.
+1. walks exllamav2's allocations (``memory.load_order``: module by module, each attention module with its cache
+   layer on ``load_autosplit``; weights then cache on ``model.load()``) against the VRAM left after the OS reserve
+   and what is taken before the first module (``fixed``), under ONE documented assumption, ``placement``
+   (``fallback.placement``): ``"first_come"`` (an allocation takes VRAM when made: what comes after VRAM is full
+   spills) or ``"first_touch"`` (the driver keeps in VRAM what decoding touches: buffers a one-token decode never
+   uses leave first): ``place``;
+2. counts what each decoded token then reads from each side (``read_bytes``): weights of every GPU module, and the
+   cache layers up to the depth;
+3. takes the time per token from THE speed model, ``helpers.speed.model.decode_estimate``: weights in VRAM /
+   bandwidth + depth x bytes per position / bandwidth + host overhead + spilled weights and spilled cache layers
+   (up to the depth) / PCIe bandwidth. The spill model adds no formula of its own.
 
-Its parameters come from datasheets or measurements, never from the speed it is meant to predict: bandwidths from
-``specs.gpus.GPUS`` (datasheet) or measured on the device; the per-token overhead (host work, kernel launches) from a
-run that spills nothing: its measured seconds per token minus its bandwidth time (``overhead_from_run``). When a
-measured speed is at or above the bandwidth roofline, that difference is negative: the overhead is taken as 0 and
-the prediction says so. ``SpillModel`` ties it to one GPU and a planned load; the seed case is
-``helpers.fallback.seed``.
+Its parameters come from datasheets, documented defaults or measurements, never from the speed it is meant to
+predict: bandwidths from ``specs.gpus.GPUS`` (datasheet) or measured on the device; the host overhead from the speed
+model's default range (``speed.model.DEFAULT_OVERHEAD_S``) or a run on the same machine that spills nothing
+(``overhead_from_run``). ``SpillModel`` ties it to one GPU and a planned load; the seed case is ``fallback.seed``.
 """
 from __future__ import annotations
 
@@ -27,25 +30,38 @@ from typing import Any, Iterable, Sequence
 from helpers.core.errors import CourseError
 from helpers.core.units import GIB, MIB
 from helpers.fallback.pcie import pcie_practical_bandwidth
+from helpers.fallback.placement import DEFAULT_PLACEMENT, PLACEMENTS, check_placement, touched_by_decode
 from helpers.memory.breakdown import breakdown
 from helpers.memory.cache_modes import LOAD_AUTOSPLIT_RESERVE_BYTES, LOAD_PATHS
 from helpers.memory.load_order import load_order
 from helpers.specs.gpus import gpu_spec
+from helpers.specs.shapes import model_shape
+from helpers.speed.model import DEFAULT_OVERHEAD_S, decode_estimate
+
+#: kinds of ``load_order`` entry that hold a layer's own cache (a spilled one is read over PCIe up to the depth)
+_CACHE_LAYER_KINDS = ("attention", "cache")
 
 
 # -------------------------------------------------------------------------------------------- the spill model
 @dataclass
 class Prediction:
-    """What the spill model says about one configuration. Bytes, seconds, tokens/s; ``placement`` per module."""
+    """What the spill model says about one configuration. Bytes, seconds, tokens/s; ``modules``: where each went.
 
-    spilled_bytes: int            # module bytes (weights + cache layers + scratch) placed in system RAM
+    ``tok_s`` is the speed model's central estimate, ``tok_s_low``..``tok_s_high`` its range; ``seconds``: the time
+    per token by term (weights, attention, overhead, pcie), from ``speed.model.decode_estimate``."""
+
+    spilled_bytes: int            # bytes (weights + cache layers + buffers) placed in system RAM
     spilled_weight_bytes: int
     spilled_cache_bytes: int
-    vram_read_bytes: int          # read from VRAM per decoded token at ``depth``
-    sysmem_read_bytes: int        # read from system RAM over PCIe per decoded token at ``depth``
+    spilled_cache_layers: int
+    vram_read_bytes: int          # weights + cache up to ``depth`` read from VRAM per decoded token (a count)
+    sysmem_read_bytes: int        # the same read over PCIe
+    weight_bytes: int             # every weight byte a token reads (VRAM and system RAM)
     tok_s: float
-    seconds_per_token: float
-    overhead_s_per_token: float
+    tok_s_low: float
+    tok_s_high: float
+    seconds: dict
+    overhead_s: Any
     vram_bandwidth: float         # bytes/s
     pcie_bandwidth: float         # bytes/s
     budget_bytes: int             # VRAM the process may use (card less the OS reserve)
@@ -53,8 +69,17 @@ class Prediction:
     depth: int
     max_seq_len: int
     cache_mode: str
-    placement: list[dict] = field(default_factory=list)
+    flash_attn: bool
+    placement: str                # the assumption: fallback.placement.PLACEMENTS
+    modules: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    assumptions: list[str] = field(default_factory=list)
+    shape: Any = field(default=None, repr=False)
+    efficiency: Any = None
+
+    @property
+    def seconds_per_token(self) -> float:
+        return 1.0 / self.tok_s
 
     @property
     def spilled_gib(self) -> float:
@@ -67,35 +92,48 @@ class Prediction:
         return self.vram_bandwidth / total if total else math.inf
 
     def time_split_ms(self) -> dict[str, float]:
-        """Where a token's time goes (ms): overhead, VRAM reads, PCIe reads."""
-        return {"overhead_ms": 1e3 * self.overhead_s_per_token,
-                "vram_ms": 1e3 * self.vram_read_bytes / self.vram_bandwidth,
-                "pcie_ms": 1e3 * self.sysmem_read_bytes / self.pcie_bandwidth}
+        """Where a token's time goes (ms): overhead, VRAM reads (weights + attention), PCIe reads."""
+        s = self.seconds
+        return {"overhead_ms": 1e3 * s["overhead"], "vram_ms": 1e3 * (s["weights"] + s["attention"]),
+                "pcie_ms": 1e3 * s["pcie"]}
+
+    def estimate(self, **change):
+        """``speed.model.decode_estimate`` for this prediction, with some of its arguments changed (``depth``,
+        ``spilled_weight_bytes``, ``spilled_cache_layers``, ``pcie_gbs``, ``overhead_s``, ...)."""
+        kw = dict(weight_bytes=self.weight_bytes, bandwidth_gbs=self.vram_bandwidth / 1e9, depth=self.depth,
+                  cache_mode=self.cache_mode, flash_attn=self.flash_attn, overhead_s=self.overhead_s,
+                  efficiency=self.efficiency, spilled_weight_bytes=self.spilled_weight_bytes,
+                  spilled_cache_layers=self.spilled_cache_layers, pcie_gbs=self.pcie_bandwidth / 1e9)
+        kw.update(change)
+        return decode_estimate(self.shape, **kw)
 
     def at_depth(self, depth: int) -> "Prediction":
         """The same placement and parameters, evaluated at another cache depth."""
-        return evaluate(self.placement, depth=depth, max_seq_len=self.max_seq_len, cache_mode=self.cache_mode,
-                        overhead_s_per_token=self.overhead_s_per_token, vram_bandwidth=self.vram_bandwidth,
-                        pcie_bandwidth=self.pcie_bandwidth, budget_bytes=self.budget_bytes,
-                        fixed_bytes=self.fixed_bytes, notes=self.notes)
+        return evaluate(self.modules, shape=self.shape, depth=depth, max_seq_len=self.max_seq_len,
+                        cache_mode=self.cache_mode, flash_attn=self.flash_attn, overhead_s=self.overhead_s,
+                        vram_bandwidth=self.vram_bandwidth, pcie_bandwidth=self.pcie_bandwidth,
+                        efficiency=self.efficiency, budget_bytes=self.budget_bytes, fixed_bytes=self.fixed_bytes,
+                        placement=self.placement, notes=self.notes)
 
     def spilled_modules(self) -> list[str]:
-        return [p["module"] for p in self.placement if p["where"] == "sysmem"]
+        return [p["module"] for p in self.modules if p["where"] == "sysmem"]
 
     def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.update(spilled_gib=self.spilled_gib, roofline_tok_s=self.roofline_tok_s, **self.time_split_ms())
+        d = {k: v for k, v in asdict(self).items() if k != "shape"}
+        d.update(spilled_gib=self.spilled_gib, roofline_tok_s=self.roofline_tok_s,
+                 seconds_per_token=self.seconds_per_token, **self.time_split_ms())
         return d
 
     def summary(self) -> str:
         t = self.time_split_ms()
         spilled = self.spilled_modules()
-        where = (f"{len(spilled)} modules in system RAM ({_span(spilled)})" if spilled else "nothing spilled")
-        return (f"cache {self.max_seq_len} ({self.cache_mode}), depth {self.depth}: {where}; "
-                f"spilled {self.spilled_bytes / GIB:.2f} GiB ({self.spilled_weight_bytes / GIB:.2f} GiB weights, "
-                f"{self.spilled_cache_bytes / GIB:.2f} GiB cache); per token {self.vram_read_bytes / 1e9:.2f} GB from "
-                f"VRAM + {self.sysmem_read_bytes / 1e9:.3f} GB over PCIe = {t['overhead_ms']:.1f} + {t['vram_ms']:.1f} "
-                f"+ {t['pcie_ms']:.1f} ms -> {self.tok_s:.1f} tok/s")
+        where = (f"{len(spilled)} allocations in system RAM ({_span(spilled)})" if spilled else "nothing spilled")
+        return (f"cache {self.max_seq_len} ({self.cache_mode}), depth {self.depth}, placement {self.placement}: "
+                f"{where}; spilled {self.spilled_bytes / GIB:.2f} GiB ({self.spilled_weight_bytes / GIB:.2f} GiB "
+                f"weights, {self.spilled_cache_bytes / GIB:.2f} GiB cache); per token {self.vram_read_bytes / 1e9:.2f}"
+                f" GB from VRAM + {self.sysmem_read_bytes / 1e9:.3f} GB over PCIe = {t['overhead_ms']:.1f} + "
+                f"{t['vram_ms']:.1f} + {t['pcie_ms']:.1f} ms -> {self.tok_s:.1f} tok/s (estimate, "
+                f"{self.tok_s_low:.1f}-{self.tok_s_high:.1f})")
 
 
 def _span(names: Sequence[str]) -> str:
@@ -108,43 +146,52 @@ def _get(d: Any, key: str, default=None):
     return d.get(key, default) if isinstance(d, dict) else getattr(d, key, default)
 
 
-def place(order: Iterable[dict], budget_bytes: int, fixed_bytes: int = 0) -> list[dict]:
-    """Walk the load order against the VRAM budget: first fit, module by module.
+def place(order: Iterable[dict], budget_bytes: int, fixed_bytes: int = 0,
+          placement: str = DEFAULT_PLACEMENT) -> list[dict]:
+    """Walk the allocations against the VRAM budget, under the placement assumption (``fallback.placement``).
 
-    ``order``: dicts with ``module``, ``weight_bytes``, ``cache_bytes`` (the cache layers allocated with it) and
-    ``device_hint`` ('cpu' for what exllamav2 keeps in system RAM anyway, the input embedding), optionally
-    ``scratch_bytes`` (buffers that take VRAM but are not read per token: the device context). Each GPU module goes
-    to 'vram' if its bytes fit in what is left of ``budget_bytes - fixed_bytes``, otherwise to 'sysmem' (the driver
-    cannot place it in VRAM; on Windows it lands in shared system memory). Returns one dict per module with ``where``
-    and ``vram_left_bytes`` after it.
+    ``order``: dicts with ``module``, ``weight_bytes``, ``cache_bytes`` (the cache layers allocated with it),
+    ``kind`` and ``device_hint`` ('cpu' for what exllamav2 keeps in system RAM anyway, the input embedding),
+    optionally ``scratch_bytes`` (buffers that take VRAM but are not read per token). ``"first_come"``: in the order
+    given, each GPU entry goes to 'vram' if its bytes fit in what is left of ``budget_bytes - fixed_bytes``,
+    otherwise to 'sysmem'. ``"first_touch"``: the same walk for what a one-token decode touches first, then the
+    entries it never touches (``placement.UNTOUCHED_BY_DECODE``) get what is left. Returns one dict per entry, in the
+    order given, with ``where`` and ``vram_left_bytes`` after its decision.
     """
+    check_placement(placement)
     left = int(budget_bytes) - int(fixed_bytes)
-    out = []
-    for m in order:
-        w, c = int(_get(m, "weight_bytes", 0) or 0), int(_get(m, "cache_bytes", 0) or 0)
-        x = int(_get(m, "scratch_bytes", 0) or 0)
-        hint = str(_get(m, "device_hint", "gpu") or "gpu").lower()
-        if hint == "cpu" or _get(m, "where") == "cpu":
-            where = "cpu"
-        elif w + c + x <= left:
-            where, left = "vram", left - (w + c + x)
-        else:
-            where = "sysmem"
-        out.append({"module": str(_get(m, "module", f"module{len(out)}")), "kind": _get(m, "kind", ""),
-                    "weight_bytes": w, "cache_bytes": c, "scratch_bytes": x, "where": where,
-                    "vram_left_bytes": left})
-    return out
+    entries = list(order)
+    out: list[dict | None] = [None] * len(entries)
+    passes = ([True] if placement == "first_come" else [True, False])
+    for first_pass in passes:
+        for i, m in enumerate(entries):
+            kind = str(_get(m, "kind", "") or "")
+            if placement == "first_touch" and touched_by_decode(kind) != first_pass:
+                continue
+            w, c = int(_get(m, "weight_bytes", 0) or 0), int(_get(m, "cache_bytes", 0) or 0)
+            x = int(_get(m, "scratch_bytes", 0) or 0)
+            hint = str(_get(m, "device_hint", "gpu") or "gpu").lower()
+            if hint == "cpu" or _get(m, "where") == "cpu":
+                where = "cpu"
+            elif w + c + x <= left:
+                where, left = "vram", left - (w + c + x)
+            else:
+                where = "sysmem"
+            out[i] = {"module": str(_get(m, "module", f"module{i}")), "kind": kind, "weight_bytes": w,
+                      "cache_bytes": c, "scratch_bytes": x, "where": where, "vram_left_bytes": left}
+    return [o for o in out if o is not None]
 
 
-def read_bytes(placement: Iterable[dict], depth: int, max_seq_len: int) -> tuple[int, int]:
+def read_bytes(modules: Iterable[dict], depth: int, max_seq_len: int) -> tuple[int, int]:
     """(VRAM bytes, system-RAM bytes) one decoded token reads at ``depth``: all weights of each GPU module and the
-    first ``depth`` of its cache layers' ``max_seq_len`` positions. Modules on the CPU ('cpu') are not GPU reads."""
+    first ``depth`` of its cache layers' ``max_seq_len`` positions (a count; the time comes from the speed model).
+    Modules on the CPU ('cpu') are not GPU reads; buffers (``scratch_bytes``) are not read per token."""
     if max_seq_len <= 0:
         raise CourseError(f"max_seq_len must be positive, got {max_seq_len}")
     if not 0 <= depth <= max_seq_len:
         raise CourseError(f"depth {depth} must be between 0 and the cache's {max_seq_len} tokens")
     vram = sysmem = 0
-    for p in placement:
+    for p in modules:
         b = int(p["weight_bytes"]) + int(round(int(p["cache_bytes"]) * depth / max_seq_len))
         if p["where"] == "vram":
             vram += b
@@ -153,81 +200,92 @@ def read_bytes(placement: Iterable[dict], depth: int, max_seq_len: int) -> tuple
     return vram, sysmem
 
 
-def seconds_per_token(vram_bytes: float, sysmem_bytes: float, *, overhead_s_per_token: float,
-                      vram_bandwidth: float, pcie_bandwidth: float) -> float:
-    """overhead + VRAM bytes / VRAM bandwidth + system-RAM bytes / PCIe bandwidth."""
-    if vram_bandwidth <= 0 or pcie_bandwidth <= 0:
-        raise CourseError("bandwidths must be positive (bytes/s)")
-    if overhead_s_per_token < 0:
-        raise CourseError(f"the per-token overhead cannot be negative, got {overhead_s_per_token}")
-    return overhead_s_per_token + vram_bytes / vram_bandwidth + sysmem_bytes / pcie_bandwidth
+def overhead_from_run(tok_s: float, shape: Any, *, weight_bytes: float, vram_bandwidth: float, depth: int = 0,
+                      cache_mode: str = "fp16", flash_attn: bool = False) -> tuple[float, str | None]:
+    """Per-token host overhead of a MEASURED run that spills nothing, on the machine the prediction is for: its
+    seconds per token minus the speed model's time with no overhead (first principles, no calibration).
 
-
-def overhead_from_run(tok_s: float, bytes_per_token: float, vram_bandwidth: float) -> tuple[float, str | None]:
-    """Per-token overhead of a run that spills nothing: its seconds per token minus its bandwidth time.
-
-    Returns (overhead seconds, note). When the measured speed is at or above the roofline the difference is not
-    positive: the overhead is 0 and the note says that the measurement is at or above what the memory allows."""
+    Returns (overhead seconds, note). A speed at or above that bound leaves no time for overhead: that does not
+    mean the overhead is zero, it means the reading is not a clean decode of that model; the overhead is then
+    returned as 0 with a note saying so, and should not be used."""
     if tok_s <= 0:
         raise CourseError(f"a measured speed must be positive, got {tok_s} tok/s")
-    band = bytes_per_token / vram_bandwidth
-    over = 1.0 / tok_s - band
+    est = decode_estimate(shape, weight_bytes=weight_bytes, bandwidth_gbs=vram_bandwidth / 1e9, depth=depth,
+                          cache_mode=cache_mode, flash_attn=flash_attn, overhead_s=0.0, efficiency=1.0)
+    over = 1.0 / tok_s - 1.0 / est.tok_s
     if over <= 0:
-        roof = vram_bandwidth / bytes_per_token
-        return 0.0, (f"the measured {tok_s:g} tok/s is at or above the roofline of {roof:.1f} tok/s "
-                     f"({bytes_per_token / 1e9:.2f} GB per token at {vram_bandwidth / 1e9:.0f} GB/s): it leaves no "
-                     "time for overhead, so the overhead is taken as 0")
+        return 0.0, (f"the measured {tok_s:g} tok/s is at or above the {est.tok_s:.1f} tok/s the bytes allow at "
+                     f"{vram_bandwidth / 1e9:.0f} GB/s: not a clean decode of that model, so it says nothing about "
+                     "the overhead (do not use 0)")
     return over, None
 
 
-def evaluate(placement: list[dict], *, depth: int, max_seq_len: int, cache_mode: str = "fp16",
-             overhead_s_per_token: float, vram_bandwidth: float, pcie_bandwidth: float, budget_bytes: int = 0,
-             fixed_bytes: int = 0, notes: Sequence[str] = ()) -> Prediction:
-    """The prediction for a given placement (from ``place``, or the one an emulator really made)."""
-    vram, sysmem = read_bytes(placement, depth, max_seq_len)
-    s = seconds_per_token(vram, sysmem, overhead_s_per_token=overhead_s_per_token, vram_bandwidth=vram_bandwidth,
-                          pcie_bandwidth=pcie_bandwidth)
-    sp = [p for p in placement if p["where"] == "sysmem"]
+def evaluate(modules: list[dict], *, shape: Any, depth: int, max_seq_len: int, cache_mode: str = "fp16",
+             flash_attn: bool = False, overhead_s: Any = DEFAULT_OVERHEAD_S, vram_bandwidth: float,
+             pcie_bandwidth: float, efficiency: Any = None, budget_bytes: int = 0, fixed_bytes: int = 0,
+             placement: str = DEFAULT_PLACEMENT, notes: Sequence[str] = ()) -> Prediction:
+    """The prediction for a given set of placed modules (from ``place``, or what an emulator really did): bytes
+    counted here, the time per token from ``speed.model.decode_estimate``."""
+    if vram_bandwidth <= 0 or pcie_bandwidth <= 0:
+        raise CourseError("bandwidths must be positive (bytes/s)")
+    vram, sysmem = read_bytes(modules, depth, max_seq_len)
+    gpu = [p for p in modules if p["where"] in ("vram", "sysmem")]
+    sp = [p for p in modules if p["where"] == "sysmem"]
+    weights = sum(int(p["weight_bytes"]) for p in gpu)
     sw, sc = sum(p["weight_bytes"] for p in sp), sum(p["cache_bytes"] for p in sp)
     sx = sum(int(p.get("scratch_bytes", 0) or 0) for p in sp)
-    return Prediction(spilled_bytes=sw + sc + sx, spilled_weight_bytes=sw, spilled_cache_bytes=sc, vram_read_bytes=vram,
-                      sysmem_read_bytes=sysmem, tok_s=1.0 / s, seconds_per_token=s,
-                      overhead_s_per_token=overhead_s_per_token, vram_bandwidth=float(vram_bandwidth),
+    layers = sum(1 for p in sp if p["cache_bytes"] and p.get("kind", "attention") in _CACHE_LAYER_KINDS)
+    s = model_shape(shape)
+    est = decode_estimate(s, weight_bytes=weights, bandwidth_gbs=vram_bandwidth / 1e9, depth=depth,
+                          cache_mode=cache_mode, flash_attn=flash_attn, overhead_s=overhead_s, efficiency=efficiency,
+                          spilled_weight_bytes=sw, spilled_cache_layers=min(layers, s.n_layers),
+                          pcie_gbs=pcie_bandwidth / 1e9)
+    return Prediction(spilled_bytes=sw + sc + sx, spilled_weight_bytes=sw, spilled_cache_bytes=sc,
+                      spilled_cache_layers=layers, vram_read_bytes=vram, sysmem_read_bytes=sysmem,
+                      weight_bytes=weights, tok_s=est.tok_s, tok_s_low=est.tok_s_low, tok_s_high=est.tok_s_high,
+                      seconds=dict(est.seconds), overhead_s=overhead_s, vram_bandwidth=float(vram_bandwidth),
                       pcie_bandwidth=float(pcie_bandwidth), budget_bytes=int(budget_bytes),
                       fixed_bytes=int(fixed_bytes), depth=int(depth), max_seq_len=int(max_seq_len),
-                      cache_mode=cache_mode, placement=list(placement), notes=list(notes))
+                      cache_mode=cache_mode, flash_attn=bool(flash_attn), placement=check_placement(placement),
+                      modules=list(modules), notes=list(notes), assumptions=list(est.assumptions), shape=s,
+                      efficiency=efficiency)
 
 
 # ------------------------------------------------------------------------------------- the model on a planned load
-#: what ``load_autosplit`` holds while it loads (``memory.LOAD_AUTOSPLIT_RESERVE_BYTES``: 192 + 256 MiB). Every spill
-#: decision is made with it in VRAM; it is freed when the load ends, too late to bring anything back.
+#: what ``load_autosplit`` holds while it loads (``memory.LOAD_AUTOSPLIT_RESERVE_BYTES``: 192 + 256 MiB, a
+#: ``torch.empty`` never written). Under "first_come" every spill decision is made with it in VRAM; it is freed when
+#: the load ends, too late to bring anything back. Under "first_touch" it never takes VRAM.
 LOAD_RESERVE_BYTES = LOAD_AUTOSPLIT_RESERVE_BYTES
 
 
 @dataclass
 class SpillModel:
-    """The spill model for one GPU: its bandwidths, the per-token overhead, and what is taken before the model loads.
+    """The spill model for one GPU: its bandwidths, the host overhead, what is taken before the model loads, and
+    the placement assumption.
 
     ``gpu``: a name or GiB (``specs.gpus.gpu_spec``) or a spec dict. Bandwidths in bytes/s; None takes the datasheet's
-    memory bandwidth and ``pcie_practical_bandwidth`` of its link. ``reserve_gib``/``cuda_context_gib``: None takes
-    the planner's documented defaults (``memory.breakdown``). ``flash_attn``: the attention path does not materialise
-    the attention matrix while a prompt chunk runs (flash-attn or SDPA; the course's own exllamav2 runs use
-    ``no_sdpa`` and do). ``load_path``: how the front end loads (``memory.LOAD_PATHS``): 'autosplit'
-    (``load_autosplit(cache)``: a test forward per module, so the transients exist from the first module, and its
-    load-time reserve is held) or 'load' (``model.load()`` then the cache: no test forward and no reserve; the first
-    forward's transients come after the cache). ``load_reserve_bytes``: None takes the path's own (448 MiB / 0).
+    memory bandwidth and ``pcie_practical_bandwidth`` of its link. ``overhead_s``: seconds or (low, high), the speed
+    model's default range unless given. ``efficiency``: the attention-time multiplier passed to the speed model
+    (None: first principles, with the calibrated figure as the range's slow end). ``reserve_gib``/
+    ``cuda_context_gib``: None takes the planner's documented defaults (``memory.breakdown``). ``flash_attn``: the
+    attention path (bytes per position; no attention matrix materialised while a prompt chunk runs). ``load_path``
+    (``memory.LOAD_PATHS``): 'autosplit' (``load_autosplit(cache)``: a test forward per module, so the transients
+    exist from the first module, and its load-time reserve is held) or 'load' (``model.load()`` then the cache: no
+    reserve; the first forward's transients come after the cache). ``placement``: ``fallback.placement.PLACEMENTS``.
     """
 
     gpu: Any
     vram_bandwidth: float | None = None
     pcie_bandwidth: float | None = None
-    overhead_s_per_token: float = 0.0
+    overhead_s: Any = DEFAULT_OVERHEAD_S
     reserve_gib: float | None = None
     cuda_context_gib: float | None = None
     flash_attn: bool = False
     load_reserve_bytes: int | None = None
     head_bits: int = 6
     load_path: str = "autosplit"
+    placement: str = DEFAULT_PLACEMENT
+    efficiency: Any = None
 
     def reserve_while_loading(self) -> int:
         if self.load_reserve_bytes is not None:
@@ -249,87 +307,110 @@ class SpillModel:
         return float(vram), float(pcie)
 
     def layout(self, spec: Any, *, bpw: float | None, max_seq_len: int, cache_mode: str = "fp16") -> dict:
-        """The load order and the fixed VRAM before it (CUDA context, transients, the load-time reserve), from the
-        planner's breakdown; and the budget: the card less the OS reserve."""
+        """The allocations in exllamav2's order and the fixed VRAM before them, from the planner's breakdown; and
+        the budget: the card less the OS reserve. Under "first_touch" the buffers a decode never touches are
+        entries of their own (the dequantization scratch split from the RoPE tables; the prompt's transients), and
+        load_autosplit's never-written reserve takes nothing."""
+        check_placement(self.placement)
         g = self.spec()
         res = None if self.reserve_gib is None else int(round(self.reserve_gib * GIB))
         ctx = None if self.cuda_context_gib is None else int(round(self.cuda_context_gib * GIB))
-        bd = breakdown(spec, bpw=bpw, head_bits=self.head_bits, max_seq_len=max_seq_len,
-                              cache_mode=cache_mode, flash_attn=self.flash_attn, cuda_context_bytes=ctx,
-                              reserve_bytes=res)
-        order = load_order(spec, bpw=bpw, head_bits=self.head_bits, max_seq_len=max_seq_len,
-                                  cache_mode=cache_mode, path=self.load_path)
-        load_res = self.reserve_while_loading()
+        bd = breakdown(spec, bpw=bpw, head_bits=self.head_bits, max_seq_len=max_seq_len, cache_mode=cache_mode,
+                       flash_attn=self.flash_attn, cuda_context_bytes=ctx, reserve_bytes=res)
+        order = load_order(spec, bpw=bpw, head_bits=self.head_bits, max_seq_len=max_seq_len, cache_mode=cache_mode,
+                           path=self.load_path)
+        touch = self.placement == "first_touch"
+        load_res = 0 if touch else self.reserve_while_loading()
+        transient = {"module": "prompt transients (attention matrix, hidden state)", "kind": "transient",
+                     "layer": None, "weight_bytes": 0, "cache_bytes": 0, "scratch_bytes": bd.transient_bytes,
+                     "bytes": bd.transient_bytes, "device_hint": "gpu"}
         fixed = bd.cuda_context_bytes + int(load_res)
-        if self.load_path == "autosplit":
+        if touch:
+            order = [e for o in order for e in _split_device_context(o, bd)]
+            order = order[:2] + [transient] + order[2:] if self.load_path == "autosplit" else order + [transient]
+        elif self.load_path == "autosplit":
             fixed += bd.transient_bytes
         else:
-            order = order + [{"module": "first forward's transients", "kind": "transient", "layer": None,
-                              "weight_bytes": 0, "cache_bytes": 0, "scratch_bytes": bd.transient_bytes,
-                              "bytes": bd.transient_bytes, "device_hint": "gpu"}]
+            order = order + [dict(transient, module="first forward's transients")]
         budget = int(g["vram_bytes"]) - bd.reserve_bytes
         terms = {"cuda_context_bytes": bd.cuda_context_bytes, "transient_bytes": bd.transient_bytes,
                  "load_reserve_bytes": int(load_res), "os_reserve_bytes": bd.reserve_bytes,
                  "card_bytes": int(g["vram_bytes"])}
-        when = "while loading" if self.load_path == "autosplit" else "at the first forward, after the cache"
-        notes = [f"load path: {LOAD_PATHS[self.load_path]}",
+        when = ("while loading" if self.load_path == "autosplit" else "at the first forward, after the cache")
+        notes = [f"load path: {LOAD_PATHS[self.load_path]}", f"placement: {PLACEMENTS[self.placement]}",
                  f"CUDA context {bd.cuda_context_bytes / GIB:.2f} GiB ({bd.cuda_context_source.split(':')[0]})",
                  f"OS reserve {bd.reserve_bytes / GIB:.2f} GiB ({bd.reserve_source.split(':')[0]})",
                  f"transients {when} {bd.transient_bytes / GIB:.2f} GiB "
                  f"({'flash-attn/SDPA' if self.flash_attn else 'attention matrix materialised'})",
-                 f"reserve held while loading {load_res / MIB:.0f} MiB"]
+                 f"reserve held while loading {load_res / MIB:.0f} MiB"
+                 + (" (never written: no VRAM under first_touch)" if touch and self.load_path == "autosplit" else "")]
         return {"order": order, "fixed_bytes": fixed, "budget_bytes": budget, "terms": terms, "notes": notes,
                 "breakdown": bd}
 
     def predict(self, spec: Any, *, bpw: float | None = None, max_seq_len: int, cache_mode: str = "fp16",
                 depth: int = 0) -> Prediction:
-        """Place exllamav2's load order on this card and predict decode speed at ``depth``."""
+        """Place exllamav2's allocations on this card and predict decode speed at ``depth`` (the speed model)."""
         lay = self.layout(spec, bpw=bpw, max_seq_len=max_seq_len, cache_mode=cache_mode)
         vram_bw, pcie_bw = self.bandwidths()
-        placement = place(lay["order"], lay["budget_bytes"], lay["fixed_bytes"])
-        return evaluate(placement, depth=depth, max_seq_len=max_seq_len, cache_mode=cache_mode,
-                        overhead_s_per_token=self.overhead_s_per_token, vram_bandwidth=vram_bw,
-                        pcie_bandwidth=pcie_bw, budget_bytes=lay["budget_bytes"], fixed_bytes=lay["fixed_bytes"],
-                        notes=lay["notes"])
+        modules = place(lay["order"], lay["budget_bytes"], lay["fixed_bytes"], self.placement)
+        return evaluate(modules, shape=spec, depth=depth, max_seq_len=max_seq_len, cache_mode=cache_mode,
+                        flash_attn=self.flash_attn, overhead_s=self.overhead_s, vram_bandwidth=vram_bw,
+                        pcie_bandwidth=pcie_bw, efficiency=self.efficiency, budget_bytes=lay["budget_bytes"],
+                        fixed_bytes=lay["fixed_bytes"], placement=self.placement, notes=lay["notes"])
 
     def spill_needed_for(self, tok_s: float, spec: Any, *, bpw: float | None = None, max_seq_len: int,
                          cache_mode: str = "fp16", depth: int = 0) -> dict:
-        """How much must have spilled to decode at ``tok_s``: the bytes per token that must come over PCIe, and the
-        tail of the load order (lm_head first, then the last layers backwards) that reads that much; the last module
-        counted in part."""
+        """How much must have spilled to decode at ``tok_s``: the weight bytes per token that must come over PCIe
+        (the speed model is linear in them: two estimates give the line), and the tail of the load order (lm_head
+        first, then the last layers backwards) that holds that much; the last module counted in part."""
         if tok_s <= 0:
             raise CourseError(f"a target speed must be positive, got {tok_s}")
         lay = self.layout(spec, bpw=bpw, max_seq_len=max_seq_len, cache_mode=cache_mode)
         vram_bw, pcie_bw = self.bandwidths()
         gpu_mods = [{**m, "where": "vram"} for m in lay["order"] if str(m.get("device_hint")) != "cpu"]
-        total, _ = read_bytes(gpu_mods, depth, max_seq_len)
-        extra = 1.0 / tok_s - self.overhead_s_per_token - total / vram_bw
-        per_byte = 1.0 / pcie_bw - 1.0 / vram_bw
-        need = max(0.0, extra / per_byte)
+        base = evaluate(gpu_mods, shape=spec, depth=depth, max_seq_len=max_seq_len, cache_mode=cache_mode,
+                        flash_attn=self.flash_attn, overhead_s=self.overhead_s, vram_bandwidth=vram_bw,
+                        pcie_bandwidth=pcie_bw, efficiency=self.efficiency)
+        t0 = 1.0 / base.tok_s
+        probe = min(float(GIB), float(base.weight_bytes))
+        per_byte = (1.0 / base.estimate(spilled_weight_bytes=probe).tok_s - t0) / probe
+        need = min(float(base.weight_bytes), max(0.0, (1.0 / tok_s - t0) / per_byte))
         out = {"tok_s": tok_s, "sysmem_read_bytes": need, "spilled_bytes": 0.0, "spilled_weight_bytes": 0.0,
-               "modules": [], "possible": True}
+               "modules": [], "possible": (1.0 / tok_s - t0) / per_byte <= base.weight_bytes}
         got = 0.0
         for m in reversed(gpu_mods):
             if got >= need:
                 break
-            r, _ = read_bytes([m], depth, max_seq_len)
-            size = m["weight_bytes"] + m["cache_bytes"] + int(m.get("scratch_bytes", 0) or 0)
-            frac = 1.0 if r == 0 or got + r <= need else (need - got) / r
-            got += r * frac
-            out["spilled_bytes"] += size * frac
-            out["spilled_weight_bytes"] += m["weight_bytes"] * frac
+            w = m["weight_bytes"]
+            if not w:
+                continue
+            frac = 1.0 if got + w <= need else (need - got) / w
+            got += w * frac
+            out["spilled_bytes"] += (w + m["cache_bytes"]) * frac
+            out["spilled_weight_bytes"] += w * frac
             out["modules"].append((m["module"], round(frac, 3)))
-        out["possible"] = got >= need - 1
         return out
 
 
+def _split_device_context(entry: dict, bd) -> list[dict]:
+    """The device context as two allocations: the dequantization scratch (a one-token decode never touches it) and
+    the RoPE tables (every token reads them)."""
+    if entry.get("kind") != "device_context":
+        return [entry]
+    rope = min(int(bd.rope_bytes), int(entry["scratch_bytes"]))
+    dq = int(entry["scratch_bytes"]) - rope
+    return [dict(entry, module="dequantization scratch (device context)", kind="dequant_scratch", scratch_bytes=dq,
+                 bytes=dq),
+            dict(entry, module="RoPE sin/cos tables", scratch_bytes=rope, bytes=rope)]
+
+
 def predict(spec: Any, gpu: Any, *, bpw: float | None = None, max_seq_len: int, cache_mode: str = "fp16",
-            depth: int = 0, reserve_gib: float | None = None, overhead_s_per_token: float = 0.0,
+            depth: int = 0, reserve_gib: float | None = None, overhead_s: Any = DEFAULT_OVERHEAD_S,
             vram_bandwidth: float | None = None, pcie_bandwidth: float | None = None, **kw) -> Prediction:
     """``SpillModel(gpu, ...).predict(spec, ...)`` in one call (extra keywords go to ``SpillModel``)."""
-    return SpillModel(gpu, vram_bandwidth=vram_bandwidth, pcie_bandwidth=pcie_bandwidth,
-                      overhead_s_per_token=overhead_s_per_token, reserve_gib=reserve_gib, **kw).predict(
-        spec, bpw=bpw, max_seq_len=max_seq_len, cache_mode=cache_mode, depth=depth)
+    return SpillModel(gpu, vram_bandwidth=vram_bandwidth, pcie_bandwidth=pcie_bandwidth, overhead_s=overhead_s,
+                      reserve_gib=reserve_gib, **kw).predict(spec, bpw=bpw, max_seq_len=max_seq_len,
+                                                             cache_mode=cache_mode, depth=depth)
 
 
 def spill_needed_for(tok_s: float, spec: Any, gpu: Any, *, bpw: float | None = None, max_seq_len: int,

@@ -1,0 +1,82 @@
+"""Notebook 04's exercises (the Windows sysmem fallback as a test of rival explanations). Each expected answer is
+computed below with the course's speed model (``helpers.speed.model``) and datasheet figures; ``solution(id)``
+prints the function that computes it."""
+from __future__ import annotations
+
+from helpers.fallback.pcie import pcie_practical_bandwidth
+from helpers.lessons.exercises import Exercise
+from helpers.memory.weights import weight_bytes
+from helpers.specs.gpus import gpu_spec
+from helpers.speed import model as speed
+
+
+def _seed():
+    w = weight_bytes("qwen2.5-14b", bpw=5.5)
+    return w, gpu_spec("RTX 4080 Super")["bandwidth_gbs"]
+
+
+def lm_head_only_tok_s() -> float:
+    w, bw = _seed()
+    est = speed.decode_estimate("qwen2.5-14b", weight_bytes=w["vram_bytes"], bandwidth_gbs=bw, depth=256,
+                                flash_attn=True, spilled_weight_bytes=w["lm_head_bytes"],
+                                pcie_gbs=pcie_practical_bandwidth(4, 16) / 1e9)
+    return est.tok_s                            # central estimate: first principles, 1 ms of host overhead
+
+
+def lm_head_read_twice() -> float:              # a slip: the lm_head counted in VRAM as well as over PCIe
+    w, bw = _seed()
+    seconds = w["vram_bytes"] / (bw * 1e9) + w["lm_head_bytes"] / pcie_practical_bandwidth(4, 16) + 0.001
+    return 1 / (seconds + 256 * speed.position_bytes("qwen2.5-14b", flash_attn=True).total / (bw * 1e9))
+
+
+def reported_over_roofline() -> float:
+    w, bw = _seed()
+    per_token = w["vram_bytes"] + 256 * speed.position_bytes("qwen2.5-14b", flash_attn=True).cache_read
+    return 80 / (bw * 1e9 / per_token)
+
+
+def reported_over_roofline_gib() -> float:     # a slip: GiB per token against a bandwidth in GB/s
+    w, bw = _seed()
+    per_token = w["vram_bytes"] + 256 * speed.position_bytes("qwen2.5-14b", flash_attn=True).cache_read
+    return 80 / (bw * 1e9 / (per_token * 2**30 / 1e9))
+
+
+def depth_for_25_without_flash_attn() -> int:
+    w, bw = _seed()
+    return speed.depth_for_speed("qwen2.5-14b", 25.0, weight_bytes=w["vram_bytes"], bandwidth_gbs=bw,
+                                 flash_attn=False, overhead_s=0.001)
+
+
+def depth_for_25_cache_only() -> int:          # a slip: only the cache's own bytes, no repeat_kv copy
+    w, bw = _seed()
+    per_pos = speed.position_bytes("qwen2.5-14b", flash_attn=True).total / (bw * 1e9)
+    return round((1 / 25 - w["vram_bytes"] / (bw * 1e9) - 0.001) / per_pos)
+
+
+EXERCISES = {
+    "04.lm_head_only": Exercise(
+        "04.lm_head_only",
+        "Suppose only the lm_head landed in system RAM (flash-attn, FP16 cache, 256 tokens deep, PCIe 25 GB/s, "
+        "1 ms of host overhead). How many tok/s does the three-line model give for the seed case?",
+        lm_head_only_tok_s, unit="tok/s", rel_tol=0.01,
+        hint="weights still in VRAM / 736 GB/s + 256 x bytes per position / 736 GB/s + 1 ms + lm_head bytes / "
+             "25 GB/s; tok/s = 1 / that",
+        mistakes=((lm_head_read_twice, "the lm_head is read over PCIe instead of from VRAM, not as well: take its "
+                                       "bytes out of the VRAM term"),)),
+    "04.roofline_ratio": Exercise(
+        "04.roofline_ratio",
+        "The user reported 80 tok/s at a 4k cache. How many times the datasheet roofline is that (every GPU weight "
+        "and 256 positions of the FP16 cache per token, 736 GB/s)?",
+        reported_over_roofline, rel_tol=0.005,
+        hint="roofline = 736e9 / (weight bytes + 256 x 48 layers x 4096 B); ratio = 80 / roofline",
+        mistakes=((reported_over_roofline_gib, "bytes and GB/s: do not convert the bytes to GiB"),)),
+    "04.depth_no_flash": Exercise(
+        "04.depth_no_flash",
+        "Nothing spilled and no flash-attn: at what depth does the seed case fall to 25 tok/s (first principles, "
+        "1 ms of host overhead)?",
+        depth_for_25_without_flash_attn, unit="tokens", rel_tol=0.02,
+        hint="solve 1/25 s = weights / 736 GB/s + 1 ms + depth x bytes per position / 736 GB/s, with the bytes per "
+             "position of torch attention (repeat_kv writes and reads K and V for 40 heads)",
+        mistakes=((depth_for_25_cache_only, "that is flash-attn's cost per position: without it, repeat_kv copies "
+                                            "K and V to 40 heads and reads them again"),)),
+}
