@@ -1,9 +1,14 @@
 # The two commands of the README: `make lab` (run the course) and `make test` (run every test and notebook).
-# Both create .venv and build the embedded model when they are missing; a second run does no work.
+# Both run scripts/setup.py, the one set-up program (Windows runs it directly: `py -3.11 scripts\setup.py lab`),
+# which creates .venv and builds the embedded model when they are missing; a second run does no set-up work.
+# Options: PYTHON (the interpreter that creates .venv), VENV, PORT, GPU=none|cuda, TORCH_SPEC, TORCH_INDEX_URL.
 PYTHON ?= python3
 VENV ?= .venv
 PORT ?= 8888
-export PYTHON VENV
+SETUP = $(PYTHON) scripts/setup.py $(if $(GPU),--gpu $(GPU))
+HAVE_PYTHON = command -v "$(PYTHON)" >/dev/null 2>&1 || { echo "setup error: no '$(PYTHON)' on PATH. Install Python \
+3.10 or newer (3.11 recommended), or run: make test PYTHON=/path/to/python3.11" >&2; exit 1; }
+export VENV PORT
 
 .PHONY: lab test setup gpu-results clean-env help
 
@@ -13,14 +18,16 @@ help:
 	@echo "make gpu-results - (CUDA machine) record every GPU figure the course shows into results/"
 
 setup:
-	@bash scripts/setup.sh
+	@$(HAVE_PYTHON)
+	@$(SETUP) install
 
-lab: setup
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --port=$(PORT) $(if $(filter 0,$(shell id -u)),--allow-root)
+lab:
+	@$(HAVE_PYTHON)
+	@$(SETUP) lab
 
-test: setup
-	$(VENV)/bin/python -m ruff check helpers tests scripts conftest.py
-	$(VENV)/bin/python -m pytest
+test:
+	@$(HAVE_PYTHON)
+	@$(SETUP) test
 
 gpu-results: setup
 	$(VENV)/bin/python -m helpers record

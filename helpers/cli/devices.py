@@ -1,4 +1,5 @@
-"""`python -m helpers devices`: torch/CUDA, NVML, CPU and RAM readings, and the path the course takes here."""
+"""`python -m helpers devices`: torch/CUDA, NVML, flash-attn and the attention path exllamav2 takes, CPU and RAM
+readings, and the path the course takes here."""
 from __future__ import annotations
 
 import argparse

@@ -5,6 +5,7 @@ Functions that *need* a GPU call ``require_cuda()``, which raises a one-line ``C
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 from dataclasses import asdict, dataclass, field
@@ -182,6 +183,8 @@ def device_summary() -> dict[str, Any]:
             out["gpu_name"] = g["name"]
     else:
         out["nvml_reason"] = nv.reason
+    att = attention_path()
+    out.update(flash_attn=att["flash_attn"], attention_path=att["path"])
     return out
 
 
@@ -203,9 +206,82 @@ def report() -> str:
                          f"{g['used_gib']:.2f} of {g['total_gib']:.2f} GiB used, {link}")
     else:
         lines.append(f"NVML         {NOT_AVAILABLE}: {nv.reason}")
+    att = attention_path()
+    lines.append(f"flash-attn   {att['flash_attn_note']}")
+    lines.append(f"attention    exllamav2 0.3.2 takes {att['path']}: {att['why']}")
+    lines.append(f"             {att['applies']}")
     lines.append(f"CPU          {cpu['cpu']}, {cpu['cores']} logical cores")
     lines.append(f"RAM          {cpu['ram_total_gib']:.1f} GiB total, {cpu['ram_available_gib']:.1f} GiB available")
     return "\n".join(lines)
+
+
+def _installed(module: str, dist: str) -> str | None:
+    """The installed version of ``dist`` when its module ``module`` can be found (importlib.util.find_spec: nothing
+    is imported), else None."""
+    try:
+        if importlib.util.find_spec(module) is None:
+            return None
+    except (ImportError, ValueError):
+        return None
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "unknown version"
+
+
+def _version_tuple(version: str) -> list[int]:
+    return [int(t) for t in version.split("+")[0].split(".") if t.isdigit()]
+
+
+def attention_path() -> dict[str, Any]:
+    """Whether flash-attn (and xformers) are installed, and which attention exllamav2 0.3.2 takes here, worked out
+    without importing exllamav2, flash-attn or xformers.
+
+    The logic is exllamav2 0.3.2's own. ``exllamav2/attn.py``, at import: ``has_flash_attn`` when ``import flash_attn``
+    works and its version is 2.2.1 or newer (2.5.7 or newer also gives ``has_flash_attn_with_paged``:
+    ``flash_attn_with_kvcache``, which the dynamic generator's paged cache needs), unless ``EXLLAMA_NO_FLASH_ATTN`` is
+    set; ``has_xformers`` when ``xformers.ops`` imports, unless ``EXLLAMA_NO_XFORMERS``; ``has_lower_right_sdpa`` when
+    torch has ``torch.nn.attention.bias.causal_lower_right``. ``ExLlamaV2Attention.forward`` then picks
+    ``_attn_flash`` if has_flash_attn and not ``config.no_flash_attn``, else ``_attn_xformers`` if has_xformers and not
+    ``config.no_xformers``, else ``_attn_torch``: SDPA if has_lower_right_sdpa and not ``config.no_sdpa``, else plain
+    matmul + softmax (``repeat_kv`` first). The course sets ``no_sdpa = True`` (``engines/exllama.make_config``,
+    docs/FACTS.md §3), so without flash-attn or xformers its exllamav2 runs take the matmul path. flash-attn on a GPU
+    older than compute capability 8.0 is still picked (0.3.2 only prints a warning) and fails when it runs.
+    """
+    fa = _installed("flash_attn", "flash-attn")
+    xf = _installed("xformers", "xformers")
+    out: dict[str, Any] = {"flash_attn": fa, "xformers": xf}
+    if fa is None:
+        out["flash_attn_note"] = "not installed"
+    elif "EXLLAMA_NO_FLASH_ATTN" in os.environ:
+        out["flash_attn_note"] = f"{fa}, switched off by EXLLAMA_NO_FLASH_ATTN"
+        fa = None
+    elif fa != "unknown version" and _version_tuple(fa) < [2, 2, 1]:
+        out["flash_attn_note"] = f"{fa}, older than 2.2.1: exllamav2 0.3.2 ignores it"
+        fa = None
+    elif fa != "unknown version" and _version_tuple(fa) < [2, 5, 7]:
+        out["flash_attn_note"] = f"{fa}: used, but no paged attention (2.5.7 or newer has flash_attn_with_kvcache)"
+    else:
+        out["flash_attn_note"] = f"{fa}: used, with paged attention (flash_attn_with_kvcache)"
+    if xf is not None and "EXLLAMA_NO_XFORMERS" in os.environ:
+        xf = None
+    if fa is not None:
+        out["path"], out["why"] = "flash-attn", "flash_attn_func / flash_attn_with_kvcache (_attn_flash)"
+    elif xf is not None:
+        out["path"], out["why"] = "xformers", "xformers memory_efficient_attention (_attn_xformers)"
+    else:
+        out["path"], out["why"] = "matmul", ("torch.matmul + softmax in _attn_torch (no flash-attn or xformers, "
+                                             "and the course switches SDPA off)")
+    cu = cuda_status()
+    if not cu["available"]:
+        out["applies"] = "not used here: no CUDA GPU, the reference decoder runs instead"
+    else:
+        caps = [float(d["capability"]) for d in cu.get("devices", [])]
+        old = fa is not None and caps and min(caps) < 8.0
+        out["applies"] = ("flash-attn needs compute capability 8.0 or newer: exllamav2 still picks it here and it "
+                          "fails; uninstall flash-attn or set EXLLAMA_NO_FLASH_ATTN=1" if old
+                          else "used by the course's exllamav2 runs on this machine")
+    return out
 
 
 def course_path() -> tuple[str, str]:
