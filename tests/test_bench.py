@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from helpers.core.errors import CourseError
+from helpers.core.units import parse_token_list
 from helpers.recordings import speed as speed_recordings
 from helpers.speed import harness, matrix, profile, report, roofline
 
@@ -38,15 +39,15 @@ def test_run_to_run_uses_each_process_median():
     assert r["spread"] == pytest.approx((61.2 - 59.4) / 60.0)
 
 
-def test_parse_int_list():
-    assert matrix.parse_int_list("4096,32768", "cache length") == [4096, 32768]
-    assert matrix.parse_int_list("4k, 32k", "cache length") == [4096, 32768]
-    assert matrix.parse_int_list("128,30_000", "depth") == [128, 30000]
-    assert matrix.parse_int_list(512, "depth") == [512]
+def test_parse_token_list():
+    assert parse_token_list("4096,32768", "cache length") == [4096, 32768]
+    assert parse_token_list("4k, 32k", "cache length") == [4096, 32768]
+    assert parse_token_list("128,30_000", "depth") == [128, 30000]
+    assert parse_token_list(512, "depth") == [512]
     with pytest.raises(CourseError, match="not a whole number"):
-        matrix.parse_int_list("4096,lots", "cache length")
+        parse_token_list("4096,lots", "cache length")
     with pytest.raises(CourseError, match="no depth"):
-        matrix.parse_int_list(" , ", "depth")
+        parse_token_list(" , ", "depth")
 
 
 # ------------------------------------------------------------------------------------------------- bad input

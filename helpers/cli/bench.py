@@ -12,7 +12,7 @@ from helpers.core.atomic import atomic_write_text
 from helpers.core.errors import CourseError, CourseWarning
 from helpers.core.units import parse_token_list
 from helpers.speed.harness import bench_matrix
-from helpers.speed.matrix import check_modes, parse_int_list, unfit
+from helpers.speed.matrix import check_modes, unfit
 from helpers.speed.report import format_rows
 
 
@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         raise CourseError(f"--repeats must be at least 1, got {args.repeats}")
     if args.warmup < 0 or args.decode_tokens < 1 or args.prefill_tokens < 0:
         raise CourseError("--warmup and --prefill-tokens must be 0 or more, --decode-tokens 1 or more")
-    max_seq_lens = parse_int_list(args.max_seq_len, "cache length")
-    depths = parse_int_list(args.depth, "depth")
+    max_seq_lens = parse_token_list(args.max_seq_len, "cache length")
+    depths = parse_token_list(args.depth, "depth")
     modes = check_modes([m.strip().lower() for m in args.cache.split(",") if m.strip()])
     single = len(max_seq_lens) == 1 and len(depths) == 1
     if not single:  # say what the matrix leaves out, one line each, before anything is loaded

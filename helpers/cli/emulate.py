@@ -15,7 +15,6 @@ from helpers.fallback.emulated_report import TOPIC, format_summary, result_name
 from helpers.fallback.emulator import CARD_GIB, RESERVE_GIB, context_bytes_now
 from helpers.fallback.linux_oom import linux_oom_demo
 from helpers.memory.cache_modes import CACHE_MODES, LOAD_PATHS, check_cache_mode
-from helpers.speed.matrix import parse_int_list
 
 
 def main(argv: list[str]) -> int:
@@ -43,7 +42,7 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.decode_tokens < 1 or args.depth < 0:
         raise CourseError("--rounds and --decode-tokens must be at least 1, --depth at least 0")
-    max_seq_lens = parse_int_list(args.max_seq_len, "cache length")
+    max_seq_lens = parse_token_list(args.max_seq_len, "cache length")
     args.cache = check_cache_mode(args.cache)
     nvml_before = gpu.nvml_used_bytes()
     gpu.require_cuda("`python -m helpers emulate`")

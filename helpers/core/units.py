@@ -4,6 +4,8 @@ The one place the course defines GiB and MiB and formats a byte count for a read
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from helpers.core.errors import CourseError
 
 GIB = 2**30
@@ -48,11 +50,12 @@ def parse_tokens(text: str | int, what: str = "context") -> int:
     return value
 
 
-def parse_token_list(text: str | int, what: str = "context") -> list[int]:
-    """'4096,32768' or '4k,32k' -> [4096, 32768], each part read by ``parse_tokens``."""
+def parse_token_list(text: str | int | Iterable[int | str], what: str = "context") -> list[int]:
+    """'4096,32768' or '4k,32k' (or a list of either) -> [4096, 32768], each part read by ``parse_tokens``."""
     if isinstance(text, int) and not isinstance(text, bool):
         return [parse_tokens(text, what)]
-    out = [parse_tokens(part, what) for part in str(text).split(",") if part.strip()]
+    parts = str(text).split(",") if isinstance(text, str) else list(text)
+    out = [parse_tokens(part, what) for part in parts if str(part).strip()]
     if not out:
         raise CourseError(f"no {what} given; write e.g. 4096,32768 (or 4k,32k)")
     return out

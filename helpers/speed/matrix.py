@@ -1,7 +1,8 @@
 """What a bench is asked to measure: cache lengths x depths x cache modes, each bad request refused in one line.
 
 ``check_config`` (a cache length and a depth), ``check_request`` (that, and whether it needs a CUDA GPU),
-``plan_matrix`` (the combinations that fit), ``parse_int_list`` ('4k,32k' -> [4096, 32768]) and ``check_modes``.
+``plan_matrix`` (the combinations that fit) and ``check_modes``; contexts and depths are read by
+``core.units.parse_token_list``.
 """
 from __future__ import annotations
 
@@ -14,31 +15,6 @@ from helpers.memory.cache_modes import check_cache_mode
 #: exllamav2 pages its cache in blocks of 256 tokens (generator/dynamic.py: PAGED_PAGE_SIZE); a cache length must be
 #: a multiple of it
 PAGE = 256
-
-
-def parse_int_list(text: str | int | Iterable[int], what: str) -> list[int]:
-    """'4096,32768' or '4k,32k' -> [4096, 32768]; one clear error for anything else."""
-    if isinstance(text, int):
-        return [text]
-    if not isinstance(text, str):
-        return [int(t) for t in text]
-    out = []
-    for part in text.split(","):
-        p = part.strip().lower().replace("_", "")
-        if not p:
-            continue
-        mult = 1024 if p.endswith("k") else 1
-        try:
-            value = int(p[:-1] if p.endswith("k") else p) * mult
-        except ValueError:
-            raise CourseError(f"{what} '{part.strip()}' is not a whole number of tokens; write e.g. 4096,32768 "
-                              "(or 4k,32k)") from None
-        if value < 0:
-            raise CourseError(f"{what} must not be negative, got {value}")
-        out.append(value)
-    if not out:
-        raise CourseError(f"no {what} given; write e.g. 4096,32768")
-    return out
 
 
 def check_modes(modes: list[str]) -> list[str]:
