@@ -411,3 +411,91 @@ def test_gpu_recordings_are_registered_and_refuse_without_cuda():
     for fn in GPU_RECORDINGS.values():
         with pytest.raises(CourseError, match="CUDA"):
             fn()
+
+
+# --- an external allocator count beside the course's prediction ---------------------------------------------------
+
+def _external_source(tmp_path, **memory):
+    doc = {"what": "w", "bandwidth": {"hbm_read_gbs": 2857}, "caveats": ["c"],
+           "provenance": {"gpu": "NVIDIA H100 80GB HBM3", "driver": "1", "cuda_torch": "torch 2.11", "python": "3.12",
+                          "exllamav2": "0.3.2 (x)", "flash_attn": False, "date": "2026-11-25",
+                          "harness": "external: a script",
+                          "method": "ExLlamaV2Config with max_input_len 2048 and max_attention_size 2048^2; "
+                                    "ExLlamaV2Cache(lazy) + model.load_autosplit(cache)",
+                          "model": "Qwen2.5-14B shape (48 layers): two random layers converted by exllamav2's own "
+                                   "converter at 5.5 bpw (head 6 bits), replicated to 48 layers"},
+           "memory": memory or {"torch_bytes_allocated_by_exllamav2_at_cache_4096_gib": 10.73, "method": "m"},
+           "rows": [{"run": 1, "cache_len": 4096, "depth": 128, "decode_tok_s": 63.6, "load_s": 9.3}]}
+    src = tmp_path / "h100.json"
+    src.write_text(json.dumps(doc))
+    return src
+
+
+def test_external_memory_figure_is_labelled_external_beside_a_hand_computed_prediction(tmp_path):
+    import hashlib
+
+    from helpers.memory.recorded import external_points, recorded_report
+    from helpers.recordings.memory import import_external_memory
+
+    src = _external_source(tmp_path)
+    path = import_external_memory(src, results_dir=tmp_path / "results")
+    assert path == tmp_path / "results" / "memory" / "external-h100.json"
+    (p,) = external_points(tmp_path / "results")
+    assert p["external"] and p["label"].startswith("external: measured on NVIDIA H100 80GB HBM3, 2026-11-25")
+    assert p["provenance"]["source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    assert p["measured_gib"] == 10.73  # the figure, untouched
+    r = p["row"]
+    assert (r["model_config"], r["bpw"], r["head_bits"], r["cache_mode"], r["max_seq_len"]) == (
+        "qwen2.5-14b", 5.5, 6, "fp16", 4096)
+    assert (r["max_input_len"], r["max_attention_size"], r["flash_attn"]) == (2048, 2048**2, False)
+    bd = p["predicted"]
+    # by hand, per layer at 5.5 bpw (numel x 5.5 / 8, + 4 B per input row for the GPU's perms and group map, except
+    # down_proj): q and o 18,022,400 + 20,480 each; k and v 3,604,480 + 20,480 each; gate and up 48,660,480 + 20,480
+    # each; down 48,660,480; two fp16 norms 2 x 10,240 = 189,378,560 B. 48 layers + the final norm (10,240) + the
+    # 6-bit head (616,205,312, test_qwen14b_estimate) = 9,706,386,432 B
+    layer = 2 * 18_042_880 + 2 * 3_624_960 + 2 * 48_680_960 + 48_660_480 + 2 * 10_240
+    assert layer == 189_378_560 and bd.weights_bytes == 48 * layer + 10_240 + 616_205_312 == 9_706_386_432
+    assert bd.kv_cache_bytes == 48 * 4096 * 2 * 8 * 128 * 2 == 805_306_368  # K and V, 8 KV heads of 128, fp16
+    assert bd.scratch_bytes == 2 * 536_870_912 + 2 * 4096 * 128 * 2 == 1_075_838_976  # head dequant cap + RoPE
+    # neither the CUDA context nor the desktop reserve: an allocator count cannot see them
+    assert bd.cuda_context_bytes == 0 and bd.reserve_bytes == 0
+    assert bd.exllamav2_resident_bytes == 9_706_386_432 + 805_306_368 + 1_075_838_976 == 11_587_531_776
+    assert p["ratio"] == pytest.approx(10.73 / (11_587_531_776 / GIB))
+    text = recorded_report(tmp_path / "results")
+    assert text.startswith("the course's own recordings: not recorded yet")
+    assert "external: measured on NVIDIA H100" in text and "recorded on" not in text
+    assert f"measured / predicted = {p['ratio']:.4f}" in text and "10.73 " in text and "10.792 GiB" in text
+    from helpers import plots
+
+    ax = plots.plot_predicted_vs_measured([], external=[p]).axes[0]
+    assert any("external (NVIDIA H100 80GB HBM3)" in (c.get_label() or "") for c in ax.collections)
+
+
+def test_external_memory_import_refuses_a_figure_without_its_configuration(tmp_path):
+    from helpers.memory.recorded import NOT_RECORDED, recorded_report
+    from helpers.recordings.memory import import_external_memory
+
+    assert recorded_report(tmp_path) == NOT_RECORDED
+    with pytest.raises(CourseError, match="no torch_bytes_allocated_by_exllamav2_at_cache"):
+        import_external_memory(_external_source(tmp_path, other_gib=1.0), results_dir=tmp_path)
+    src = _external_source(tmp_path)
+    doc = json.loads(src.read_text())
+    doc["provenance"]["method"] = "load_autosplit, ExLlamaV2Cache(lazy)"
+    src.write_text(json.dumps(doc))
+    with pytest.raises(CourseError, match="does not state max_input_len"):
+        import_external_memory(src, results_dir=tmp_path)
+
+
+def test_imported_external_memory_record_matches_its_speed_record():
+    from helpers.core.paths import RESULTS_DIR
+    from helpers.memory.recorded import external_points
+
+    speed = sorted((RESULTS_DIR / "speed").glob("external-*.json"))
+    if not speed:
+        pytest.skip("no external record is imported (scripts/import_external.py)")
+    points = {Path(p["provenance"]["source_file"]).name: p for p in external_points()}
+    for path in speed:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        p = points[doc["provenance"]["source_file"]]
+        assert p["provenance"] == doc["provenance"] and p["external"]
+        assert doc["memory"][p["row"]["source_field"].removeprefix("memory.")] == p["measured_gib"]

@@ -135,26 +135,39 @@ def plot_calculator_error(rows, ax=None, title=None):
     return fig
 
 
-def plot_predicted_vs_measured(rows, ax=None, title=None):
-    """Recorded predicted vs measured (torch allocated) GiB, one point per configuration, with the 2% band."""
+def plot_predicted_vs_measured(rows, ax=None, title=None, external=None):
+    """Recorded predicted vs measured (torch allocated) GiB, one point per configuration, with the 2% band.
+    ``external``: points of ``helpers.memory.recorded.external_points`` (measured outside the course), drawn hollow
+    and labelled external."""
     plt = _plt()
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5, 5))
     pts = [(r["predicted_torch_bytes"] / GIB, r["torch_allocated_no_cublas_bytes"] / GIB, r)
            for r in rows if "torch_allocated_no_cublas_bytes" in r]
-    if not pts:
+    ext = [(p["predicted_gib"], p["measured_gib"], p) for p in external or []]
+    if not pts and not ext:
         ax.text(0.5, 0.5, "not recorded yet", ha="center")
         ax.set_title(title or "predicted vs measured (recorded)")
         return fig
-    hi = max(max(p, q) for p, q, _ in pts) * 1.1
-    ax.plot([0, hi], [0, hi], color="k", linewidth=1)
-    ax.fill_between([0, hi], [0, hi * 0.98], [0, hi * 1.02], color="grey", alpha=0.2, label="within 2%")
-    for p, q, _ in pts:
-        ax.scatter([p], [q], s=15)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    lo = min(min(p, q) for p, q, _ in pts + ext) / 1.1
+    hi = max(max(p, q) for p, q, _ in pts + ext) * 1.1
+    ax.plot([lo, hi], [lo, hi], color="k", linewidth=1)
+    ax.fill_between([lo, hi], [lo * 0.98, hi * 0.98], [lo * 1.02, hi * 1.02], color="grey", alpha=0.2,
+                    label="within 2%")
+    for i, (p, q, _) in enumerate(pts):
+        ax.scatter([p], [q], s=15, label="recorded by the course" if i == 0 else None)
+    for p, q, e in ext:
+        where = e["provenance"].get("gpu") or "?"
+        ax.scatter([p], [q], s=40, marker="D", facecolors="none", edgecolors="C3",
+                   label=f"external ({where}): {q / p:.3f} x predicted")
+    if hi / lo > 3:  # configurations of very different sizes; a close-up of a few similar ones stays linear
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
     ax.set_xlabel("predicted (GiB)")
     ax.set_ylabel("torch allocated (GiB)")
-    ax.set_title(title or "predicted vs measured (recorded)")
-    ax.legend(fontsize=8)
+    ax.set_title(title or ("predicted vs measured (recorded)" if pts else "predicted vs measured: external only, "
+                           "the course's own not recorded yet"), fontsize=9)
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     return fig

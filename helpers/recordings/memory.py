@@ -1,12 +1,15 @@
 """GPU recordings of memory: the CUDA context, and predicted vs measured allocations (each in a fresh process).
 
 Run on a CUDA machine (``python -m helpers record``); the results land in results/memory and are read back by
-helpers.memory.recorded and helpers.memory.breakdown's ``cuda_context_default``.
+helpers.memory.recorded and helpers.memory.breakdown's ``cuda_context_default``. ``import_external_memory`` (called by
+scripts/import_external.py) writes the memory figure of a record measured outside the course into results/memory,
+labelled external like its speed rows.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -15,12 +18,16 @@ from typing import Iterable
 
 from helpers.core import devices as gpu
 from helpers.core import results
+from helpers.core.errors import CourseError
 from helpers.core.progress import progress
 from helpers.core.units import gib
 from helpers.engines import exllama
 from helpers.memory.breakdown import breakdown
+from helpers.memory.recorded import EXTERNAL_KIND
 from helpers.models.embedded import embedded_model_dir
 from helpers.models.synthetic_dirs import synthetic_14b_dir
+from helpers.recordings.speed import external_speed_record
+from helpers.speed.report import SYNTH_LABEL
 
 _JSON_TAG = "@@MEMORY_JSON@@"
 
@@ -160,6 +167,67 @@ def record_predicted_vs_measured(modes: Iterable[str] = ("fp16", "q8", "q4"),
     prov = results.provenance()
     name = f"predicted-vs-measured-{results.slug(prov.get('gpu') or 'gpu')}-{prov['date'][:10]}"
     return results.save_result("memory", name, rows, prov=prov)
+
+
+# --------------------------------------------------------------------------------------- external records
+_EXTERNAL_FIELD = re.compile(r"^torch_bytes_allocated_by_exllamav2_at_cache_(\d+)_gib$")
+
+
+def _from_text(pattern: str, text: str, what: str, src: Path) -> str:
+    m = re.search(pattern, text)
+    if m is None:
+        raise CourseError(f"{src.name}: the record does not state {what}; the memory figure cannot be matched to a "
+                          "configuration, so it is not imported")
+    return m.group(1)
+
+
+def external_memory_record(src: Path) -> tuple[str, dict, list[dict], dict]:
+    """(name, provenance, rows, extra) of the memory figures of an external record (see
+    ``helpers.recordings.speed.external_speed_record``, whose provenance it shares: external, source file, SHA-256).
+
+    One row per ``torch_bytes_allocated_by_exllamav2_at_cache_<N>_gib`` figure, copied untouched into
+    ``torch_allocated_gib``. The configuration it was measured at is read from the record's own text (the model
+    detail and the method), never assumed: a record that does not state it is refused. No prediction is stored:
+    ``helpers.memory.recorded.external_points`` computes it from the course's model whenever it is shown.
+    """
+    _, prov, _, extra = external_speed_record(src)
+    memory, method, detail = extra.get("memory", {}), prov["method"], prov["model_detail"]
+    model = _from_text(r"(Qwen2\.5-\d+B) shape", detail, "the model's shape", src).lower()
+    bpw = float(_from_text(r"at ([\d.]+) bpw", detail, "the bits per weight", src))
+    head_bits = int(_from_text(r"\(head (\d+) bits\)", detail, "the head's bits", src))
+    max_input_len = int(_from_text(r"max_input_len (\d+)", method, "max_input_len", src))
+    att = int(_from_text(r"max_attention_size (\d+)\^2", method, "max_attention_size", src))
+    _from_text(r"(ExLlamaV2Cache)\(", method, "an FP16 cache (ExLlamaV2Cache)", src)
+    _from_text(r"(load_autosplit)", method, "how it was loaded (load_autosplit)", src)
+    rows = []
+    for key, value in memory.items():
+        m = _EXTERNAL_FIELD.match(key)
+        if m is None:
+            continue
+        rows.append({"kind": EXTERNAL_KIND, "model": SYNTH_LABEL, "model_config": model, "bpw": bpw,
+                     "head_bits": head_bits, "cache_mode": "fp16", "max_seq_len": int(m.group(1)),
+                     "max_input_len": max_input_len, "max_attention_size": att * att, "flash_attn": False,
+                     "load": "load_autosplit", "torch_allocated_gib": value, "source_field": f"memory.{key}",
+                     "external": True})
+    if not rows:
+        raise CourseError(f"{src.name}: no torch_bytes_allocated_by_exllamav2_at_cache_<N>_gib figure in its memory "
+                          "block: nothing to import")
+    extra = {"what": f"memory allocated by exllamav2 while loading, from: {extra['what']}", "memory": memory,
+             "caveats": extra.get("caveats", []),
+             "derived": {"torch_allocated_gib": "the record's memory figure named in source_field, copied untouched",
+                         "configuration": "model_config, bpw, head_bits from provenance.model_detail; max_input_len, "
+                                          "max_attention_size, the cache class and load_autosplit from "
+                                          "provenance.method; max_seq_len from the figure's name",
+                         "prediction": "not stored: helpers.memory.recorded computes it with the course's model "
+                                       "(weights + cache + scratch, no CUDA context, no reserve) when shown"},
+             "edits": extra.get("edits", [])}
+    return "external-" + Path(src).stem, prov, rows, extra
+
+
+def import_external_memory(src: Path, results_dir: Path | None = None) -> Path:
+    """Write the memory figures of an external record into results/memory/ (see ``external_memory_record``)."""
+    name, prov, rows, extra = external_memory_record(Path(src))
+    return results.save_result("memory", name, rows, prov=prov, extra=extra, results_dir=results_dir)
 
 
 GPU_RECORDINGS = {
