@@ -1,6 +1,7 @@
-"""Import figures measured outside the course (a standalone script on a GPU) into results/speed/ as records labelled
-external: `python scripts/import_external.py [FILE.json ...]` (default: every JSON file in the shared measurements
-folder, $EXL2_COURSE_MEASUREMENTS or /work/shared/measurements). Re-running rewrites the same files."""
+"""Import figures measured outside the course (a standalone script on a GPU) as records labelled external: decode
+speed into results/speed/, the allocator count of exllamav2's memory into results/memory/.
+`python scripts/import_external.py FILE.json ...` (or a folder of them in $EXL2_COURSE_MEASUREMENTS). Re-running
+rewrites the same files: the records name their source file and its SHA-256, so anyone holding it can check them."""
 from __future__ import annotations
 
 import os
@@ -9,17 +10,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from helpers.recordings.memory import import_external_memory  # noqa: E402
 from helpers.recordings.speed import import_external  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    folder = Path(os.environ.get("EXL2_COURSE_MEASUREMENTS", "/work/shared/measurements"))
-    files = [Path(a) for a in argv] or sorted(folder.glob("*.json"))
+    folder = os.environ.get("EXL2_COURSE_MEASUREMENTS")
+    files = [Path(a) for a in argv] or (sorted(Path(folder).glob("*.json")) if folder else [])
     if not files:
-        print(f"error: no measurement files given and none in {folder}", file=sys.stderr)
+        print("error: give the measurement files to import (python scripts/import_external.py FILE.json ...) or "
+              "set EXL2_COURSE_MEASUREMENTS to their folder", file=sys.stderr)
         return 2
     for f in files:
         print(f"{f.name} -> {import_external(f)}")
+        print(f"{f.name} -> {import_external_memory(f)}")
     return 0
 
 

@@ -314,7 +314,7 @@ def test_widget_redraws_when_three_controls_change():
     w.bpw.value = 4.0                           # 5: the bpw
     assert w.bars.value.count('class="pl-bar"') == 2 and "FITS on every device" in w.verdict.value
     w.ctx.value = 131072                        # 6: the context: GPU 1 overflows
-    assert "DOES NOT FIT" in w.verdict.value and w.depth.value == 131072
+    assert "DOES NOT FIT" in w.verdict.value and w.depth.value == 131071   # a full cache: the last free position
     w.model.value = "nonesuch"
     assert "error: unknown model" in w.verdict.value
 

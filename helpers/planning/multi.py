@@ -236,9 +236,10 @@ def plan_multi(spec: Any, gpus: Any, *, bpw: float | None = None, head_bits: int
         if len(split) != len(devs) or any(not isinstance(x, (int, float)) or x < 0 for x in split):
             raise CourseError(f"--split needs one non-negative GiB figure per GPU ({len(devs)}), e.g. 20,24; got "
                               f"{split}")
-    d = L if depth is None else depth
-    if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= L:
-        raise CourseError(f"depth must be a whole number of tokens from 0 to max_seq_len ({L:,}); got {depth!r}")
+    d = L - 1 if depth is None else depth      # default: a full cache (the last position the cache can hold)
+    if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d < L:
+        raise CourseError(f"depth must be a whole number of tokens from 0 to max_seq_len - 1 ({L - 1:,}); got "
+                          f"{depth!r}: the next token's K and V need a free position in the cache")
     ctx = resolve_cuda_context(None if cuda_context_gib is None else int(round(float(cuda_context_gib) * GIB)))
     res = _reserves(reserve_gib, len(devs))
     with warnings.catch_warnings(record=True) as caught:

@@ -287,8 +287,9 @@ def _recommend(p_model: str, gpu: dict, bd: Breakdown, fits: bool, margin: int, 
         text = (f"Does not fit: {p_model} at max_seq_len {L:,} with a {mode} cache needs {fmt_gib(bd.vram_total_bytes)}"
                 f", {fmt_gib(-margin)} more than the {fmt_gib(gpu['vram_bytes'], 0)} of {name}. Options: "
                 + "; ".join(f"({i + 1}) {o}" for i, o in enumerate(opts)) + ". On Windows the driver's sysmem "
-                "fallback will not fail here: it spills into system RAM over PCIe and decoding slows several-fold "
-                "(notebook 04); on Linux exllamav2 stops with CUDA out of memory.")
+                "fallback will not fail here: what does not fit goes to system RAM, and how much that slows decoding "
+                "depends on what lands there and when the driver places it (notebook 04); on Linux exllamav2 stops "
+                "with CUDA out of memory.")
     if by_mode and mode != "fp16" and by_mode.get("fp16") and by_mode.get(mode):
         text += (f" Speed {at}: a {mode} cache decodes {_speed(by_mode, mode)} vs {_speed(by_mode, 'fp16')} with "
                  "FP16 (estimate): exllamav2 0.3.2 dequantizes the whole cache into an FP16 temp layer every token, so "
@@ -320,10 +321,10 @@ def plan(spec: Any, gpu: Any, *, bpw: float | None = None, head_bits: int = 6, m
     mode = check_cache_mode(cache_mode)
     L = check_len(max_seq_len)
     check_len(max_input_len, "max_input_len")
-    d = L if depth is None else depth
-    if isinstance(d, bool) or not isinstance(d, int) or d < 0 or d > L:
-        raise CourseError(f"depth must be a whole number of tokens from 0 to max_seq_len ({L:,}); got {depth!r}: the "
-                          "cache holds at most max_seq_len tokens")
+    d = L - 1 if depth is None else depth      # default: a full cache (the last position the cache can hold)
+    if isinstance(d, bool) or not isinstance(d, int) or d < 0 or d >= L:
+        raise CourseError(f"depth must be a whole number of tokens from 0 to max_seq_len - 1 ({L - 1:,}); got "
+                          f"{depth!r}: the next token's K and V need a free position in the cache")
     ctx = resolve_cuda_context(None if cuda_context_gib is None
                        else int(round(_check_gib(cuda_context_gib, "CUDA context") * GIB)))
     res = resolve_reserve(None if reserve_gib is None else int(round(_check_gib(reserve_gib, "reserve") * GIB)))

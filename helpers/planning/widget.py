@@ -120,7 +120,8 @@ class PlannerWidget:
         self.gpus = w.SelectMultiple(value=tuple([gpus] if isinstance(gpus, str) else gpus), options=list(GPUS),
                                      rows=6, description="GPU(s)", style=style)
         self.flash = w.Checkbox(value=flash_attn, description="flash-attn installed")
-        self.depth = w.IntSlider(value=min(depth if depth is not None else ctx, ctx), min=0, max=ctx, step=PAGE,
+        self.depth = w.IntSlider(value=min(depth if depth is not None else ctx - 1, ctx - 1), min=0, max=ctx - 1,
+                                 step=PAGE,
                                  description="depth", style=style)
         self.verdict = w.HTML()
         self.bars = w.HTML()
@@ -136,15 +137,16 @@ class PlannerWidget:
         self.update()
 
     def _changed(self, change) -> None:
-        if change["owner"] is self.ctx:  # the depth follows a full cache, and never exceeds the context
-            full = self.depth.value >= change["old"]
+        if change["owner"] is self.ctx:  # the depth follows a full cache, and stays below the context
+            last = self.ctx.value - 1             # the deepest position a cache of ctx tokens can decode at
+            full = self.depth.value >= change["old"] - 1
             self._hold = True
             try:
-                if self.ctx.value > self.depth.max:
-                    self.depth.max = self.ctx.value
-                if full or self.depth.value > self.ctx.value:
-                    self.depth.value = self.ctx.value
-                self.depth.max = self.ctx.value
+                if last > self.depth.max:
+                    self.depth.max = last
+                if full or self.depth.value > last:
+                    self.depth.value = last
+                self.depth.max = last
             finally:
                 self._hold = False
         if not getattr(self, "_hold", False):

@@ -94,7 +94,7 @@ def _neutral(text: str) -> str:
 
 def external_speed_record(src: Path) -> tuple[str, dict, list[dict], dict]:
     """(name, provenance, rows, extra) of a decode-speed record measured outside the course (a standalone script on a
-    GPU; /work/shared/measurements/ in the project's set-up), in the course's result format.
+    GPU, before the course's harness existed), in the course's result format.
 
     Measured figures are copied untouched (decode_tok_s, load_s, the bandwidth block, the memory block, caveats).
     Fields the course derives for its tables and plots are added and listed under ``derived``: the weights a token
