@@ -510,3 +510,13 @@ def test_plots_draw_the_seed_case():
     import matplotlib.pyplot as plt
 
     plt.close("all")
+
+
+def test_ways_out_table_says_which_reserve_it_used():
+    """Notebook 04's ways out use the reserve this user's readings imply, not the planner's default: the table says
+    so, so its contexts and bpw are not mistaken for notebook 05's."""
+    text = seed.format_rows(seed.ways_out(depth=16384), depth=16384)
+    res = seed.seed_reserve_gib()
+    assert 0 < res < 0.5
+    assert f"desktop/OS reserve: {res:.2f} GiB ({res + 1:.2f} GiB in the row that adds reserve)" in text
+    assert "not the planner's 0.5 GiB default" in text

@@ -348,6 +348,12 @@ def format_rows(rows: list[dict], depth: int | None = None) -> str:
         lines.append(f"{r['way']:<32}{r['bpw']:>5g}{r['max_seq_len']:>12,}{r['cache_mode']:>6}"
                      f"{'yes' if r['fits'] else 'NO':>6}{r['margin_gib']:>7.2f} GiB{r['spilled_gib']:>7.2f} GiB"
                      f"{r['tok_s']:>7.1f}")
+    res = sorted({round(r["reserve_gib"], 2) for r in rows if r.get("reserve_gib") is not None})
+    if res:
+        more = f" ({', '.join(f'{x:.2f}' for x in res[1:])} GiB in the row that adds reserve)" if res[1:] else ""
+        lines.append(f"desktop/OS reserve: {res[0]:.2f} GiB{more}, from this user's memory readings (section 2), not "
+                     "the planner's 0.5 GiB default: the planner alone gives slightly shorter contexts and lower bpw "
+                     "(notebook 05)")
     lines.append("fits/margin: planning.plan (what the GPU must hold); spilled: the spill model (load order, "
                  "load_autosplit's reserve, first-come placement); tok/s: the speed model"
                  + (f" at {depth:,} deep" if depth is not None else "") + " (estimate)")
