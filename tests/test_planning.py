@@ -244,6 +244,127 @@ def test_cli_several_gpus(capsys):
     assert rc == 0 and "tensor parallel" in out
 
 
+KW70 = dict(bpw=4.0, max_seq_len=32768, cache_mode="q4")
+B70 = ["--model", "llama-3.3-70b", "--bpw", "4.0", "--ctx", "32k", "--cache", "q4", "--gpu", "2x RTX 3090"]
+
+
+def _named_settings_are_ok(m):
+    """Every setting the advice names, fed back to the planner, fits with no device tight."""
+    base = {**m.inputs, "depth": None}
+    named = []
+    for flag, key, conv in (("--ctx", "max_seq_len", int), ("--cache", "cache_mode", str), ("--bpw", "bpw", float)):
+        for v in re.findall(rf"\({flag} ([\w.]+)\)", m.advice):
+            named.append({key: conv(v)} | ({"split": None, "split_mode": "autosplit"} if key == "bpw" and
+                                           m.split_mode == "split" else {}))
+    for v in re.findall(r"--split ([\d.,]+)", m.advice):
+        named.append({"split": [float(x) for x in v.split(",")], "split_mode": "tp" if m.split_mode == "tp" else
+                      "split"})
+    for change in named:
+        q = quiet(plan_multi, **{**base, **change})
+        assert q.ok, (change, q.verdict())
+    return named
+
+
+def test_multi_advice_on_the_70b_example():
+    m = quiet(plan_multi, "llama-3.3-70b", ["RTX 3090"] * 2, **KW70)
+    a = m.advice
+    assert a.startswith("Fits on every device, to spare: GPU 0 (RTX 3090) 0.76 GiB, GPU 1 (RTX 3090) 5.90 GiB. "
+                        "load_autosplit fills GPU 0 first")
+    assert "The longest context this q4 cache allows, loaded the same way (load_autosplit) with no device tight, " \
+           "is 93,696 tokens." in a
+    assert quiet(plan_multi, "llama-3.3-70b", ["RTX 3090"] * 2, **{**KW70, "max_seq_len": 93696}).ok
+    edge = quiet(plan_multi, "llama-3.3-70b", ["RTX 3090"] * 2, **{**KW70, "max_seq_len": 93952})
+    assert edge.fits and not edge.ok and edge.devices[1].tight and "TIGHT" in edge.verdict()
+    assert edge.advice.startswith("Tight: ") and "GPU 1 fits by 0.30 GiB, less than the 0.31 GiB" in edge.advice
+    _named_settings_are_ok(edge)
+    # the speed: a layer split vs tensor parallel, whose assumptions are stated once
+    assert "(4.0 tok/s, estimate); tensor parallel (add --tp) runs them at once: 7.7 tok/s, an estimate" in a
+    assert a.count("synchronisations") == 1 and "160 synchronisations per token" in a and "NVLink" in a
+    tp = quiet(plan_multi, "llama-3.3-70b", ["RTX 3090"] * 2, split_mode="tp", **KW70)
+    assert tp.advice.count("synchronisations") == 1 and "is 113,152 tokens" in tp.advice
+    assert m.advice in m.summary() and m.to_dict()["advice"] == a
+    validate(m.to_dict())
+
+
+def test_multi_advice_on_a_split_that_overflows_one_device(capsys):
+    m = quiet(plan_multi, "llama-3.3-70b", ["RTX 3090"] * 2, split=[24, 24], **KW70)
+    a = m.advice
+    assert not m.fits and a.startswith("Does not fit: llama-3.3-70b at max_seq_len 32,768 with a q4 cache, this "
+                                       "gpu_split: GPU 0 (RTX 3090) is 2.83 GiB short (it holds 26.83 GiB of 24 GiB); "
+                                       "room on GPU 1 (9.80 GiB to spare).")
+    assert ("(1) a manual split, --split 18.1,24 (model.load(gpu_split=[18.1, 24]), then the cache), which moves "
+            "layers 41-55 (15) from GPU 0 to GPU 1; to spare: GPU 0 3.35 GiB, GPU 1 3.63 GiB") in a
+    assert "(2) drop --split: load_autosplit places it (to spare: GPU 0 0.76 GiB, GPU 1 5.90 GiB)" in a
+    assert "(3) another RTX 3090: --gpu 3x'RTX 3090' holds it with load_autosplit" in a
+    # the round trip: the advice's flag, fed back to the planner (the CLI), fits as it says
+    flag = re.search(r"(--split [\d.,]+)", a).group(1).split()
+    rc, out, _ = cli(capsys, *B70, *flag, "--json")
+    doc = validate(out)
+    assert rc == 0 and doc["fits"] and not any(d["tight"] for d in doc["devices"])
+    assert [round(d["margin_bytes"] / 2**30, 2) for d in doc["devices"]] == [3.35, 3.63]
+    assert "Fits on every device" in doc["advice"]
+    assert _named_settings_are_ok(m)
+    # 12,24: gpu_split too small for the weights and GPU 1 short; the same split fixes it
+    small = quiet(plan_multi, "llama-3.3-70b", ["RTX 3090"] * 2, split=[12, 24], **KW70)
+    assert "Insufficient space" in small.advice and "GPU 1 (RTX 3090) is 3.21 GiB short" in small.advice
+    assert "--split 18.1,24" in small.advice and "moves layers 26-40 (15) from GPU 1 to GPU 0" in small.advice
+
+
+@pytest.mark.parametrize("ctx, mode", [(131072, "q4"), (65536, "fp16")])
+def test_multi_advice_options_in_order_and_never_tight(ctx, mode):
+    m = quiet(plan_multi, "llama-3.3-70b", ["RTX 3090"] * 2, bpw=4.0, max_seq_len=ctx, cache_mode=mode)
+    assert not m.fits and "GPU 1 (RTX 3090) is" in m.advice and "room on GPU 0" in m.advice
+    named = _named_settings_are_ok(m)
+    assert len(named) >= 2
+    order = [m.advice.find(k) for k in ("--split", "--cache", "--ctx", "--bpw", "--gpu 3x") if k in m.advice]
+    assert order == sorted(order)
+    if mode == "fp16":  # q8 does not keep 65,536 tokens on these two cards; q6 does
+        assert "(1) a q6 cache (--cache q6) keeps 65,536 tokens" in m.advice and "--cache q8" not in m.advice
+    else:               # GPU 0 has 0.45 GiB to spare against 3.07 GiB short: no split can fix it
+        assert "--split" not in m.advice and "(1) max_seq_len 93,696 (--ctx 93696)" in m.advice
+
+
+def test_multi_advice_shifts_tensor_parallel_shares(capsys):
+    # 3090 + 4070, tensor parallel: 8 KV heads split 5:3 by memory (24:12) leave the 4070 short; --split moves shares
+    m = quiet(plan_multi, "llama-3.3-70b", ["RTX 3090", "RTX 4070"], bpw=3.25, max_seq_len=40960, cache_mode="q4",
+              split_mode="tp")
+    assert "GPU 1 (RTX 4070) is 0.14 GiB short" in m.advice
+    assert ("(1) shift the tensor-parallel shares: --split 24,11 --tp (to spare: GPU 0 0.56 GiB, GPU 1 0.46 GiB)"
+            in m.advice)
+    assert m.advice.count("synchronisations") == 1
+    _named_settings_are_ok(m)
+    rc, out, _ = cli(capsys, "--model", "llama-3.3-70b", "--bpw", "3.25", "--ctx", "40960", "--cache", "q4", "--gpu",
+                     "RTX 3090", "--gpu", "RTX 4070", "--split", "24,11", "--tp", "--json")
+    assert rc == 0 and validate(out)["fits"]
+
+
+def test_cli_reserve_per_gpu(capsys):
+    gib = 2**30
+    rc, out, _ = cli(capsys, *B70, "--reserve-gib", "1.0,0.2", "--json")
+    doc = validate(out)
+    assert rc == 0 and doc["schema_version"] == "1.1"
+    assert [d["reserve_bytes"] for d in doc["devices"]] == [gib, round(0.2 * gib)]
+    assert {d["reserve_source"] for d in doc["devices"]} == {"given by the caller"}
+    py = quiet(plan_multi, "llama-3.3-70b", ["RTX 3090"] * 2, reserve_gib=[1.0, 0.2], **KW70).to_dict()
+    assert doc["devices"] == py["devices"]
+    _, one, _ = cli(capsys, *B70, "--reserve-gib", "0.25", "--json")  # one number: the display GPU, the others 0
+    assert [d["reserve_bytes"] for d in json.loads(one)["devices"]] == [gib // 4, 0]
+    _, single, _ = cli(capsys, "--model", "qwen2.5-7b", "--bpw", "5", "--ctx", "8k", "--gpu", "RTX 4090",
+                       "--reserve-gib", "0", "--json")
+    assert validate(single)["breakdown"]["reserve_bytes"] == 0
+    _, rows, _ = cli(capsys, "--model", "qwen2.5-7b", "--bpw", "5", "--ctx", "8k", "--all-gpus", "--reserve-gib",
+                     "1", "--json")
+    assert {r["reserve_bytes"] for r in validate(rows)["rows"]} == {gib}
+    for bad, why in (("1,2,3", "gives 3 reserves for 2 GPUs"), ("0.5,-1", "-1 is not a reserve"),
+                     ("-0.5", "-0.5 is not a reserve"), ("lots", "give GiB"), ("inf", "inf is not a reserve")):
+        rc, _, err = cli(capsys, *B70, f"--reserve-gib={bad}")
+        assert rc == 2 and err.count("\n") == 1 and why in err, err
+    rc, _, err = cli(capsys, "--model", "qwen2.5-7b", "--bpw", "5", "--all-gpus", "--reserve-gib", "1,1")
+    assert rc == 2 and "for 1 GPU:" in err
+    with pytest.raises(CourseError, match="reserve must be zero or a positive"):
+        plan_multi("llama-3.3-70b", ["RTX 3090"] * 2, reserve_gib=[0.5, -1], **KW70)
+
+
 def test_all_gpus_lists_every_known_gpu(capsys):
     rc, out, _ = cli(capsys, "--model", "qwen2.5-7b", "--bpw", "5.0", "--ctx", "8k", "--all-gpus", "--json")
     doc = json.loads(out)
@@ -279,7 +400,8 @@ def test_json_schema_on_every_bundled_model(model, capsys):
     rc, out, _ = cli(capsys, "--model", model, "--bpw", "4.0", "--ctx", "8k", "--gpu", "RTX 4090", "--json")
     assert rc == 0
     doc = validate(out)
-    assert doc["schema_version"] == load_schema()["properties"]["schema_version"]["pattern"][1] + ".0"
+    assert doc["schema_version"] == "1.1" and doc["schema_version"].startswith(
+        load_schema()["properties"]["schema_version"]["pattern"][1] + ".")
     validate(quiet(plan_multi, model, ["RTX 3090", "RTX 3090"], bpw=4.0, max_seq_len=8192).to_dict())
 
 

@@ -3,6 +3,7 @@ decode at a depth? Every byte, in GiB; every speed an estimate with its assumpti
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -51,8 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--all-gpus", action="store_true", help="plan on every known GPU: fits, longest contexts, speed")
     ap.add_argument("--bandwidth-gbs", type=float, default=None, help="memory bandwidth, GB/s (overrides datasheet)")
     ap.add_argument("--pcie-gbs", type=float, default=None, help="PCIe bandwidth, GB/s")
-    ap.add_argument("--reserve-gib", type=float, default=None, help="desktop/OS reserve in GiB (default 0.5; on "
-                                                                     "the first GPU only when there are several)")
+    ap.add_argument("--reserve-gib", default=None,
+                    help="desktop/OS reserve in GiB: one number for the display (first) GPU, the others 0 (default "
+                         "0.5), or one per GPU separated by commas, e.g. 1.0,0.2")
     ap.add_argument("--cuda-context-gib", type=float, default=None,
                     help="CUDA context in GiB (default: measured or 0.5)")
     ap.add_argument("--batch", type=int, default=1)
@@ -87,6 +89,29 @@ def _split(text: str | None) -> list[float] | None:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise CourseError(f"--split '{text}': give GiB per GPU separated by commas, e.g. 20,24") from None
+
+
+def _reserve(text: str | None, n: int) -> float | list[float] | None:
+    """--reserve-gib: one number (the display GPU; the others 0) or one per GPU ('1.0,0.2'); a one-line error for a
+    wrong count or a negative, unreadable or non-finite value."""
+    if text is None:
+        return None
+    parts = [x.strip() for x in str(text).split(",")]
+    try:
+        vals = [float(x) for x in parts]
+    except ValueError:
+        raise CourseError(f"--reserve-gib '{text}': give GiB, one number for the display GPU or one per GPU "
+                          "separated by commas, e.g. 0.5 or 1.0,0.2") from None
+    bad = [x for x, v in zip(parts, vals) if not math.isfinite(v) or v < 0]
+    if bad:
+        raise CourseError(f"--reserve-gib '{text}': {bad[0]} is not a reserve; each is zero or a positive number of "
+                          "GiB (0 for a headless GPU)")
+    if len(vals) == 1:
+        return vals[0]
+    if len(vals) != n:
+        raise CourseError(f"--reserve-gib '{text}' gives {len(vals)} reserves for {n} GPU{'s' if n > 1 else ''}: "
+                          "give one (the display GPU) or one per GPU")
+    return vals
 
 
 def main(argv: list[str]) -> int:
@@ -125,7 +150,7 @@ def _run(args, model: str, common: dict) -> str:
     if args.all_gpus:
         if args.gpu or args.gpu_gib is not None or args.split or args.tp:
             raise CourseError("--all-gpus plans on every known card: leave out --gpu, --gpu-gib, --split and --tp")
-        rows = all_gpus(model, reserve_gib=args.reserve_gib, **common)
+        rows = all_gpus(model, reserve_gib=_reserve(args.reserve_gib, 1), **common)
         return table_json(rows) if args.json else format_table(rows)
     names = expand_gpus(args.gpu or [])
     if args.gpu_gib is not None:
@@ -134,11 +159,12 @@ def _run(args, model: str, common: dict) -> str:
         raise CourseError("give --gpu NAME (e.g. 'RTX 4080 Super'; repeat it, or 2x'RTX 3090', for several), "
                           "--gpu-gib N (its memory in GiB), or --all-gpus")
     split = _split(args.split)
+    reserve = _reserve(args.reserve_gib, len(names))
     if len(names) == 1 and not split and not args.tp:
         gpu = gpu_spec(names[0], args.bandwidth_gbs, args.pcie_gbs)
-        p = plan(model, gpu, reserve_gib=args.reserve_gib, **common)
+        p = plan(model, gpu, reserve_gib=reserve[0] if isinstance(reserve, list) else reserve, **common)
     else:
         gpus = [gpu_spec(n, args.bandwidth_gbs, args.pcie_gbs) for n in names]
-        p = plan_multi(model, gpus, split=split, split_mode="tp" if args.tp else None, reserve_gib=args.reserve_gib,
+        p = plan_multi(model, gpus, split=split, split_mode="tp" if args.tp else None, reserve_gib=reserve,
                        **common)
     return p.to_json() if args.json else p.summary()

@@ -37,7 +37,8 @@ from helpers.memory.kv_cache import kv_cache_layout
 from helpers.memory.limits import check_batch, check_len
 from helpers.memory.scratch import DEFAULT_MAX_ATTENTION_SIZE, DEFAULT_MAX_INPUT_LEN, scratch_detail
 from helpers.memory.weights import ModelWeights
-from helpers.planning.planner import SCHEMA_ID, SCHEMA_VERSION, context_note, page_note
+from helpers.planning.multi_advice import multi_advice
+from helpers.planning.planner import SCHEMA_ID, SCHEMA_VERSION, _check_gib, context_note, page_note
 from helpers.specs.gpus import gpu_label, gpu_spec
 from helpers.speed.model import DEFAULT_OVERHEAD_S, decode_estimate, position_bytes
 
@@ -73,6 +74,7 @@ class DevicePlan:
     load_reserve_bytes: int = 0
     #: tensor parallel: the KV heads (and their query heads) this device computes
     kv_heads: int = 0
+    reserve_source: str = ""
 
     @property
     def used(self) -> bool:
@@ -93,6 +95,12 @@ class DevicePlan:
     def fits(self) -> bool:
         return self.margin_bytes >= 0
 
+    @property
+    def tight(self) -> bool:
+        """Fits once loaded, but by less than the reserve load_autosplit holds on this device while it loads (only
+        the last device can end there: autosplit moves on from the others before that)."""
+        return self.used and self.fits and self.margin_bytes < self.load_reserve_bytes
+
     def layer_range(self) -> str:
         if not self.layers:
             return "-"
@@ -105,8 +113,9 @@ class DevicePlan:
                 "kv_cache_bytes": self.kv_cache_bytes, "kv_temp_bytes": self.kv_temp_bytes,
                 "scratch_bytes": self.scratch_bytes, "rope_bytes": self.rope_bytes,
                 "transient_bytes": self.transient_bytes, "cuda_context_bytes": self.cuda_context_bytes,
-                "reserve_bytes": self.reserve_bytes, "load_reserve_bytes": self.load_reserve_bytes,
-                "total_bytes": self.total_bytes, "margin_bytes": self.margin_bytes, "fits": self.fits}
+                "reserve_bytes": self.reserve_bytes, "reserve_source": self.reserve_source,
+                "load_reserve_bytes": self.load_reserve_bytes, "total_bytes": self.total_bytes,
+                "margin_bytes": self.margin_bytes, "fits": self.fits, "tight": self.tight}
 
 
 @dataclass
@@ -124,10 +133,31 @@ class MultiPlan:
     assumptions: list = field(default_factory=list)
     notes: list = field(default_factory=list)
     error: str | None = None
+    #: what plan_multi was given (the advice re-plans with one thing changed)
+    inputs: dict = field(default_factory=dict, repr=False, compare=False)
+    _advice: str | None = field(default=None, repr=False, compare=False)
+
+    @staticmethod
+    def planner(*a, **kw) -> MultiPlan:
+        """``plan_multi``: what the advice re-plans with."""
+        return plan_multi(*a, **kw)
 
     @property
     def fits(self) -> bool:
         return self.error is None and all(d.fits for d in self.devices if d.used)
+
+    @property
+    def ok(self) -> bool:
+        """Fits, and no device is tight: what the advice requires of every setting it names."""
+        return self.fits and not any(d.tight for d in self.devices)
+
+    @property
+    def advice(self) -> str:
+        """Which device is short and by how much, and what fixes it, in order (``multi_advice``); computed once, on
+        first use (it re-plans a few dozen times)."""
+        if self._advice is None:
+            self._advice = multi_advice(self)
+        return self._advice
 
     @property
     def total_bytes(self) -> int:
@@ -138,8 +168,10 @@ class MultiPlan:
             return f"DOES NOT LOAD: {self.error}"
         bad = [d for d in self.devices if d.used and not d.fits]
         if not bad:
-            return "FITS on every device (" + ", ".join(f"GPU {d.index}: {fmt_gib(d.margin_bytes)} to spare"
-                                                         for d in self.devices if d.used) + ")"
+            text = "FITS on every device (" + ", ".join(f"GPU {d.index}: {fmt_gib(d.margin_bytes)} to spare"
+                                                        for d in self.devices if d.used) + ")"
+            return text + "".join(f"; TIGHT: load_autosplit holds {fmt_gib(d.load_reserve_bytes)} more on GPU "
+                                  f"{d.index} while it loads" for d in self.devices if d.tight)
         return "DOES NOT FIT: " + ", ".join(f"GPU {d.index} is {fmt_gib(-d.margin_bytes)} short" for d in bad)
 
     def table(self) -> str:
@@ -148,8 +180,10 @@ class MultiPlan:
         rows = [head]
         for d in self.devices:
             other = d.transient_bytes + d.cuda_context_bytes + d.reserve_bytes + d.rope_bytes
+            tight = ", TIGHT" if d.tight else ""
             verdict = ("unused" if not d.used else
-                       (f"fits, {fmt_gib(d.margin_bytes)} spare" if d.fits else f"{fmt_gib(-d.margin_bytes)} SHORT"))
+                       (f"fits, {fmt_gib(d.margin_bytes)} spare{tight}" if d.fits else
+                        f"{fmt_gib(-d.margin_bytes)} SHORT"))
             rows.append(f"{d.index:<4}{gpu_label(d.gpu, short=True)[:33]:<34}{d.layer_range():>9}"
                         f"{d.weights_bytes / GIB:>9.2f}{(d.kv_cache_bytes + d.kv_temp_bytes) / GIB:>8.2f}"
                         f"{d.scratch_bytes / GIB:>9.2f}{other / GIB:>8.2f}{d.total_bytes / GIB:>8.2f}"
@@ -168,6 +202,7 @@ class MultiPlan:
                          f"{e['tok_s_low']:.1f}-{e['tok_s_high']:.1f}")
             lines += [f"  assumption: {a}" for a in self.assumptions]
         lines += [f"note: {n}" for n in self.notes]
+        lines += ["", self.advice]
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -178,7 +213,7 @@ class MultiPlan:
                 "fits": self.fits, "verdict": self.verdict(), "error": self.error,
                 "total_bytes": self.total_bytes, "devices": [d.to_dict() for d in self.devices],
                 "depth": self.depth, "decode_estimate_tok_s": None if e is None else e["tok_s"],
-                "decode_estimate": e, "assumptions": self.assumptions, "notes": self.notes}
+                "decode_estimate": e, "assumptions": self.assumptions, "notes": self.notes, "advice": self.advice}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -211,8 +246,8 @@ def _reserves(reserve_gib: Any, n: int) -> list[tuple[int, str]]:
     if isinstance(reserve_gib, (list, tuple)):
         if len(reserve_gib) != n:
             raise CourseError(f"give one reserve per GPU ({n}), got {len(reserve_gib)}")
-        return [resolve_reserve(int(round(float(r) * GIB))) for r in reserve_gib]
-    first = resolve_reserve(None if reserve_gib is None else int(round(float(reserve_gib) * GIB)))
+        return [resolve_reserve(int(round(_check_gib(r, "reserve") * GIB))) for r in reserve_gib]
+    first = resolve_reserve(None if reserve_gib is None else int(round(_check_gib(reserve_gib, "reserve") * GIB)))
     return [first] + [(0, "not the display GPU")] * (n - 1)
 
 
@@ -257,6 +292,8 @@ def plan_multi(spec: Any, gpus: Any, *, bpw: float | None = None, head_bits: int
         devices, error = _manual_split(*args, split=split or [float(g["vram_gib"]) for g in devs])
     else:
         devices = _autosplit(*args)
+    for dv, r in zip(devices, res):
+        dv.reserve_source = r[1]
     dec, assumptions = _decode(shape, devices, d, mode, flash_attn, sm)
     notes = [n for n in (page_note(L), context_note(shape, L)) if n]
     if sm == "split":
@@ -264,7 +301,11 @@ def plan_multi(spec: Any, gpus: Any, *, bpw: float | None = None, head_bits: int
                      "its attention layer afterwards (model.py load docstring), so leave room for it")
     for w in [str(w.message) for w in caught] + [n for n in (context_note(shape, L),) if n]:
         warnings.warn(w, CourseWarning, stacklevel=2)
-    return MultiPlan(shape.name, sm, L, mode, bool(flash_attn), devices, d, dec, assumptions, notes, error)
+    inputs = dict(spec=spec, gpus=devs, bpw=bpw, head_bits=head_bits, max_seq_len=L, cache_mode=mode, split=split,
+                  split_mode=sm, reserve_gib=reserve_gib, cuda_context_gib=cuda_context_gib, batch=B,
+                  max_input_len=max_input_len, max_attention_size=max_attention_size, flash_attn=bool(flash_attn),
+                  depth=depth)
+    return MultiPlan(shape.name, sm, L, mode, bool(flash_attn), devices, d, dec, assumptions, notes, error, inputs)
 
 
 def _device(i, g, ctx, reserve) -> DevicePlan:

@@ -27,7 +27,7 @@ LONGEST_CONTEXT_CAP = 2**20
 #: ``PAGED_PAGE_SIZE = 256``) and asserts ``cache.max_seq_len % 256 == 0``; the planner reports lengths in these steps
 PAGE = 256
 #: the version of the JSON a plan writes (helpers/planning/plan.schema.json describes it)
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 SCHEMA_ID = "https://github.com/exl2-course/helpers/planning/plan.schema.json"
 
 

@@ -27,6 +27,7 @@ def all_gpus(spec: Any, *, bpw: float | None = None, max_seq_len: int, cache_mod
                      flash_attn=flash_attn, **plan_kw)
             rows.append({"gpu": name, "vram_gib": float(p.gpu["vram_gib"]), "bandwidth_gbs": p.gpu["bandwidth_gbs"],
                          "fits": p.fits, "margin_bytes": p.margin_bytes,
+                         "reserve_bytes": p.breakdown.reserve_bytes,
                          "longest_safe_context": {m: p.longest_safe_context[m] for m in TABLE_MODES},
                          "decode_estimate_tok_s": None if p.decode is None else p.decode.tok_s,
                          "depth": p.depth, "model": p.model, "cache_mode": p.breakdown.cache_mode,
