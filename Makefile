@@ -30,7 +30,7 @@ test:
 	@$(SETUP) test
 
 gpu-results: setup
-	$(VENV)/bin/python -m helpers record
+	$(VENV)/bin/python -m helpers record $(if $(BUDGET_S),--budget-s $(BUDGET_S))
 
 clean-env:
 	rm -rf $(VENV)

@@ -403,7 +403,8 @@ def test_cli_plan_json_and_errors(capsys):
 
 
 def test_gpu_recordings_are_registered_and_refuse_without_cuda():
-    assert set(GPU_RECORDINGS) == {"memory_cuda_context", "memory_predicted_vs_measured"}
+    assert set(GPU_RECORDINGS) == {"memory_cuda_context", "memory_predicted_vs_measured_14b",
+                                   "memory_predicted_vs_measured_embedded"}
     from helpers.core import devices as gpu
 
     if gpu.cuda_status()["available"]:

@@ -125,9 +125,11 @@ def record_cuda_context(repeats: int = 3) -> Path:
 
 def record_predicted_vs_measured(modes: Iterable[str] = ("fp16", "q8", "q4"),
                                  lengths: Iterable[int] = (4096, 32768),
-                                 models: Iterable[str] = ("embedded", "qwen2.5-14b")) -> Path:
+                                 models: Iterable[str] = ("embedded", "qwen2.5-14b"), label: str = "") -> Path:
     """Predicted vs measured for the embedded model and a synthetic Qwen2.5-14B 5.5 bpw checkpoint, each cache mode
-    and length in a fresh process. Rows say whether torch's allocation is within 2% and NVML within 3%."""
+    and length in a fresh process. Rows say whether torch's allocation is within 2% and NVML within 3%. ``label``
+    goes into the file name (predicted-vs-measured-<label>-<gpu>-<date>), so that recordings of different models on
+    one day keep their own files."""
     gpu.require_cuda("recording predicted vs measured memory")
     dirs = {}
     for m in models:
@@ -165,7 +167,8 @@ def record_predicted_vs_measured(modes: Iterable[str] = ("fp16", "q8", "q4"),
             row[k[:-6] + "_gib"] = round(gib(row[k]), 4)
         rows.append(row)
     prov = results.provenance()
-    name = f"predicted-vs-measured-{results.slug(prov.get('gpu') or 'gpu')}-{prov['date'][:10]}"
+    part = f"{label}-" if label else ""
+    name = f"predicted-vs-measured-{part}{results.slug(prov.get('gpu') or 'gpu')}-{prov['date'][:10]}"
     return results.save_result("memory", name, rows, prov=prov)
 
 
@@ -230,7 +233,11 @@ def import_external_memory(src: Path, results_dir: Path | None = None) -> Path:
     return results.save_result("memory", name, rows, prov=prov, extra=extra, results_dir=results_dir)
 
 
+#: the 14B-shaped checkpoint and the embedded model apart: the embedded model must be built on the GPU machine from
+#: its GGUF (98 MB), the synthetic checkpoint is written there from nothing, so either can run without the other
 GPU_RECORDINGS = {
     "memory_cuda_context": record_cuda_context,
-    "memory_predicted_vs_measured": record_predicted_vs_measured,
+    "memory_predicted_vs_measured_14b": lambda: record_predicted_vs_measured(models=("qwen2.5-14b",), label="14b"),
+    "memory_predicted_vs_measured_embedded": lambda: record_predicted_vs_measured(models=("embedded",),
+                                                                                  label="embedded"),
 }
