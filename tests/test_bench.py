@@ -440,7 +440,7 @@ def test_external_record_import_keeps_figures_and_says_external(tmp_path):
                                            "date": "2026-11-25", "harness": "external: a script", "method": "m",
                                            "model": "Qwen2.5-14B shape (48 layers)"},
                "bandwidth": {"hbm_read_gbs": 2857}, "caveats": ["c"],
-               "memory": {"x_gib": 10.73, "method": "NVML not usable (see DOMAIN.md section 5)"},
+               "memory": {"x_gib": 10.73, "method": "NVML not usable (see TEAMNOTES.md section 5)"},
                "rows": [{"run": 1, "cache_len": 32768, "depth": 30000, "decode_tok_s": 18.1, "load_s": 9.1}]}
     src = tmp_path / "h100.json"
     src.write_text(json.dumps(src_doc))
@@ -448,7 +448,7 @@ def test_external_record_import_keeps_figures_and_says_external(tmp_path):
 
     path = import_external(src, results_dir=tmp_path / "results")
     doc = json.loads(path.read_text())
-    assert "DOMAIN" not in path.read_text() and doc["memory"]["method"].endswith("(see the record's caveats)")
+    assert "TEAMNOTES" not in path.read_text() and doc["memory"]["method"].endswith("(see the record's caveats)")
     assert doc["memory"]["x_gib"] == 10.73 and doc["bandwidth"] == {"hbm_read_gbs": 2857} and doc["caveats"] == ["c"]
     p = doc["provenance"]
     assert p["external"] and p["method"] == "m" and p["source_file"] == "h100.json"
