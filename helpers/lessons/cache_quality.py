@@ -25,7 +25,7 @@ from pathlib import Path
 from helpers.core.progress import progress
 from helpers.engines.kv_quant import CACHE_BITS, QuantizedKVCache
 from helpers.engines.reference import ReferenceModel
-from helpers.lessons.quality import _encode, fixed_text
+from helpers.lessons.quality import encode_text, fixed_text
 from helpers.memory import kv_cache
 from helpers.memory.cache_modes import CACHE_MODES, CACHE_RULES
 from helpers.models import embedded as models
@@ -56,11 +56,10 @@ def _score(model: ReferenceModel, ids, start: int, mode: str, prefix=None):
     saved, model.cache = model.cache, cache
     try:
         with torch.inference_mode():
-            logits = model.forward(ids[None, start:-1] if start else ids[None, :-1], reset=prefix is None)[0]
+            logits = model.forward(ids[None, start:-1], reset=prefix is None)[0]
     finally:
         model.cache = saved
-    target = ids[start + 1:] if start else ids[1:]
-    return logits, F.cross_entropy(logits.float(), target, reduction="none")
+    return logits, F.cross_entropy(logits.float(), ids[start + 1:], reduction="none")
 
 
 def cache_quality(modes=CACHE_MODES, *, model: ReferenceModel | str | os.PathLike | None = None,
@@ -74,7 +73,7 @@ def cache_quality(modes=CACHE_MODES, *, model: ReferenceModel | str | os.PathLik
         folder = Path(model) if model is not None else models.embedded_model_dir()
         model = ReferenceModel.from_dir(folder, max_seq_len=long_depth + scored + 1)
     folder = model.model_dir
-    ids = _encode(fixed_text(), folder)[: long_depth + scored + 1]
+    ids = encode_text(fixed_text(), folder)[: long_depth + scored + 1]
     short_ids = ids[: scored + 1]
     modes = ["fp16"] + [m for m in modes if m != "fp16"]
     # the long prefix, once, with an exact cache: its K/V are what every mode then stores

@@ -45,7 +45,8 @@ def fixed_text() -> str:
             from None
 
 
-def _encode(text: str, tokenizer_dir: Path) -> "torch.Tensor":  # noqa: F821
+def encode_text(text: str, tokenizer_dir: Path) -> "torch.Tensor":  # noqa: F821
+    """The token ids of ``text`` (no special tokens added) with the tokenizer.json of ``tokenizer_dir``."""
     import torch
     from tokenizers import Tokenizer
 
@@ -90,7 +91,7 @@ def perplexity(model, text: str | None = None, *, max_tokens: int = DEFAULT_MAX_
     tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else folder
     if tok_dir is None:
         tok_dir = models.float_model_dir()
-    ids = _encode(fixed_text() if text is None else text, tok_dir)[: int(max_tokens)]
+    ids = encode_text(fixed_text() if text is None else text, tok_dir)[: int(max_tokens)]
     return math.exp(nll_of(config, state, ids))
 
 
@@ -122,7 +123,7 @@ def quality_sweep(bits_list: Sequence[float] = SWEEP_BITS, *, max_tokens: int = 
             pass  # a damaged cache entry is recomputed
     float_dir = models.float_model_dir()
     config, state = models.load_float_tensors(float_dir)
-    ids = _encode(fixed_text(), float_dir)[:max_tokens]
+    ids = encode_text(fixed_text(), float_dir)[:max_tokens]
     n_params = sum(t.numel() for t in state.values())
     base = math.exp(nll_of(config, state, ids))
     del state

@@ -44,6 +44,7 @@ from helpers.format.inspect import inspect_summary, inspect_text
 from helpers.format.reader import Exl2Checkpoint, QuantLinear, open_exl2
 from helpers.lessons import quality
 from helpers.memory.kv_cache import kv_cache_bytes
+from helpers.memory.recorded import NOT_RECORDED
 from helpers.models import embedded as models
 from helpers.specs.shapes import model_shape
 
@@ -75,7 +76,7 @@ def tensor_inventory(ckpt: Exl2Checkpoint) -> list[dict]:
     when there is one); everything else is a plain fp16 tensor (norms, the embedding, an unquantized head)."""
     rows: dict[str, dict] = {}
     for name in ckpt.tensor_names:
-        if name.endswith(("embed_tokens.weight",)):
+        if name.endswith("embed_tokens.weight"):
             key = "embed_tokens.weight"
         elif name.rsplit(".", 1)[-1].startswith("q_") or name.endswith(".bias"):
             key = name.rsplit(".", 1)[-1]
@@ -312,17 +313,13 @@ def chat(be, prompts: list[str] | str = PROMPT, *, max_new_tokens: int = 24,
 # 3. Agreement
 # ====================================================================================================================
 
-NOT_RECORDED = "not recorded yet: run `make gpu-results` on a CUDA machine"
-
-
 def agreement(be, *, steps: int = 8, results_dir: Path | None = None) -> dict:
     """exllamav2 against the reference on ``PROMPT``.
 
     ``be`` is exllamav2 (a CUDA machine): the reference is loaded on the same GPU in float32 and both run live
     (``helpers.engines.agreement.measure_agreement``). Otherwise the latest recording (``results/agreement``) is shown
-    with its
-    label, and this machine's engine is compared live with the recorded exllamav2 logits on the recorded prompt ids
-    (``helpers.engines.agreement.recorded_vs_live``). ``mode``: 'live', 'recorded' or 'none'."""
+    with its label, and this machine's engine is compared live with the recorded exllamav2 logits on the recorded
+    prompt ids (``helpers.engines.agreement.recorded_vs_live``). ``mode``: 'live', 'recorded' or 'none'."""
     if be.name == "exllamav2":
         ref = B.load(be.model_dir, max_seq_len=min(1024, be.max_seq_len), backend="reference", device="cuda",
                      dtype=torch.float32)

@@ -1,4 +1,5 @@
-"""The figures, one file per notebook topic: memory (01, 05), gqa (01), tour (02), speed (03), fallback (04).
+"""The figures, one file per notebook topic: memory (01, 05), gqa (01), tour (02), speed (03), fallback (04),
+planner (05).
 
 `from helpers import plots; plots.plot_x(...)` reaches every figure; each lives in the module of its topic.
 """
@@ -17,6 +18,7 @@ from helpers.plots.memory import (
     plot_predicted_vs_measured,
     plot_total_vs_context,
 )
+from helpers.plots.planner import plot_devices, plot_iso_vram
 from helpers.plots.speed import (
     plot_cache_bytes_by_ctx,
     plot_decode_model,
@@ -26,9 +28,9 @@ from helpers.plots.speed import (
 from helpers.plots.tour import plot_agreement_steps, plot_bytes_where, plot_layer_bpw, plot_quantization_cost
 
 __all__ = [
-    "plot_agreement_steps", "plot_breakdown", "plot_bytes_where", "plot_cache_bytes_by_ctx", "plot_calculator_error",
-    "plot_decode_model", "plot_decode_time_split", "plot_emulated", "plot_gqa", "plot_kv_cache_vs_context",
-    "plot_layer_bpw",
+    "plot_agreement_steps", "plot_breakdown", "plot_bytes_where", "plot_cache_bytes_by_ctx",
+    "plot_calculator_error", "plot_decode_model", "plot_decode_time_split", "plot_devices", "plot_emulated",
+    "plot_gqa", "plot_hypotheses_vs_depth", "plot_iso_vram", "plot_kv_cache_vs_context", "plot_layer_bpw",
     "plot_predicted_vs_measured", "plot_quantization_cost", "plot_speed_vs_depth", "plot_speed_vs_spill",
-    "plot_hypotheses_vs_depth", "plot_spill_walk", "plot_time_per_token", "plot_total_vs_context",
+    "plot_spill_walk", "plot_time_per_token", "plot_total_vs_context",
 ]

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 from helpers.core.units import GIB
-from helpers.plots.style import pyplot as _plt
+from helpers.plots.style import figure
 
 
 def plot_spill_walk(prediction, ax=None, title=None):
     """exllamav2's load order walked against the VRAM budget: cumulative GiB per module, coloured by where it went."""
-    plt = _plt()
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(8, 3.8))
+    fig, ax = figure(ax, (8, 3.8))
     colours = {"vram": "C0", "sysmem": "C3", "cpu": "0.7"}
     total = prediction.fixed_bytes
     xs, bottoms, heights, cols = [], [], [], []
@@ -45,8 +44,7 @@ def plot_spill_walk(prediction, ax=None, title=None):
 def plot_time_per_token(predictions, reported=None, ax=None, title=None):
     """Where a decoded token's time goes (ms), stacked: overhead, VRAM reads, PCIe reads; one bar per prediction.
     ``predictions``: {label: fallback.Prediction}; ``reported``: {label: tok/s} drawn as markers at 1000/tok_s."""
-    plt = _plt()
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(8, 2.2 + 0.45 * len(predictions)))
+    fig, ax = figure(ax, (8, 2.2 + 0.45 * len(predictions)))
     labels = list(predictions)
     left = [0.0] * len(labels)
     for key, name, colour in (("overhead_ms", "overhead", "0.6"), ("vram_ms", "read from VRAM", "C0"),
@@ -74,8 +72,7 @@ def plot_speed_vs_spill(case, max_spill_gb=2.5, ax=None, title=None):
     """Predicted tok/s against the weight bytes read over PCIe per token, for the seed's card (every point from the
     speed model, ``Prediction.estimate``): the reported speed, what the model predicts, and what would have to spill
     to give the reported speed. ``case``: fallback.seed.seed_case()."""
-    plt = _plt()
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 3.8))
+    fig, ax = figure(ax, (7, 3.8))
     p = case["prediction_32k"]
     top = min(max_spill_gb * 1e9, p.weight_bytes)
     xs = [top * i / 100 for i in range(101)]
@@ -102,8 +99,7 @@ def plot_speed_vs_spill(case, max_spill_gb=2.5, ax=None, title=None):
 def plot_hypotheses_vs_depth(curves, reported=None, ax=None, title=None):
     """Predicted decode tok/s against how deep the cache is filled, one line per hypothesis, with the depth at which
     each gives the reported speed. ``curves``: fallback.seed.depth_curves()."""
-    plt = _plt()
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(10, 4))
+    fig, ax = figure(ax, (10, 4))
     seen: dict = {}
     for i, (key, c) in enumerate(curves.items()):
         same = next((k for k, v in seen.items() if v == c["tok_s"]), None)   # a line on top of another: dashed
@@ -128,8 +124,7 @@ def plot_hypotheses_vs_depth(curves, reported=None, ax=None, title=None):
 def plot_emulated(rows, ax=None, title=None):
     """Recorded emulator runs: native vs emulated decode tok/s per cache length, with the spill model's emulated
     prediction. ``rows``: emulate.load_recorded()['emulated']."""
-    plt = _plt()
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 3.5))
+    fig, ax = figure(ax, (7, 3.5))
     labels = [f"cache {r['ctx']:,}" + ("" if r.get("load_path", "autosplit") == "autosplit" else
                                        f", model.load()\n{r['depth']:,} deep") +
               f"\n{r['spilled_bytes'] / GIB:.2f} GiB spilled" for r in rows]

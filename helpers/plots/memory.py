@@ -6,7 +6,7 @@ from helpers.core.units import GIB, gib
 from helpers.memory.breakdown import breakdown
 from helpers.memory.kv_cache import kv_cache_bytes
 from helpers.memory.scratch import DEFAULT_MAX_ATTENTION_SIZE, DEFAULT_MAX_INPUT_LEN
-from helpers.plots.style import pyplot as _plt
+from helpers.plots.style import CACHE_LINESTYLES, figure
 from helpers.specs.gpus import gpu_spec
 from helpers.specs.shapes import model_shape
 
@@ -30,17 +30,14 @@ def plot_kv_cache_vs_context(models, modes=("fp16", "q8", "q4"), lengths=None, a
 
     Both axes are linear, so each line is straight through the origin, its slope the bytes per token; each line is
     labelled at its right end with that slope (labels nudged apart where two lines nearly coincide)."""
-
-    plt = _plt()
     lengths = list(lengths or [1024 * k for k in range(0, 33)])
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(8, 4.5))
-    styles = {"fp16": "-", "fp8": (0, (1, 1)), "q8": "--", "q6": "-.", "q4": ":"}
+    fig, ax = figure(ax, (8, 4.5))
     ends = []
     for i, name in enumerate(models):
         shape = model_shape(name)
         for mode in modes:
             y = [gib(kv_cache_bytes(shape, n, mode)) if n else 0.0 for n in lengths]
-            ax.plot(lengths, y, linestyle=styles.get(mode, "-"), color=f"C{i}", linewidth=1.6,
+            ax.plot(lengths, y, linestyle=CACHE_LINESTYLES.get(mode, "-"), color=f"C{i}", linewidth=1.6,
                     label=f"{shape.name} {mode}")
             per_token = kv_cache_bytes(shape, lengths[-1], mode) / lengths[-1]
             ends.append((y[-1], f"{shape.name} {mode}: {per_token / 1024:.0f} KiB/token", f"C{i}"))
@@ -62,10 +59,9 @@ def plot_total_vs_context(spec, gpu, *, bpw=None, modes=("fp16", "q8", "q6", "q4
     The lines bend once, at 2,048 tokens by default: below it the attention matrix exllamav2 budgets for grows with
     max_seq_len^2 (scratch.py, ``min(max_attention_size, max_seq_len^2)``) and the prompt chunk with max_seq_len; above
     it both are capped and only the cache keeps growing. The bend is marked and labelled."""
-    plt = _plt()
     g = gpu_spec(gpu)
     lengths = list(lengths or [1024 * k for k in range(1, 65)])
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(8, 4.5))
+    fig, ax = figure(ax, (8, 4.5))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for i, mode in enumerate(modes):
@@ -99,8 +95,7 @@ def plot_total_vs_context(spec, gpu, *, bpw=None, modes=("fp16", "q8", "q6", "q4
 
 def plot_breakdown(breakdowns, gpu_gib=None, ax=None, title=None):
     """Stacked bars, one per labelled Breakdown ({label: Breakdown}): where every GiB goes."""
-    plt = _plt()
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(8, 4.5))
+    fig, ax = figure(ax, (8, 4.5))
     labels = list(breakdowns)
     terms = [t[0] for t in next(iter(breakdowns.values())).terms()]
     terms = [t.split(",")[0] for t in terms]  # "KV cache, 48 layers x 4,096 tokens" -> "KV cache"
@@ -121,8 +116,7 @@ def plot_breakdown(breakdowns, gpu_gib=None, ax=None, title=None):
 
 def plot_calculator_error(rows, ax=None, title=None):
     """Popular formula vs exllamav2's accounting: rows of {'case', 'exllamav2_gib', 'simple_gib'}."""
-    plt = _plt()
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(8, 4))
+    fig, ax = figure(ax, (8, 4))
     x = range(len(rows))
     ax.bar([i - 0.2 for i in x], [r["exllamav2_gib"] for r in rows], width=0.4, label="exllamav2 (this course)")
     ax.bar([i + 0.2 for i in x], [r["simple_gib"] for r in rows], width=0.4, label="simple calculator")
@@ -139,8 +133,7 @@ def plot_predicted_vs_measured(rows, ax=None, title=None, external=None):
     """Recorded predicted vs measured (torch allocated) GiB, one point per configuration, with the 2% band.
     ``external``: points of ``helpers.memory.recorded.external_points`` (measured outside the course), drawn hollow
     and labelled external."""
-    plt = _plt()
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5, 5))
+    fig, ax = figure(ax, (5, 5))
     pts = [(r["predicted_torch_bytes"] / GIB, r["torch_allocated_no_cublas_bytes"] / GIB, r)
            for r in rows if "torch_allocated_no_cublas_bytes" in r]
     ext = [(p["predicted_gib"], p["measured_gib"], p) for p in external or []]

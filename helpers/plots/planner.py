@@ -4,17 +4,15 @@ from __future__ import annotations
 from helpers.core.units import GIB
 from helpers.format.bits import BPW_RANGE
 from helpers.planning.planner import longest_for
-from helpers.plots.style import pyplot as _plt
+from helpers.plots.style import CACHE_LINESTYLES, figure, pyplot
 from helpers.specs.shapes import model_shape
-
-_STYLES = {"fp16": "-", "fp8": (0, (1, 1)), "q8": "--", "q6": "-.", "q4": ":"}
 
 
 def plot_iso_vram(spec, cards_gib=(12, 16, 24), *, modes=("fp16", "q8", "q6", "q4"), bpws=None, ax=None,
                   title=None, **kw):
     """For cards of ``cards_gib`` GiB: the longest context (leaving load_autosplit's reserve free) against bpw, one
     line per cache mode. Each line is the edge of what fits: pick a bpw, read off the context, or the reverse."""
-    plt = _plt()
+    plt = pyplot()
     lo, hi = BPW_RANGE
     bpws = list(bpws or [round(lo + 0.25 * i, 2) for i in range(int((hi - lo) / 0.25) + 1)])
     n = len(cards_gib)
@@ -26,7 +24,7 @@ def plot_iso_vram(spec, cards_gib=(12, 16, 24), *, modes=("fp16", "q8", "q6", "q
         rows = [longest_for(shape, float(card), bpw=b, modes=modes, **kw) for b in bpws]
         for i, m in enumerate(modes):
             ys = [r[m] / 1024 for r in rows]
-            a.plot(bpws, ys, linestyle=_STYLES.get(m, "-"), color=f"C{i}", label=f"{m} cache")
+            a.plot(bpws, ys, linestyle=CACHE_LINESTYLES.get(m, "-"), color=f"C{i}", label=f"{m} cache")
         a.axhline(shape.max_position_embeddings / 1024, color="grey", linewidth=0.8)
         a.text(bpws[0], shape.max_position_embeddings / 1024, " trained length", fontsize=7, color="grey",
                va="bottom")
@@ -42,9 +40,8 @@ def plot_iso_vram(spec, cards_gib=(12, 16, 24), *, modes=("fp16", "q8", "q6", "q
 
 def plot_devices(multi, ax=None, title=None):
     """Stacked bars of a multi-GPU plan: weights, cache, scratch, the rest, per device, against each card's memory."""
-    plt = _plt()
-    devs = [d for d in multi.devices]
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(8, 1.6 + 0.7 * len(devs)))
+    devs = list(multi.devices)
+    fig, ax = figure(ax, (8, 1.6 + 0.7 * len(devs)))
     terms = [("weights", lambda d: d.weights_bytes), ("KV cache", lambda d: d.kv_cache_bytes + d.kv_temp_bytes),
              ("scratch + RoPE", lambda d: d.scratch_bytes + d.rope_bytes),
              ("transients, CUDA context, reserve", lambda d: d.transient_bytes + d.cuda_context_bytes

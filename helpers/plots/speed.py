@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from helpers.core.units import GIB
-from helpers.plots.style import pyplot as _plt
+from helpers.plots.style import figure, pyplot
 from helpers.speed.roofline import roofline_curve
 
 
@@ -27,7 +27,7 @@ def plot_speed_vs_depth(panels: dict, *, title: str = "decode speed vs context d
     ({title: rows}), one line per (model, cache mode, cache length, device), and one grey dashed roofline per
     (model, cache mode, device): bandwidth / (weight bytes + KV bytes per position x depth); the cache length does
     not change it. An empty panel says it is not recorded yet."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
     for ax, (name, rows) in zip(axes[0], panels.items()):
         ax.set_title(name, fontsize=10)
@@ -90,7 +90,7 @@ def plot_decode_model(panels: dict, *, title: str = "decode speed against depth:
     "lines": {label: tok/s}, "bands": True}}): each curve is the central estimate with its low-high range shaded
     (unless "bands" is False); ``points`` are
     measured rows (depth, decode_tok_s, label) drawn as markers, "external" in the legend when they are."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.4), squeeze=False)
     for ax, (name, panel) in zip(axes[0], panels.items()):
         for i, (label, est) in enumerate(panel.get("curves", {}).items()):
@@ -124,11 +124,7 @@ def plot_decode_time_split(rows: list[dict], *, ax=None, title: str = "where one
     """One bar per row, as shares of a decode step (the ms per token written beside it): on a GPU the time its
     kernels ran vs the time it waited for the host; on a CPU the time inside torch operators vs everything else
     (Python, the harness). Returns the figure."""
-    plt = _plt()
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(10, 1.6 + 0.42 * max(1, len(rows))))
-    else:
-        fig = ax.figure
+    fig, ax = figure(ax, (10, 1.6 + 0.42 * max(1, len(rows))))
     labels, busy, colours = [], [], []
     for r in rows:
         where = r.get("gpu") or r.get("device", "?")
@@ -164,12 +160,7 @@ def plot_decode_time_split(rows: list[dict], *, ax=None, title: str = "where one
 
 def plot_cache_bytes_by_ctx(rows: list[dict], *, ax=None, title: str = "KV cache allocated: 4k vs 32k"):
     """Bars of the cache's bytes (GiB) per (model, cache mode, cache length), one bar per distinct configuration."""
-    plt = _plt()
-
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-    else:
-        fig = ax.figure
+    fig, ax = figure(ax, (7, 3.5))
     seen: dict[tuple, float] = {}
     for r in rows:
         if r.get("cache_bytes") is None:  # e.g. an external record: its cache was not measured

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from helpers.core.units import GIB
-from helpers.plots.style import pyplot as _plt
+from helpers.plots.style import figure
 
 _KIND_MARKERS = {"q_proj": "o", "k_proj": "v", "v_proj": "^", "o_proj": "s", "gate_proj": "D", "up_proj": "P",
                  "down_proj": "X"}
@@ -12,8 +12,7 @@ def plot_layer_bpw(layers, title=None, ax=None):
     """Bits per weight of every quantized linear against its layer, one marker per kind, the head as a line.
 
     ``layers``: rows of ``Exl2Checkpoint.layer_table()`` (what ``python -m helpers inspect`` prints)."""
-    plt = _plt()
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(8, 4))
+    fig, ax = figure(ax, (8, 4))
     kinds = {}
     for r in layers:
         kinds.setdefault(r["kind"], []).append(r)
@@ -40,9 +39,8 @@ def plot_layer_bpw(layers, title=None, ax=None):
 def plot_bytes_where(bb, title=None, ax=None):
     """Disk vs VRAM vs system RAM of a checkpoint (GiB), the VRAM bar stacked by what it holds. ``bb``: the totals of
     ``python -m helpers inspect --json`` (``exl2.inspect_summary``) or ``Exl2Checkpoint.byte_breakdown()``."""
-    plt = _plt()
     bb = bb.get("bytes", bb)
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 4))
+    fig, ax = figure(ax, (7, 4))
     ax.bar(["on disk"], [bb["disk_bytes"] / GIB], color="grey", label="*.safetensors")
     parts = [("q_weight", "q_weight (codes)"), ("q_scale", "q_scale"), ("q_meta", "groups map, perms, scale max"),
              ("norms", "norms"), ("bias", "biases"), ("fp16_head", "fp16 head (tied: embedding copy)"),
@@ -65,8 +63,7 @@ def plot_bytes_where(bb, title=None, ax=None):
 
 def plot_quantization_cost(rows, ax=None):
     """Perplexity against weight size: the float source and each EXL2 width (rows of ``quality.quality_sweep``)."""
-    plt = _plt()
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 4))
+    fig, ax = figure(ax, (7, 4))
     q = [r for r in rows if r.get("bits") is not None]
     f = [r for r in rows if r.get("bits") is None]
     ax.plot([r["weights_bytes"] / GIB for r in q], [r["perplexity"] for r in q], marker="o", color="C0", label="EXL2")
@@ -90,8 +87,7 @@ def plot_quantization_cost(rows, ax=None):
 def plot_agreement_steps(rows, title=None, ax=None):
     """Per greedy step: the logit difference between exllamav2 and the reference, and the reference's top-two gap.
     Where the gap falls below the difference, the engines may pick different tokens (a near-tie)."""
-    plt = _plt()
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 3.5))
+    fig, ax = figure(ax, (7, 3.5))
     steps = [r["step"] for r in rows]
     ax.plot(steps, [r["max_abs_diff"] for r in rows], marker="o", label="max |logit difference|")
     ax.plot(steps, [r["reference_top2_gap"] for r in rows], marker="s", label="reference top-1 minus top-2")

@@ -7,11 +7,12 @@ In a notebook::
     check("01.kv_llama8b", answer)     # prints "right: ..." or "not yet: <hint>", returns True/False
     # solution("01.kv_llama8b")        # prints the worked solution (the code that computes the expected answer)
 
-Each notebook's exercises live in ``helpers/lessons/exercises/nbNN.py`` as ``EXERCISES = {id: Exercise(...)}``, ids
-like ``"01.kv_llama8b"`` (the notebook's number, a dot, a short name). An exercise's expected answer is never typed
-in: ``Exercise.solve`` computes it, with the course's helpers or from first principles, and ``solution()`` prints
-that function's source, so the worked solution is the code the tests run (tests/test_exercises.py checks every
-registered solution against its checker and that a wrong answer is refused with a hint).
+Each notebook's exercises live in ``helpers/lessons/exercises/nbNN.py`` as ``EXERCISES = register(Exercise(...),
+...)``, a dict by id (each id written once, in its Exercise), ids like ``"01.kv_llama8b"`` (the notebook's number, a
+dot, a short name). An exercise's expected answer is never typed in: ``Exercise.solve`` computes it, with the
+course's helpers or from first principles, and ``solution()`` prints that function's source, so the worked solution
+is the code the tests run (tests/test_exercises.py checks every registered solution against its checker and that a
+wrong answer is refused with a hint).
 
 Answers may be numbers (compared within ``rel_tol``/``abs_tol``), sequences of numbers, booleans or short texts
 (compared without case and surrounding spaces; ``Exercise.accept`` lists other spellings). ``None`` means "not
@@ -62,6 +63,16 @@ class Exercise:
 # --------------------------------------------------------------------------------------------------------------------
 # The registry: every helpers/lessons/exercises/nbNN.py
 # --------------------------------------------------------------------------------------------------------------------
+
+def register(*exercises: Exercise) -> dict[str, Exercise]:
+    """A notebook module's ``EXERCISES``: its exercises by their own ids, in order; a repeated id is refused."""
+    found: dict[str, Exercise] = {}
+    for ex in exercises:
+        if ex.id in found:
+            raise ValueError(f"exercise id {ex.id!r} is registered twice")
+        found[ex.id] = ex
+    return found
+
 
 def notebook_modules() -> list[str]:
     """Names of the exercise modules (nb01, nb02, ...), sorted."""
@@ -217,4 +228,4 @@ def solution(exercise_id: str) -> None:
     print(solution_text(exercise_id))
 
 
-__all__ = ["Exercise", "check", "exercises", "registry", "solution", "solution_text", "verdict"]
+__all__ = ["Exercise", "check", "exercises", "register", "registry", "solution", "solution_text", "verdict"]

@@ -6,7 +6,7 @@ import json
 
 from helpers.core.paths import CONFIGS_DIR
 from helpers.core.units import GIB
-from helpers.lessons.exercises import Exercise
+from helpers.lessons.exercises import Exercise, register
 from helpers.memory import kv_cache
 from helpers.specs import shapes
 
@@ -46,8 +46,8 @@ def fp16_tokens_in_4gib() -> int:
     return int(4 * GIB // per_token)
 
 
-EXERCISES = {
-    "01.kv_llama8b": Exercise(
+EXERCISES = register(
+    Exercise(
         "01.kv_llama8b",
         "How many bytes does one token cost in an FP16 cache of Llama-3.1-8B (all layers, K and V)? Read "
         "helpers/specs/configs/llama-3.1-8b.json.",
@@ -55,7 +55,7 @@ EXERCISES = {
         hint="2 (K and V) x num_hidden_layers x num_key_value_heads x head_dim x 2 bytes; "
              "head_dim = hidden_size / num_attention_heads when the config has no head_dim",
         mistakes=((kv_llama8b_forgot_v, "that is K alone: the cache stores V too"),)),
-    "01.q4_14b_32k": Exercise(
+    Exercise(
         "01.q4_14b_32k",
         "How many GiB does a Q4 cache of Qwen2.5-14B take at max_seq_len 32768, its FP16 temp layer included?",
         q4_cache_14b_32k, unit="GiB", rel_tol=0.01,
@@ -63,14 +63,14 @@ EXERCISES = {
              "one FP16 layer (2 x 8 x 128 x 2 B) to decode into; times 32768, divided by 2^30",
         mistakes=((q4_cache_14b_32k_no_temp, "you left out the one full-length FP16 temp layer (K and V) that "
                                              "quantized caches decode into"),)),
-    "01.gqa_gemma": Exercise(
+    Exercise(
         "01.gqa_gemma",
         "Gemma-2-9B uses GQA. How many times larger would its KV cache be if every query head had its own KV head?",
         gqa_saving_gemma, unit="x",
         hint="the cache scales with num_key_value_heads; plain multi-head attention has num_attention_heads of them"),
-    "01.fp16_tokens_4gib": Exercise(
+    Exercise(
         "01.fp16_tokens_4gib",
         "How many tokens of FP16 cache of Qwen2.5-7B fit in 4 GiB (round down)?",
         fp16_tokens_in_4gib, unit="tokens", rel_tol=0.002,
         hint="4 x 2^30 bytes divided by the bytes per token (2 x layers x KV heads x head_dim x 2) of qwen2.5-7b"),
-}
+)

@@ -3,7 +3,7 @@ with the course's helpers; ``solution(id)`` prints the function that computes it
 from __future__ import annotations
 
 from helpers.core.units import GIB
-from helpers.lessons.exercises import Exercise
+from helpers.lessons.exercises import Exercise, register
 from helpers.specs import shapes
 
 
@@ -33,8 +33,8 @@ def one_weight_no_zero_point() -> float:
     return q * (scale_code + 1) ** 2 * q_scale_max / 256 + 0 * bits
 
 
-EXERCISES = {
-    "02.linears_14b_4bpw": Exercise(
+EXERCISES = register(
+    Exercise(
         "02.linears_14b_4bpw",
         "How many GiB do the decoder linears of Qwen2.5-14B take at an average 4.0 bits per weight? (Use the shape's "
         "layer_linears(): in_features x out_features per linear.)",
@@ -42,16 +42,16 @@ EXERCISES = {
         hint="weights = layers x sum(in x out) over q/k/v/o/gate/up/down; bytes = weights x bpw / 8; GiB = bytes / "
              "2^30",
         mistakes=((linears_gib_14b_in_gb, "that is in GB (10^9 bytes): the course counts GiB (2^30 bytes)"),)),
-    "02.packed_rows_5bit": Exercise(
+    Exercise(
         "02.packed_rows_5bit",
         "A group of 32 rows stored at 5 bits: how many int32 rows of q_weight does it fill (per output column)?",
         packed_rows_5bit, unit="rows",
         hint="32 codes x 5 bits, packed into 32-bit words"),
-    "02.one_weight": Exercise(
+    Exercise(
         "02.one_weight",
         "A 6-bit code q = 45 in a group whose scale code is 11 and q_scale_max is 0.0625: what weight does it "
         "stand for? (Exact arithmetic, no fp16 rounding.)",
         one_weight, rel_tol=1e-4,
         hint="scale = (code + 1)^2 x q_scale_max / 256; weight = (q - 2^(bits-1)) x scale",
         mistakes=((one_weight_no_zero_point, "subtract the zero point 2^(bits-1) from the code first"),)),
-}
+)

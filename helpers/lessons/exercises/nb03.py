@@ -2,7 +2,7 @@
 model (``helpers.speed.model``) or from the external H100 record; ``solution(id)`` prints the function."""
 from __future__ import annotations
 
-from helpers.lessons.exercises import Exercise
+from helpers.lessons.exercises import Exercise, register
 from helpers.memory import weights
 from helpers.specs import gpus
 from helpers.speed import model
@@ -40,8 +40,8 @@ def h100_roofline_at_128() -> float:
     return r["hbm_read_gbs"] * 1e9 / (_w14b() + depth * per_pos)
 
 
-EXERCISES = {
-    "03.depth_for_25": Exercise(
+EXERCISES = register(
+    Exercise(
         "03.depth_for_25",
         "An RTX 4080 Super (736 GB/s) runs Qwen2.5-14B at 5.5 bpw with an FP16 cache, WITHOUT flash-attn, nothing "
         "spilled, no host overhead, and the attention path as slow as on the H100 record (efficiency=CALIBRATION). "
@@ -50,7 +50,7 @@ EXERCISES = {
         hint="1/25 s = weights/bandwidth + depth x bytes per position / bandwidth x CALIBRATION; solve for depth "
              "(model.depth_for_speed does it)",
         mistakes=((depth_for_25_uncalibrated, "that is first principles; apply efficiency=model.CALIBRATION"),)),
-    "03.q4_vs_fp16": Exercise(
+    Exercise(
         "03.q4_vs_fp16",
         "Without flash-attn, how many times the bytes per position of an FP16 cache does a Q4 cache move per decoded "
         "token in exllamav2 0.3.2 (Qwen2.5-14B)?",
@@ -59,11 +59,11 @@ EXERCISES = {
              "model.position_bytes(..., 'q4').total with the FP16 total",
         mistakes=((q4_cache_bytes_only, "that compares the caches' own bytes; count the FP16 temp layer and the "
                                         "repeat_kv copy too"),)),
-    "03.h100_roofline": Exercise(
+    Exercise(
         "03.h100_roofline",
         "What is the roofline (tok/s) of the external H100 record's shallow row (depth 128, no flash-attn, FP16 "
         "cache) at its measured 2,857 GB/s? Compare it with the measured 59.4 tok/s.",
         h100_roofline_at_128, unit="tok/s", rel_tol=0.02,
         hint="bandwidth / (weight bytes + 128 x bytes per position); weight bytes from "
              "helpers.memory.weights.weight_bytes('qwen2.5-14b', bpw=5.5)['vram_bytes']"),
-}
+)

@@ -4,7 +4,7 @@ prints the function that computes it."""
 from __future__ import annotations
 
 from helpers.fallback.pcie import pcie_practical_bandwidth
-from helpers.lessons.exercises import Exercise
+from helpers.lessons.exercises import Exercise, register
 from helpers.memory.weights import weight_bytes
 from helpers.specs.gpus import gpu_spec
 from helpers.speed import model as speed
@@ -53,8 +53,8 @@ def depth_for_25_cache_only() -> int:          # a slip: only the cache's own by
     return round((1 / 25 - w["vram_bytes"] / (bw * 1e9) - 0.001) / per_pos)
 
 
-EXERCISES = {
-    "04.lm_head_only": Exercise(
+EXERCISES = register(
+    Exercise(
         "04.lm_head_only",
         "Suppose only the lm_head landed in system RAM (flash-attn, FP16 cache, 256 tokens deep, PCIe 25 GB/s, "
         "1 ms of host overhead). How many tok/s does the three-line model give for the seed case?",
@@ -63,14 +63,14 @@ EXERCISES = {
              "25 GB/s; tok/s = 1 / that",
         mistakes=((lm_head_read_twice, "the lm_head is read over PCIe instead of from VRAM, not as well: take its "
                                        "bytes out of the VRAM term"),)),
-    "04.roofline_ratio": Exercise(
+    Exercise(
         "04.roofline_ratio",
         "The user reported 80 tok/s at a 4k cache. How many times the datasheet roofline is that (every GPU weight "
         "and 256 positions of the FP16 cache per token, 736 GB/s)?",
         reported_over_roofline, rel_tol=0.005,
         hint="roofline = 736e9 / (weight bytes + 256 x 48 layers x 4096 B); ratio = 80 / roofline",
         mistakes=((reported_over_roofline_gib, "bytes and GB/s: do not convert the bytes to GiB"),)),
-    "04.depth_no_flash": Exercise(
+    Exercise(
         "04.depth_no_flash",
         "Nothing spilled and no flash-attn: at what depth does the seed case fall to 25 tok/s (first principles, "
         "1 ms of host overhead)?",
@@ -79,4 +79,4 @@ EXERCISES = {
              "position of torch attention (repeat_kv writes and reads K and V for 40 heads)",
         mistakes=((depth_for_25_cache_only, "that is flash-attn's cost per position: without it, repeat_kv copies "
                                             "K and V to 40 heads and reads them again"),)),
-}
+)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 
-from helpers.lessons.exercises import Exercise
+from helpers.lessons.exercises import Exercise, register
 from helpers.planning.multi import plan_multi
 from helpers.planning.planner import longest_for, plan
 
@@ -42,8 +42,8 @@ def gpu0_layers_70b() -> int:
     return sum(1 for name in m.devices[0].modules if name.endswith("self_attn"))
 
 
-EXERCISES = {
-    "05.q6_8b_16gb": Exercise(
+EXERCISES = register(
+    Exercise(
         "05.q6_8b_16gb",
         "What is the longest Q6 context (a multiple of 256 tokens) that fits Llama-3.1-8B at 6.0 bpw on a 16 GiB card "
         "(default CUDA context and 0.5 GiB reserve)? Use the planner, or longest_for(...).",
@@ -51,18 +51,18 @@ EXERCISES = {
         hint="plan('llama-3.1-8b', 16, bpw=6.0, max_seq_len=..., cache_mode='q6').longest_context['q6']",
         mistakes=((q6_8b_16gb_safe, "that is the length that also leaves load_autosplit's 0.44 GiB load-time "
                                     "reserve free: the question asks for the longest that fits once loaded"),)),
-    "05.flash_gain_14b": Exercise(
+    Exercise(
         "05.flash_gain_14b",
         "By what factor does flash-attn raise the estimated decode speed of Qwen2.5-14B (5.5 bpw, FP16 cache, "
         "32k) on an RTX 4080 Super at depth 30,000?",
         flash_gain_14b, unit="x", rel_tol=0.02,
         hint="plan(..., depth=30000, flash_attn=True).decode.tok_s divided by the same with flash_attn=False",
         mistakes=((flash_gain_inverted, "that is without / with: the question asks how many times faster"),)),
-    "05.gpu0_layers_70b": Exercise(
+    Exercise(
         "05.gpu0_layers_70b",
         "Llama-3.3-70B at 4.0 bpw, 32k, Q4 cache on two RTX 3090s (load_autosplit): how many decoder layers' "
         "attention (and cache) land on GPU 0?",
         gpu0_layers_70b, unit="layers", rel_tol=0.0,
         hint="plan_multi('llama-3.3-70b', ['RTX 3090'] * 2, bpw=4.0, max_seq_len=32768, cache_mode='q4'); count "
              "the modules of devices[0] that end in 'self_attn'"),
-}
+)
