@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m helpers bench",
                                  description="Prefill and decode tokens/s at cache lengths and context depths, "
                                              "with the memory-bandwidth roofline.")
-    ap.add_argument("--max-seq-len", "--ctx", dest="max_seq_len", default="4096,32768", type=parse_token_list,
+    ap.add_argument("--max-seq-len", "--ctx", dest="max_seq_len", default="4096,32768",
                     help="cache lengths (max_seq_len), comma-separated; 4k = 4096 (--ctx: the same)")
     ap.add_argument("--depth", default="128", help="context depths: tokens already in the cache, comma-separated")
     ap.add_argument("--cache", default="fp16", help="cache modes, comma-separated: fp16, q8, q6, q4 (quantized: "

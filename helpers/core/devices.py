@@ -178,7 +178,6 @@ def device_summary() -> dict[str, Any]:
     if nv.available and nv.gpus:
         g = nv.gpus[0]
         out.update(pcie_gen=g.get("pcie_gen"), pcie_width=g.get("pcie_width"), driver_model=g.get("driver_model"))
-        out.setdefault("gpu_name", g["name"])
         if out["gpu_name"] is None:
             out["gpu_name"] = g["name"]
     else:

@@ -60,10 +60,15 @@ def check_cache_mode(mode: str) -> str:
                       f"({', '.join(CACHE_CLASSES[m] for m in CACHE_MODES)})")
 
 
+#: exllamav2 model.py ``load_autosplit_gen``: ``reserve_vram = [192 MiB] + [64 MiB] * (num_devices - 1)`` by default
+AUTOSPLIT_RESERVE_FIRST = 192 * MIB
+AUTOSPLIT_RESERVE_OTHERS = 64 * MIB
+#: model.py ``load_autosplit_gen``: ``minimum_reserve_vram = 256 * 1024**2`` on the device being filled
+AUTOSPLIT_MINIMUM_RESERVE = 256 * MIB
 #: exllamav2 model.py ``load_autosplit_gen`` holds two tensors on a device while it loads: ``reserve_vram`` (default
 #: 192 MiB on the first device) and ``minimum_reserve_vram`` (256 MiB). They are freed when the load ends, so a plan
 #: that fits once loaded by less than this runs out of VRAM during an autosplit load. ``model.load()`` holds neither.
-LOAD_AUTOSPLIT_RESERVE_BYTES = 192 * MIB + 256 * MIB
+LOAD_AUTOSPLIT_RESERVE_BYTES = AUTOSPLIT_RESERVE_FIRST + AUTOSPLIT_MINIMUM_RESERVE
 #: how exllamav2 can load a model with its cache: ``load_autosplit(cache)`` with a lazy cache (each attention
 #: module's cache layer is created just before the module loads) or ``load()`` then ``ExLlamaV2Cache(model)`` (all
 #: weights first, the whole cache after them). Name -> what a reader calls.

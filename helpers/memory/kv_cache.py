@@ -65,6 +65,20 @@ def kv_cache_layout(shape: Any, max_seq_len: int, cache_mode: str = "fp16", batc
     return out
 
 
+def kv_cache_per_layer(shape: Any, max_seq_len: int, cache_mode: str = "fp16",
+                       batch: int = 1) -> tuple[list[int], int]:
+    """([bytes of layer 0's cache, layer 1's, ...], bytes of the FP16 temp K/V): ``kv_cache_layout`` per layer, each
+    tensor rounded to torch's 512-byte blocks (``alloc_bytes``) as it lands on a device."""
+    per_layer = [0] * model_shape(shape).n_layers
+    temp = 0
+    for r in kv_cache_layout(shape, max_seq_len, cache_mode, batch):
+        if r["name"].startswith("temp_"):
+            temp += alloc_bytes(r["bytes"])
+        else:  # key_states[i], value_states[i], key_scales[i], value_scales[i]
+            per_layer[int(r["name"].split("[")[1].rstrip("]"))] += alloc_bytes(r["bytes"])
+    return per_layer, temp
+
+
 def kv_cache_bytes(shape: Any, max_seq_len: int, cache_mode: str = "fp16", batch: int = 1, *,
                    torch_rounding: bool = False) -> int:
     """Bytes exllamav2 allocates for a cache of ``max_seq_len`` tokens (all layers, scales, FP16 temp layer).

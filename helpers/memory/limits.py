@@ -8,6 +8,10 @@ from helpers.core.errors import CourseError
 #: largest context the planner accepts: exllamav2 allocates the whole cache up front, so 16M tokens is already
 #: terabytes for any real model. Anything larger is a typo.
 MAX_SEQ_LEN_LIMIT = 2**24
+#: exllamav2 0.3.2's dynamic generator pages the cache in 256-token pages (generator/dynamic.py,
+#: ``PAGED_PAGE_SIZE = 256``) and asserts ``cache.max_seq_len % 256 == 0``; the planner reports lengths in these steps
+#: and the bench refuses other cache lengths
+PAGE = 256
 
 
 def check_len(max_seq_len: Any, what: str = "max_seq_len") -> int:

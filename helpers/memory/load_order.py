@@ -2,12 +2,10 @@
 """
 from __future__ import annotations
 
-import re
 from typing import Any
 
-from helpers.memory.allocation import alloc_bytes
 from helpers.memory.cache_modes import CACHE_CLASSES, check_cache_mode, check_load_path
-from helpers.memory.kv_cache import kv_cache_layout
+from helpers.memory.kv_cache import kv_cache_per_layer
 from helpers.memory.limits import check_len
 from helpers.memory.scratch import DEFAULT_MAX_ATTENTION_SIZE, DEFAULT_MAX_INPUT_LEN, scratch_bytes
 from helpers.memory.weights import ModelWeights
@@ -32,15 +30,7 @@ def load_order(spec: Any, *, bpw: float | None = None, head_bits: int = 6, max_s
     L = check_len(max_seq_len)
     st = ModelWeights(spec, bpw, head_bits)
     s = st.shape
-    layout = kv_cache_layout(s, L, mode, batch)
-    per_layer = [0] * s.n_layers
-    temp = 0
-    for r in layout:
-        m = re.search(r"\[(\d+)\]", r["name"])
-        if m:
-            per_layer[int(m.group(1))] += alloc_bytes(r["bytes"])
-        else:
-            temp += alloc_bytes(r["bytes"])
+    per_layer, temp = kv_cache_per_layer(s, L, mode, batch)
     sc = scratch_bytes(s, L, max_input_len, DEFAULT_MAX_ATTENTION_SIZE, batch)
     out: list[dict] = []
 

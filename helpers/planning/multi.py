@@ -32,22 +32,22 @@ from helpers.core.errors import CourseError, CourseWarning
 from helpers.core.units import GIB, MIB, fmt_gib
 from helpers.memory.allocation import alloc_bytes
 from helpers.memory.breakdown import breakdown_from, resolve_cuda_context, resolve_reserve
-from helpers.memory.cache_modes import check_cache_mode
-from helpers.memory.kv_cache import kv_cache_layout
+from helpers.memory.cache_modes import (
+    AUTOSPLIT_MINIMUM_RESERVE,
+    AUTOSPLIT_RESERVE_FIRST,
+    AUTOSPLIT_RESERVE_OTHERS,
+    check_cache_mode,
+)
+from helpers.memory.kv_cache import kv_cache_per_layer
 from helpers.memory.limits import check_batch, check_len
 from helpers.memory.scratch import DEFAULT_MAX_ATTENTION_SIZE, DEFAULT_MAX_INPUT_LEN, scratch_detail
 from helpers.memory.weights import ModelWeights
 from helpers.planning.multi_advice import multi_advice
-from helpers.planning.planner import SCHEMA_ID, SCHEMA_VERSION, _check_gib, context_note, page_note
+from helpers.planning.planner import SCHEMA_ID, SCHEMA_VERSION, _gib_bytes, check_depth, context_note, page_note
 from helpers.specs.gpus import gpu_label, gpu_spec
 from helpers.speed.model import DEFAULT_OVERHEAD_S, decode_estimate, position_bytes
 
 SPLIT_MODES = ("autosplit", "split", "tp")
-#: model.py ``load_autosplit_gen``: ``reserve_vram = [192 MiB] + [64 MiB] * (num_devices - 1)`` by default
-AUTOSPLIT_RESERVE_FIRST = 192 * MIB
-AUTOSPLIT_RESERVE_OTHERS = 64 * MIB
-#: model.py ``load_autosplit_gen``: ``minimum_reserve_vram = 256 * 1024**2`` on the device being filled
-AUTOSPLIT_MINIMUM_RESERVE = 256 * MIB
 #: assumption: one device hop of the hidden state (a small PCIe copy and a stream sync), seconds low..high
 HOP_S = (10e-6, 50e-6)
 #: assumption: tensor parallel synchronises twice per layer (after attention and after the MLP); seconds low..high
@@ -219,17 +219,6 @@ class MultiPlan:
         return json.dumps(self.to_dict(), indent=1)
 
 
-def _cache_per_layer(shape, L: int, mode: str, batch: int) -> tuple[list[int], int]:
-    per_layer = [0] * shape.n_layers
-    temp = 0
-    for r in kv_cache_layout(shape, L, mode, batch):
-        if r["name"].startswith("temp_"):
-            temp += alloc_bytes(r["bytes"])
-        else:
-            per_layer[int(r["name"].split("[")[1].rstrip("]"))] += alloc_bytes(r["bytes"])
-    return per_layer, temp
-
-
 def _gpus(gpus: Any) -> list[dict]:
     if isinstance(gpus, (str, int, float, dict)):
         gpus = [gpus]
@@ -246,8 +235,8 @@ def _reserves(reserve_gib: Any, n: int) -> list[tuple[int, str]]:
     if isinstance(reserve_gib, (list, tuple)):
         if len(reserve_gib) != n:
             raise CourseError(f"give one reserve per GPU ({n}), got {len(reserve_gib)}")
-        return [resolve_reserve(int(round(_check_gib(r, "reserve") * GIB))) for r in reserve_gib]
-    first = resolve_reserve(None if reserve_gib is None else int(round(_check_gib(reserve_gib, "reserve") * GIB)))
+        return [resolve_reserve(_gib_bytes(r, "reserve")) for r in reserve_gib]
+    first = resolve_reserve(_gib_bytes(reserve_gib, "reserve"))
     return [first] + [(0, "not the display GPU")] * (n - 1)
 
 
@@ -271,18 +260,15 @@ def plan_multi(spec: Any, gpus: Any, *, bpw: float | None = None, head_bits: int
         if len(split) != len(devs) or any(not isinstance(x, (int, float)) or x < 0 for x in split):
             raise CourseError(f"--split needs one non-negative GiB figure per GPU ({len(devs)}), e.g. 20,24; got "
                               f"{split}")
-    d = L - 1 if depth is None else depth      # default: a full cache (the last position the cache can hold)
-    if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d < L:
-        raise CourseError(f"depth must be a whole number of tokens from 0 to max_seq_len - 1 ({L - 1:,}); got "
-                          f"{depth!r}: the next token's K and V need a free position in the cache")
-    ctx = resolve_cuda_context(None if cuda_context_gib is None else int(round(float(cuda_context_gib) * GIB)))
+    d = check_depth(depth, L)
+    ctx = resolve_cuda_context(_gib_bytes(cuda_context_gib, "CUDA context"))
     res = _reserves(reserve_gib, len(devs))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         st = ModelWeights(spec, bpw, head_bits)
     shape = st.shape
     bd = breakdown_from(st, L, mode, B, max_input_len, max_attention_size, flash_attn, ctx, res[0])
-    cache_layer, temp = _cache_per_layer(shape, L, mode, B)
+    cache_layer, temp = kv_cache_per_layer(shape, L, mode, B)
     transient = bd.attention_transient_bytes + bd.hidden_state_transient_bytes
     args = (shape, st, bd, devs, ctx[0], [r[0] for r in res], cache_layer, temp, transient, L, B, max_input_len)
     error = None
@@ -348,8 +334,8 @@ def _manual_split(shape, st, bd, devs, ctx, reserves, cache_layer, temp, transie
     out = [_device(i, g, ctx, reserves[i]) for i, g in enumerate(devs)]
     mil = min(mil, L)
     constant = (shape.head_dim * L * 2) * 2 if shape.rope else 0
-    state, mask = shape.hidden * mil * B * 2, mil**2 * B * 2
-    alloc = [a * GIB - (constant + state + mask) for a in split]
+    # state_size and mask_size of a max_input_len chunk: the breakdown's hidden state + mask term
+    alloc = [a * GIB - (constant + bd.hidden_state_transient_bytes) for a in split]
     detail = scratch_detail(shape, L, mil, B)
     res_s, res_a, fixed = [0] * len(out), [0] * len(out), [0] * len(out)
     cur, error = 0, None

@@ -14,18 +14,16 @@ from helpers.core.units import GIB, fmt_gib
 from helpers.format.bits import BPW_RANGE
 from helpers.memory.breakdown import Breakdown, breakdown_from, resolve_cuda_context, resolve_reserve
 from helpers.memory.cache_modes import CACHE_CLASSES, CACHE_MODES, LOAD_AUTOSPLIT_RESERVE_BYTES, check_cache_mode
-from helpers.memory.limits import check_batch, check_len
+from helpers.memory.limits import PAGE, check_batch, check_len
 from helpers.memory.scratch import DEFAULT_MAX_ATTENTION_SIZE, DEFAULT_MAX_INPUT_LEN
 from helpers.memory.weights import ModelWeights
 from helpers.specs.gpus import gpu_label, gpu_spec
 from helpers.specs.shapes import ModelShape, model_shape
 from helpers.speed.model import decode_estimate
+from helpers.speed.roofline import roofline_tok_s
 
 #: the planner's longest-context search stops here (reported as "at least" when reached)
 LONGEST_CONTEXT_CAP = 2**20
-#: exllamav2 0.3.2's dynamic generator pages the cache in 256-token pages (generator/dynamic.py,
-#: ``PAGED_PAGE_SIZE = 256``) and asserts ``cache.max_seq_len % 256 == 0``; the planner reports lengths in these steps
-PAGE = 256
 #: the version of the JSON a plan writes (helpers/planning/plan.schema.json describes it)
 SCHEMA_VERSION = "1.1"
 SCHEMA_ID = "https://github.com/exl2-course/helpers/planning/plan.schema.json"
@@ -321,13 +319,9 @@ def plan(spec: Any, gpu: Any, *, bpw: float | None = None, head_bits: int = 6, m
     mode = check_cache_mode(cache_mode)
     L = check_len(max_seq_len)
     check_len(max_input_len, "max_input_len")
-    d = L - 1 if depth is None else depth      # default: a full cache (the last position the cache can hold)
-    if isinstance(d, bool) or not isinstance(d, int) or d < 0 or d >= L:
-        raise CourseError(f"depth must be a whole number of tokens from 0 to max_seq_len - 1 ({L - 1:,}); got "
-                          f"{depth!r}: the next token's K and V need a free position in the cache")
-    ctx = resolve_cuda_context(None if cuda_context_gib is None
-                       else int(round(_check_gib(cuda_context_gib, "CUDA context") * GIB)))
-    res = resolve_reserve(None if reserve_gib is None else int(round(_check_gib(reserve_gib, "reserve") * GIB)))
+    d = check_depth(depth, L)
+    ctx = resolve_cuda_context(_gib_bytes(cuda_context_gib, "CUDA context"))
+    res = resolve_reserve(_gib_bytes(reserve_gib, "reserve"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         st = ModelWeights(spec, bpw, head_bits)
@@ -344,9 +338,9 @@ def plan(spec: Any, gpu: Any, *, bpw: float | None = None, head_bits: int = 6, m
                if bpw is not None else None)
     roof, est, by_mode, flash = None, None, {}, None
     if g.get("bandwidth_gbs"):
-        per_tok = bd.kv_layers_bytes / L
         bw = float(g["bandwidth_gbs"]) * 1e9
-        roof = {"empty_cache": bw / bd.weights_bytes, "full_cache": bw / (bd.weights_bytes + per_tok * L),
+        roof = {"empty_cache": roofline_tok_s(bd.weights_bytes, bw),
+                "full_cache": roofline_tok_s(bd.weights_bytes + bd.kv_layers_bytes, bw),
                 "note": "GPU weights (+ the cache as stored) read once per token at datasheet bandwidth; an upper "
                         "bound, not a prediction"}
         est = _estimate(st, bd, g, d, mode, flash_attn)
@@ -354,7 +348,8 @@ def plan(spec: Any, gpu: Any, *, bpw: float | None = None, head_bits: int = 6, m
         if not flash_attn and d > 0:
             flash = {"without": est.tok_s, "with": _estimate(st, bd, g, d, mode, True).tok_s}
     shape = st.shape
-    beyond = [n for n in (context_note(shape, L), context_note(shape, d, "depth") if d != L else None) if n]
+    # a depth note only for a depth given: the default (a full cache) is covered by the max_seq_len note
+    beyond = [n for n in (context_note(shape, L), context_note(shape, d, "depth") if depth is not None else None) if n]
     notes = [n for n in [page_note(L)] if n] + beyond
     # the breakdown's own context warning reads max_position_embeddings only; the planner's reads rope_scaling too
     msgs = [str(w.message) for w in caught] + [w for w in bd.warnings if "max_position_embeddings" not in w] + beyond
@@ -368,6 +363,16 @@ def plan(spec: Any, gpu: Any, *, bpw: float | None = None, head_bits: int = 6, m
                 notes=notes)
 
 
+def check_depth(depth: Any, L: int) -> int:
+    """The depth a decode estimate is made at: ``depth``, or a full cache (``L - 1``, the last position the cache
+    can hold) when None; anything else from 0 to ``L - 1`` is a one-line error."""
+    d = L - 1 if depth is None else depth
+    if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d < L:
+        raise CourseError(f"depth must be a whole number of tokens from 0 to max_seq_len - 1 ({L - 1:,}); got "
+                          f"{depth!r}: the next token's K and V need a free position in the cache")
+    return d
+
+
 def _check_gib(v: Any, what: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
         raise CourseError(f"{what} must be zero or a positive number of GiB (got {v!r})")
@@ -376,15 +381,19 @@ def _check_gib(v: Any, what: str) -> float:
     return float(v)
 
 
+def _gib_bytes(v: Any, what: str) -> int | None:
+    """A size given in GiB (checked by ``_check_gib``) as bytes; None stays None (the caller's default)."""
+    return None if v is None else int(round(_check_gib(v, what) * GIB))
+
+
 def longest_for(spec: Any, gpu: Any, *, bpw: float | None = None, head_bits: int = 6, modes=CACHE_MODES,
                 safe: bool = True, flash_attn: bool = False, reserve_gib: float | None = None,
                 cuda_context_gib: float | None = None, max_input_len: int = DEFAULT_MAX_INPUT_LEN) -> dict:
     """{cache mode: longest context (multiple of 256 tokens; 0 if none)} for one model, bpw and GPU, as ``plan``
     finds it; ``safe``: leaving load_autosplit's load-time reserve free (what the advice uses)."""
     g = gpu_spec(gpu) if not isinstance(gpu, dict) or "vram_bytes" not in gpu else gpu
-    ctx = resolve_cuda_context(None if cuda_context_gib is None
-                               else int(round(_check_gib(cuda_context_gib, "CUDA context") * GIB)))
-    res = resolve_reserve(None if reserve_gib is None else int(round(_check_gib(reserve_gib, "reserve") * GIB)))
+    ctx = resolve_cuda_context(_gib_bytes(cuda_context_gib, "CUDA context"))
+    res = resolve_reserve(_gib_bytes(reserve_gib, "reserve"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         st = ModelWeights(spec, bpw, head_bits)

@@ -7,7 +7,7 @@ from typing import Any
 
 from helpers.core.units import GIB
 from helpers.memory.cache_modes import CACHE_MODES
-from helpers.planning.planner import SCHEMA_ID, SCHEMA_VERSION, plan
+from helpers.planning.planner import LONGEST_CONTEXT_CAP, SCHEMA_ID, SCHEMA_VERSION, plan
 from helpers.specs.gpus import GPUS
 
 #: the cache modes the table shows a longest context for (FP8 is left out: the dynamic generator rejects it)
@@ -42,7 +42,7 @@ def format_table(rows: list[dict]) -> str:
     r0 = rows[0]
     head = (f"{r0['model']}, max_seq_len {r0['max_seq_len']:,}, {r0['cache_mode']} cache; decode estimate at depth "
             f"{r0['depth']:,} (only where it fits: a spill is slower, notebook 04); longest context leaving "
-            "load_autosplit's reserve free (tokens, the search stops at 1,048,576)")
+            f"load_autosplit's reserve free (tokens, the search stops at {LONGEST_CONTEXT_CAP:,})")
     cols = f"{'GPU':<18}{'GiB':>5}  {'verdict':<20}" + "".join(f"{m:>11}" for m in TABLE_MODES) + f"{'tok/s est.':>12}"
     lines = [head, cols]
     for r in rows:

@@ -91,8 +91,7 @@ PCIE_GBS_PER_LANE = {3: 0.985, 4: 1.969, 5: 3.938}
 
 
 def _gpu_key(name: str) -> str:
-    k = re.sub(r"(nvidia|geforce|\s|-|_)", "", str(name).lower())
-    return k.replace("super", "super").replace("gb", "gb")
+    return re.sub(r"(nvidia|geforce|\s|-|_)", "", str(name).lower())
 
 
 def gpu_spec(name_or_gib: Any, bandwidth_gbs: float | None = None, pcie_gbs: float | None = None) -> dict:

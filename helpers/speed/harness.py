@@ -17,7 +17,6 @@ What one measurement does (``bench``):
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import statistics
@@ -108,8 +107,9 @@ def _flat_memory(prefix: str, reading: dict) -> dict[str, Any]:
 
 
 def flash_attn_installed() -> bool:
-    """Whether this Python has flash-attn (exllamav2 then attends with it; found without importing it)."""
-    return importlib.util.find_spec("flash_attn") is not None
+    """Whether exllamav2 0.3.2 attends with flash-attn here: installed, new enough and not switched off by
+    EXLLAMA_NO_FLASH_ATTN (``core.devices.attention_path``, which works it out without importing it)."""
+    return gpu.attention_path()["path"] == "flash-attn"
 
 
 def _decode_bytes_of(b, depth: int) -> dict[str, Any]:
@@ -264,6 +264,8 @@ def bench_matrix(model_dir=None, *, max_seq_lens: Iterable[int] = (4096, 32768),
             mem_loaded = b.memory()
             if bw is None:  # the same threads as the decode it bounds
                 bw = measure_bandwidth(str(b.device), threads=_torch_threads())
+            method = _bandwidth_method(str(b.device))
+            ds_bw = datasheet_bandwidth(_device_name(str(b.device)))
             for d in ds:
                 row = measure_loaded(b, d, repeats=repeats, warmup=warmup, decode_tokens=decode_tokens,
                                      prefill_tokens=prefill_tokens, profile_steps=profile_steps,
@@ -277,9 +279,7 @@ def bench_matrix(model_dir=None, *, max_seq_lens: Iterable[int] = (4096, 32768),
                     row["mem_peak_torch_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
                 row.update(model=model_label or Path(model_dir).name, model_dir=str(model_dir),
                            trained_ctx=trained, beyond_trained_ctx=bool(trained and c > trained),
-                           bandwidth_method=_bandwidth_method(str(b.device)))
-                ds_bw = datasheet_bandwidth(_device_name(str(b.device)))
-                row["datasheet_bandwidth_gbs"] = ds_bw / 1e9 if ds_bw else None
+                           bandwidth_method=method, datasheet_bandwidth_gbs=ds_bw / 1e9 if ds_bw else None)
                 rows.append(row)
         finally:
             b.unload()

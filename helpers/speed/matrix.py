@@ -11,10 +11,7 @@ from typing import Iterable
 from helpers.core import devices as gpu
 from helpers.core.errors import CourseError
 from helpers.memory.cache_modes import check_cache_mode
-
-#: exllamav2 pages its cache in blocks of 256 tokens (generator/dynamic.py: PAGED_PAGE_SIZE); a cache length must be
-#: a multiple of it
-PAGE = 256
+from helpers.memory.limits import PAGE
 
 
 def check_modes(modes: list[str]) -> list[str]:

@@ -68,20 +68,13 @@ def decode_bytes(model_dir_or_shape: Any, depth: int, cache_mode: str = "fp16", 
                               "directory, or weight_bytes=, or bpw=")
     per_pos = position_bytes(shape, cache_mode, flash_attn).total
     kv = per_pos * int(depth)
-    hidden = _shape_get(shape, "hidden")
     return {"weights_bytes": int(weight_bytes), "kv_bytes": kv, "position_bytes": per_pos,
-            "total_bytes": int(weight_bytes) + kv, "embedding_row_bytes": int(hidden) * 2 if hidden else 0}
+            "total_bytes": int(weight_bytes) + kv, "embedding_row_bytes": int(shape.hidden) * 2}
 
 
 def bytes_per_decoded_token(model_dir_or_shape: Any, depth: int, cache_mode: str = "fp16", **kw) -> int:
     """GPU-resident weight bytes + the attention bytes at ``depth`` (see ``decode_bytes`` for what is counted)."""
     return decode_bytes(model_dir_or_shape, depth, cache_mode, **kw)["total_bytes"]
-
-
-def _shape_get(shape: Any, key: str, default=None):
-    if isinstance(shape, dict):
-        return shape.get(key, default)
-    return getattr(shape, key, default)
 
 
 # ----------------------------------------------------------------------------------------------- bandwidth
@@ -150,16 +143,8 @@ def datasheet_bandwidth(device_name: str | None) -> float | None:
     """The datasheet memory bandwidth of a known GPU (bytes/s) from ``specs.gpus.GPUS``, or None."""
     if not device_name:
         return None
-    name = str(device_name).strip()
     try:
-        spec = gpu_spec(name)
-    except (CourseError, KeyError, LookupError):
+        gbs = gpu_spec(str(device_name).strip())["bandwidth_gbs"]
+    except CourseError:  # not a known card
         return None
-    if spec is None:
-        return None
-    for key in ("bandwidth_bytes_s", "bandwidth_Bps", "bandwidth"):
-        val = spec.get(key) if isinstance(spec, dict) else getattr(spec, key, None)
-        if val:
-            return float(val)
-    gbs = spec.get("bandwidth_gbs") if isinstance(spec, dict) else getattr(spec, "bandwidth_gbs", None)
     return float(gbs) * 1e9 if gbs else None
