@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers.core.errors import CourseError, CourseWarning
-from helpers.format.config import is_exl2_dir, load_config
+from helpers.format.config import is_exl2_dir, load_config, read_config_file, rope_theta_of
 from helpers.format.reader import open_exl2  # dequantizes EXL2 tensors into floats, logical (file) order
 
 #: architectures (config.json "architectures"[0]) this decoder implements
@@ -82,7 +82,7 @@ class DecoderConfig:
         # an optional rope_scaling. exllamav2 0.3.2 reads only the top-level key (docs/FACTS.md §3), so say when
         # it is absent.
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-        theta = rope.get("rope_theta", cfg.get("rope_theta"))
+        theta = rope_theta_of(cfg)   # where the front door finds it too (helpers.format.config)
         if theta is None:
             theta = 10000.0
         if "rope_theta" not in cfg:
@@ -371,7 +371,7 @@ class Tokenizer:
         ids = set()
         for source in (self.model_dir / "config.json", self.model_dir / "generation_config.json"):
             if source.is_file():
-                eos = json.loads(source.read_text(encoding="utf-8")).get("eos_token_id")
+                eos = read_config_file(source).get("eos_token_id")
                 ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
         if self.hf.eos_token_id is not None:
             ids.add(self.hf.eos_token_id)

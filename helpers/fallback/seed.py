@@ -23,6 +23,7 @@ from helpers.memory.weights import weight_bytes
 from helpers.planning.planner import plan
 from helpers.specs.gpus import gpu_spec
 from helpers.speed.model import DEFAULT_OVERHEAD_S, decode_estimate, position_bytes
+from helpers.speed.roofline import roofline_tok_s
 
 #: what the user reported (docs/FACTS.md §1): Qwen2.5-14B-Instruct EXL2 5.5 bpw, ExLlamaV2, RTX 4080 Super, Windows
 SEED = {"model": "qwen2.5-14b", "bpw": 5.5, "gpu": "RTX 4080 Super", "tok_s_4k": 80.0, "tok_s_32k": 25.0,
@@ -70,7 +71,7 @@ def roofline_check(depth: int = 256) -> dict:
     w = weight_bytes(s["model"], bpw=s["bpw"])["vram_bytes"]
     kv = position_bytes(s["model"], "fp16", flash_attn=True).cache_read * depth
     bw = float(g["bandwidth_gbs"]) * 1e9
-    roof = bw / (w + kv)
+    roof = roofline_tok_s(w + kv, bw)
     real = REALISTIC_BANDWIDTH_SHARE * roof
     return {"weight_bytes": w, "kv_bytes": kv, "bytes_per_token": w + kv, "bandwidth": bw, "roofline_tok_s": roof,
             "reported_tok_s": s["tok_s_4k"], "reported_over_roofline": s["tok_s_4k"] / roof,

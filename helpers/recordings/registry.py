@@ -30,13 +30,14 @@ from typing import Callable
 from helpers.core import devices
 from helpers.core.atomic import atomic_write_text
 from helpers.core.errors import CourseError
-from helpers.core.paths import REPO_DIR, RESULTS_DIR, cache_dir
+from helpers.core.paths import REPO_DIR, RESULTS_DIR
 from helpers.core.progress import progress
 from helpers.core.results import slug
 from helpers.fallback.compare import compare
 from helpers.models import embedded, gguf
-from helpers.models.synthetic_dirs import SYNTH_14B_BPW, SYNTH_14B_CONFIG
+from helpers.models.synthetic_dirs import synthetic_14b_written
 from helpers.recordings import decode_depth, memory, speed
+from helpers.speed.matrix import check_config
 
 # ------------------------------------------------------------------------------------------- the cost estimates
 #: typical seconds on an H100/H200 with exllamav2's extension already built (ESTIMATES, not measurements):
@@ -68,10 +69,19 @@ def _default(fn, name):
     return inspect.signature(fn).parameters[name].default
 
 
+def _fits(max_seq_len: int, depth: int, decode_tokens: int) -> bool:
+    """Whether ``helpers.speed.matrix.plan_matrix`` keeps a configuration (its own check, which needs no CUDA)."""
+    try:
+        check_config(max_seq_len, depth, decode_tokens=decode_tokens, exllamav2=True)
+    except CourseError:
+        return False
+    return True
+
+
 def _speed_matrix(modes, model: str) -> tuple[float, str]:
     s = speed.REC_SETTINGS
     jobs = [(m, c, d) for m in modes for c in speed.REC_MAX_SEQ_LENS for d in speed.REC_DEPTHS
-            if d + s["decode_tokens"] <= c]   # what helpers.speed.matrix.plan_matrix keeps (it needs CUDA to plan)
+            if _fits(c, d, s["decode_tokens"])]
     tokens = (s["warmup"] + s["repeats"]) * s["decode_tokens"]
     if model == "14b":
         per = [PROCESS_S + LOAD_14B_S + tokens / TOK_S_14B.get(m, TOK_S_14B["q4"]) for m, _, _ in jobs]
@@ -228,8 +238,7 @@ def ledgers(results_dir: Path | None = None) -> dict[str, dict]:
 def _available(need: str) -> tuple[bool, bool]:
     """(usable, already there) for a model a recording needs, without building anything."""
     if need == "synthetic_14b":
-        d = cache_dir() / "synthetic" / f"{SYNTH_14B_CONFIG}-{SYNTH_14B_BPW}bpw"
-        return True, (d / "config.json").exists() and any(d.glob("*.safetensors"))
+        return True, synthetic_14b_written()
     if need == "embedded":
         try:
             embedded.embedded_model_dir(build=False)

@@ -15,13 +15,12 @@ from helpers.core import results
 from helpers.core.errors import CourseError
 from helpers.core.progress import progress
 from helpers.memory.kv_cache import kv_cache_bytes
-from helpers.memory.weights import weight_bytes
 from helpers.models import embedded as models
 from helpers.models.synthetic_dirs import synthetic_14b_dir
 from helpers.speed.harness import bench_subprocess, run_to_run
 from helpers.speed.matrix import plan_matrix
-from helpers.speed.model import position_bytes
 from helpers.speed.report import EMBEDDED_LABEL, SYNTH_LABEL
+from helpers.speed.roofline import decode_bytes, roofline_tok_s
 
 #: the recorded matrix: cache lengths, depths (only where depth < max_seq_len), cache modes
 REC_MAX_SEQ_LENS = (4096, 32768)
@@ -113,20 +112,19 @@ def external_speed_record(src: Path) -> tuple[str, dict, list[dict], dict]:
             "external": True, "harness": p["harness"], "method": p["method"], "pcie": p.get("pcie"),
             "flash_attn": False, "model_detail": p["model"], "source_file": src.name,
             "source_sha256": hashlib.sha256(raw).hexdigest(), "imported_by": "scripts/import_external.py"}
-    w = int(weight_bytes(_EXTERNAL_MODEL, bpw=_EXTERNAL_BPW)["vram_bytes"])
-    per = position_bytes(_EXTERNAL_MODEL, "fp16", flash_attn=False).total
     bw = float(doc["bandwidth"]["hbm_read_gbs"])
     rows = []
     for r in doc["rows"]:
         tok = float(r["decode_tok_s"])
+        b = decode_bytes(_EXTERNAL_MODEL, r["depth"], "fp16", bpw=_EXTERNAL_BPW, flash_attn=False)
         row = {"run": r["run"], "ctx": r["cache_len"], "depth": r["depth"], "cache_mode": "fp16",
                "backend": "exllamav2", "device": "cuda", "model": SYNTH_LABEL, "flash_attn": False,
                "attention_path": "torch attention with repeat_kv", "decode_tok_s": tok, "decode_tok_s_min": tok,
                "decode_tok_s_max": tok, "decode_spread": None, "prefill_tok_s": None, "load_s": r.get("load_s"),
-               "external": True, "weights_bytes": w, "position_bytes": per, "kv_read_bytes": per * r["depth"],
-               "bytes_per_token": w + per * r["depth"], "bandwidth_gbs": bw,
+               "external": True, "weights_bytes": b["weights_bytes"], "position_bytes": b["position_bytes"],
+               "kv_read_bytes": b["kv_bytes"], "bytes_per_token": b["total_bytes"], "bandwidth_gbs": bw,
                "cache_bytes_computed": kv_cache_bytes(_EXTERNAL_MODEL, r["cache_len"], "fp16")}
-        row["roofline_tok_s"] = bw * 1e9 / row["bytes_per_token"]
+        row["roofline_tok_s"] = roofline_tok_s(row["bytes_per_token"], bw * 1e9)
         row["roofline_fraction"] = tok / row["roofline_tok_s"]
         rows.append(row)
     memory = dict(doc.get("memory", {}))
