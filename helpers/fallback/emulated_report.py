@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from helpers.core import results
+from helpers.memory.recorded import NOT_RECORDED
 
 TOPIC = "fallback"
 
@@ -51,8 +52,7 @@ def report_recorded(results_dir: Path | None = None) -> str:
     was measured; says so when nothing is recorded yet."""
     rec = load_recorded(results_dir)
     if not rec["emulated"] and not rec["oom"]:
-        return ("not recorded yet: run `make gpu-results` on a CUDA machine (Linux), or "
-                "`python -m helpers record --only '*emulate*'`")
+        return f"{NOT_RECORDED} (Linux), or `python -m helpers record --only '*emulate*'`"
     lines = []
     for r in rec["emulated"]:
         lines += [f"[{r['label']}]", format_summary(r)]

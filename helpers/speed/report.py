@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from helpers.core import results
+from helpers.memory.recorded import NOT_RECORDED
 
 #: decode repeats whose (max - min) / median is below this are called repeatable on a GPU
 GPU_SPREAD_TARGET = 0.03
@@ -77,7 +78,7 @@ def describe_repeatability(results_dir: Path | None = None) -> str:
     """Within-run spread of each process and the spread across processes, per recorded repeatability run."""
     docs = load_run_to_run(results_dir)
     if not docs:
-        return "repeatability: not recorded yet: run `make gpu-results` on a CUDA machine"
+        return f"repeatability: {NOT_RECORDED}"
     lines = []
     for d in docs:
         within = ", ".join(f"{100 * s:.1f}%" for s in d["within_spreads"])
