@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("helpers.cli.synth:main", "write a shape-faithful random EXL2 checkpoint from a config and a bpw"),
     "model": ("helpers.cli.model:main", "build or locate the course's embedded EXL2 model; prints its directory last"),
     "generate": ("helpers.cli.generate:main", "generate text with exllamav2 (CUDA) or the reference (anywhere)"),
+    "calibrate": ("helpers.cli.calibrate:main",
+                  "refit the speed model's constants on the public measurements and validate them by source"),
     "bench": ("helpers.cli.bench:main", "prefill/decode tokens/s at a cache length and depth, with its roofline"),
     "probe": ("helpers.cli.probe:main", "probe --fallback: does this GPU spill into system RAM, and how fast?"),
     "emulate": ("helpers.cli.emulate:main", "(Linux+CUDA) emulate the Windows sysmem fallback with mapped host memory"),

@@ -71,11 +71,13 @@ def test_one_row_per_depth_through_the_front_door_with_the_model_s_prediction(fa
         assert r["decode_tok_s"] == pytest.approx(1 / (STEP_S + PER_POSITION_S * mean_depth))
         assert r["bandwidth_gbs"] == pytest.approx(BANDWIDTH / 1e9)
         est = decode_estimate(MODEL, weight_bytes=r["weights_bytes"], bandwidth_gbs=BANDWIDTH / 1e9,
-                              depth=r["depth"], cache_mode=mode, flash_attn=False, efficiency=1.0)
+                              depth=r["depth"], cache_mode=mode, flash_attn=False)
         assert r["predicted_tok_s"] == pytest.approx(est.tok_s)
         assert r["predicted_tok_s_low"] <= r["predicted_tok_s"] <= r["predicted_tok_s_high"]
         assert r["measured_over_predicted"] == pytest.approx(r["decode_tok_s"] / est.tok_s)
-        assert "no calibration" in r["prediction"]
+        assert "fitted constants, at the measured bandwidth" in r["prediction"]
+        assert r["inside_predicted_range"] == (r["predicted_tok_s_low"] <= r["decode_tok_s"]
+                                               <= r["predicted_tok_s_high"])
     # the slope between neighbouring depths is the fake's per-position seconds, whatever the fixed cost
     assert "slope_s_per_position" not in rows[0]
     for prev, r in zip(rows, rows[1:]):

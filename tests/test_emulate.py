@@ -449,6 +449,7 @@ def test_build_needs_cuda():
 
 def test_the_spill_model_walks_an_emulator_placement_with_the_embedding_on_the_cpu():
     from helpers.fallback import spill
+    from helpers.speed.model import first_principles
 
     lib = FakeLib()
     dev = FakeDevice(lib)
@@ -457,7 +458,7 @@ def test_the_spill_model_walks_an_emulator_placement_with_the_embedding_on_the_c
         placement = emu.placement()
     walked = spill.place(placement, 190, 0)          # the model's own walk over the emulator's byte counts
     assert [p["where"] for p in walked] == [d["where"] for d in placement]
-    pred = spill.evaluate(placement, shape="qwen2.5-14b", depth=0, max_seq_len=100, overhead_s=0,
+    pred = spill.evaluate(placement, shape="qwen2.5-14b", depth=0, max_seq_len=100, constants=first_principles(),
                           vram_bandwidth=1.0, pcie_bandwidth=0.5)
     assert pred.vram_read_bytes == 10 + 30 + 10 + 30 + 30 and pred.sysmem_read_bytes == 10 + 60
     # the speed model's time at depth 0: 110 B at 1 B/s + 70 B at 0.5 B/s

@@ -241,11 +241,13 @@ def test_seed_case_4k_fits_32k_does_not():
     assert short.fits and short.margin_bytes > 2 * GIB  # with room
     assert not long.fits and long.margin_bytes < 0
     assert long.kv_cache_bytes == 6 * GIB
-    # 8x the context: the cache grows from 0.75 to 6 GiB, the RoPE tables from 2 to 16 MiB; nothing else changes
-    assert long.breakdown.vram_total_bytes - short.breakdown.vram_total_bytes == 6 * GIB - 0.75 * GIB + 14 * MIB
+    # 8x the context: the cache grows from 0.75 to 6 GiB, the RoPE tables from 2 to 16 MiB, and without flash-attn
+    # the repeat_kv copy of one layer (2 x 40 heads x 128 x 2 B per position) from 80 to 640 MiB; nothing else changes
+    assert long.breakdown.vram_total_bytes - short.breakdown.vram_total_bytes == (6 * GIB - 0.75 * GIB + 14 * MIB
+                                                                                  + 560 * MIB)
     doc = json.loads(long.to_json())
     assert doc["fits"] is False and doc["kv_cache_bytes"] == 6 * GIB
-    assert "q8" in long.recommendation.lower() and "sysmem fallback" in long.recommendation
+    assert "q6 keeps 32,768" in long.recommendation and "sysmem fallback" in long.recommendation
 
 
 def test_longest_context_is_the_edge():
@@ -309,7 +311,7 @@ def test_plan_warns_when_load_autosplit_reserve_does_not_fit():
 
 
 def test_context_beyond_training_warns_not_errors():
-    with pytest.warns(CourseWarning, match="RoPE scaling"):
+    with pytest.warns(CourseWarning, match="YaRN"):
         bd = breakdown("qwen2.5-14b", bpw=5.5, max_seq_len=65536)
     assert bd.kv_cache_bytes == 12 * GIB
     with warnings.catch_warnings():
@@ -397,7 +399,8 @@ def test_cli_plan_json_and_errors(capsys):
     assert main(["plan", "--model", "qwen2.5-14b", "--bpw", "5.5", "--cache", "q5", "--gpu-gib", "16"]) == 2
     assert "q4" in capsys.readouterr().err
     assert main(["plan", "--model", "qwen2.5-14b", "--bpw", "5.5", "--ctx", "65536", "--gpu-gib", "24"]) == 0
-    assert "warning:" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert (out + err).count("is beyond the 32,768 positions") == 1 and "YaRN" in out   # said once, for Qwen2.5
     assert main(["plan", "--model", str(FIX / "tiny_llama_b3.0"), "--gpu", "RTX 3060 12GB", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["fits"] is True
 
@@ -500,3 +503,20 @@ def test_imported_external_memory_record_matches_its_speed_record():
         p = points[doc["provenance"]["source_file"]]
         assert p["provenance"] == doc["provenance"] and p["external"]
         assert doc["memory"][p["row"]["source_field"].removeprefix("memory.")] == p["measured_gib"]
+
+
+def test_repeat_kv_copy_is_counted_without_flash_attn_only():
+    from helpers.memory.scratch import attention_scratch_space, repeat_kv_bytes, scratch_detail
+
+    # by hand: K and V of one layer at 40 query heads x 128 x 2 bytes for 32,768 positions, + exllamav2's 128
+    assert repeat_kv_bytes("qwen2.5-14b", 32768) == 2 * 40 * 32768 * 128 * 2 + 128
+    assert repeat_kv_bytes("qwen2.5-14b", 32768) / GIB == pytest.approx(0.625, abs=1e-6)
+    assert repeat_kv_bytes("qwen2.5-14b", 32768, flash_attn=True) == 0
+    no = breakdown("qwen2.5-14b", bpw=5.5, max_seq_len=32768)
+    fa = breakdown("qwen2.5-14b", bpw=5.5, max_seq_len=32768, flash_attn=True)
+    assert no.repeat_kv_bytes == 2 * 40 * 32768 * 128 * 2 + 128 and fa.repeat_kv_bytes == 0
+    assert no.transient_bytes == no.attention_transient_bytes + no.hidden_state_transient_bytes + no.repeat_kv_bytes
+    # set_device_map (a manual gpu_split) reserves attn.py scratch_space(): the fixed part + temp_q/k/v + temp_kv
+    fixed = scratch_detail("qwen2.5-14b", 32768)["attention"]
+    qkv = (2048 * 5120 * 2 + 128) + 2 * (2048 * 1024 * 2 + 128)
+    assert attention_scratch_space("qwen2.5-14b", 32768) == fixed + qkv + no.repeat_kv_bytes

@@ -1,12 +1,9 @@
 """helpers.speed.model: bytes per position counted by hand, the decode estimate's behaviour, and the H100 slope."""
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from helpers.core.errors import CourseError
-from helpers.core.paths import REPO_DIR
 from helpers.memory import weights
 from helpers.speed import model
 
@@ -60,33 +57,58 @@ def _est(**kw):
     return model.decode_estimate(QWEN, **args)
 
 
+def test_position_bytes_split_into_attention_and_dequantization():
+    q4 = model.position_bytes(QWEN, "q4", flash_attn=True)
+    # dequantization: the Q4 cache read (1152 B) and the FP16 temp written (4096 B); attention reads the temp
+    assert (q4.per_layer.dequant, q4.per_layer.attention) == (1152 + 4096, 4096)
+    fp16 = model.position_bytes(QWEN, "fp16", flash_attn=False)
+    assert (fp16.per_layer.dequant, fp16.per_layer.attention) == (0, 4096 + 2 * 20480)
+
+
 def test_estimate_monotonic_behaviour():
     assert _est(flash_attn=True).tok_s > _est(flash_attn=False).tok_s
     assert _est(cache_mode="q4").tok_s < _est(cache_mode="fp16").tok_s  # deep, no flash-attn: Q4 is slower
     shallow = {m: _est(depth=0, cache_mode=m, flash_attn=f).tok_s for m in ("fp16", "q4") for f in (True, False)}
     assert len({round(v, 9) for v in shallow.values()}) == 1  # at depth 0 neither mode nor path matters
     assert _est(depth=128).tok_s > _est(depth=30000).tok_s
+    assert _est(host="server").tok_s < _est(host="desktop").tok_s
 
 
-def test_estimate_terms_range_and_label():
-    e = _est(overhead_s=(0.001, 0.003))
-    assert e.label == "estimate" and e.tok_s_low < e.tok_s < e.tok_s_high
-    assert set(e.seconds) == {"weights", "attention", "overhead", "pcie"}
-    assert e.seconds["attention"] == pytest.approx(30000 * 2_162_688 / 736e9)
-    assert e.seconds["overhead"] == pytest.approx(0.002) and e.seconds["pcie"] == 0
+def test_estimate_is_the_formula_with_the_fitted_constants():
+    c = model.CONSTANTS
+    w = weights.weight_bytes(QWEN, bpw=5.5)["vram_bytes"]
+    e = _est()
+    eta, bw = c["bandwidth_fraction"], 736e9
+    assert e.label == "estimate" and set(e.seconds) == {"weights", "attention", "host", "hops", "pcie"}
+    assert e.seconds["weights"] == pytest.approx(w / (eta * bw))
+    assert e.seconds["attention"] == pytest.approx(30000 * 2_162_688 * c["torch_attn_cost"] / (eta * bw))
+    assert e.seconds["host"] == pytest.approx(48 * c["layer_s_desktop"] * (1 + c["torch_host_extra"]))
+    assert _est(flash_attn=True).seconds["host"] == pytest.approx(48 * c["layer_s_desktop"])
+    assert e.seconds["hops"] == 0 and e.seconds["pcie"] == 0
     assert e.tok_s == pytest.approx(1 / sum(e.seconds.values()))
-    # low end: calibrated attention and the high overhead; high end: first principles and the low overhead
-    att = 30000 * 2_162_688 / 736e9
-    assert 1 / e.tok_s_low == pytest.approx(e.seconds["weights"] + att * model.CALIBRATION.value + 0.003)
-    assert 1 / e.tok_s_high == pytest.approx(e.seconds["weights"] + att + 0.001)
-    c = _est(efficiency=model.CALIBRATION, overhead_s=0.0)
-    assert c.seconds["attention"] == pytest.approx(att * model.CALIBRATION.value)
-    assert any("calibrated on H100 (external record)" in a for a in c.assumptions)
+    # the likely range is the out-of-source percentiles around the central figure
+    assert e.tok_s_low == pytest.approx(e.tok_s * c.range_low) and e.tok_s_high == pytest.approx(e.tok_s * c.range_high)
+    assert c.range_low < 1 < c.range_high
+    # the ceiling: the same bytes at the datasheet bandwidth, no host time
+    assert e.ceiling_tok_s == pytest.approx(736e9 / (w + 30000 * 2_162_688))
+    q = _est(cache_mode="q4", flash_attn=True)
+    assert q.seconds["attention"] == pytest.approx(30000 * 48 * (4096 * c["flash_attn_cost"] + 5248 * c["dequant_cost"])
+                                                   / (eta * bw))
+    assert e.short() == f"{e.tok_s:.0f} tok/s (likely {e.tok_s_low:.0f}-{e.tok_s_high:.0f})"
+    assert any("not known to the model" in a for a in e.assumptions)
+
+
+def test_first_principles_constants_give_the_roofline():
+    w = weights.weight_bytes(QWEN, bpw=5.5)["vram_bytes"]
+    e = _est(constants=model.first_principles())
+    assert e.tok_s == pytest.approx(736e9 / (w + 30000 * 2_162_688)) == pytest.approx(e.ceiling_tok_s)
+    assert e.tok_s_low == e.tok_s == e.tok_s_high
 
 
 def test_spill_goes_over_pcie():
     w = weights.weight_bytes(QWEN, bpw=5.5)["vram_bytes"]
-    e = _est(spilled_weight_bytes=10**9, spilled_cache_layers=2, pcie_gbs=25, overhead_s=0.0)
+    fp = model.first_principles()
+    e = _est(spilled_weight_bytes=10**9, spilled_cache_layers=2, pcie_gbs=25, constants=fp)
     assert e.seconds["pcie"] == pytest.approx((10**9 + 2 * 4096 * 30000) / 25e9)
     assert e.seconds["weights"] == pytest.approx((w - 10**9) / 736e9)
     assert e.seconds["attention"] == pytest.approx((30000 * 2_162_688 - 2 * 4096 * 30000) / 736e9)
@@ -94,39 +116,22 @@ def test_spill_goes_over_pcie():
         _est(spilled_weight_bytes=10**9)
     with pytest.raises(CourseError):
         _est(bandwidth_gbs=0)
-    with pytest.raises(CourseError):
-        _est(overhead_s=(0.003, 0.001))
+    with pytest.raises(CourseError, match="unknown host"):
+        _est(host="laptop")
 
 
 def test_depth_for_speed_inverts_the_estimate():
     w = weights.weight_bytes(QWEN, bpw=5.5)["vram_bytes"]
-    d = model.depth_for_speed(QWEN, 25, weight_bytes=w, bandwidth_gbs=736, efficiency=model.CALIBRATION)
-    e = model.decode_estimate(QWEN, weight_bytes=w, bandwidth_gbs=736, depth=d, overhead_s=0.0,
-                              efficiency=model.CALIBRATION)
+    d = model.depth_for_speed(QWEN, 25, weight_bytes=w, bandwidth_gbs=736)
+    e = model.decode_estimate(QWEN, weight_bytes=w, bandwidth_gbs=736, depth=d)
     assert e.tok_s == pytest.approx(25, abs=0.01)
-    assert 4000 < d < 7000  # a 4080 Super without flash-attn: 25 tok/s a few thousand tokens deep, nothing spilled
+    assert 1000 < d < 20000  # a 4080 Super without flash-attn: 25 tok/s some thousands of tokens deep, no spill
     assert model.depth_for_speed(QWEN, 500, weight_bytes=w, bandwidth_gbs=736) == 0
 
 
-def test_model_predicts_the_h100_slope():
-    measured = model.measured_slope()
-    assert measured == pytest.approx((1 / 18.1 - 1 / 59.4) / 29872)
-    predicted = model.predicted_slope()
-    assert predicted == pytest.approx(2_162_688 / 2857e9)
-    ratio = measured / predicted
-    print(f"H100 slope: measured {measured * 1e6:.3f} us/position, predicted {predicted * 1e6:.3f} us/position, "
-          f"measured/predicted {ratio:.2f}")
-    assert 1.0 < ratio < 2.5  # the same order: the model counts the bytes; the kernels reach ~60% of HBM speed here
-    assert float(model.CALIBRATION) == pytest.approx(ratio)
-    assert model.CALIBRATION.label == "calibrated on H100 (external record)"
-
-
-def test_calibration_record_matches_the_imported_external_record():
-    path = REPO_DIR / model.H100_RECORD["source"]
-    if not path.is_file():
-        pytest.skip("the external record is not imported (scripts/import_external.py)")
-    doc = json.loads(path.read_text(encoding="utf-8"))
-    rows = {(r["ctx"], r["depth"]): r["decode_tok_s"] for r in doc["rows"]}
-    assert rows[(32768, 128)] == model.H100_RECORD["shallow"][1]
-    assert rows[(32768, 30000)] == model.H100_RECORD["deep"][1]
-    assert doc["bandwidth"]["hbm_read_gbs"] == model.H100_RECORD["hbm_read_gbs"]
+def test_constants_file_damaged_is_one_line(tmp_path):
+    bad = tmp_path / "constants.json"
+    bad.write_text("{")
+    with pytest.raises(CourseError, match="python -m helpers calibrate") as e:
+        model.load_constants(bad)
+    assert "\n" not in str(e.value)

@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--flash-attn", action=argparse.BooleanOptionalAction, default=False,
                     help="flash-attn installed (smaller attention transient, far less traffic at depth); "
                          "--no-flash-attn: exllamav2's torch attention with repeat_kv (the default)")
+    ap.add_argument("--host", choices=("desktop", "server"), default=None,
+                    help="the machine the GPU sits in, for the host time per layer (default: data-centre cards "
+                         "'server', others 'desktop')")
     ap.add_argument("--json", action="store_true", help="print one JSON object (helpers/planning/plan.schema.json)")
     ap.add_argument("--list", action="store_true", help="list bundled models and known GPUs")
     return ap
@@ -132,12 +135,13 @@ def main(argv: list[str]) -> int:
                           f"folder), or set {MODEL_ENV}")
     common = dict(bpw=args.bpw, head_bits=args.head_bits, max_seq_len=args.max_seq_len, cache_mode=args.cache,
                   cuda_context_gib=args.cuda_context_gib, batch=args.batch, max_input_len=args.max_input_len,
-                  flash_attn=args.flash_attn, depth=args.depth)
+                  flash_attn=args.flash_attn, depth=args.depth, host=args.host)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = _run(args, model, common)
     for msg in dict.fromkeys(str(w.message) for w in caught):
-        print(f"warning: {msg}", file=sys.stderr)
+        if args.json or f"note: {msg}" not in out:  # a note the summary already shows is said once
+            print(f"warning: {msg}", file=sys.stderr)
     try:
         print(out)
         sys.stdout.flush()

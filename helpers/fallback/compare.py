@@ -21,6 +21,7 @@ from helpers.fallback.spill import evaluate, overhead_from_run, place
 from helpers.models.synthetic_dirs import synthetic_14b_dir
 from helpers.specs.shapes import model_shape
 from helpers.speed.harness import measure_loaded
+from helpers.speed.model import first_principles
 from helpers.speed.roofline import measure_bandwidth
 
 
@@ -76,9 +77,10 @@ def compare(model_dir, *, max_seq_len: int, cache_mode: str = "fp16", depth: int
     gpu_weights = sum(int(p["weight_bytes"]) for p in all_vram if p["where"] == "vram")
     overhead, note = overhead_from_run(nat, shape, weight_bytes=gpu_weights, vram_bandwidth=vram_bw, depth=depth,
                                        cache_mode=cache_mode)
-    # first principles (efficiency 1), as the overhead was derived: the emulated/native ratio is the spill's alone
-    kw = dict(shape=shape, depth=depth, max_seq_len=max_seq_len, cache_mode=cache_mode, overhead_s=overhead,
-              vram_bandwidth=vram_bw, pcie_bandwidth=pcie_bw, efficiency=1.0, budget_bytes=budget)
+    # first principles at the measured bandwidth, the host time of the native run (as it was derived): the
+    # emulated/native ratio is then the spill's alone
+    kw = dict(shape=shape, depth=depth, max_seq_len=max_seq_len, cache_mode=cache_mode, vram_bandwidth=vram_bw,
+              pcie_bandwidth=pcie_bw, constants=first_principles(overhead / shape.n_layers), budget_bytes=budget)
     pred_nat = evaluate(all_vram, **kw)
     pred_emu = evaluate(placement, **kw)
     # the same model placing the modules itself (first fit from the VRAM taken before the first GPU module)

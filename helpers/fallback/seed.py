@@ -22,7 +22,7 @@ from helpers.memory.cache_modes import LOAD_PATHS
 from helpers.memory.weights import weight_bytes
 from helpers.planning.planner import plan
 from helpers.specs.gpus import gpu_spec
-from helpers.speed.model import DEFAULT_OVERHEAD_S, decode_estimate, position_bytes
+from helpers.speed.model import decode_estimate, position_bytes
 from helpers.speed.roofline import roofline_tok_s
 
 #: what the user reported (docs/FACTS.md §1): Qwen2.5-14B-Instruct EXL2 5.5 bpw, ExLlamaV2, RTX 4080 Super, Windows
@@ -83,16 +83,14 @@ def _model(**kw) -> SpillModel:
 
 
 def seed_case(*, depth: int = 256, pcie_bandwidth: float | None = None, flash_attn: bool = False,
-              load_path: str = "autosplit", placement: str = "first_come", overhead_s: Any = DEFAULT_OVERHEAD_S
-              ) -> dict:
+              load_path: str = "autosplit", placement: str = "first_come") -> dict:
     """The seed case told with the spill model: VRAM 736 GB/s (datasheet); PCIe 4.0 x16 ~25 GB/s in practice (an
-    assumption, docs/FACTS.md §5); the host overhead: the speed model's range (NOT derived from the 80 tok/s, which
-    is above what the memory allows: ``roofline_check``); the OS reserve from the user's memory readings; the load
+    assumption, docs/FACTS.md §5); the speed model's fitted constants (NOT derived from the 80 tok/s, which is above
+    what the memory allows: ``roofline_check``); the OS reserve from the user's memory readings; the load
     path and the placement: the two details the report does not give. Returns the predictions at 4k and 32k, the
     spill the reported 25 tok/s would need, and the ratio predicted/reported."""
     s = SEED
-    m = _model(pcie_bandwidth=pcie_bandwidth, flash_attn=flash_attn, load_path=load_path, placement=placement,
-               overhead_s=overhead_s)
+    m = _model(pcie_bandwidth=pcie_bandwidth, flash_attn=flash_attn, load_path=load_path, placement=placement)
     p4 = m.predict(s["model"], bpw=s["bpw"], max_seq_len=4096, depth=depth)
     p32 = m.predict(s["model"], bpw=s["bpw"], max_seq_len=32768, depth=depth)
     need = m.spill_needed_for(s["tok_s_32k"], s["model"], bpw=s["bpw"], max_seq_len=32768, depth=depth)

@@ -12,14 +12,11 @@ system RAM, and the GPU then reads it over PCIe, at a few percent of VRAM speed.
    uses leave first): ``place``;
 2. counts what each decoded token then reads from each side (``read_bytes``): weights of every GPU module, and the
    cache layers up to the depth;
-3. takes the time per token from THE speed model, ``helpers.speed.model.decode_estimate``: weights in VRAM /
-   bandwidth + depth x bytes per position / bandwidth + host overhead + spilled weights and spilled cache layers
-   (up to the depth) / PCIe bandwidth. The spill model adds no formula of its own.
+3. takes the time per token from THE speed model, ``helpers.speed.model.decode_estimate``, with its fitted
+   constants and the spilled weights and cache layers (up to the depth) over PCIe. It adds no formula of its own.
 
-Its parameters come from datasheets, documented defaults or measurements, never from the speed it is meant to
-predict: bandwidths from ``specs.gpus.GPUS`` (datasheet) or measured on the device; the host overhead from the speed
-model's default range (``speed.model.DEFAULT_OVERHEAD_S``) or a run on the same machine that spills nothing
-(``overhead_from_run``). ``SpillModel`` ties it to one GPU and a planned load; the seed case is ``fallback.seed``.
+Its parameters come from datasheets, the speed model's calibration or measurements, never from the speed it is meant
+to predict. ``SpillModel`` ties it to one GPU and a planned load; the seed case is ``fallback.seed``.
 """
 from __future__ import annotations
 
@@ -36,7 +33,7 @@ from helpers.memory.cache_modes import LOAD_AUTOSPLIT_RESERVE_BYTES, LOAD_PATHS
 from helpers.memory.load_order import load_order
 from helpers.specs.gpus import gpu_spec
 from helpers.specs.shapes import model_shape
-from helpers.speed.model import DEFAULT_OVERHEAD_S, decode_estimate
+from helpers.speed.model import SpeedConstants, decode_estimate, first_principles
 
 #: kinds of ``load_order`` entry that hold a layer's own cache (a spilled one is read over PCIe up to the depth)
 _CACHE_LAYER_KINDS = ("attention", "cache")
@@ -48,7 +45,7 @@ class Prediction:
     """What the spill model says about one configuration. Bytes, seconds, tokens/s; ``modules``: where each went.
 
     ``tok_s`` is the speed model's central estimate, ``tok_s_low``..``tok_s_high`` its range; ``seconds``: the time
-    per token by term (weights, attention, overhead, pcie), from ``speed.model.decode_estimate``."""
+    per token by term (weights, attention, host, hops, pcie), from ``speed.model.decode_estimate``."""
 
     spilled_bytes: int            # bytes (weights + cache layers + buffers) placed in system RAM
     spilled_weight_bytes: int
@@ -61,7 +58,7 @@ class Prediction:
     tok_s_low: float
     tok_s_high: float
     seconds: dict
-    overhead_s: Any
+    host: str
     vram_bandwidth: float         # bytes/s
     pcie_bandwidth: float         # bytes/s
     budget_bytes: int             # VRAM the process may use (card less the OS reserve)
@@ -75,7 +72,7 @@ class Prediction:
     notes: list[str] = field(default_factory=list)
     assumptions: list[str] = field(default_factory=list)
     shape: Any = field(default=None, repr=False)
-    efficiency: Any = None
+    constants: SpeedConstants | None = field(default=None, repr=False)
 
     @property
     def seconds_per_token(self) -> float:
@@ -92,17 +89,17 @@ class Prediction:
         return self.vram_bandwidth / total if total else math.inf
 
     def time_split_ms(self) -> dict[str, float]:
-        """Where a token's time goes (ms): overhead, VRAM reads (weights + attention), PCIe reads."""
+        """Where a token's time goes (ms): host, VRAM reads (weights + attention), PCIe reads."""
         s = self.seconds
-        return {"overhead_ms": 1e3 * s["overhead"], "vram_ms": 1e3 * (s["weights"] + s["attention"]),
+        return {"host_ms": 1e3 * (s["host"] + s["hops"]), "vram_ms": 1e3 * (s["weights"] + s["attention"]),
                 "pcie_ms": 1e3 * s["pcie"]}
 
     def estimate(self, **change):
         """``speed.model.decode_estimate`` for this prediction, with some of its arguments changed (``depth``,
-        ``spilled_weight_bytes``, ``spilled_cache_layers``, ``pcie_gbs``, ``overhead_s``, ...)."""
+        ``spilled_weight_bytes``, ``spilled_cache_layers``, ``pcie_gbs``, ``host``, ...)."""
         kw = dict(weight_bytes=self.weight_bytes, bandwidth_gbs=self.vram_bandwidth / 1e9, depth=self.depth,
-                  cache_mode=self.cache_mode, flash_attn=self.flash_attn, overhead_s=self.overhead_s,
-                  efficiency=self.efficiency, spilled_weight_bytes=self.spilled_weight_bytes,
+                  cache_mode=self.cache_mode, flash_attn=self.flash_attn, host=self.host,
+                  constants=self.constants, spilled_weight_bytes=self.spilled_weight_bytes,
                   spilled_cache_layers=self.spilled_cache_layers, pcie_gbs=self.pcie_bandwidth / 1e9)
         kw.update(change)
         return decode_estimate(self.shape, **kw)
@@ -110,9 +107,9 @@ class Prediction:
     def at_depth(self, depth: int) -> "Prediction":
         """The same placement and parameters, evaluated at another cache depth."""
         return evaluate(self.modules, shape=self.shape, depth=depth, max_seq_len=self.max_seq_len,
-                        cache_mode=self.cache_mode, flash_attn=self.flash_attn, overhead_s=self.overhead_s,
+                        cache_mode=self.cache_mode, flash_attn=self.flash_attn, host=self.host,
                         vram_bandwidth=self.vram_bandwidth, pcie_bandwidth=self.pcie_bandwidth,
-                        efficiency=self.efficiency, budget_bytes=self.budget_bytes, fixed_bytes=self.fixed_bytes,
+                        constants=self.constants, budget_bytes=self.budget_bytes, fixed_bytes=self.fixed_bytes,
                         placement=self.placement, notes=self.notes)
 
     def spilled_modules(self) -> list[str]:
@@ -131,8 +128,8 @@ class Prediction:
         return (f"cache {self.max_seq_len} ({self.cache_mode}), depth {self.depth}, placement {self.placement}: "
                 f"{where}; spilled {self.spilled_bytes / GIB:.2f} GiB ({self.spilled_weight_bytes / GIB:.2f} GiB "
                 f"weights, {self.spilled_cache_bytes / GIB:.2f} GiB cache); per token {self.vram_read_bytes / 1e9:.2f}"
-                f" GB from VRAM + {self.sysmem_read_bytes / 1e9:.3f} GB over PCIe = {t['overhead_ms']:.1f} + "
-                f"{t['vram_ms']:.1f} + {t['pcie_ms']:.1f} ms -> {self.tok_s:.1f} tok/s (estimate, "
+                f" GB from VRAM + {self.sysmem_read_bytes / 1e9:.3f} GB over PCIe = {t['host_ms']:.1f} + "
+                f"{t['vram_ms']:.1f} + {t['pcie_ms']:.1f} ms -> {self.tok_s:.1f} tok/s (estimate, likely "
                 f"{self.tok_s_low:.1f}-{self.tok_s_high:.1f})")
 
 
@@ -202,27 +199,28 @@ def read_bytes(modules: Iterable[dict], depth: int, max_seq_len: int) -> tuple[i
 
 def overhead_from_run(tok_s: float, shape: Any, *, weight_bytes: float, vram_bandwidth: float, depth: int = 0,
                       cache_mode: str = "fp16", flash_attn: bool = False) -> tuple[float, str | None]:
-    """Per-token host overhead of a MEASURED run that spills nothing, on the machine the prediction is for: its
-    seconds per token minus the speed model's time with no overhead (first principles, no calibration).
+    """Host time per token of a MEASURED run that spills nothing, on the machine a prediction is for: its seconds per
+    token minus the bytes it moves at ``vram_bandwidth`` (``speed.model.first_principles``, no host time).
 
-    Returns (overhead seconds, note). A speed at or above that bound leaves no time for overhead: that does not
-    mean the overhead is zero, it means the reading is not a clean decode of that model; the overhead is then
-    returned as 0 with a note saying so, and should not be used."""
+    Returns (seconds, note). A speed at or above what the bytes allow leaves no time for the host: that does not
+    mean it is zero, it means the reading is not a clean decode of that model; 0 is returned with a note saying so,
+    and should not be used."""
     if tok_s <= 0:
         raise CourseError(f"a measured speed must be positive, got {tok_s} tok/s")
     est = decode_estimate(shape, weight_bytes=weight_bytes, bandwidth_gbs=vram_bandwidth / 1e9, depth=depth,
-                          cache_mode=cache_mode, flash_attn=flash_attn, overhead_s=0.0, efficiency=1.0)
+                          cache_mode=cache_mode, flash_attn=flash_attn, constants=first_principles())
     over = 1.0 / tok_s - 1.0 / est.tok_s
     if over <= 0:
         return 0.0, (f"the measured {tok_s:g} tok/s is at or above the {est.tok_s:.1f} tok/s the bytes allow at "
                      f"{vram_bandwidth / 1e9:.0f} GB/s: not a clean decode of that model, so it says nothing about "
-                     "the overhead (do not use 0)")
+                     "the host time (do not use 0)")
     return over, None
 
 
 def evaluate(modules: list[dict], *, shape: Any, depth: int, max_seq_len: int, cache_mode: str = "fp16",
-             flash_attn: bool = False, overhead_s: Any = DEFAULT_OVERHEAD_S, vram_bandwidth: float,
-             pcie_bandwidth: float, efficiency: Any = None, budget_bytes: int = 0, fixed_bytes: int = 0,
+             flash_attn: bool = False, host: str = "desktop", vram_bandwidth: float,
+             pcie_bandwidth: float, constants: SpeedConstants | None = None, budget_bytes: int = 0,
+             fixed_bytes: int = 0,
              placement: str = DEFAULT_PLACEMENT, notes: Sequence[str] = ()) -> Prediction:
     """The prediction for a given set of placed modules (from ``place``, or what an emulator really did): bytes
     counted here, the time per token from ``speed.model.decode_estimate``."""
@@ -237,18 +235,18 @@ def evaluate(modules: list[dict], *, shape: Any, depth: int, max_seq_len: int, c
     layers = sum(1 for p in sp if p["cache_bytes"] and p.get("kind", "attention") in _CACHE_LAYER_KINDS)
     s = model_shape(shape)
     est = decode_estimate(s, weight_bytes=weights, bandwidth_gbs=vram_bandwidth / 1e9, depth=depth,
-                          cache_mode=cache_mode, flash_attn=flash_attn, overhead_s=overhead_s, efficiency=efficiency,
+                          cache_mode=cache_mode, flash_attn=flash_attn, host=host, constants=constants,
                           spilled_weight_bytes=sw, spilled_cache_layers=min(layers, s.n_layers),
                           pcie_gbs=pcie_bandwidth / 1e9)
     return Prediction(spilled_bytes=sw + sc + sx, spilled_weight_bytes=sw, spilled_cache_bytes=sc,
                       spilled_cache_layers=layers, vram_read_bytes=vram, sysmem_read_bytes=sysmem,
                       weight_bytes=weights, tok_s=est.tok_s, tok_s_low=est.tok_s_low, tok_s_high=est.tok_s_high,
-                      seconds=dict(est.seconds), overhead_s=overhead_s, vram_bandwidth=float(vram_bandwidth),
+                      seconds=dict(est.seconds), host=host, vram_bandwidth=float(vram_bandwidth),
                       pcie_bandwidth=float(pcie_bandwidth), budget_bytes=int(budget_bytes),
                       fixed_bytes=int(fixed_bytes), depth=int(depth), max_seq_len=int(max_seq_len),
                       cache_mode=cache_mode, flash_attn=bool(flash_attn), placement=check_placement(placement),
                       modules=list(modules), notes=list(notes), assumptions=list(est.assumptions), shape=s,
-                      efficiency=efficiency)
+                      constants=constants)
 
 
 # ------------------------------------------------------------------------------------- the model on a planned load
@@ -264,9 +262,8 @@ class SpillModel:
     the placement assumption.
 
     ``gpu``: a name or GiB (``specs.gpus.gpu_spec``) or a spec dict. Bandwidths in bytes/s; None takes the datasheet's
-    memory bandwidth and ``pcie_practical_bandwidth`` of its link. ``overhead_s``: seconds or (low, high), the speed
-    model's default range unless given. ``efficiency``: the attention-time multiplier passed to the speed model
-    (None: first principles, with the calibrated figure as the range's slow end). ``reserve_gib``/
+    memory bandwidth and ``pcie_practical_bandwidth`` of its link. ``host``: 'desktop' or 'server' (None: the card's
+    usual host); ``constants``: the speed model's (None: the fitted ones). ``reserve_gib``/
     ``cuda_context_gib``: None takes the planner's documented defaults (``memory.breakdown``). ``flash_attn``: the
     attention path (bytes per position; no attention matrix materialised while a prompt chunk runs). ``load_path``
     (``memory.LOAD_PATHS``): 'autosplit' (``load_autosplit(cache)``: a test forward per module, so the transients
@@ -277,7 +274,7 @@ class SpillModel:
     gpu: Any
     vram_bandwidth: float | None = None
     pcie_bandwidth: float | None = None
-    overhead_s: Any = DEFAULT_OVERHEAD_S
+    host: str | None = None
     reserve_gib: float | None = None
     cuda_context_gib: float | None = None
     flash_attn: bool = False
@@ -285,12 +282,15 @@ class SpillModel:
     head_bits: int = 6
     load_path: str = "autosplit"
     placement: str = DEFAULT_PLACEMENT
-    efficiency: Any = None
+    constants: SpeedConstants | None = None
 
     def reserve_while_loading(self) -> int:
         if self.load_reserve_bytes is not None:
             return int(self.load_reserve_bytes)
         return LOAD_RESERVE_BYTES if self.load_path == "autosplit" else 0
+
+    def host_class(self) -> str:
+        return self.host or self.spec().get("host", "desktop")
 
     def spec(self) -> dict:
         g = self.gpu
@@ -321,17 +321,23 @@ class SpillModel:
                            path=self.load_path)
         touch = self.placement == "first_touch"
         load_res = 0 if touch else self.reserve_while_loading()
+        prompt = bd.transient_bytes - bd.repeat_kv_bytes
         transient = {"module": "prompt transients (attention matrix, hidden state)", "kind": "transient",
-                     "layer": None, "weight_bytes": 0, "cache_bytes": 0, "scratch_bytes": bd.transient_bytes,
-                     "bytes": bd.transient_bytes, "device_hint": "gpu"}
+                     "layer": None, "weight_bytes": 0, "cache_bytes": 0, "scratch_bytes": prompt,
+                     "bytes": prompt, "device_hint": "gpu"}
+        # made by decode steps as the depth grows, after the load: last in either placement; decode reads it
+        repeat = ([{"module": "repeat_kv copy (one layer's K/V at every query head)", "kind": "repeat_kv",
+                    "layer": None, "weight_bytes": 0, "cache_bytes": 0, "scratch_bytes": bd.repeat_kv_bytes,
+                    "bytes": bd.repeat_kv_bytes, "device_hint": "gpu"}] if bd.repeat_kv_bytes else [])
         fixed = bd.cuda_context_bytes + int(load_res)
         if touch:
             order = [e for o in order for e in _split_device_context(o, bd)]
             order = order[:2] + [transient] + order[2:] if self.load_path == "autosplit" else order + [transient]
         elif self.load_path == "autosplit":
-            fixed += bd.transient_bytes
+            fixed += prompt
         else:
             order = order + [dict(transient, module="first forward's transients")]
+        order = order + repeat
         budget = int(g["vram_bytes"]) - bd.reserve_bytes
         terms = {"cuda_context_bytes": bd.cuda_context_bytes, "transient_bytes": bd.transient_bytes,
                  "load_reserve_bytes": int(load_res), "os_reserve_bytes": bd.reserve_bytes,
@@ -354,8 +360,8 @@ class SpillModel:
         vram_bw, pcie_bw = self.bandwidths()
         modules = place(lay["order"], lay["budget_bytes"], lay["fixed_bytes"], self.placement)
         return evaluate(modules, shape=spec, depth=depth, max_seq_len=max_seq_len, cache_mode=cache_mode,
-                        flash_attn=self.flash_attn, overhead_s=self.overhead_s, vram_bandwidth=vram_bw,
-                        pcie_bandwidth=pcie_bw, efficiency=self.efficiency, budget_bytes=lay["budget_bytes"],
+                        flash_attn=self.flash_attn, host=self.host_class(), vram_bandwidth=vram_bw,
+                        pcie_bandwidth=pcie_bw, constants=self.constants, budget_bytes=lay["budget_bytes"],
                         fixed_bytes=lay["fixed_bytes"], placement=self.placement, notes=lay["notes"])
 
     def spill_needed_for(self, tok_s: float, spec: Any, *, bpw: float | None = None, max_seq_len: int,
@@ -369,8 +375,8 @@ class SpillModel:
         vram_bw, pcie_bw = self.bandwidths()
         gpu_mods = [{**m, "where": "vram"} for m in lay["order"] if str(m.get("device_hint")) != "cpu"]
         base = evaluate(gpu_mods, shape=spec, depth=depth, max_seq_len=max_seq_len, cache_mode=cache_mode,
-                        flash_attn=self.flash_attn, overhead_s=self.overhead_s, vram_bandwidth=vram_bw,
-                        pcie_bandwidth=pcie_bw, efficiency=self.efficiency)
+                        flash_attn=self.flash_attn, host=self.host_class(), vram_bandwidth=vram_bw,
+                        pcie_bandwidth=pcie_bw, constants=self.constants)
         t0 = 1.0 / base.tok_s
         probe = min(float(GIB), float(base.weight_bytes))
         per_byte = (1.0 / base.estimate(spilled_weight_bytes=probe).tok_s - t0) / probe
@@ -405,10 +411,10 @@ def _split_device_context(entry: dict, bd) -> list[dict]:
 
 
 def predict(spec: Any, gpu: Any, *, bpw: float | None = None, max_seq_len: int, cache_mode: str = "fp16",
-            depth: int = 0, reserve_gib: float | None = None, overhead_s: Any = DEFAULT_OVERHEAD_S,
+            depth: int = 0, reserve_gib: float | None = None,
             vram_bandwidth: float | None = None, pcie_bandwidth: float | None = None, **kw) -> Prediction:
     """``SpillModel(gpu, ...).predict(spec, ...)`` in one call (extra keywords go to ``SpillModel``)."""
-    return SpillModel(gpu, vram_bandwidth=vram_bandwidth, pcie_bandwidth=pcie_bandwidth, overhead_s=overhead_s,
+    return SpillModel(gpu, vram_bandwidth=vram_bandwidth, pcie_bandwidth=pcie_bandwidth,
                       reserve_gib=reserve_gib, **kw).predict(spec, bpw=bpw, max_seq_len=max_seq_len,
                                                              cache_mode=cache_mode, depth=depth)
 

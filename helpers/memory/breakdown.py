@@ -28,7 +28,7 @@ from helpers.memory.kv_cache import kv_cache_layout
 from helpers.memory.limits import check_batch, check_len
 from helpers.memory.scratch import DEFAULT_MAX_ATTENTION_SIZE, DEFAULT_MAX_INPUT_LEN, scratch_bytes
 from helpers.memory.weights import ModelWeights
-from helpers.specs.shapes import ModelShape
+from helpers.specs.shapes import ModelShape, long_context_tip, trained_positions
 
 DEFAULT_CUDA_CONTEXT_BYTES = 512 * MIB
 DEFAULT_CUDA_CONTEXT_SOURCE = (
@@ -89,6 +89,8 @@ class Breakdown:
     rope_bytes: int
     attention_transient_bytes: int
     hidden_state_transient_bytes: int
+    #: without flash-attn, the repeat_kv copy of one layer's K/V at every query head at a full cache (scratch.py)
+    repeat_kv_bytes: int
     cuda_context_bytes: int
     reserve_bytes: int
     cuda_context_source: str
@@ -113,8 +115,9 @@ class Breakdown:
 
     @property
     def transient_bytes(self) -> int:
-        """Freed after each forward, needed while a prompt chunk runs."""
-        return self.attention_transient_bytes + self.hidden_state_transient_bytes
+        """Made by a forward pass and kept by PyTorch's caching allocator: the prompt chunk's attention matrix, hidden
+        state and mask, and (without flash-attn) the repeat_kv copy a decode step at a full cache makes."""
+        return self.attention_transient_bytes + self.hidden_state_transient_bytes + self.repeat_kv_bytes
 
     @property
     def vram_total_bytes(self) -> int:
@@ -136,6 +139,9 @@ class Breakdown:
             ("attention matrix (transient)", self.attention_transient_bytes,
              f"max_attention_size {self.max_attention_size:,}" + (", flash-attn" if self.flash_attn else "")),
             ("hidden state + mask (transient)", self.hidden_state_transient_bytes, "one max_input_len chunk"),
+            ("repeat_kv copy of one layer (transient)", self.repeat_kv_bytes,
+             "flash-attn: none" if self.flash_attn else
+             f"no flash-attn: K and V at every query head, {self.max_seq_len:,} deep"),
             ("CUDA context", self.cuda_context_bytes, self.cuda_context_source.split(":")[0]),
             ("desktop/OS reserve", self.reserve_bytes, self.reserve_source.split(":")[0]),
         ]
@@ -162,14 +168,11 @@ class Breakdown:
 
 
 def _context_warning(shape: ModelShape, L: int) -> str | None:
-    if L <= shape.max_position_embeddings:
+    limit = trained_positions(shape)
+    if L <= limit:
         return None
-    tip = ("its config already applies RoPE scaling" if shape.rope_scaling else
-           "unless its config.json enables RoPE scaling (for Qwen2.5: rope_scaling {\"type\": \"yarn\", "
-           "\"factor\": 4.0, "
-           "\"original_max_position_embeddings\": 32768}; exllamav2 reads it)")
-    return (f"max_seq_len {L:,} is beyond {shape.name}'s max_position_embeddings ({shape.max_position_embeddings:,}): "
-            f"the memory figures hold, but the model was not trained that long and quality degrades {tip}")
+    return (f"max_seq_len {L:,} is beyond the {limit:,} positions {shape.name} was trained for: the memory figures "
+            f"hold, but quality degrades past {limit:,} tokens; {long_context_tip(shape)}")
 
 
 def _check_bytes(value: Any, what: str) -> int:
@@ -195,6 +198,7 @@ def breakdown_from(st: ModelWeights, L: int, mode: str, batch: int, max_input_le
         kv_layers_bytes=layers, kv_temp_bytes=temp, device_scratch_bytes=sc["device_scratch"],
         rope_bytes=sc["rope_tables"], attention_transient_bytes=sc["attention_transient"],
         hidden_state_transient_bytes=sc["hidden_state_transient"] + sc["attn_mask_transient"],
+        repeat_kv_bytes=sc["repeat_kv_transient"],
         cuda_context_bytes=ctx[0], reserve_bytes=reserve[0], cuda_context_source=ctx[1], reserve_source=reserve[1],
         n_layers=s.n_layers, max_position_embeddings=s.max_position_embeddings, warnings=[x for x in w if x])
 

@@ -48,6 +48,33 @@ def scratch_detail(shape: Any, max_seq_len: int, max_input_len: int = DEFAULT_MA
     return {"attention": attn, "mlp": mlp, "lm_head": head}
 
 
+def repeat_kv_bytes(shape: Any, max_seq_len: int, batch: int = 1, flash_attn: bool = False) -> int:
+    """The ``repeat_kv`` copy of one layer's K and V at every query head, made by each decode step without flash-attn.
+
+    attn.py ``_attn_torch`` (SDPA and matmul paths) expands K and V from n_kv_heads to n_heads for every position so
+    far; at a full cache that is ``2 x n_heads x max_seq_len x head_dim x 2`` bytes per batch row, which PyTorch's
+    caching allocator keeps once made. exllamav2 budgets the same bytes as ``temp_kv_size()`` in
+    ``ExLlamaV2Attention.scratch_space()`` (used by ``set_device_map`` for a manual ``gpu_split``), not in the
+    ``scratch_space_fixed()`` that ``load_autosplit`` allocates. 0 with flash-attn, or without grouped-query heads.
+    """
+    s = model_shape(shape)
+    L = check_len(max_seq_len)
+    if flash_attn or s.n_heads == s.n_kv_heads:
+        return 0
+    return 2 * L * check_batch(batch) * s.n_heads * s.head_dim * 2 + 128
+
+
+def attention_scratch_space(shape: Any, max_seq_len: int, max_input_len: int = DEFAULT_MAX_INPUT_LEN,
+                            batch: int = 1) -> int:
+    """attn.py ``scratch_space()``, what ``set_device_map`` reserves for an attention module: its fixed scratch plus
+    ``temp_q``, ``temp_k``, ``temp_v`` (one ``max_input_len`` chunk) and ``temp_kv`` (``repeat_kv_bytes``)."""
+    s = model_shape(shape)
+    n = min(check_len(max_input_len, "max_input_len"), check_len(max_seq_len)) * check_batch(batch)
+    qkv = (n * s.q_dim * 2 + 128) + 2 * (n * s.kv_dim * 2 + 128)
+    return scratch_detail(s, max_seq_len, max_input_len, batch)["attention"] + qkv + repeat_kv_bytes(
+        s, max_seq_len, batch)
+
+
 def rope_table_bytes(shape: Any, max_seq_len: int) -> int:
     """RoPE sin and cos tables: fp16, ``(1, 1, max_seq_len, rotary_dim)`` each, one pair per RoPE base
     (device.py ``prepare_sincos``; Gemma 3 has two bases). Models without RoPE keep one 1-element tensor."""
@@ -70,6 +97,8 @@ def scratch_bytes(shape: Any, max_seq_len: int, max_input_len: int = DEFAULT_MAX
     - ``attention_transient``: attn.py ``temp_attn_size``: ``2 * min(max_attention_size, max_seq_len**2) *
       n_heads * 2 + 128`` (divided by sqrt(max_attention_size)/190 with flash-attn); model.py ``forward`` chunks
       prompts to keep the attention matrix within max_attention_size.
+    - ``repeat_kv_transient``: without flash-attn, the copy of one layer's K and V at every query head that a decode
+      step at a full cache makes (``repeat_kv_bytes``).
     - ``hidden_state_transient``, ``attn_mask_transient``: model.py ``set_device_map``'s ``state_size`` and
       ``mask_size`` for a max_input_len chunk.
     """
@@ -90,4 +119,5 @@ def scratch_bytes(shape: Any, max_seq_len: int, max_input_len: int = DEFAULT_MAX
         "attention_transient": 2 * att * s.n_heads * 2 + 128,
         "hidden_state_transient": s.hidden * mil * B * 2,
         "attn_mask_transient": mil**2 * B * 2,
+        "repeat_kv_transient": repeat_kv_bytes(s, L, B, flash_attn),
     }

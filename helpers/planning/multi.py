@@ -40,16 +40,19 @@ from helpers.memory.cache_modes import (
 )
 from helpers.memory.kv_cache import kv_cache_per_layer
 from helpers.memory.limits import check_batch, check_len
-from helpers.memory.scratch import DEFAULT_MAX_ATTENTION_SIZE, DEFAULT_MAX_INPUT_LEN, scratch_detail
+from helpers.memory.scratch import (
+    DEFAULT_MAX_ATTENTION_SIZE,
+    DEFAULT_MAX_INPUT_LEN,
+    attention_scratch_space,
+    scratch_detail,
+)
 from helpers.memory.weights import ModelWeights
 from helpers.planning.multi_advice import multi_advice
 from helpers.planning.planner import SCHEMA_ID, SCHEMA_VERSION, _gib_bytes, check_depth, context_note, page_note
 from helpers.specs.gpus import gpu_label, gpu_spec
-from helpers.speed.model import DEFAULT_OVERHEAD_S, decode_estimate, position_bytes
+from helpers.speed.model import CONSTANTS, UNKNOWNS, Stage, check_host, decode_estimate, decode_terms, position_bytes
 
 SPLIT_MODES = ("autosplit", "split", "tp")
-#: assumption: one device hop of the hidden state (a small PCIe copy and a stream sync), seconds low..high
-HOP_S = (10e-6, 50e-6)
 #: assumption: tensor parallel synchronises twice per layer (after attention and after the MLP); seconds low..high
 #: per synchronisation over PCIe without NVLink
 TP_SYNC_S = (15e-6, 60e-6)
@@ -102,9 +105,18 @@ class DevicePlan:
         return self.used and self.fits and self.margin_bytes < self.load_reserve_bytes
 
     def layer_range(self) -> str:
+        """'0-44a': layers 0 to 44, of layer 44 only its attention ('a'; 'm': only its MLP), so that two devices'
+        ranges never seem to share a layer."""
         if not self.layers:
             return "-"
-        return f"{min(self.layers)}-{max(self.layers)}" if len(self.layers) > 1 else str(self.layers[0])
+        lo, hi = min(self.layers), max(self.layers)
+
+        def mark(i: int) -> str:
+            attn = any(m.endswith(f"layers.{i}.self_attn") for m in self.modules)
+            mlp = any(m.endswith(f"layers.{i}.mlp") for m in self.modules)
+            return "" if attn == mlp else ("a" if attn else "m")
+
+        return f"{lo}{mark(lo)}" if lo == hi else f"{lo}{mark(lo)}-{hi}{mark(hi)}"
 
     def to_dict(self) -> dict:
         return {"index": self.index, "gpu": gpu_label(self.gpu), "vram_bytes": self.gpu["vram_bytes"],
@@ -188,6 +200,8 @@ class MultiPlan:
                         f"{d.weights_bytes / GIB:>9.2f}{(d.kv_cache_bytes + d.kv_temp_bytes) / GIB:>8.2f}"
                         f"{d.scratch_bytes / GIB:>9.2f}{other / GIB:>8.2f}{d.total_bytes / GIB:>8.2f}"
                         f"{d.gpu['vram_bytes'] / GIB:>8.2f}  {verdict}")
+        if any(d.layer_range()[-1:] in "am" and d.layer_range() != "-" for d in self.devices if d.used):
+            rows.append("layers: 'a' only that layer's attention, 'm' only its MLP (a layer split between devices)")
         return "\n".join(rows)
 
     def summary(self) -> str:
@@ -198,8 +212,8 @@ class MultiPlan:
                  self.verdict()]
         if self.decode:
             e = self.decode
-            lines.append(f"decode at depth {self.depth:,} ({e['label']}): {e['tok_s']:.1f} tok/s, range "
-                         f"{e['tok_s_low']:.1f}-{e['tok_s_high']:.1f}")
+            lines.append(f"decode at depth {self.depth:,} ({e['label']}): {e['tok_s']:.1f} tok/s (likely "
+                         f"{e['tok_s_low']:.1f}-{e['tok_s_high']:.1f})")
             lines += [f"  assumption: {a}" for a in self.assumptions]
         lines += [f"note: {n}" for n in self.notes]
         lines += ["", self.advice]
@@ -244,7 +258,7 @@ def plan_multi(spec: Any, gpus: Any, *, bpw: float | None = None, head_bits: int
                cache_mode: str = "fp16", split: list[float] | None = None, split_mode: str | None = None,
                reserve_gib: Any = None, cuda_context_gib: float | None = None, batch: int = 1,
                max_input_len: int = DEFAULT_MAX_INPUT_LEN, max_attention_size: int = DEFAULT_MAX_ATTENTION_SIZE,
-               flash_attn: bool = False, depth: int | None = None) -> MultiPlan:
+               flash_attn: bool = False, depth: int | None = None, host: str | None = None) -> MultiPlan:
     """One model over ``gpus`` (names or dicts) the way exllamav2 0.3.2 loads it: ``split_mode`` 'autosplit'
     (default), 'split' (``split``: GiB per device, as ``model.load(gpu_split)``) or 'tp' (tensor parallel; ``split``
     optional). The desktop reserve (``reserve_gib``) lies on the first GPU unless a list gives one per GPU."""
@@ -269,7 +283,7 @@ def plan_multi(spec: Any, gpus: Any, *, bpw: float | None = None, head_bits: int
     shape = st.shape
     bd = breakdown_from(st, L, mode, B, max_input_len, max_attention_size, flash_attn, ctx, res[0])
     cache_layer, temp = kv_cache_per_layer(shape, L, mode, B)
-    transient = bd.attention_transient_bytes + bd.hidden_state_transient_bytes
+    transient = bd.transient_bytes  # each device runs its layers one at a time: one of each transient per device
     args = (shape, st, bd, devs, ctx[0], [r[0] for r in res], cache_layer, temp, transient, L, B, max_input_len)
     error = None
     if sm == "tp":
@@ -280,7 +294,7 @@ def plan_multi(spec: Any, gpus: Any, *, bpw: float | None = None, head_bits: int
         devices = _autosplit(*args)
     for dv, r in zip(devices, res):
         dv.reserve_source = r[1]
-    dec, assumptions = _decode(shape, devices, d, mode, flash_attn, sm)
+    dec, assumptions = _decode(shape, devices, d, mode, flash_attn, sm, host)
     notes = [n for n in (page_note(L), context_note(shape, L)) if n]
     if sm == "split":
         notes.append("gpu_split counts weights and scratch only: exllamav2 adds each layer's cache to the device of "
@@ -290,7 +304,7 @@ def plan_multi(spec: Any, gpus: Any, *, bpw: float | None = None, head_bits: int
     inputs = dict(spec=spec, gpus=devs, bpw=bpw, head_bits=head_bits, max_seq_len=L, cache_mode=mode, split=split,
                   split_mode=sm, reserve_gib=reserve_gib, cuda_context_gib=cuda_context_gib, batch=B,
                   max_input_len=max_input_len, max_attention_size=max_attention_size, flash_attn=bool(flash_attn),
-                  depth=depth)
+                  depth=depth, host=host)
     return MultiPlan(shape.name, sm, L, mode, bool(flash_attn), devices, d, dec, assumptions, notes, error, inputs)
 
 
@@ -337,15 +351,19 @@ def _manual_split(shape, st, bd, devs, ctx, reserves, cache_layer, temp, transie
     # state_size and mask_size of a max_input_len chunk: the breakdown's hidden state + mask term
     alloc = [a * GIB - (constant + bd.hidden_state_transient_bytes) for a in split]
     detail = scratch_detail(shape, L, mil, B)
+    # set_device_map reserves each module's scratch_space() (attention: + temp_q/k/v and temp_kv, the repeat_kv copy)
+    # but allocates only the largest scratch_space_fixed() per device
+    reserve = dict(detail, attention=attention_scratch_space(shape, L, mil, B))
     res_s, res_a, fixed = [0] * len(out), [0] * len(out), [0] * len(out)
     cur, error = 0, None
     for m in st.modules:
         if m["device_hint"] == "cpu":
             continue
         scratch = detail.get(m["kind"], detail["lm_head"] if m["kind"] == "head" else 0)
+        need = reserve.get(m["kind"], scratch)
         attn = bd.attention_transient_bytes if m["kind"] == "attention" else 0
         while cur < len(out):
-            s, a = max(scratch, res_s[cur]), max(attn, res_a[cur])
+            s, a = max(need, res_s[cur]), max(attn, res_a[cur])
             if m["weight_bytes"] + s + a <= alloc[cur]:
                 break
             cur += 1
@@ -353,7 +371,7 @@ def _manual_split(shape, st, bd, devs, ctx, reserves, cache_layer, temp, transie
             error = (f"gpu_split {','.join(f'{x:g}' for x in split)} GiB is too small for the weights: exllamav2 "
                      "stops with 'Insufficient space in device allocation'")
             cur = len(out) - 1
-        res_s[cur], res_a[cur] = max(scratch, res_s[cur]), max(attn, res_a[cur])
+        res_s[cur], res_a[cur] = max(need, res_s[cur]), max(attn, res_a[cur])
         fixed[cur] = max(fixed[cur], scratch)
         alloc[cur] -= m["weight_bytes"]
         dv = out[cur]
@@ -420,51 +438,57 @@ def _tensor_parallel(shape, st, bd, devs, ctx, reserves, cache_layer, temp, tran
             dv.kv_temp_bytes = int(temp * r[i])
             dv.scratch_bytes = bd.device_scratch_bytes
             dv.rope_bytes = bd.rope_bytes
-            dv.transient_bytes = int(bd.attention_transient_bytes * r[i]) + bd.hidden_state_transient_bytes
+            dv.transient_bytes = (int((bd.attention_transient_bytes + bd.repeat_kv_bytes) * r[i])
+                                  + bd.hidden_state_transient_bytes)
         out.append(dv)
     return out
 
 
-def _decode(shape, devices, depth, mode, flash_attn, sm) -> tuple[dict | None, list]:
+def _decode(shape, devices, depth, mode, flash_attn, sm, host=None) -> tuple[dict | None, list]:
     used = [dv for dv in devices if dv.used]
     if not used or any(not dv.gpu.get("bandwidth_gbs") for dv in used):
         return None, ["no decode estimate: a device's bandwidth is unknown (name known cards)"]
-    parts = []
-    for dv in used:
-        if sm == "tp":  # its share of the heads in every layer
+    host = check_host(host or ("server" if all(dv.gpu.get("host") == "server" for dv in used) else "desktop"))
+    c = CONSTANTS
+    pb = position_bytes(shape, mode, flash_attn)
+    if sm == "tp":  # every device reads its share of every layer at once: the slowest sets the pace
+        parts = []
+        for dv in used:
             sub = dataclasses.replace(shape, n_kv_heads=dv.kv_heads, n_heads=dv.kv_heads * shape.gqa_group)
-        else:  # its own layers
-            sub = dataclasses.replace(shape, n_layers=sum(1 for m in dv.modules if m.endswith("self_attn")))
-        e = decode_estimate(sub, weight_bytes=dv.weights_bytes, bandwidth_gbs=float(dv.gpu["bandwidth_gbs"]),
-                            depth=depth, cache_mode=mode, flash_attn=flash_attn, overhead_s=0.0)
-        parts.append(e)
-    oh_lo, oh_hi = DEFAULT_OVERHEAD_S
-    hops = len(used) - 1
-    if sm == "tp":
+            t = decode_terms(sub, [Stage(shape.n_layers, dv.weights_bytes, float(dv.gpu["bandwidth_gbs"]))],
+                             depth=depth, cache_mode=mode, flash_attn=flash_attn, host=host)
+            parts.append(t.seconds(c))
         sync = 2 * shape.n_layers
-        central = max(1 / e.tok_s for e in parts) + (oh_lo + oh_hi) / 2 + sync * sum(TP_SYNC_S) / 2
-        fast = max(1 / e.tok_s_high for e in parts) + oh_lo + sync * TP_SYNC_S[0]
-        slow = max(1 / e.tok_s_low for e in parts) + oh_hi + sync * TP_SYNC_S[1]
+        central = (max(p["weights"] + p["attention"] for p in parts) + parts[0]["host"]
+                   + sync * sum(TP_SYNC_S) / 2)
         label = "estimate (tensor parallel: devices at once; assumptions below)"
         extra = [f"tensor parallel: every device reads its share of every layer at the same time; the slowest sets "
                  f"the pace; {sync} synchronisations per token (after attention and MLP of each layer) at "
-                 f"{TP_SYNC_S[0] * 1e6:g}-{TP_SYNC_S[1] * 1e6:g} us each over PCIe (assumed, no NVLink)",
+                 f"{TP_SYNC_S[0] * 1e6:g}-{TP_SYNC_S[1] * 1e6:g} us each over PCIe (assumed, no NVLink; no "
+                 "tensor-parallel measurement is in the speed model's calibration)",
                  "the attention share of each device follows its KV heads (tensor_p.py define_split)"]
-    else:
-        central = sum(1 / e.tok_s for e in parts) + (oh_lo + oh_hi) / 2 + hops * sum(HOP_S) / 2
-        fast = sum(1 / e.tok_s_high for e in parts) + oh_lo + hops * HOP_S[0]
-        slow = sum(1 / e.tok_s_low for e in parts) + oh_hi + hops * HOP_S[1]
+        per_device = [1 / (p["weights"] + p["attention"] + p["host"]) for p in parts]
+    else:  # a layer split: the devices run one after the other
+        stages = [Stage(sum(1 for m in dv.modules if m.endswith("self_attn")), dv.weights_bytes,
+                        float(dv.gpu["bandwidth_gbs"])) for dv in used]
+        stages = [st for st in stages if st.n_layers]
+        terms = decode_terms(shape, stages, depth=depth, cache_mode=mode, flash_attn=flash_attn, host=host)
+        central = sum(terms.seconds(c).values())
         label = "estimate (layer split: devices one after the other)"
         extra = ([f"layer split: the devices run one after the other, each reading its own layers' weights and "
-                  f"cache; {hops} device hop(s) per token at {HOP_S[0] * 1e6:g}-{HOP_S[1] * 1e6:g} us each "
-                  "(hidden state copy and sync, assumed)"] if hops else [])
-    whole = position_bytes(shape, mode, flash_attn)
-    assumptions = extra + [f"{whole.total:,} B per position per token over the whole model ({mode.upper()} cache, "
+                  f"cache; {terms.hops} GPU boundary(ies) per token at {c['hop_s'] * 1e6:.0f} us each "
+                  f"({c.how('hop_s')})"]
+                 if terms.hops else [])
+        per_device = [decode_estimate(dataclasses.replace(shape, n_layers=st.n_layers), weight_bytes=st.weight_bytes,
+                                      bandwidth_gbs=st.bandwidth_gbs, depth=depth, cache_mode=mode,
+                                      flash_attn=flash_attn, host=host).tok_s for st in stages]
+    assumptions = extra + [f"{pb.total:,} B per position per token over the whole model ({mode.upper()} cache, "
                            f"{'flash-attn' if flash_attn else 'torch attention with repeat_kv'}), first principles",
-                           f"host overhead not hidden behind GPU work: {oh_lo * 1e3:g}-{oh_hi * 1e3:g} ms per token"]
-    assumptions += [a for a in parts[0].assumptions
-                    if not a.startswith(("bandwidth", "host overhead")) and "B per position" not in a]
+                           f"bandwidth: {c['bandwidth_fraction']:.2f} of each device's datasheet figure; {host} host: "
+                           f"{c['layer_s_' + host] * 1e6:.0f} us per layer per token ({c.how('layer_s_' + host)})",
+                           f"range: {c.range_text()}", "not known to the model: " + "; ".join(UNKNOWNS)]
     assumptions.append("bandwidth per device: " + ", ".join(f"GPU {dv.index} {dv.gpu['bandwidth_gbs']:g} GB/s"
                                                             for dv in used))
-    return ({"label": label, "depth": depth, "tok_s": 1 / central, "tok_s_low": 1 / slow, "tok_s_high": 1 / fast,
-             "per_device_tok_s": [e.tok_s for e in parts]}, assumptions)
+    tok_s = 1 / central
+    return ({"label": label, "depth": depth, "tok_s": tok_s, "tok_s_low": tok_s * c.range_low,
+             "tok_s_high": tok_s * c.range_high, "per_device_tok_s": per_device}, assumptions)

@@ -18,26 +18,14 @@ from helpers.memory.limits import PAGE, check_batch, check_len
 from helpers.memory.scratch import DEFAULT_MAX_ATTENTION_SIZE, DEFAULT_MAX_INPUT_LEN
 from helpers.memory.weights import ModelWeights
 from helpers.specs.gpus import gpu_label, gpu_spec
-from helpers.specs.shapes import ModelShape, model_shape
-from helpers.speed.model import decode_estimate
-from helpers.speed.roofline import roofline_tok_s
+from helpers.specs.shapes import ModelShape, long_context_tip, model_shape, trained_positions
+from helpers.speed.model import UNKNOWNS, check_host, decode_estimate
 
 #: the planner's longest-context search stops here (reported as "at least" when reached)
 LONGEST_CONTEXT_CAP = 2**20
 #: the version of the JSON a plan writes (helpers/planning/plan.schema.json describes it)
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 SCHEMA_ID = "https://github.com/exl2-course/helpers/planning/plan.schema.json"
-
-
-def trained_positions(shape: ModelShape) -> int:
-    """Positions the model was trained (or RoPE-scaled) for, from config.json: ``max_position_embeddings``, or with
-    ``rope_scaling`` (YaRN, linear, Llama 3) up to ``original_max_position_embeddings`` (else
-    max_position_embeddings) x ``factor``. Qwen2.5: 32,768 without YaRN, 131,072 with its YaRN factor 4."""
-    limit = shape.max_position_embeddings
-    if shape.rope_scaling and shape.rope_scaling_factor > 1:
-        base = shape.original_max_position_embeddings or shape.max_position_embeddings
-        limit = max(limit, int(base * shape.rope_scaling_factor))
-    return limit
 
 
 def page_note(L: int) -> str | None:
@@ -57,10 +45,8 @@ def context_note(shape: ModelShape, tokens: int, what: str = "max_seq_len") -> s
         return None
     how = (f"rope_scaling {shape.rope_scaling} x{shape.rope_scaling_factor:g}" if shape.rope_scaling else
            "no rope_scaling in its config.json")
-    tip = ("" if shape.rope_scaling else " (for Qwen2.5: add rope_scaling {\"type\": \"yarn\", \"factor\": 4.0, "
-           "\"original_max_position_embeddings\": 32768} to config.json; exllamav2 reads it)")
     return (f"{what} {tokens:,} is beyond the {limit:,} positions {shape.name} was trained for ({how}): the memory "
-            f"figures hold, but quality degrades past {limit:,} tokens{tip}")
+            f"figures hold, but quality degrades past {limit:,} tokens; {long_context_tip(shape)}")
 
 
 @dataclass
@@ -82,6 +68,8 @@ class Plan:
     longest_safe_context: dict = field(default_factory=dict)
     #: DecodeEstimate at ``depth`` for the cache mode and attention path given (None without a bandwidth)
     decode: Any = None
+    #: DecodeEstimates at a short chat, a quarter, half and a full cache (and ``depth``), the same path and mode
+    decode_by_depth: list = field(default_factory=list)
     #: tok/s (central) at ``depth`` for every cache mode, same attention path (advice weighs them)
     decode_by_cache_mode: dict = field(default_factory=dict)
     depth: int = 0
@@ -114,6 +102,19 @@ class Plan:
         return {"total": pb.total, "cache_read": pb.cache_read, "temp_written": pb.temp_written,
                 "temp_read": pb.temp_read, "per_layer": pb.per_layer.total, "derivation": pb.derivation}
 
+    def within_trained(self, tokens: int) -> bool:
+        return not self.trained_positions or tokens <= self.trained_positions
+
+    def longest_within_trained(self) -> dict:
+        """The longest context per cache mode, capped at the positions the model was trained for (in 256s)."""
+        cap = self.trained_positions // PAGE * PAGE if self.trained_positions else None
+        return {m: (n if cap is None else min(n, cap)) for m, n in self.longest_context.items()}
+
+    def depth_table(self) -> list[dict]:
+        """The decode estimate at each depth of ``decode_by_depth``: depth, tok/s, likely low/high, ceiling."""
+        return [{"depth": e.depth, "tok_s": e.tok_s, "tok_s_low": e.tok_s_low, "tok_s_high": e.tok_s_high,
+                 "ceiling_tok_s": e.ceiling_tok_s} for e in self.decode_by_depth]
+
     def to_dict(self) -> dict:
         e = self.decode
         return {"$schema": SCHEMA_ID, "schema_version": SCHEMA_VERSION, "kind": "single",
@@ -123,11 +124,13 @@ class Plan:
                 "vram_total_bytes": self.breakdown.vram_total_bytes, "breakdown": self.breakdown.to_dict(),
                 "longest_context": self.longest_context, "longest_context_capped": self.longest_context_capped,
                 "longest_safe_context": self.longest_safe_context,
+                "longest_context_within_trained": self.longest_within_trained(),
                 "max_bpw_that_fits": self.max_bpw_that_fits, "decode_roofline_tok_s": self.decode_roofline_tok_s,
                 "depth": self.depth, "trained_positions": self.trained_positions,
                 "decode_estimate_tok_s": None if e is None else e.tok_s,
                 "decode_estimate_range_tok_s": None if e is None else [e.tok_s_low, e.tok_s_high],
                 "decode_estimate": self.decode_dict(),
+                "decode_estimate_by_depth": self.depth_table(),
                 "decode_estimate_by_cache_mode_tok_s": self.decode_by_cache_mode,
                 "bytes_per_position": self.position_bytes_dict(),
                 "recommendation": self.recommendation, "notes": self.notes, "warnings": self.warnings}
@@ -140,30 +143,54 @@ class Plan:
                 else f"DOES NOT FIT: {fmt_gib(-self.margin_bytes)} short")
 
     def speed_line(self) -> str:
-        """One line: the decode estimate at the depth, or why there is none."""
+        """The decode estimate at the depth asked for, in one line, or why there is none."""
         e = self.decode
         if e is None:
             return ("decode estimate: none (the GPU's bandwidth is unknown; name a known card or give "
                     "--bandwidth-gbs)")
-        path = "flash-attn" if e.position_bytes.flash_attn else "torch attention, no flash-attn (repeat_kv)"
-        spill = "" if self.fits else "; assumes nothing spilled, and this plan does not fit"
-        return (f"decode at depth {e.depth:,} (estimate, {e.position_bytes.cache_mode} cache, {path}): "
-                f"{e.tok_s:.1f} tok/s, range {e.tok_s_low:.1f}-{e.tok_s_high:.1f}; "
-                f"{e.position_bytes.total:,} bytes per position per token{spill}")
+        spill = "; assumes nothing spilled, and this plan does not fit" if not self.fits else ""
+        return (f"decode at depth {e.depth:,}: {e.short()} (estimate, {self._path()}){spill}")
+
+    def _path(self) -> str:
+        e = self.decode
+        path = "flash-attn" if e.position_bytes.flash_attn else "no flash-attn: torch attention with repeat_kv"
+        return f"{e.position_bytes.cache_mode} cache, {path}, {e.terms.host} host"
+
+    def speed_lines(self) -> list[str]:
+        """The estimate at a short chat, a quarter, half and a full cache, the ceiling of the same path, and what the
+        model does not know."""
+        if self.decode is None:
+            return [self.speed_line()]
+        by = self.decode_by_depth
+        full = self.breakdown.max_seq_len - 1
+        def name(d):
+            return f"full cache ({d:,} deep)" if d == full else f"{d:,} deep"
+        lines = [f"decode (estimate; {self._path()}), tok/s (likely range) by depth: "
+                 + " | ".join(f"{name(e.depth)}: {e.tok_s:.0f} ({e.tok_s_low:.0f}-{e.tok_s_high:.0f})" for e in by),
+                 "ceiling of the same path (datasheet bandwidth, no host time; not a prediction): "
+                 + " | ".join(f"{name(e.depth)}: {e.ceiling_tok_s:.0f}" for e in by),
+                 "not known to the model: " + "; ".join(UNKNOWNS)]
+        if not self.fits:
+            lines[0] += " (assumes nothing spilled, and this plan does not fit)"
+        return lines
+
+    def _longest_line(self) -> str:
+        limit = self.trained_positions
+        over = [m for m, n in self.longest_context.items() if limit and n > limit]
+        text = "longest context that fits (multiples of 256 tokens): " + ", ".join(
+            f"{m} {'>=' if self.longest_context_capped[m] else ''}{n:,}{'*' if m in over else ''}"
+            for m, n in self.longest_context.items())
+        if over:
+            text += f" (* beyond the {limit:,} positions {self.model} was trained for: memory allows it, quality not)"
+        return text
 
     def summary(self) -> str:
         lines = [self.breakdown.table(), "",
                  f"GPU: {gpu_label(self.gpu)} -> {self.verdict()}",
-                 "longest context that fits (multiples of 256 tokens): " + ", ".join(
-                     f"{m} {'>=' if self.longest_context_capped[m] else ''}{n:,}" for m, n in
-                     self.longest_context.items()),
+                 self._longest_line(),
                  "  ... leaving load_autosplit's load-time reserve free: " + ", ".join(
-                     f"{m} {n:,}" for m, n in self.longest_safe_context.items()),
-                 self.speed_line()]
-        if self.decode_roofline_tok_s:
-            r = self.decode_roofline_tok_s
-            lines.append(f"ceiling from {self.gpu['bandwidth_gbs']:g} GB/s (bandwidth roofline, not a prediction): "
-                         f"{r['empty_cache']:.0f} tok/s at an empty cache, {r['full_cache']:.0f} tok/s at a full one")
+                     f"{m} {n:,}" for m, n in self.longest_safe_context.items())]
+        lines += self.speed_lines()
         lines += [f"note: {n}" for n in self.notes]
         lines += ["", self.recommendation]
         return "\n".join(lines)
@@ -245,7 +272,11 @@ def _recommend(p_model: str, gpu: dict, bd: Breakdown, fits: bool, margin: int, 
     name = gpu_label(gpu, short=True)
     at = f"at depth {depth:,}"
 
+    limit = trained_positions(shape)
+
     def ctx(m):
+        if safe[m] > limit:
+            return f"{limit:,} tokens (the length {shape.name} was trained for; memory allows {safe[m]:,})"
         return f"{safe[m]:,} tokens"
 
     if fits:
@@ -296,26 +327,32 @@ def _recommend(p_model: str, gpu: dict, bd: Breakdown, fits: bool, margin: int, 
         text += (f" Without flash-attn exllamav2 copies K and V to every query head (repeat_kv) at every position: "
                  f"installing flash-attn raises the estimate {at} from {flash['without']:.0f} to "
                  f"{flash['with']:.0f} tok/s.")
-    note = context_note(shape, L)
-    if note:
-        text += f" Note: {note}."
     return text
 
 
-def _estimate(st: ModelWeights, bd: Breakdown, g: dict, depth: int, mode: str, flash_attn: bool):
+def _estimate(st: ModelWeights, bd: Breakdown, g: dict, depth: int, mode: str, flash_attn: bool, host: str):
     return decode_estimate(st.shape, weight_bytes=bd.weights_bytes, bandwidth_gbs=float(g["bandwidth_gbs"]),
-                           depth=depth, cache_mode=mode, flash_attn=flash_attn)
+                           depth=depth, cache_mode=mode, flash_attn=flash_attn, host=host)
+
+
+def speed_depths(max_seq_len: int, depth: int | None = None) -> list[int]:
+    """The depths a plan shows the speed at: a short chat (256), a quarter, half and a full cache, and ``depth``."""
+    full = max_seq_len - 1
+    return sorted({min(256, full), max_seq_len // 4, max_seq_len // 2, full} | ({depth} if depth is not None else
+                                                                               set()))
 
 
 def plan(spec: Any, gpu: Any, *, bpw: float | None = None, head_bits: int = 6, max_seq_len: int,
          cache_mode: str = "fp16", reserve_gib: float | None = None, cuda_context_gib: float | None = None,
          batch: int = 1, max_input_len: int = DEFAULT_MAX_INPUT_LEN,
          max_attention_size: int = DEFAULT_MAX_ATTENTION_SIZE, flash_attn: bool = False,
-         bandwidth_gbs: float | None = None, depth: int | None = None) -> Plan:
+         bandwidth_gbs: float | None = None, depth: int | None = None, host: str | None = None) -> Plan:
     """Plan one model on one GPU: the breakdown, fits or not and by how much, the longest context per cache mode
     (and the longest that leaves load_autosplit's reserve free), the highest bpw that fits (configs only), the
-    estimated decode speed at ``depth`` (default: a full cache) if the bandwidth is known, and advice."""
+    estimated decode speed at ``depth`` (default: a full cache) and at a few depths if the bandwidth is known, and
+    advice. ``host``: 'desktop' or 'server' (default: where the card usually sits)."""
     g = gpu_spec(gpu, bandwidth_gbs) if not isinstance(gpu, dict) or "vram_bytes" not in gpu else gpu
+    host = check_host(host or g.get("host", "desktop"))
     mode = check_cache_mode(cache_mode)
     L = check_len(max_seq_len)
     check_len(max_input_len, "max_input_len")
@@ -336,30 +373,31 @@ def plan(spec: Any, gpu: Any, *, bpw: float | None = None, head_bits: int = 6, m
         safe[m], _ = _longest(st, m, gpu_bytes - LOAD_AUTOSPLIT_RESERVE_BYTES, kw)
     max_bpw = (_max_bpw(st.shape, head_bits, L, mode, gpu_bytes - LOAD_AUTOSPLIT_RESERVE_BYTES, kw)
                if bpw is not None else None)
-    roof, est, by_mode, flash = None, None, {}, None
+    roof, est, by_mode, flash, by_depth = None, None, {}, None, []
     if g.get("bandwidth_gbs"):
-        bw = float(g["bandwidth_gbs"]) * 1e9
-        roof = {"empty_cache": roofline_tok_s(bd.weights_bytes, bw),
-                "full_cache": roofline_tok_s(bd.weights_bytes + bd.kv_layers_bytes, bw),
-                "note": "GPU weights (+ the cache as stored) read once per token at datasheet bandwidth; an upper "
-                        "bound, not a prediction"}
-        est = _estimate(st, bd, g, d, mode, flash_attn)
-        by_mode = {m: _estimate(st, bd, g, d, m, flash_attn).tok_s for m in CACHE_MODES}
+        est = _estimate(st, bd, g, d, mode, flash_attn, host)
+        by_depth = [_estimate(st, bd, g, x, mode, flash_attn, host) for x in speed_depths(L, depth)]
+        roof = {"empty_cache": _estimate(st, bd, g, 0, mode, flash_attn, host).ceiling_tok_s,
+                "full_cache": by_depth[-1].ceiling_tok_s,
+                "note": "the bytes of this attention path and cache mode at the datasheet bandwidth with no host "
+                        "time: an upper bound, not a prediction"}
+        by_mode = {m: _estimate(st, bd, g, d, m, flash_attn, host).tok_s for m in CACHE_MODES}
         if not flash_attn and d > 0:
-            flash = {"without": est.tok_s, "with": _estimate(st, bd, g, d, mode, True).tok_s}
+            flash = {"without": est.tok_s, "with": _estimate(st, bd, g, d, mode, True, host).tok_s}
     shape = st.shape
     # a depth note only for a depth given: the default (a full cache) is covered by the max_seq_len note
     beyond = [n for n in (context_note(shape, L), context_note(shape, d, "depth") if depth is not None else None) if n]
     notes = [n for n in [page_note(L)] if n] + beyond
     # the breakdown's own context warning reads max_position_embeddings only; the planner's reads rope_scaling too
-    msgs = [str(w.message) for w in caught] + [w for w in bd.warnings if "max_position_embeddings" not in w] + beyond
+    msgs = [str(w.message) for w in caught] + [w for w in bd.warnings if "was trained for" not in w] + beyond
     for msg in msgs:
         warnings.warn(msg, CourseWarning, stacklevel=2)
     rec = _recommend(shape.name, g, bd, margin >= 0, margin, safe, max_bpw, shape, by_mode, d, flash)
     return Plan(model=shape.name, gpu=g, breakdown=bd, fits=margin >= 0, margin_bytes=margin,
                 longest_context=longest, longest_context_capped=capped, recommendation=rec,
                 max_bpw_that_fits=max_bpw, decode_roofline_tok_s=roof, warnings=msgs, longest_safe_context=safe,
-                decode=est, decode_by_cache_mode=by_mode, depth=d, trained_positions=trained_positions(shape),
+                decode=est, decode_by_depth=by_depth, decode_by_cache_mode=by_mode, depth=d,
+                trained_positions=trained_positions(shape),
                 notes=notes)
 
 

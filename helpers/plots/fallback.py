@@ -47,7 +47,7 @@ def plot_time_per_token(predictions, reported=None, ax=None, title=None):
     fig, ax = figure(ax, (8, 2.2 + 0.45 * len(predictions)))
     labels = list(predictions)
     left = [0.0] * len(labels)
-    for key, name, colour in (("overhead_ms", "overhead", "0.6"), ("vram_ms", "read from VRAM", "C0"),
+    for key, name, colour in (("host_ms", "host", "0.6"), ("vram_ms", "read from VRAM", "C0"),
                               ("pcie_ms", "read over PCIe", "C3")):
         vals = [predictions[k].time_split_ms()[key] for k in labels]
         ax.barh(labels, vals, left=left, color=colour, label=name)

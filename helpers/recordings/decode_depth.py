@@ -45,23 +45,27 @@ def slope(shallow: tuple[int, float], deep: tuple[int, float]) -> float:
 def annotate(rows: list[dict[str, Any]], model: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows of one cache mode (any order) with the speed model's prediction and the implied per-position cost.
 
-    Each row gets ``predicted_tok_s`` (``decode_estimate`` at the row's measured bandwidth and weight bytes, first
-    principles: no calibration, the default host overhead; ``predicted_tok_s_low``/``_high`` its overhead range) and,
-    from the second depth on, the slope from the previous depth: ``slope_s_per_position``,
-    ``implied_position_bytes`` (slope x measured bandwidth) and ``implied_over_model`` (over ``position_bytes``).
-    The summary holds the slope from the shallowest to the deepest depth, the same way."""
+    Each row gets ``predicted_tok_s`` (``decode_estimate`` with the fitted constants, as the planner predicts it: at
+    the card's datasheet bandwidth, or the measured one for a card the course does not know, and its usual host;
+    ``predicted_tok_s_low``/``_high`` its likely range) and, from the second depth on, the slope from the previous
+    depth: ``slope_s_per_position``, ``implied_position_bytes`` (slope x measured bandwidth) and
+    ``implied_over_model`` (over ``position_bytes``). The summary holds the slope from the shallowest to the deepest
+    depth, the same way."""
     rows = sorted(rows, key=lambda r: r["depth"])
     for r in rows:
-        est = decode_estimate(model, weight_bytes=r["weights_bytes"], bandwidth_gbs=r["bandwidth_gbs"],
+        sheet = r.get("datasheet_bandwidth_gbs")
+        est = decode_estimate(model, weight_bytes=r["weights_bytes"], bandwidth_gbs=sheet or r["bandwidth_gbs"],
                               depth=r["depth"], cache_mode=r["cache_mode"], flash_attn=bool(r["flash_attn"]),
-                              efficiency=1.0)
+                              host=r.get("host") or "desktop")
         if est.position_bytes.total != r["position_bytes"]:
             raise CourseError(f"the harness counted {r['position_bytes']} B per position, the speed model "
                               f"{est.position_bytes.total}: they must be the same model")
+        inside = est.tok_s_low <= r["decode_tok_s"] <= est.tok_s_high
         r.update(kind=KIND, predicted_tok_s=est.tok_s, predicted_tok_s_low=est.tok_s_low,
                  predicted_tok_s_high=est.tok_s_high, measured_over_predicted=r["decode_tok_s"] / est.tok_s,
-                 prediction="helpers.speed.model.decode_estimate, first principles (efficiency 1, no calibration), "
-                            "at the measured bandwidth: " + "; ".join(est.assumptions))
+                 inside_predicted_range=inside,
+                 prediction=f"helpers.speed.model.decode_estimate, fitted constants, at the "
+                            f"{'datasheet' if sheet else 'measured'} bandwidth: " + "; ".join(est.assumptions))
     bw = rows[0]["bandwidth_gbs"] * 1e9
     for prev, r in zip(rows, rows[1:]):
         s = slope((prev["depth"], prev["decode_tok_s"]), (r["depth"], r["decode_tok_s"]))

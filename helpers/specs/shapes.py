@@ -322,3 +322,30 @@ def model_shape(spec: Any) -> ModelShape:
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     raise CourseError(f"unknown model '{text}'.{hint} Bundled: {', '.join(names)}; or pass a config.json or an "
                       "EXL2 folder")
+
+
+def trained_positions(shape: ModelShape) -> int:
+    """Positions the model was trained (or RoPE-scaled) for, from config.json: ``max_position_embeddings``, or with
+    ``rope_scaling`` (YaRN, linear, Llama 3) up to ``original_max_position_embeddings`` (else
+    max_position_embeddings) x ``factor``. Qwen2.5: 32,768 without YaRN, 131,072 with its YaRN factor 4."""
+    limit = shape.max_position_embeddings
+    if shape.rope_scaling and shape.rope_scaling_factor > 1:
+        base = shape.original_max_position_embeddings or shape.max_position_embeddings
+        limit = max(limit, int(base * shape.rope_scaling_factor))
+    return limit
+
+
+def long_context_tip(shape: ModelShape) -> str:
+    """One sentence on going past the trained positions, right for this model: Qwen2.5's documented YaRN recipe
+    (its model cards, "Processing Long Texts"), Llama 3's longer-trained successor, or the general answer."""
+    if shape.rope_scaling:
+        return (f"its config.json already scales RoPE ({shape.rope_scaling} x{shape.rope_scaling_factor:g}): choose a "
+                "model trained for a longer context")
+    if shape.model_type == "qwen2" and shape.max_position_embeddings == 32768:
+        return ("Qwen2.5's model card documents YaRN up to 131,072 tokens: add \"rope_scaling\": {\"type\": \"yarn\", "
+                "\"factor\": 4.0, \"original_max_position_embeddings\": 32768} to config.json (exllamav2 reads it)")
+    if shape.model_type == "llama" and shape.vocab == 128256 and shape.max_position_embeddings == 8192:
+        return "Llama 3 has no published recipe past 8,192: Llama 3.1, the same shape, was trained for 131,072"
+    return ("choose a model trained for that length (exllamav2 can stretch RoPE with scale_alpha_value, at a cost in "
+            "quality)")
+

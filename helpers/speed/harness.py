@@ -37,7 +37,13 @@ from helpers.format.config import load_config
 from helpers.models import embedded as models
 from helpers.speed.matrix import check_config, plan_matrix
 from helpers.speed.profile import profile_decode
-from helpers.speed.roofline import datasheet_bandwidth, decode_bytes, measure_bandwidth, roofline_tok_s
+from helpers.speed.roofline import (
+    datasheet_bandwidth,
+    datasheet_host,
+    decode_bytes,
+    measure_bandwidth,
+    roofline_tok_s,
+)
 
 
 def summarize(values: Sequence[float]) -> dict[str, float]:
@@ -266,6 +272,7 @@ def bench_matrix(model_dir=None, *, max_seq_lens: Iterable[int] = (4096, 32768),
                 bw = measure_bandwidth(str(b.device), threads=_torch_threads())
             method = _bandwidth_method(str(b.device))
             ds_bw = datasheet_bandwidth(_device_name(str(b.device)))
+            host = datasheet_host(_device_name(str(b.device)))
             for d in ds:
                 row = measure_loaded(b, d, repeats=repeats, warmup=warmup, decode_tokens=decode_tokens,
                                      prefill_tokens=prefill_tokens, profile_steps=profile_steps,
@@ -279,7 +286,8 @@ def bench_matrix(model_dir=None, *, max_seq_lens: Iterable[int] = (4096, 32768),
                     row["mem_peak_torch_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
                 row.update(model=model_label or Path(model_dir).name, model_dir=str(model_dir),
                            trained_ctx=trained, beyond_trained_ctx=bool(trained and c > trained),
-                           bandwidth_method=method, datasheet_bandwidth_gbs=ds_bw / 1e9 if ds_bw else None)
+                           bandwidth_method=method, datasheet_bandwidth_gbs=ds_bw / 1e9 if ds_bw else None,
+                           host=host)
                 rows.append(row)
         finally:
             b.unload()

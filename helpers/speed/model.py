@@ -1,54 +1,54 @@
-"""THE speed model: the time to decode one token with exllamav2 0.3.2 at a context depth, from the bytes it moves.
+"""THE speed model: seconds to decode one token with exllamav2 at a depth, from the bytes it moves and a few physical
+constants fitted to public measurements (``constants.json``, refitted by ``python -m helpers calibrate``):
 
-    time per token = weights in VRAM / bandwidth
-                   + depth x bytes per position / bandwidth   (x ``efficiency`` where a calibration is applied)
-                   + host overhead not hidden behind GPU work
-                   + bytes read over PCIe (spilled weights every token; spilled cache layers up to the depth) / PCIe
+    t = weights / (eta B) + depth (k_path A + k_dq Q) / (eta B) + layers h_host + hops t_hop + spilled bytes / PCIe
 
-Bytes per position (``position_bytes``), per decoded token, summed over the layers, from first principles and the
-exllamav2 0.3.2 sources (docs/FACTS.md "Decode cost at depth"):
-
-- the cache itself is read for every position: K and V at the cache mode's bytes, scales included
-  (``memory.kv_cache.kv_layer_bytes_per_token``);
-- quantized and FP8 caches: ``get_kv_state`` (cache.py) first dequantizes positions 0..depth of the layer into the
-  FP16 temp layer (``q_to_fp16_kv`` for Q4/Q6/Q8, ``fp8_to_fp16`` for FP8): FP16 K and V written, then read;
-- without flash-attn, ``ExLlamaV2Attention._attn_torch`` (attn.py; SDPA and matmul paths alike) calls ``repeat_kv``:
-  K and V go from n_kv_heads to n_heads for every position (a copy: n_heads x head_dim FP16 written, then read by
-  the attention op);
-- with flash-attn (``flash_attn_func``/paged ``flash_attn_with_kvcache``) the FP16 K and V (the cache, or the temp
-  layer for quantized modes) are read once, with the KV heads as they are.
-
-Not counted: the attention scores (n_heads x 2 bytes a few times per position, under 1%), the new token's own K/V
-write, activations. ``CALIBRATION`` is the ratio of a measured slope (the external H100 record) to this count.
+B is the datasheet bandwidth, A the bytes per position the attention path reads and Q what dequantizing a quantized
+cache moves (``position_bytes``, counted from the exllamav2 0.3.2 sources), eta the share of B reached, k the cost
+of each kind of attention byte relative to a weight byte, h the host/launch cost per layer on a desktop or a server,
+t_hop a GPU boundary. Every estimate carries the range that leaving each source out of the fit gave.
 """
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from helpers.core.errors import CourseError
+from helpers.core.paths import PACKAGE_DIR
 from helpers.memory.cache_modes import CACHE_RULES, check_cache_mode
 from helpers.memory.kv_cache import kv_layer_bytes_per_token
 from helpers.specs.shapes import model_shape
 
-#: the host overhead per token assumed when none is given (seconds, low and high): the host work that is NOT hidden
-#: behind GPU work. On a consumer card a 14B model's kernels run long enough for the host to launch the next ones in
-#: the meantime (the card sits near its roofline); on an H100 the same host work is most of the step (see
-#: ``h100_overhead_s``).
-DEFAULT_OVERHEAD_S = (0.0, 0.002)
+#: where ``python -m helpers calibrate`` writes the fitted constants (package data: the planner needs no results/)
+CONSTANTS_PATH = PACKAGE_DIR / "speed" / "constants.json"
+HOSTS = ("desktop", "server")
+#: what the model cannot see, said beside every range
+UNKNOWNS = ("the front end (its sampler and tok/s counter)", "the exllamav2 version", "the host CPU",
+            "speculative decoding (a draft model or n-grams can exceed these figures)")
 
 
+# ---------------------------------------------------------------------------------------- bytes per position
 @dataclass(frozen=True)
 class LayerBytes:
-    """Bytes one layer moves per position per decoded token."""
+    """Bytes one layer moves per position per decoded token: the cache as stored (``cache_read``), FP16 copies
+    written (``temp_written``: the dequantized temp layer, the repeat_kv copy) and read back (``temp_read``). The same
+    bytes by what moves them: ``dequant`` (a quantized cache read and expanded to FP16) and ``attention`` (what the
+    attention path itself reads and writes)."""
 
     cache_read: int
     temp_written: int
     temp_read: int
+    dequant: int = 0
 
     @property
     def total(self) -> int:
         return self.cache_read + self.temp_written + self.temp_read
+
+    @property
+    def attention(self) -> int:
+        return self.total - self.dequant
 
     def __getitem__(self, key: str) -> int:
         return getattr(self, key)
@@ -64,37 +64,31 @@ class PositionBytes:
     per_layer: LayerBytes
     derivation: str
 
-    @property
-    def cache_read(self) -> int:
-        return self.n_layers * self.per_layer.cache_read
-
-    @property
-    def temp_written(self) -> int:
-        return self.n_layers * self.per_layer.temp_written
-
-    @property
-    def temp_read(self) -> int:
-        return self.n_layers * self.per_layer.temp_read
-
-    @property
-    def total(self) -> int:
-        return self.n_layers * self.per_layer.total
+    def __getattr__(self, key: str) -> int:
+        if key in ("cache_read", "temp_written", "temp_read", "total", "attention", "dequant"):
+            return self.n_layers * getattr(self.per_layer, key)
+        raise AttributeError(key)
 
 
 def position_bytes(shape: Any, cache_mode: str = "fp16", flash_attn: bool = False) -> PositionBytes:
-    """Bytes per position per decoded token for an attention path and a cache mode (see the module docstring)."""
+    """Bytes per position per decoded token for an attention path and a cache mode, from the exllamav2 0.3.2 sources:
+    the cache is read (scales included); a quantized or FP8 cache is first dequantized into the FP16 temp layer
+    (cache.py ``get_kv_state``: written, then read); without flash-attn ``_attn_torch`` (attn.py) copies K and V to
+    every query head (``repeat_kv``: written, then read); flash-attn reads the FP16 K and V once. Not counted: the
+    scores (under 1%), the new token's own K/V, activations."""
     s = model_shape(shape)
     mode = check_cache_mode(cache_mode)
     fp16_kv = 2 * s.kv_dim * 2                   # K and V, n_kv_heads x head_dim, 2 bytes each
     fp16_rep = 2 * s.n_heads * s.head_dim * 2    # K and V repeated to n_heads by repeat_kv
     cache = kv_layer_bytes_per_token(s, mode)    # the cache's own bytes, scales included
-    written = read = 0
+    written = read = dequant = 0
     steps = [f"read the {mode.upper()} cache: {cache} B (K and V, {s.n_kv_heads} KV heads x {s.head_dim}"
              + (", scales included" if CACHE_RULES[mode].scales else "") + ")"]
     if CACHE_RULES[mode].temp:
         fn = "fp8_to_fp16" if mode == "fp8" else "q_to_fp16_kv"
         written += fp16_kv
         read += fp16_kv
+        dequant = cache + fp16_kv
         steps.append(f"cache.py get_kv_state -> {fn}: positions 0..depth dequantized into the FP16 temp layer every "
                      f"step: {fp16_kv} B written, {fp16_kv} B read by attention")
     if flash_attn:
@@ -107,71 +101,203 @@ def position_bytes(shape: Any, cache_mode: str = "fp16", flash_attn: bool = Fals
                      f"for every position: {fp16_rep} B written, {fp16_rep} B read by the attention op")
     else:
         steps.append("attn.py _attn_torch: no repeat_kv copy (as many KV heads as query heads)")
-    layer = LayerBytes(cache, written, read)
+    layer = LayerBytes(cache, written, read, dequant)
     derivation = (f"{s.name}, {mode.upper()} cache, {'flash-attn' if flash_attn else 'torch attention (no flash-attn)'}"
                   f", exllamav2 0.3.2, per layer and position: " + "; ".join(steps)
                   + f". Total {layer.total} B x {s.n_layers} layers = {layer.total * s.n_layers:,} B per position.")
     return PositionBytes(mode, bool(flash_attn), s.n_layers, layer, derivation)
 
 
-# ------------------------------------------------------------------------------------------------ calibration
-#: the external record's figures (results/speed/external-h100-exllamav2-0-3-2-2026-11-25.json, imported by
-#: scripts/import_external.py): Qwen2.5-14B-shaped 5.5 bpw, H100 80GB HBM3, no flash-attn, FP16 cache, no spill
-H100_RECORD = {"gpu": "NVIDIA H100 80GB HBM3", "hbm_read_gbs": 2857.0, "model": "qwen2.5-14b", "cache_mode": "fp16",
-               "flash_attn": False, "shallow": (128, 59.4), "deep": (30000, 18.1),
-               "source": "results/speed/external-h100-exllamav2-0-3-2-2026-11-25.json"}
+# --------------------------------------------------------------------------------------------- the constants
+#: the fitted constants: name -> (symbol, unit shown, scale to that unit, what it is)
+CONSTANT_INFO = {
+    "bandwidth_fraction": ("eta", "", 1.0, "share of the datasheet bandwidth reached reading weights"),
+    "flash_attn_cost": ("k_flash", "x", 1.0, "cost of an attention byte with flash-attn, relative to a weight byte"),
+    "torch_attn_cost": ("k_torch", "x", 1.0, "cost of an attention byte on torch attention (repeat_kv, no flash-attn)"),
+    "dequant_cost": ("k_dq", "x", 1.0, "cost of a byte a quantized cache moves when dequantized to FP16 each step"),
+    "layer_s_desktop": ("h_desktop", "us", 1e6, "host/launch time per layer per token on a desktop"),
+    "layer_s_server": ("h_server", "us", 1e6, "host/launch time per layer per token on a cloud/server host"),
+    "torch_host_extra": ("r_torch", "x", 1.0, "extra host time per layer on torch attention (its many small ops), as a "
+                                              "share of the host time with flash-attn"),
+    "hop_s": ("t_hop", "us", 1e6, "time per token for each boundary between GPUs in a layer split"),
+}
 
 
 @dataclass(frozen=True)
-class Calibration:
-    """measured slope / first-principles slope of decode time against depth, on one GPU. ``value`` multiplies the
-    first-principles attention time (1.0 = the bytes at full bandwidth)."""
+class SpeedConstants:
+    """The speed model's constants and the range its out-of-source errors gave (``constants.json``)."""
 
-    value: float
-    measured_s_per_position: float
-    predicted_s_per_position: float
-    gpu: str
-    label: str
-    source: str
+    values: dict
+    range_low: float
+    range_high: float
+    range_from: str
+    data_sha256: str = ""
+    n_points: int = 0
+    n_sources: int = 0
+    validation: dict = field(default_factory=dict)
+    #: constants no calibration point pins down, with what they fall back to
+    fallbacks: dict = field(default_factory=dict)
 
-    def __float__(self) -> float:
-        return self.value
+    def __getitem__(self, name: str) -> float:
+        return float(self.values[name])
+
+    def how(self, name: str) -> str:
+        """'fitted', or why not: the fallback a constant takes when no calibration point pins it down."""
+        return f"assumed: {self.fallbacks[name]}" if name in self.fallbacks else "fitted"
+
+    def coefficients(self) -> dict[str, float]:
+        """The constants as the multipliers of the terms: seconds = sum of coefficient x term."""
+        eta = self["bandwidth_fraction"]
+        r = self["torch_host_extra"]
+        return {"weights": 1 / eta, "attention_flash": self["flash_attn_cost"] / eta,
+                "attention_torch": self["torch_attn_cost"] / eta, "dequant": self["dequant_cost"] / eta,
+                "layers_desktop": self["layer_s_desktop"], "layers_server": self["layer_s_server"],
+                "layers_desktop_torch": r * self["layer_s_desktop"], "layers_server_torch": r * self["layer_s_server"],
+                "hops": self["hop_s"]}
+
+    def table(self) -> list[dict]:
+        """One row per constant: name, symbol, fitted value in its unit, meaning."""
+        return [{"constant": k, "symbol": sym, "value": round(self[k] * scale, 3), "unit": unit, "meaning": what}
+                for k, (sym, unit, scale, what) in CONSTANT_INFO.items()]
+
+    def range_text(self) -> str:
+        return (f"likely x{self.range_low:.2f} to x{self.range_high:.2f} of the central figure: {self.range_from}")
 
 
-def measured_slope(record: dict = H100_RECORD) -> float:
-    """Seconds per token added by each position of depth: (1/deep tok/s - 1/shallow tok/s) / (deep - shallow)."""
-    (d0, t0), (d1, t1) = record["shallow"], record["deep"]
-    return (1 / t1 - 1 / t0) / (d1 - d0)
+def first_principles(host_s_per_layer: float = 0.0) -> SpeedConstants:
+    """Constants with nothing fitted: the full datasheet (or measured) bandwidth, every attention byte as cheap as a
+    weight byte, the host time given; the range is a point. For a ceiling, or a comparison on one machine whose host
+    time was measured."""
+    vals = {k: 1.0 for k in ("bandwidth_fraction", "flash_attn_cost", "torch_attn_cost", "dequant_cost")}
+    vals.update(layer_s_desktop=host_s_per_layer, layer_s_server=host_s_per_layer, hop_s=0.0, torch_host_extra=0.0)
+    return SpeedConstants(vals, 1.0, 1.0, "first principles: no range", fallbacks={
+        k: "first principles" for k in CONSTANT_INFO})
 
 
-def predicted_slope(record: dict = H100_RECORD) -> float:
-    """Seconds per position from first principles: bytes per position / the record's measured bandwidth."""
-    pb = position_bytes(record["model"], record["cache_mode"], record["flash_attn"])
-    return pb.total / (record["hbm_read_gbs"] * 1e9)
+def constants_from_dict(doc: dict) -> SpeedConstants:
+    vals = {k: float(doc["constants"][k]["value"]) for k in CONSTANT_INFO}
+    r = doc["range"]
+    falls = {k: v["fallback"] for k, v in doc["constants"].items() if v.get("fallback")}
+    return SpeedConstants(vals, float(r["low"]), float(r["high"]), r["from"], doc.get("data_sha256", ""),
+                          int(doc.get("n_points", 0)), int(doc.get("n_sources", 0)), doc.get("validation", {}), falls)
 
 
-def calibrate(record: dict = H100_RECORD, label: str = "calibrated on H100 (external record)") -> Calibration:
-    m, p = measured_slope(record), predicted_slope(record)
-    return Calibration(m / p, m, p, record["gpu"], label, record["source"])
+def load_constants(path=CONSTANTS_PATH) -> SpeedConstants:
+    """The fitted constants; a one-line error when the file is missing or damaged."""
+    try:
+        return constants_from_dict(json.loads(open(path, encoding="utf-8").read()))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CourseError(f"the speed model's constants ({path}) cannot be read ({type(exc).__name__}): run "
+                          "`python -m helpers calibrate` to fit them again") from None
 
 
-#: the attention path's time multiplier measured on the external H100 record (no flash-attn, FP16 cache). Applying it
-#: to another GPU is an assumption, stated wherever it is used.
-CALIBRATION = calibrate()
+CONSTANTS = load_constants()
 
 
-def h100_overhead_s(weight_bytes: float, record: dict = H100_RECORD) -> float:
-    """Host time per token on the H100 record not explained by memory traffic: 1 / shallow tok/s - weights - the
-    shallow depth's attention (first principles), at the record's bandwidth."""
-    d0, t0 = record["shallow"]
-    return 1 / t0 - weight_bytes / (record["hbm_read_gbs"] * 1e9) - d0 * predicted_slope(record)
+# ------------------------------------------------------------------------------------------------- the terms
+@dataclass(frozen=True)
+class Stage:
+    """One device's share of a layer split: its layers, the weight bytes it reads per token, its bandwidth."""
+
+    n_layers: int
+    weight_bytes: float
+    bandwidth_gbs: float
+
+
+@dataclass(frozen=True)
+class DecodeTerms:
+    """What one token costs before any constant is applied: seconds at the full datasheet bandwidth for the weights,
+    the attention bytes and the dequantization bytes; the layers and GPU boundaries; the PCIe seconds of a spill."""
+
+    weights_s: float
+    attention_s: float
+    dequant_s: float
+    layers: int
+    hops: int
+    pcie_s: float
+    flash_attn: bool
+    host: str
+
+    def features(self) -> dict[str, float]:
+        """The terms ``SpeedConstants.coefficients`` multiply (one attention entry is 0: the other path's)."""
+        desk, serv = (self.layers if self.host == h else 0.0 for h in HOSTS)
+        torch = 0.0 if self.flash_attn else 1.0
+        return {"weights": self.weights_s, "attention_flash": self.attention_s if self.flash_attn else 0.0,
+                "attention_torch": 0.0 if self.flash_attn else self.attention_s, "dequant": self.dequant_s,
+                "layers_desktop": desk, "layers_server": serv, "layers_desktop_torch": desk * torch,
+                "layers_server_torch": serv * torch, "hops": float(self.hops)}
+
+    def seconds(self, constants: SpeedConstants | None = None) -> dict[str, float]:
+        """Seconds per token by term: weights, attention (dequantization included), host, hops, pcie."""
+        c = (constants or CONSTANTS).coefficients()
+        f = self.features()
+        return {"weights": c["weights"] * f["weights"],
+                "attention": (c["attention_flash"] * f["attention_flash"] + c["attention_torch"]
+                              * f["attention_torch"] + c["dequant"] * f["dequant"]),
+                "host": sum(c[k] * f[k] for k in ("layers_desktop", "layers_server", "layers_desktop_torch",
+                                                  "layers_server_torch")),
+                "hops": c["hops"] * f["hops"], "pcie": self.pcie_s}
+
+
+def check_host(host: Any) -> str:
+    if host not in HOSTS:
+        raise CourseError(f"unknown host {host!r}: use 'desktop' (a PC with the GPU in it) or 'server' (a cloud or "
+                          "data-centre machine)")
+    return host
+
+
+def decode_terms(shape: Any, stages: Sequence[Stage], *, depth: int, cache_mode: str = "fp16",
+                 flash_attn: bool = False, host: str = "desktop", spilled_weight_bytes: float = 0,
+                 spilled_cache_layers: int = 0, pcie_gbs: float | None = None) -> DecodeTerms:
+    """The terms of one token at ``depth`` for a model split over ``stages`` (one per device, in order). A spill
+    (``spilled_weight_bytes`` of the weights, ``spilled_cache_layers`` cache layers read over PCIe at ``pcie_gbs``)
+    is for one device."""
+    s = model_shape(shape)
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+        raise CourseError(f"depth must be a whole number of tokens >= 0, got {depth!r}")
+    if not stages or sum(st.n_layers for st in stages) != s.n_layers:
+        raise CourseError(f"the devices must hold {s.n_layers} layers between them")
+    for st in stages:
+        if st.bandwidth_gbs is None or st.bandwidth_gbs <= 0:
+            raise CourseError(f"bandwidth_gbs must be a positive number of GB/s, got {st.bandwidth_gbs!r}")
+        if st.weight_bytes is None or st.weight_bytes <= 0:
+            raise CourseError("weight_bytes must be positive")
+    spill = spilled_weight_bytes or spilled_cache_layers
+    if spill and len(stages) > 1:
+        raise CourseError("the spill model covers one GPU")
+    if not 0 <= spilled_weight_bytes <= stages[0].weight_bytes:
+        raise CourseError("spilled_weight_bytes must be between 0 and weight_bytes")
+    if not 0 <= spilled_cache_layers <= s.n_layers:
+        raise CourseError(f"spilled_cache_layers must be between 0 and {s.n_layers}, got {spilled_cache_layers}")
+    if spill and not pcie_gbs:
+        raise CourseError("something spilled: pass pcie_gbs, the GB/s the GPU reads system memory at")
+    pb = position_bytes(s, cache_mode, flash_attn)
+    # spilled cache layers: their own cache crosses PCIe; the FP16 copies are made in VRAM
+    cache_pcie = spilled_cache_layers * pb.per_layer.cache_read * depth
+    weights = attention = dequant = 0.0
+    for st in stages:
+        bw = st.bandwidth_gbs * 1e9
+        share = st.n_layers / s.n_layers
+        weights += st.weight_bytes / bw
+        attention += depth * pb.attention * share / bw
+        dequant += depth * pb.dequant * share / bw
+    bw0 = stages[0].bandwidth_gbs * 1e9
+    weights -= spilled_weight_bytes / bw0
+    if cache_pcie:  # the spilled layers' cache is no longer read from VRAM
+        moved = cache_pcie / bw0
+        take = min(moved, dequant) if pb.dequant else 0.0
+        dequant -= take
+        attention -= moved - take
+    pcie = (spilled_weight_bytes + cache_pcie) / (pcie_gbs * 1e9) if spill else 0.0
+    return DecodeTerms(weights, max(0.0, attention), max(0.0, dequant), s.n_layers, len(stages) - 1, pcie,
+                       bool(flash_attn), check_host(host))
 
 
 # ------------------------------------------------------------------------------------------------- estimate
 @dataclass
 class DecodeEstimate:
-    """Decode speed at one depth: ``tok_s`` (central), ``tok_s_low``..``tok_s_high``, the seconds per token by term
-    (central), the bytes per position used, and the assumptions behind it. Always an estimate."""
+    """Decode speed at one depth: ``tok_s`` (central), ``tok_s_low``..``tok_s_high`` (the likely range), the
+    seconds per token by term, the bytes per position, and the assumptions behind it. Always an estimate."""
 
     tok_s: float
     tok_s_low: float
@@ -181,81 +307,65 @@ class DecodeEstimate:
     depth: int
     assumptions: list = field(default_factory=list)
     label: str = "estimate"
+    terms: DecodeTerms | None = None
+
+    @property
+    def ceiling_tok_s(self) -> float:
+        """The same bytes at the full datasheet bandwidth with no host time: what memory allows on this path."""
+        t = self.terms
+        return 1 / (t.weights_s + t.attention_s + t.dequant_s + t.pcie_s)
+
+    def short(self) -> str:
+        """'38 tok/s (likely 31-46)'."""
+        return f"{self.tok_s:.0f} tok/s (likely {self.tok_s_low:.0f}-{self.tok_s_high:.0f})"
 
     def describe(self) -> str:
-        return (f"{self.tok_s:.1f} tok/s ({self.label}; range {self.tok_s_low:.1f}-{self.tok_s_high:.1f}) at depth "
-                f"{self.depth:,}, {self.position_bytes.cache_mode.upper()} cache, "
-                f"{'flash-attn' if self.position_bytes.flash_attn else 'no flash-attn'}")
+        return (f"{self.short()} at depth {self.depth:,}, {self.position_bytes.cache_mode.upper()} cache, "
+                f"{'flash-attn' if self.position_bytes.flash_attn else 'no flash-attn'} ({self.label})")
 
 
-def _pair(overhead_s) -> tuple[float, float]:
-    lo, hi = (overhead_s, overhead_s) if isinstance(overhead_s, (int, float)) else tuple(overhead_s)
-    if lo < 0 or hi < lo:
-        raise CourseError(f"overhead_s must be seconds >= 0: a number, or (low, high) with low <= high; got "
-                          f"{overhead_s}")
-    return float(lo), float(hi)
+def estimate_from_terms(terms: DecodeTerms, pb: PositionBytes, depth: int,
+                        constants: SpeedConstants | None = None, extra: Sequence[str] = ()) -> DecodeEstimate:
+    c = constants or CONSTANTS
+    sec = terms.seconds(c)
+    tok_s = 1 / sum(sec.values())
+    path = "flash-attn" if terms.flash_attn else "torch attention with repeat_kv"
+    assumptions = [
+        f"{pb.total:,} B per position per token ({pb.cache_mode.upper()} cache, {path}), first principles",
+        f"bandwidth: {c['bandwidth_fraction']:.2f} of the datasheet's; attention bytes cost "
+        f"x{c['flash_attn_cost' if terms.flash_attn else 'torch_attn_cost']:.2f}"
+        + (f", dequantization bytes x{c['dequant_cost']:.2f}" if pb.dequant else "")
+        + f" ({c.how('flash_attn_cost' if terms.flash_attn else 'torch_attn_cost')})",
+        f"{terms.host} host: {c['layer_s_' + terms.host] * 1e6:.0f} us per layer per token "
+        f"({c.how('layer_s_' + terms.host)})" + ("" if terms.flash_attn else
+                                                  f", x{1 + c['torch_host_extra']:.2f} on torch attention "
+                                                  f"({c.how('torch_host_extra')})"),
+        f"range: {c.range_text()}",
+        "not known to the model: " + "; ".join(UNKNOWNS),
+    ] + list(extra)
+    if terms.hops:
+        assumptions.append(f"{terms.hops} GPU boundary(ies) at {c['hop_s'] * 1e6:.0f} us per token ({c.how('hop_s')})")
+    if terms.pcie_s:
+        assumptions.append("the PCIe term is first principles (sourced link bandwidth); no spill is in the fit")
+    return DecodeEstimate(tok_s, tok_s * c.range_low, tok_s * c.range_high, sec, pb, int(depth), assumptions,
+                          terms=terms)
 
 
 def decode_estimate(shape: Any, *, weight_bytes: float, bandwidth_gbs: float, depth: int, cache_mode: str = "fp16",
-                    flash_attn: bool = False, overhead_s=DEFAULT_OVERHEAD_S, efficiency=None,
-                    spilled_weight_bytes: float = 0, spilled_cache_layers: int = 0,
-                    pcie_gbs: float | None = None) -> DecodeEstimate:
-    """Decode tokens/s at ``depth`` (see the module docstring for the formula).
-
-    ``weight_bytes``: every weight byte a token reads (GPU-resident and spilled); ``spilled_weight_bytes`` of them are
-    read over PCIe instead of VRAM. ``spilled_cache_layers``: layers whose cache sits in system memory; their cache
-    bytes (not the FP16 temp copies, made in VRAM) up to the depth cross PCIe. ``efficiency``: None (the range spans
-    first principles to ``CALIBRATION``, the central figure is first principles), or a multiplier of the attention
-    time such as ``CALIBRATION`` (then the central figure uses it). ``overhead_s``: seconds or (low, high).
-    """
+                    flash_attn: bool = False, host: str = "desktop", spilled_weight_bytes: float = 0,
+                    spilled_cache_layers: int = 0, pcie_gbs: float | None = None,
+                    constants: SpeedConstants | None = None) -> DecodeEstimate:
+    """Decode tokens/s at ``depth`` on one GPU (see the module docstring). ``weight_bytes``: every weight byte a token
+    reads, ``spilled_weight_bytes`` of them over PCIe; ``spilled_cache_layers``: layers whose cache sits in system
+    memory (their cache bytes up to the depth cross PCIe)."""
     s = model_shape(shape)
-    if bandwidth_gbs is None or bandwidth_gbs <= 0:
-        raise CourseError(f"bandwidth_gbs must be a positive number of GB/s, got {bandwidth_gbs!r}")
-    if depth < 0:
-        raise CourseError(f"depth must not be negative, got {depth}")
-    if weight_bytes is None or weight_bytes <= 0 or not 0 <= spilled_weight_bytes <= weight_bytes:
-        raise CourseError("weight_bytes must be positive and spilled_weight_bytes between 0 and weight_bytes")
-    if not 0 <= spilled_cache_layers <= s.n_layers:
-        raise CourseError(f"spilled_cache_layers must be between 0 and {s.n_layers}, got {spilled_cache_layers}")
-    spill = spilled_weight_bytes or spilled_cache_layers
-    if spill and not pcie_gbs:
-        raise CourseError("something spilled: pass pcie_gbs, the GB/s the GPU reads system memory at")
-    pb = position_bytes(s, cache_mode, flash_attn)
-    lo_oh, hi_oh = _pair(overhead_s)
-    eff = None if efficiency is None else float(efficiency)
-    if eff is not None and eff <= 0:
-        raise CourseError(f"efficiency must be a positive multiplier, got {efficiency!r}")
-    bw = bandwidth_gbs * 1e9
-    # bytes of spilled cache layers' own cache cross PCIe; the rest of the attention traffic stays in VRAM
-    cache_pcie = spilled_cache_layers * pb.per_layer.cache_read * depth
-    pcie_s = (spilled_weight_bytes + cache_pcie) / (pcie_gbs * 1e9) if spill else 0.0
-    weights_s = (weight_bytes - spilled_weight_bytes) / bw
-    attn_base = (depth * pb.total - cache_pcie) / bw
-    effs = [1.0, float(CALIBRATION)] if eff is None else [1.0, eff]
-    central_eff = 1.0 if eff is None else eff
-    fixed = weights_s + pcie_s
-    seconds = {"weights": weights_s, "attention": attn_base * central_eff, "overhead": (lo_oh + hi_oh) / 2,
-               "pcie": pcie_s}
-    central = sum(seconds.values())
-    fast = fixed + attn_base * min(effs) + lo_oh
-    slow = fixed + attn_base * max(effs) + hi_oh
-    assumptions = [
-        f"bandwidth {bandwidth_gbs:g} GB/s for weights and attention traffic",
-        f"{pb.total:,} B per position per token ({pb.cache_mode.upper()} cache, "
-        f"{'flash-attn' if pb.flash_attn else 'torch attention with repeat_kv'}), first principles",
-        f"host overhead not hidden behind GPU work: {lo_oh * 1e3:g}-{hi_oh * 1e3:g} ms per token",
-    ]
-    if eff is None:
-        assumptions.append(f"attention time x1 (first principles) to x{CALIBRATION.value:.2f} "
-                           f"({CALIBRATION.label}; applying it to another GPU is an assumption)")
-    else:
-        assumptions.append(f"attention time x{eff:.2f}"
-                           + (f" ({efficiency.label}; applying it to another GPU is an assumption)"
-                              if isinstance(efficiency, Calibration) else " (given)"))
-    if spill:
-        assumptions.append(f"PCIe {pcie_gbs:g} GB/s: {spilled_weight_bytes:,.0f} B of weights every token, "
-                           f"{spilled_cache_layers} cache layer(s) up to the depth")
-    return DecodeEstimate(1 / central, 1 / slow, 1 / fast, seconds, pb, int(depth), assumptions)
+    stage = Stage(s.n_layers, weight_bytes, bandwidth_gbs)
+    terms = decode_terms(s, [stage], depth=depth, cache_mode=cache_mode, flash_attn=flash_attn, host=host,
+                         spilled_weight_bytes=spilled_weight_bytes, spilled_cache_layers=spilled_cache_layers,
+                         pcie_gbs=pcie_gbs)
+    extra = ([f"PCIe {pcie_gbs:g} GB/s: {spilled_weight_bytes:,.0f} B of weights every token, "
+              f"{spilled_cache_layers} cache layer(s) up to the depth"] if terms.pcie_s else [])
+    return estimate_from_terms(terms, position_bytes(s, cache_mode, flash_attn), depth, constants, extra)
 
 
 def estimate_curve(shape: Any, depths, **kw) -> list[DecodeEstimate]:
@@ -264,11 +374,16 @@ def estimate_curve(shape: Any, depths, **kw) -> list[DecodeEstimate]:
 
 
 def depth_for_speed(shape: Any, tok_s: float, *, weight_bytes: float, bandwidth_gbs: float, cache_mode: str = "fp16",
-                    flash_attn: bool = False, overhead_s: float = 0.0, efficiency=None) -> int | None:
-    """The depth at which ``decode_estimate`` (no spill, one overhead, one efficiency) falls to ``tok_s``; 0 if it
-    is already slower at depth 0."""
-    pb = position_bytes(shape, cache_mode, flash_attn)
-    bw = bandwidth_gbs * 1e9
-    per_pos = pb.total / bw * (1.0 if efficiency is None else float(efficiency))
-    left = 1 / tok_s - weight_bytes / bw - float(overhead_s)
-    return max(0, round(left / per_pos))
+                    flash_attn: bool = False, host: str = "desktop",
+                    constants: SpeedConstants | None = None) -> int | None:
+    """The depth at which the central estimate (nothing spilled) falls to ``tok_s``: 0 if it is already slower at
+    depth 0. The time is linear in the depth, so two estimates give it."""
+    if tok_s <= 0:
+        raise CourseError(f"a target speed must be positive, got {tok_s}")
+    kw = dict(weight_bytes=weight_bytes, bandwidth_gbs=bandwidth_gbs, cache_mode=cache_mode, flash_attn=flash_attn,
+              host=host, constants=constants)
+    t0 = 1 / decode_estimate(shape, depth=0, **kw).tok_s
+    t1 = 1 / decode_estimate(shape, depth=1000, **kw).tok_s
+    per_pos = (t1 - t0) / 1000
+    left = 1 / tok_s - t0
+    return max(0, math.floor(left / per_pos + 0.5)) if per_pos > 0 else (0 if left <= 0 else None)

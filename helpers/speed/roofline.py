@@ -10,7 +10,7 @@ What is counted as "bytes per decoded token" (``decode_bytes``):
   temp layer, and without flash-attn the ``repeat_kv`` copy from KV heads to query heads).
 - Not counted: activations, the logits, scratch buffers.
 
-The roofline is ``helpers.speed.model.decode_estimate`` with no host overhead and first-principles attention.
+The roofline is ``helpers.speed.model.decode_estimate`` with ``first_principles()``: full bandwidth, no host time.
 The bandwidth: measured on the device (``measure_bandwidth``, the median of sums over one large buffer) or the
 datasheet's (``datasheet_bandwidth``).
 """
@@ -148,3 +148,12 @@ def datasheet_bandwidth(device_name: str | None) -> float | None:
     except CourseError:  # not a known card
         return None
     return float(gbs) * 1e9 if gbs else None
+
+
+def datasheet_host(device_name: str | None) -> str | None:
+    """Where a known GPU usually sits ('desktop' or 'server', ``specs.gpus``), or None for an unknown card."""
+    try:
+        return gpu_spec(str(device_name).strip())["host"] if device_name else None
+    except CourseError:
+        return None
+

@@ -14,14 +14,15 @@ def _w14b() -> int:
 
 def depth_for_25_no_flash() -> int:
     card = gpus.gpu_spec("RTX 4080 Super")
-    # no flash-attn, FP16 cache, nothing spilled, no host overhead, attention calibrated on the H100 (an assumption)
+    # no flash-attn, FP16 cache, nothing spilled, a desktop host: the speed model with its fitted constants
     return model.depth_for_speed("qwen2.5-14b", 25, weight_bytes=_w14b(), bandwidth_gbs=card["bandwidth_gbs"],
-                                 flash_attn=False, efficiency=model.CALIBRATION)
+                                 flash_attn=False)
 
 
-def depth_for_25_uncalibrated() -> int:               # forgot the calibration: first-principles bytes only
+def depth_for_25_first_principles() -> int:           # forgot the constants: datasheet bandwidth, no host time
     card = gpus.gpu_spec("RTX 4080 Super")
-    return model.depth_for_speed("qwen2.5-14b", 25, weight_bytes=_w14b(), bandwidth_gbs=card["bandwidth_gbs"])
+    return model.depth_for_speed("qwen2.5-14b", 25, weight_bytes=_w14b(), bandwidth_gbs=card["bandwidth_gbs"],
+                                 constants=model.first_principles())
 
 
 def q4_over_fp16_no_flash() -> float:
@@ -34,22 +35,22 @@ def q4_cache_bytes_only() -> float:                   # the cache's own bytes: w
 
 
 def h100_roofline_at_128() -> float:
-    r = model.H100_RECORD
-    depth = r["shallow"][0]
-    per_pos = model.position_bytes(r["model"], r["cache_mode"], r["flash_attn"]).total
-    return r["hbm_read_gbs"] * 1e9 / (_w14b() + depth * per_pos)
+    # the external H100 record: 2,857 GB/s measured, 128 deep, FP16 cache, no flash-attn
+    per_pos = model.position_bytes("qwen2.5-14b", "fp16", flash_attn=False).total
+    return 2857e9 / (_w14b() + 128 * per_pos)
 
 
 EXERCISES = register(
     Exercise(
         "03.depth_for_25",
         "An RTX 4080 Super (736 GB/s) runs Qwen2.5-14B at 5.5 bpw with an FP16 cache, WITHOUT flash-attn, nothing "
-        "spilled, no host overhead, and the attention path as slow as on the H100 record (efficiency=CALIBRATION). "
-        "How many tokens deep does decode fall to 25 tok/s?",
+        "spilled, on a desktop, with the speed model's fitted constants. How many tokens deep does decode fall to "
+        "25 tok/s?",
         depth_for_25_no_flash, unit="tokens", rel_tol=0.03,
-        hint="1/25 s = weights/bandwidth + depth x bytes per position / bandwidth x CALIBRATION; solve for depth "
-             "(model.depth_for_speed does it)",
-        mistakes=((depth_for_25_uncalibrated, "that is first principles; apply efficiency=model.CALIBRATION"),)),
+        hint="1/25 s = weights/(eta B) + layers x h_desktop + depth x k_torch x bytes per position/(eta B); solve "
+             "for depth (model.depth_for_speed does it)",
+        mistakes=((depth_for_25_first_principles, "that is first principles (full bandwidth, no host time): use the "
+                                                   "fitted constants, model.CONSTANTS"),)),
     Exercise(
         "03.q4_vs_fp16",
         "Without flash-attn, how many times the bytes per position of an FP16 cache does a Q4 cache move per decoded "

@@ -20,13 +20,13 @@ def lm_head_only_tok_s() -> float:
     est = speed.decode_estimate("qwen2.5-14b", weight_bytes=w["vram_bytes"], bandwidth_gbs=bw, depth=256,
                                 flash_attn=True, spilled_weight_bytes=w["lm_head_bytes"],
                                 pcie_gbs=pcie_practical_bandwidth(4, 16) / 1e9)
-    return est.tok_s                            # central estimate: first principles, 1 ms of host overhead
+    return est.tok_s                            # the central estimate, the fitted constants
 
 
 def lm_head_read_twice() -> float:              # a slip: the lm_head counted in VRAM as well as over PCIe
     w, bw = _seed()
-    seconds = w["vram_bytes"] / (bw * 1e9) + w["lm_head_bytes"] / pcie_practical_bandwidth(4, 16) + 0.001
-    return 1 / (seconds + 256 * speed.position_bytes("qwen2.5-14b", flash_attn=True).total / (bw * 1e9))
+    eta = speed.CONSTANTS["bandwidth_fraction"]
+    return 1 / (1 / lm_head_only_tok_s() + w["lm_head_bytes"] / (eta * bw * 1e9))
 
 
 def reported_over_roofline() -> float:
@@ -44,23 +44,23 @@ def reported_over_roofline_gib() -> float:     # a slip: GiB per token against a
 def depth_for_25_without_flash_attn() -> int:
     w, bw = _seed()
     return speed.depth_for_speed("qwen2.5-14b", 25.0, weight_bytes=w["vram_bytes"], bandwidth_gbs=bw,
-                                 flash_attn=False, overhead_s=0.001)
+                                 flash_attn=False)
 
 
-def depth_for_25_cache_only() -> int:          # a slip: only the cache's own bytes, no repeat_kv copy
+def depth_for_25_cache_only() -> int:          # a slip: flash-attn's bytes per position, no repeat_kv copy
     w, bw = _seed()
-    per_pos = speed.position_bytes("qwen2.5-14b", flash_attn=True).total / (bw * 1e9)
-    return round((1 / 25 - w["vram_bytes"] / (bw * 1e9) - 0.001) / per_pos)
+    return speed.depth_for_speed("qwen2.5-14b", 25.0, weight_bytes=w["vram_bytes"], bandwidth_gbs=bw,
+                                 flash_attn=True)
 
 
 EXERCISES = register(
     Exercise(
         "04.lm_head_only",
-        "Suppose only the lm_head landed in system RAM (flash-attn, FP16 cache, 256 tokens deep, PCIe 25 GB/s, "
-        "1 ms of host overhead). How many tok/s does the three-line model give for the seed case?",
+        "Suppose only the lm_head landed in system RAM (flash-attn, FP16 cache, 256 tokens deep, PCIe 25 GB/s). How "
+        "many tok/s does the speed model give for the seed case?",
         lm_head_only_tok_s, unit="tok/s", rel_tol=0.01,
-        hint="weights still in VRAM / 736 GB/s + 256 x bytes per position / 736 GB/s + 1 ms + lm_head bytes / "
-             "25 GB/s; tok/s = 1 / that",
+        hint="speed.decode_estimate(..., spilled_weight_bytes=the lm_head's bytes, pcie_gbs=25): the weights still "
+             "in VRAM at eta x 736 GB/s, the host time, and the lm_head over PCIe",
         mistakes=((lm_head_read_twice, "the lm_head is read over PCIe instead of from VRAM, not as well: take its "
                                        "bytes out of the VRAM term"),)),
     Exercise(
@@ -72,11 +72,11 @@ EXERCISES = register(
         mistakes=((reported_over_roofline_gib, "bytes and GB/s: do not convert the bytes to GiB"),)),
     Exercise(
         "04.depth_no_flash",
-        "Nothing spilled and no flash-attn: at what depth does the seed case fall to 25 tok/s (first principles, "
-        "1 ms of host overhead)?",
+        "Nothing spilled and no flash-attn: at what depth does the seed case fall to 25 tok/s (the speed model, "
+        "its fitted constants)?",
         depth_for_25_without_flash_attn, unit="tokens", rel_tol=0.02,
-        hint="solve 1/25 s = weights / 736 GB/s + 1 ms + depth x bytes per position / 736 GB/s, with the bytes per "
-             "position of torch attention (repeat_kv writes and reads K and V for 40 heads)",
+        hint="speed.depth_for_speed(..., flash_attn=False): the bytes per position of torch attention (repeat_kv "
+             "writes and reads K and V for 40 heads) at the torch path's fitted cost",
         mistakes=((depth_for_25_cache_only, "that is flash-attn's cost per position: without it, repeat_kv copies "
                                             "K and V to 40 heads and reads them again"),)),
 )
