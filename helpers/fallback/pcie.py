@@ -9,9 +9,10 @@ from helpers.core.errors import CourseError
 #: PCIe transfer rate per lane in GT/s and its line encoding, by generation (PCI-SIG base specifications)
 PCIE_GT_S = {1: 2.5, 2: 5.0, 3: 8.0, 4: 16.0, 5: 32.0, 6: 64.0}
 PCIE_ENCODING = {1: 8 / 10, 2: 8 / 10, 3: 128 / 130, 4: 128 / 130, 5: 128 / 130, 6: 242 / 256}
-#: what a GPU reads over PCIe 4.0 x16 in practice: an ASSUMED ~25 GB/s of 31.5 GB/s raw (about 80%; docs/FACTS.md §5),
-#: not measured here. `python -m helpers probe --fallback` and the Linux emulator measure the real figure.
-PRACTICAL_PCIE_GBS_GEN4_X16 = 25.0
+#: the share of the raw rate a GPU kernel reached reading mapped host memory (zero-copy) on the external H100 record:
+#: 47.7 GB/s on PCIe 5.0 x16 (63.0 GB/s raw), results/speed/external-h100-exllamav2-0-3-2-2026-11-25.json. Applied to
+#: another link it is an assumption; `python -m helpers probe --fallback` and the Linux emulator measure the real one.
+MEASURED_ZERO_COPY_GBS, MEASURED_ON = 47.7, (5, 16)
 
 
 def pcie_raw_bandwidth(gen: int, lanes: int = 16) -> float:
@@ -24,6 +25,7 @@ def pcie_raw_bandwidth(gen: int, lanes: int = 16) -> float:
 
 
 def pcie_practical_bandwidth(gen: int, lanes: int = 16) -> float:
-    """What a GPU reads over the link in practice (bytes/s): the raw rate times 25/31.5, the assumed efficiency of
-    ``PRACTICAL_PCIE_GBS_GEN4_X16`` (docs/FACTS.md §5)."""
-    return pcie_raw_bandwidth(gen, lanes) * PRACTICAL_PCIE_GBS_GEN4_X16 * 1e9 / pcie_raw_bandwidth(4, 16)
+    """What a GPU reads over the link in practice (bytes/s): the raw rate times the share measured on the external
+    H100 record (47.7 of 63.0 GB/s, 76%): 23.9 GB/s on PCIe 4.0 x16, against 31.5 raw by the standard."""
+    share = MEASURED_ZERO_COPY_GBS * 1e9 / pcie_raw_bandwidth(*MEASURED_ON)
+    return pcie_raw_bandwidth(gen, lanes) * share

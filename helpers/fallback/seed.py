@@ -27,7 +27,13 @@ from helpers.speed.roofline import roofline_tok_s
 
 #: what the user reported (docs/FACTS.md §1): Qwen2.5-14B-Instruct EXL2 5.5 bpw, ExLlamaV2, RTX 4080 Super, Windows
 SEED = {"model": "qwen2.5-14b", "bpw": 5.5, "gpu": "RTX 4080 Super", "tok_s_4k": 80.0, "tok_s_32k": 25.0,
-        "used_4k_gib": 12.0, "full_gib": 15.8, "source": "the user's report (docs/FACTS.md §1)"}
+        "used_4k_gib": 12.0, "full_gib": 15.8, "source": "the user's report (docs/FACTS.md §1)",
+        "url": "https://github.com/turboderp-org/exllamav2/issues/739",
+        "title": "Only 25t/s at 4080s with 14B model 5.5bits",
+        "command": "python examples/chat.py -m <Qwen2.5-14B-Instruct EXL2> -mode raw -pt -ncf -ngram",
+        "setup": "Windows, torch 2.6.0+cu124, bartowski's Qwen2.5-14B-Instruct EXL2 (the body says 5.0 bit)",
+        "reading": "no -l: the cache takes the model's full length (32,768); no cache flag: FP16; no -gs: "
+                   "model.load() and then the cache; -ngram: n-gram speculative decoding; -pt: timings printed"}
 #: the share of the datasheet bandwidth a good memory-bound kernel reaches: an ASSUMPTION (typical, not measured
 #: here), used only to say how far 80 tok/s is from a realistic ceiling
 REALISTIC_BANDWIDTH_SHARE = 0.85
@@ -84,10 +90,11 @@ def _model(**kw) -> SpillModel:
 
 def seed_case(*, depth: int = 256, pcie_bandwidth: float | None = None, flash_attn: bool = False,
               load_path: str = "autosplit", placement: str = "first_come") -> dict:
-    """The seed case told with the spill model: VRAM 736 GB/s (datasheet); PCIe 4.0 x16 ~25 GB/s in practice (an
-    assumption, docs/FACTS.md §5); the speed model's fitted constants (NOT derived from the 80 tok/s, which is above
-    what the memory allows: ``roofline_check``); the OS reserve from the user's memory readings; the load
-    path and the placement: the two details the report does not give. Returns the predictions at 4k and 32k, the
+    """The seed case told with the spill model: VRAM 736 GB/s (datasheet); PCIe 4.0 x16 23.9 GB/s in practice (31.5
+    raw by the standard x the share the external H100 record measured, docs/FACTS.md §5); the speed model's fitted
+    constants (NOT derived from the 80 tok/s, which is above what the memory allows: ``roofline_check``); the OS
+    reserve from the user's memory readings; the load path (the report's chat.py without -gs: 'load'; other front
+    ends: 'autosplit') and the placement, which the report does not give. Returns the predictions at 4k and 32k, the
     spill the reported 25 tok/s would need, and the ratio predicted/reported."""
     s = SEED
     m = _model(pcie_bandwidth=pcie_bandwidth, flash_attn=flash_attn, load_path=load_path, placement=placement)
@@ -102,7 +109,7 @@ def seed_case(*, depth: int = 256, pcie_bandwidth: float | None = None, flash_at
 
 
 def seed_variants(depth: int = 256) -> list[dict]:
-    """The seed's 32k prediction for each load path and each placement, PCIe practical (25 GB/s) and raw
+    """The seed's 32k prediction for each load path and each placement, PCIe practical (23.9 GB/s) and raw
     (31.5 GB/s). None is fitted."""
     rows = []
     for path in LOAD_PATHS:
@@ -163,11 +170,11 @@ def _span(fn: Callable[[int], Any]) -> dict:
 
 def hypotheses(depth: int = 256) -> list[dict]:
     """The rival explanations of the case, one row each: ``id``, ``hypothesis``, ``must_be_true``, the predicted
-    tok/s at ``depth`` tokens deep (``tok_s``, range ``tok_s_low``..``tok_s_high``), the depth at which it gives the
-    reported 25 tok/s (``depth_for_25``: 0 = slower from the first token, None = not within the 32k cache; with the
-    range's ends), ``prediction`` (one line) and ``observation`` (what confirms or rules it out on the user's
-    machine). Spill rows use flash-attn so that the spill alone is tested (at a short depth the attention path
-    costs under 1 ms either way); depth rows spill nothing."""
+    tok/s at ``depth`` tokens deep (``tok_s``, likely range ``tok_s_low``..``tok_s_high``), the depth at which it
+    gives the reported 25 tok/s (``depth_for_25``: 0 = slower from the first token, None = not within the 32k cache;
+    with the range's ends), ``prediction`` (one line) and ``observation`` (what confirms or rules it out on the
+    user's machine). Spill rows use flash-attn so that the spill alone is tested; depth rows spill nothing; (b+d)
+    is both at once; (f) and (g) are about how the tok/s figure itself was counted."""
     s, rows = SEED, []
 
     def row(rid, hyp, must, fn, observation, prediction=None):
@@ -176,76 +183,85 @@ def hypotheses(depth: int = 256) -> list[dict]:
              "tok_s_low": e.tok_s_low, "tok_s_high": e.tok_s_high, **_span(fn), "observation": observation}
         d = r["depth_for_25"]
         when = ("slower than 25 from the first token" if d == 0 else "never 25 within the 32k cache" if d is None
-                else f"25 tok/s at ~{d:,} deep ({_range(r)})")
+                else f"25 tok/s at ~{d:,} deep ({likely(r)})")
         r["prediction"] = prediction or f"{e.tok_s:.0f} tok/s at {depth} deep; {when}"
         rows.append(r)
 
-    def spill(path, placement):
-        m = _model(load_path=path, placement=placement, flash_attn=True)
-        p = m.predict(s["model"], bpw=s["bpw"], max_seq_len=32768, depth=0)
-        return lambda d: p.at_depth(min(d, 32767))
-
-    a = spill("autosplit", "first_come")
+    fns = _row_functions()
+    a = fns["a"]
     gb = a(0).spilled_bytes / 1e9
     torch_attn = _model(placement="first_come").predict(s["model"], bpw=s["bpw"], max_seq_len=32768, depth=depth)
     row("a", "load_autosplit spill, first-come placement",
-        "load_autosplit(cache) (TabbyAPI, exllamav2's examples, webui autosplit); the driver places each allocation "
-        f"when made: the last layers and the lm_head ({a(0).spilled_weight_bytes / 1e9:.2f} GB of weights) in "
-        "system RAM",
+        "load_autosplit(cache) (TabbyAPI, webui autosplit; NOT the seed's chat.py, which had no -gs); the driver "
+        f"places each allocation when made: the last layers and the lm_head ({a(0).spilled_weight_bytes / 1e9:.2f} "
+        "GB of weights) in system RAM",
         a, f"Task Manager 'Shared GPU memory' ~{gb:.1f}-{torch_attn.spilled_bytes / 1e9:.1f} GB while decoding; slow "
-           "already at a short prompt; with 'Prefer No Sysmem Fallback' the load fails ('Insufficient VRAM'). Ruled "
-           "out if a short prompt runs faster than ~20 tok/s",
-        prediction=f"{a(depth).tok_s:.0f} tok/s at {depth} deep ({torch_attn.tok_s:.1f} without flash-attn: larger "
-                   f"prompt buffers, {torch_attn.spilled_bytes / 1e9:.1f} GB spilled); slower than 25 from the first "
-                   "token")
-    b = spill("load", "first_come")
+           "already at a short prompt; with 'Prefer No Sysmem Fallback' the load fails ('Insufficient VRAM')",
+        prediction=f"{a(depth).tok_s:.0f} tok/s at {depth} deep ({torch_attn.tok_s:.0f} without flash-attn); slower "
+                   "than 25 from the first token")
+    b = fns["b"]
     row("b", "model.load() then the cache: the last cache layers spill",
-        f"model.load() then ExLlamaV2Cache (webui, autosplit off); first-come placement: "
-        f"{b(0).spilled_cache_layers} cache layers in system RAM, read over PCIe up to the depth",
+        "the seed's own load path: chat.py without -gs calls model.load(), then creates the cache; first-come "
+        f"placement: {b(0).spilled_cache_layers} cache layers in system RAM, read over PCIe up to the depth",
         b, f"'Shared GPU memory' ~{b(0).spilled_bytes / 1e9:.1f} GB; fast at a short prompt, slowing with depth; "
            "the same depth with a cache that fits is fast again")
-    c = spill("autosplit", "first_touch")
     row("c", "only untouched buffers in system RAM (placement at first touch)",
         f"the driver keeps in VRAM what decoding touches: the dequant scratch and the prompt's transients "
-        f"({c(0).spilled_bytes / 1e9:.1f} GB) go to system RAM, no weight or cache layer does",
-        c, "'Shared GPU memory' > 0 but the speed is that of a cache that fits: the spill explains nothing; "
-           "`python -m helpers probe --fallback` reports the placement this driver follows")
+        f"({fns['c'](0).spilled_bytes / 1e9:.1f} GB) go to system RAM, no weight or cache layer does",
+        fns["c"], "'Shared GPU memory' > 0 but the speed is that of a cache that fits: the spill explains nothing; "
+                  "`python -m helpers probe --fallback` reports the placement this driver follows")
     row("c'", "only the lm_head in system RAM",
         "the lm_head (read in full every token) is the one weight over PCIe: a smaller overflow, or a driver that "
-        "demoted it", _lm_head_only,
-        "'Shared GPU memory' ~0.6 GB; ~25-28 tok/s already at a short prompt, nearly flat with depth (flash-attn); "
-        "a cache that fits restores ~65-70 tok/s")
+        "demoted it", fns["c'"],
+        "'Shared GPU memory' ~0.6 GB; slow already at a short prompt, nearly flat with depth (flash-attn); a cache "
+        "that fits restores the full speed")
     row("d", "no spill: depth without flash-attn",
-        "flash-attn absent (exllamav2 falls back to torch attention with repeat_kv, "
+        "flash-attn absent (no official Windows wheel; exllamav2 falls back to torch attention with repeat_kv, "
         f"{position_bytes(s['model'], 'fp16', False).total / 1e6:.2f} MB per position per token); the 25 tok/s read "
-        "that deep into the conversation", lambda d: _no_spill(d, False),
-        "`import flash_attn` fails in that Python; the speed falls with the number of tokens already in the context; "
-        "the same depth with a cache that fits (FP16 at 16k, or Q8 at 32k) is just as slow")
+        "that deep into the conversation", fns["d"],
+        "`import flash_attn` fails in that Python; chat.py -pt prints 'Context: N tokens' beside the speed: N is "
+        "in the range of depths here; the same depth with a cache that fits is just as slow")
     row("e", "no spill: depth with flash-attn",
         f"flash-attn installed ({position_bytes(s['model'], 'fp16', True).total / 1e6:.2f} MB per position per "
-        "token); the 25 tok/s read deep in the conversation", lambda d: _no_spill(d, True),
-        "`import flash_attn` works; ruled out as the whole story: even a full 32k context stays above 25 tok/s")
+        "token); the 25 tok/s read deep in the conversation", fns["e"],
+        "`import flash_attn` works; on its own it cannot reach 25 tok/s within the 32k cache")
+    row("b+d", "both: model.load() spill and no flash-attn",
+        "the command line's load path and a Windows Python without flash-attn, at once: the spilled cache layers "
+        "cross PCIe and every position pays the repeat_kv copy", fns["b+d"],
+        "'Shared GPU memory' ~1-2 GB and `import flash_attn` fails; slower than (d) at the same depth")
     rc = roofline_check(depth)
-    rows.append({"id": "f", "hypothesis": "the 80 tok/s: speculative decoding, or a front-end average",
-                 "must_be_true": "a draft model (exllamav2 front ends offer one), or a counter that averages over "
-                                 "prompt tokens; a clean batch-1 decode of this model cannot reach 80",
-                 "depth": depth, "tok_s": rc["roofline_tok_s"], "tok_s_low": rc["realistic_tok_s"],
-                 "tok_s_high": rc["roofline_tok_s"], "depth_for_25": None, "depth_for_25_early": None,
+    clean4k = fns["d"](depth)
+    ratio = s["tok_s_4k"] / clean4k.tok_s
+    rows.append({"id": "f", "hypothesis": "speculative decoding: the -ngram flag counts accepted tokens",
+                 "must_be_true": "chat.py -ngram drafts tokens from n-grams already in the context and keeps those the "
+                                 "model agrees with, several per forward pass; its tok/s counts kept tokens",
+                 "depth": depth, "tok_s": clean4k.tok_s, "tok_s_low": clean4k.tok_s_low,
+                 "tok_s_high": clean4k.tok_s_high, "depth_for_25": None, "depth_for_25_early": None,
+                 "depth_for_25_late": None, "tokens_per_forward_for_80": ratio,
+                 "prediction": f"a clean decode at 4k, {depth} deep, without flash-attn: {clean4k.short()}, at most "
+                               f"{rc['roofline_tok_s']:.0f} (roofline); 80 needs ~{ratio:.1f} kept tokens per forward "
+                               f"pass; the same gain makes the 25 a clean ~{25 / ratio:.0f} tok/s",
+                 "observation": "chat.py -pt prints 'SD eff.' and 'SD acc.' beside the speed; rerun without -ngram: "
+                                "both figures fall, the 4k one below the roofline"})
+    rows.append({"id": "g", "hypothesis": "prompt processing folded into the tok/s counter",
+                 "must_be_true": "the counter divides the reply's tokens by a time that includes the prompt's prefill",
+                 "depth": depth, "tok_s": clean4k.tok_s, "tok_s_low": clean4k.tok_s_low,
+                 "tok_s_high": clean4k.tok_s_high, "depth_for_25": None, "depth_for_25_early": None,
                  "depth_for_25_late": None,
-                 "prediction": f"a clean decode at most {rc['roofline_tok_s']:.1f} tok/s (datasheet roofline; ~"
-                               f"{rc['realistic_tok_s']:.0f} at {REALISTIC_BANDWIDTH_SHARE:.0%} of it); 80 is "
-                               f"{rc['reported_over_roofline']:.2f}x the roofline",
-                 "observation": "the front end's settings (draft model) and how its tok/s counter is computed; a "
-                                "plain decode timed on that machine (`python -m helpers bench`) gives 60-75"})
+                 "prediction": "ruled out for chat.py: it starts its timer after begin_stream_ex, which runs the "
+                               "prefill (examples/chat.py, exllamav2 0.3.2); other front ends may differ",
+                 "observation": "none needed for chat.py; for another front end, its tok/s against a long and a "
+                                "short reply to the same prompt"})
     return rows
 
 
-def _range(r: dict) -> str:
+def likely(r: dict) -> str:
+    """"likely 1,531-5,803": where the printed range's slow and fast ends reach the reported 25 tok/s."""
     lo, hi = r["depth_for_25_early"], r["depth_for_25_late"]
     def f(d):
         return "0" if d == 0 else "beyond 32k" if d is None else f"{d:,}"
 
-    return f"range {f(lo)}-{f(hi)}"
+    return f"likely {f(lo)}-{f(hi)}"
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, int]]) -> str:
@@ -268,30 +284,29 @@ HYPOTHESIS_COLUMNS = (("id", "", 2), ("hypothesis", "hypothesis", 22), ("must_be
 
 
 def depth_curves(depths: Sequence[int] | None = None) -> dict:
-    """Predicted decode tok/s against depth for the rows of ``hypotheses`` that vary with it (a, b, c, c', d, e)."""
+    """Predicted decode tok/s against depth for the rows of ``hypotheses`` that vary with it (a ... b+d)."""
     depths = list(depths) if depths is not None else list(range(0, 32768, 512)) + [32767]
     out = {}
-    for r in hypotheses(0):
-        if r["id"] == "f":
-            continue
-        out[r["id"]] = {"label": r["hypothesis"], "depths": depths, "depth_for_25": r["depth_for_25"]}
     fns = _row_functions()
-    for k, fn in fns.items():
-        out[k]["tok_s"] = [fn(d).tok_s for d in depths]
+    for r in hypotheses(0):
+        if r["id"] in fns:
+            out[r["id"]] = {"label": r["hypothesis"], "depths": depths, "depth_for_25": r["depth_for_25"],
+                            "tok_s": [fns[r["id"]](d).tok_s for d in depths]}
     return out
 
 
 def _row_functions() -> dict:
     s = SEED
 
-    def spill(path, placement):
-        p = _model(load_path=path, placement=placement, flash_attn=True).predict(s["model"], bpw=s["bpw"],
-                                                                                 max_seq_len=32768, depth=0)
+    def spill(path, placement, flash_attn=True):
+        p = _model(load_path=path, placement=placement, flash_attn=flash_attn).predict(
+            s["model"], bpw=s["bpw"], max_seq_len=32768, depth=0)
         return lambda d: p.at_depth(min(d, 32767))
 
     return {"a": spill("autosplit", "first_come"), "b": spill("load", "first_come"),
             "c": spill("autosplit", "first_touch"), "c'": _lm_head_only,
-            "d": lambda d: _no_spill(d, False), "e": lambda d: _no_spill(d, True)}
+            "d": lambda d: _no_spill(d, False), "e": lambda d: _no_spill(d, True),
+            "b+d": spill("load", "first_come", flash_attn=False)}
 
 
 def ways_out(spec: Any = None, gpu: Any = None, *, bpw: float | None = None, max_seq_len: int = 32768,
@@ -313,9 +328,11 @@ def ways_out(spec: Any = None, gpu: Any = None, *, bpw: float | None = None, max
             pl = plan(spec, gpu, bpw=b, max_seq_len=L, cache_mode=mode, reserve_gib=res)
             pr = SpillModel(gpu, reserve_gib=res, flash_attn=flash_attn).predict(
                 spec, bpw=b, max_seq_len=L, cache_mode=mode, depth=min(depth, L - 1))
+        # "tight": fits once loaded, but load_autosplit's load-time reserve pushes something into system RAM
+        verdict = "NO" if not pl.fits else ("tight" if pr.spilled_bytes else "yes")
         rows.append({"way": way, "bpw": b, "max_seq_len": L, "cache_mode": mode, "reserve_gib": res,
-                     "fits": pl.fits, "margin_gib": pl.margin_bytes / GIB, "spilled_gib": pr.spilled_gib,
-                     "tok_s": pr.tok_s})
+                     "fits": pl.fits, "verdict": verdict, "margin_gib": pl.margin_bytes / GIB,
+                     "spilled_gib": pr.spilled_gib, "tok_s": pr.tok_s})
         return pl, pr
 
     def spills(b, L) -> bool:
@@ -345,7 +362,7 @@ def format_rows(rows: list[dict], depth: int | None = None) -> str:
     lines = [head]
     for r in rows:
         lines.append(f"{r['way']:<32}{r['bpw']:>5g}{r['max_seq_len']:>12,}{r['cache_mode']:>6}"
-                     f"{'yes' if r['fits'] else 'NO':>6}{r['margin_gib']:>7.2f} GiB{r['spilled_gib']:>7.2f} GiB"
+                     f"{r['verdict']:>6}{r['margin_gib']:>7.2f} GiB{r['spilled_gib']:>7.2f} GiB"
                      f"{r['tok_s']:>7.1f}")
     res = sorted({round(r["reserve_gib"], 2) for r in rows if r.get("reserve_gib") is not None})
     if res:
@@ -353,12 +370,13 @@ def format_rows(rows: list[dict], depth: int | None = None) -> str:
         lines.append(f"desktop/OS reserve: {res[0]:.2f} GiB{more}, from this user's memory readings (section 2), not "
                      "the planner's 0.5 GiB default: the planner alone gives slightly shorter contexts and lower bpw "
                      "(notebook 05)")
-    lines.append("fits/margin: planning.plan (what the GPU must hold); spilled: the spill model (load order, "
+    lines.append("fits/margin: planning.plan (what the GPU must hold once loaded; 'tight': it fits then, but "
+                 "load_autosplit's load-time reserve spills something); spilled: the spill model (load order, "
                  "load_autosplit's reserve, first-come placement); tok/s: the speed model"
                  + (f" at {depth:,} deep" if depth is not None else "") + " (estimate)")
     return "\n".join(lines)
 
 
 __all__ = ["SEED", "anchored_reserve_gib", "seed_reserve_gib", "roofline_check", "seed_case",
-           "seed_variants", "depth_at", "depth_for_speed", "hypotheses", "format_table", "HYPOTHESIS_COLUMNS",
+           "seed_variants", "depth_at", "depth_for_speed", "hypotheses", "likely", "format_table", "HYPOTHESIS_COLUMNS",
            "depth_curves", "ways_out", "format_rows"]

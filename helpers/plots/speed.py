@@ -177,3 +177,38 @@ def plot_cache_bytes_by_ctx(rows: list[dict], *, ax=None, title: str = "KV cache
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def plot_calibration(rows: list[dict], low: float, high: float, *,
+                     title: str = "the speed model against every public measurement it is fitted on"):
+    """Left: measured against predicted tok/s, log-log, one marker per source, the y = x line and the printed range
+    (x``low`` to x``high``). Right: each point predicted by a fit that left its source out, as measured/predicted per
+    source. ``rows``: ``speed.calibration.calibration_rows``."""
+    plt = pyplot()
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [1.1, 1]})
+    sources = sorted({r["source"] for r in rows})
+    markers = "os^vD<>phP*X"
+    lo_v = min(min(r["measured_tok_s"], r["predicted_tok_s"]) for r in rows) / 1.5
+    hi_v = max(max(r["measured_tok_s"], r["predicted_tok_s"]) for r in rows) * 1.5
+    xs = [lo_v, hi_v]
+    ax.plot(xs, xs, color="k", linewidth=1, label="measured = predicted")
+    ax.fill_between(xs, [x * low for x in xs], [x * high for x in xs], color="0.5", alpha=0.2,
+                    label=f"printed range (x{low:.2f} to x{high:.2f})")
+    for i, s in enumerate(sources):
+        rs = [r for r in rows if r["source"] == s]
+        kw = dict(marker=markers[i % len(markers)], linestyle="none", color=f"C{i % 10}", markersize=6)
+        ax.plot([r["predicted_tok_s"] for r in rs], [r["measured_tok_s"] for r in rs], label=s, **kw)
+        bx.plot([r["ratio_out"] for r in rs], [i] * len(rs), alpha=0.8, **kw)
+    ax.set(xscale="log", yscale="log", xlim=xs, ylim=xs, xlabel="predicted decode tok/s (fit on every source)",
+           ylabel="measured decode tok/s (public, external)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=6.5, loc="upper left", ncol=2)
+    bx.axvline(1, color="k", linewidth=1)
+    bx.axvspan(low, high, color="0.5", alpha=0.2)
+    bx.set(yticks=range(len(sources)), yticklabels=sources,
+           xlabel="measured / predicted, each source left out of the fit")
+    bx.tick_params(axis="y", labelsize=7)
+    bx.grid(alpha=0.3, axis="x")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

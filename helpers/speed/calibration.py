@@ -21,6 +21,7 @@ from helpers.specs.gpus import gpu_spec
 from helpers.specs.shapes import model_shape, shape_from_config
 from helpers.speed.model import (
     CONSTANT_INFO,
+    CONSTANTS,
     CONSTANTS_PATH,
     DecodeTerms,
     SpeedConstants,
@@ -225,6 +226,22 @@ def leave_one_source_out(points: Sequence[Point]) -> list[dict]:
     return rows
 
 
+def calibration_rows(path: Path = DATA_PATH, constants: SpeedConstants | None = None) -> list[dict]:
+    """Every used point with its prediction from the shipped constants (``predicted_tok_s``) and from a fit that left
+    its source out (``predicted_out_tok_s``, ``ratio_out``): what the notebooks plot and tabulate."""
+    c = constants or CONSTANTS
+    _, points = load_points(path)
+    out = {r["id"]: r for r in leave_one_source_out(points)}
+    rows = []
+    for p, pred in zip(points, predict(points, c.values)):
+        o = out[p.id]
+        rows.append({"id": p.id, "source": p.source, "path": p.path, "host": p.terms.host, "gpus": p.config["gpus"],
+                     "model": p.config["model"], "depth": p.config["depth"], "cache": p.config["cache"],
+                     "measured_tok_s": p.tok_s, "predicted_tok_s": float(pred), "ratio": p.tok_s / float(pred),
+                     "predicted_out_tok_s": o["predicted_tok_s"], "ratio_out": o["ratio"]})
+    return rows
+
+
 def percentile(xs: Sequence[float], q: float) -> float:
     """Linear-interpolation percentile (numpy's default)."""
     return float(np.percentile(np.asarray(xs, dtype=float), q))
@@ -321,6 +338,7 @@ def constants_of(doc: dict) -> SpeedConstants:
     return constants_from_dict(doc)
 
 
-__all__ = ["DATA_PATH", "FIELD_DIR", "Point", "point_terms", "load_points", "fit", "predict", "identified",
+__all__ = ["calibration_rows", "DATA_PATH", "FIELD_DIR", "Point", "point_terms", "load_points", "fit", "predict",
+           "identified",
            "leave_one_source_out", "summarise", "depth_slopes", "calibrate", "write_constants", "data_sha256",
            "percentile", "constants_of"]

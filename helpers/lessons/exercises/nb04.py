@@ -56,10 +56,10 @@ def depth_for_25_cache_only() -> int:          # a slip: flash-attn's bytes per 
 EXERCISES = register(
     Exercise(
         "04.lm_head_only",
-        "Suppose only the lm_head landed in system RAM (flash-attn, FP16 cache, 256 tokens deep, PCIe 25 GB/s). How "
+        "Suppose only the lm_head landed in system RAM (flash-attn, FP16 cache, 256 tokens deep, PCIe 23.85 GB/s). How "
         "many tok/s does the speed model give for the seed case?",
         lm_head_only_tok_s, unit="tok/s", rel_tol=0.01,
-        hint="speed.decode_estimate(..., spilled_weight_bytes=the lm_head's bytes, pcie_gbs=25): the weights still "
+        hint="speed.decode_estimate(..., spilled_weight_bytes=the lm_head's bytes, pcie_gbs=23.85): the weights still "
              "in VRAM at eta x 736 GB/s, the host time, and the lm_head over PCIe",
         mistakes=((lm_head_read_twice, "the lm_head is read over PCIe instead of from VRAM, not as well: take its "
                                        "bytes out of the VRAM term"),)),
