@@ -457,3 +457,51 @@ def test_planner_plots_have_titles():
     assert fig._suptitle.get_text() and len(fig.axes) == 2 and len(fig.axes[0].lines) >= 4
     m = quiet(plan_multi, "llama-3.3-70b", ["RTX 3090"] * 2, bpw=4.0, max_seq_len=32768, cache_mode="q4")
     assert pp.plot_devices(m).axes[0].get_title()
+
+
+def test_gpu_typos_suggest_the_nearest_card_and_an_ambiguous_name_asks():
+    with pytest.raises(CourseError, match=r"Did you mean 'RTX 4060'") as e:
+        gpu_spec("RTX 4061")
+    assert "RTX 4090" not in str(e.value).split("Known:")[0].split("Did you mean")[1].split("?")[0].split(",")[0]
+    with pytest.raises(CourseError, match="two memory sizes.*'RTX 4060 Ti 8GB' or 'RTX 4060 Ti 16GB'"):
+        gpu_spec("RTX 4060 Ti")
+    for name, gib in (("RTX 4060", 8), ("RTX 4060 Ti 8GB", 8), ("RTX 3060 Ti", 8), ("RTX 3070", 8), ("RTX 2060", 6)):
+        assert gpu_spec(name)["vram_gib"] == gib
+    assert gpu_spec("H100 80GB SXM")["host"] == "server" and gpu_spec("RTX 4090")["host"] == "desktop"
+
+
+def test_split_layers_never_look_shared_between_devices():
+    """One kind of on-screen disagreement: ranges '0-46' and '46-79' for two devices. A layer split between them
+    (attention on one, MLP on the next) is marked 'a' and 'm'."""
+    m = quiet(plan_multi, "llama-3.3-70b", ["RTX 3090"] * 2, **KW70)
+    r0, r1 = (d.layer_range() for d in m.devices)
+    shared = set(m.devices[0].layers) & set(m.devices[1].layers)
+    assert len(shared) <= 1
+    if shared:
+        (layer,) = shared
+        assert r0.endswith(f"{layer}a") and r1.startswith(f"{layer}m"), (r0, r1)
+        assert "'a' only that layer's attention" in m.table()
+
+
+def test_the_plan_shows_speed_at_several_depths_with_the_same_paths_ceiling():
+    p = quiet(plan, "qwen2.5-14b", "RTX 4080 Super", bpw=5.5, max_seq_len=4096)
+    depths = [e.depth for e in p.decode_by_depth]
+    assert depths == [256, 1024, 2048, 4095] and p.depth == 4095
+    for e in p.decode_by_depth:
+        assert not e.position_bytes.flash_attn and e.tok_s < e.ceiling_tok_s     # the path the line states
+    assert p.decode_roofline_tok_s["full_cache"] == pytest.approx(p.decode_by_depth[-1].ceiling_tok_s)
+    text = p.summary()
+    assert "no flash-attn: torch attention with repeat_kv" in text and "ceiling of the same path" in text
+    assert "not known to the model" in text
+    doc = validate(p.to_dict())
+    assert [r["depth"] for r in doc["decode_estimate_by_depth"]] == depths
+
+
+def test_long_context_advice_is_right_for_the_model_and_said_once(capsys):
+    rc, out, err = cli(capsys, "--model", "llama-3.1-8b", "--bpw", "5", "--ctx", "192k", "--gpu", "H200")
+    assert rc == 0 and "YaRN" not in out + err and (out + err).count("choose a model trained for a longer") == 1
+    rc, out, err = cli(capsys, "--model", "qwen2.5-14b", "--bpw", "5.5", "--ctx", "64k", "--gpu", "H100 80GB SXM")
+    assert rc == 0 and (out + err).count("YaRN") == 1
+    p = quiet(plan, "qwen2.5-14b", "H100 80GB SXM", bpw=5.5, max_seq_len=32768)
+    assert all(v <= 32768 for v in p.longest_within_trained().values())
+    assert "*" in p._longest_line() and "trained for" in p._longest_line()

@@ -135,3 +135,11 @@ def test_constants_file_damaged_is_one_line(tmp_path):
     with pytest.raises(CourseError, match="python -m helpers calibrate") as e:
         model.load_constants(bad)
     assert "\n" not in str(e.value)
+
+
+def test_repeat_kv_copies_five_times_the_values_and_moves_eleven_times_the_bytes():
+    """Notebook 01 prints both figures side by side: the copy holds 40 / 8 = 5x the cache's values, and reading the
+    cache, writing the copy and reading it again moves 1 + 2 x 5 = 11x the bytes flash-attn moves."""
+    slow, fast = model.position_bytes(QWEN, flash_attn=False), model.position_bytes(QWEN, flash_attn=True)
+    assert slow.per_layer.temp_written / fast.per_layer.cache_read == 5
+    assert slow.total / fast.total == 11
