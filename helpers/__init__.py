@@ -1,6 +1,6 @@
 """Helpers for the course "GPU memory and inference speed of local LLMs with ExLlamaV2".
 
-One folder per layer, one idea per file, imports only downward (docs/ARCHITECTURE.md; tests/test_architecture.py
+One folder per layer, one idea per file, imports only downward (docs/ARCHITECTURE.md; an architecture test
 checks it): core -> format -> specs -> memory -> models -> engines -> speed -> fallback -> lessons -> plots ->
 recordings -> cli. exllamav2 is imported lazily, only on a CUDA machine, and only by engines/exllama.py (it compiles
 its extension on first import).

@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     hf = transformers_model(model_dir, dtype)
     ids = ref.tokenizer.encode(args.prompt, chat=True)
-    print(f"model {model_dir}\n{ref.config.architecture}, {ref.config.num_layers} layers, dtype {args.dtype}, "
+    shape = ref.config.shape
+    print(f"model {model_dir}\n{shape.architecture}, {shape.n_layers} layers, dtype {args.dtype}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, prompt {ids.shape[1]} tokens, "
           f"{args.tokens} decode steps x {args.repeats} repeats, alternating")
     # warm-up (first calls allocate and pick kernels)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixture_dirs import EXL2
 
 from helpers.cli.generate import main as main_generate
 from helpers.core import devices as gpu
@@ -16,10 +17,10 @@ from helpers.engines import agreement as A
 from helpers.engines import backend as B
 from helpers.engines import exllama
 from helpers.memory.cache_modes import CACHE_CLASSES, CACHE_MODES
+from helpers.memory.setup import LoadSetup
 
-FIXTURES = Path(__file__).parent / "fixtures" / "exl2"
-LLAMA = FIXTURES / "tiny_llama_b4.5"
-QWEN = FIXTURES / "tiny_qwen2_b6.5"
+LLAMA = EXL2["tiny_llama_b4.5"]
+QWEN = EXL2["tiny_qwen2_b6.5"]
 
 torch.set_num_threads(2)
 
@@ -226,57 +227,61 @@ def test_exllamav2_loads_a_checkpoint_without_tokenizer_files(fake_cuda, fake_ex
 # --- the front door (helpers.engines.exllama), against the same stand-in ----------------------------------------
 
 def test_front_door_config_sets_no_sdpa_max_seq_len_and_the_rope_theta_fix(fake_cuda, fake_exllamav2, tmp_path):
-    config = exllama.make_config(QWEN, max_seq_len=300)
-    assert config.no_sdpa is True and config.max_seq_len == 300 and config.max_input_len == 2048
+    config = exllama.make_config(LoadSetup(QWEN, max_seq_len=300, max_attention_size=1024 ** 2))
+    assert config.no_sdpa is True and config.max_seq_len == 300 and config.max_input_len == 300
+    assert config.max_attention_size == 1024 ** 2
     assert config.rotary_embedding_base == 10000.0        # config.json has a top-level rope_theta: left to exllamav2
-    config = exllama.make_config(_rope_parameters_only(tmp_path), max_seq_len=128, max_input_len=256)
+    config = exllama.make_config(LoadSetup(_rope_parameters_only(tmp_path), max_seq_len=128, max_input_len=256))
     assert config.rotary_embedding_base == 100000.0 and config.max_input_len == 128   # capped at max_seq_len
-    with pytest.raises(CourseError, match="max_seq_len must be a positive number of tokens, not 0"):
-        exllama.make_config(QWEN, max_seq_len=0)
+    assert exllama.make_config(LoadSetup(QWEN, max_seq_len=4096)).max_input_len == 2048   # exllamav2's default
+    with pytest.raises(CourseError, match="max_seq_len must be a positive whole number"):
+        LoadSetup(QWEN, max_seq_len=0)
 
 
 @pytest.mark.parametrize("mode", CACHE_MODES)
 def test_front_door_cache_class_per_mode(fake_cuda, fake_exllamav2, mode):
-    model = fake_exllamav2.ExLlamaV2(exllama.make_config(QWEN, max_seq_len=256))
-    cache = exllama.make_cache(model, mode, 256, lazy=True)
+    setup = LoadSetup(QWEN, max_seq_len=256, cache_mode=mode)
+    model = fake_exllamav2.ExLlamaV2(exllama.make_config(setup))
+    cache = exllama.make_cache(model, setup, lazy=True)
     assert type(cache).__name__ == CACHE_CLASSES[mode] == exllama.cache_class_name(mode)
     assert fake_exllamav2.calls[-1] == ("cache", CACHE_CLASSES[mode], 256, True)
     assert exllama.cache_bytes(cache) == 0                 # lazy: nothing allocated before the model loads
     assert exllama.cache_class_name(mode.upper()) == CACHE_CLASSES[mode]
     with pytest.raises(CourseError, match="unknown cache mode 'q3'"):
-        exllama.make_cache(model, "q3", 256, lazy=True)
+        setup.with_(cache_mode="q3")
 
 
 def test_front_door_autosplit_makes_a_lazy_cache_then_loads_with_it(fake_cuda, fake_exllamav2):
     seen = []
-    loaded = exllama.load(QWEN, max_seq_len=256, cache_mode="q4", on_module=lambda i, n: seen.append((i, n)))
+    loaded = exllama.load(LoadSetup(QWEN, max_seq_len=256, cache_mode="q4"), on_module=lambda i, n: seen.append((i, n)))
     assert [c[0] for c in fake_exllamav2.calls] == ["config", "model", "cache", "load_autosplit"]
     assert fake_exllamav2.calls[2:] == [("cache", "ExLlamaV2Cache_Q4", 256, True),
                                         ("load_autosplit", "ExLlamaV2Cache_Q4")]
     n = len(loaded.model.modules)
     assert seen == [(i, n) for i in range(n + 1)]          # before each module, then (n, n) at the end
-    assert loaded.config.no_sdpa and loaded.max_seq_len == 256 and loaded.cache_mode == "q4"
+    assert loaded.config.no_sdpa and loaded.setup.max_seq_len == 256 and loaded.setup.cache_mode == "q4"
     assert exllama.cache_bytes(loaded.cache) == 2 * 2 * 256 * 2 * 32 + 2 * 256 * 2 * 64 * 2
 
 
 def test_front_door_load_path_loads_the_weights_then_makes_the_cache(fake_cuda, fake_exllamav2):
     seen = []
-    loaded = exllama.load(QWEN, max_seq_len=128, load_path="load", on_module=lambda i, n: seen.append(i))
+    setup = LoadSetup(QWEN, max_seq_len=128)
+    loaded = exllama.load(setup, load_path="load", on_module=lambda i, n: seen.append(i))
     assert [c[0] for c in fake_exllamav2.calls] == ["config", "model", "load", "cache"]
     assert fake_exllamav2.calls[-1] == ("cache", "ExLlamaV2Cache", 128, False)       # not lazy, after model.load()
     assert seen == list(range(len(loaded.model.modules) + 1))
     assert exllama.cache_bytes(loaded.cache) == 2 * 2 * 128 * 2 * 64 * 2
-    bare = exllama.load(QWEN, max_seq_len=128, cache_mode=None, load_path="load")   # weights only
+    bare = exllama.load(setup, with_cache=False, load_path="load")   # weights only
     assert bare.cache is None and fake_exllamav2.calls[-1] == ("load",)
     with pytest.raises(CourseError, match="unknown load path 'fast'"):
-        exllama.load(QWEN, max_seq_len=128, load_path="fast")
-    with pytest.raises(CourseError, match="give a cache_mode"):
-        exllama.load(QWEN, max_seq_len=128, cache_mode=None)
+        exllama.load(setup, load_path="fast")
+    with pytest.raises(CourseError, match="loads the model together with its cache"):
+        exllama.load(setup, with_cache=False)
 
 
 def test_front_door_prepare_then_load_modules_without_the_cache(fake_cuda, fake_exllamav2):
     """What the emulator does on the 'load' path: a lazy cache first, the weights, then its own layer-by-layer cache."""
-    loaded = exllama.prepare(QWEN, max_seq_len=64, cache_mode="fp16")
+    loaded = exllama.prepare(LoadSetup(QWEN, max_seq_len=64))
     assert loaded.cache is not None and exllama.cache_bytes(loaded.cache) == 0
     exllama.load_modules(loaded, "load", cache_after_load=False)
     assert [c[0] for c in fake_exllamav2.calls] == ["config", "model", "cache", "load"]
@@ -288,7 +293,7 @@ def test_front_door_import_failure_is_one_line(fake_cuda, forbid_exllamav2):
     forbid_exllamav2(RuntimeError("Error building extension 'exllamav2_ext':\n[3/45] "
                                                             "nvcc ...\nninja: build stopped: subcommand failed."))
     with pytest.raises(CourseError) as info:
-        exllama.load(QWEN, max_seq_len=64)
+        exllama.load(LoadSetup(QWEN, max_seq_len=64))
     msg = str(info.value)
     assert "\n" not in msg and msg.startswith("exllamav2's CUDA extension failed to build or load (RuntimeError: ")
     assert "ninja: build stopped" in msg and "backend='reference'" not in msg
@@ -301,7 +306,7 @@ def test_front_door_import_failure_is_one_line(fake_cuda, forbid_exllamav2):
 def test_front_door_never_imports_exllamav2_without_cuda(no_cuda, forbid_exllamav2):
     forbid_exllamav2()
     with pytest.raises(CourseError, match="exllamav2 needs a CUDA GPU, but this torch is a CPU-only build"):
-        exllama.load(QWEN, max_seq_len=64)
+        exllama.load(LoadSetup(QWEN, max_seq_len=64))
 
 
 # --- the agreement recording's logic (run on a CPU with two references) ---------------------------------------
@@ -378,13 +383,13 @@ gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUD
 def test_real_exllamav2_matches_its_fixtures_and_fills_every_cache_mode(name):
     from safetensors.torch import load_file
 
-    t = load_file(str(FIXTURES / name / "exllamav2_truth.safetensors"))
-    be = B.load(FIXTURES / name, max_seq_len=256, backend="exllamav2")
+    t = load_file(str(EXL2[name] / "exllamav2_truth.safetensors"))
+    be = B.load(EXL2[name], max_seq_len=256, backend="exllamav2")
     got = be.forward(t["input_ids"]).cpu()
     assert float((got - t["logits_prefill"]).norm() / t["logits_prefill"].norm()) < 0.01   # causal (no_sdpa)
     be.unload()
     for mode in CACHE_MODES:
-        be = B.load(FIXTURES / name, max_seq_len=512, cache_mode=mode, backend="exllamav2")
+        be = B.load(EXL2[name], max_seq_len=512, cache_mode=mode, backend="exllamav2")
         be.fill_cache(400)
         assert be.depth == 400 and torch.isfinite(be.decode_step(5)).all() and be.depth == 401
         be.unload()

@@ -8,6 +8,7 @@ import torch
 
 from helpers.core.errors import CourseError
 from helpers.core.units import parse_token_list
+from helpers.memory.setup import LoadSetup
 from helpers.recordings import speed as speed_recordings
 from helpers.speed import harness, matrix, profile, report, roofline
 
@@ -92,7 +93,7 @@ def test_cli_errors_are_one_line_and_name_the_flag(capsys):
         assert main(["bench", "--model", str(FIXTURE), "--backend", "reference", flag, "512", "--depth", "600"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("error: depth 600 does not fit: the cache holds 512 tokens")
-        assert "raise --ctx or lower --depth" in err
+        assert "raise --max-seq-len or lower --depth" in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where there is no GPU")
@@ -196,8 +197,9 @@ def fake(monkeypatch):
 
 def test_harness_numbers_on_a_fake_clock(fake):
     b = FakeBackend(fake, jitter=[0.0] * 16 + [0.002] * 8 + [0.0] * 8)
-    row = harness.measure_loaded(b, 1000, repeats=3, warmup=1, decode_tokens=8, prefill_tokens=16, profile_steps=0,
-                               bandwidth_bytes_s=10e9, progress=False)
+    row = harness.measure_loaded(b, 1000, harness.Measure(repeats=3, warmup=1, decode_tokens=8, prefill_tokens=16,
+                                                            profile_steps=0),
+                                 bandwidth_bytes_s=10e9, progress=False)
     # warm-up round first (8 steps, 10 ms), then three kept rounds: 10 ms, 12 ms, 10 ms per step
     assert row["decode_tok_s_all"] == pytest.approx([100.0, 1000 / 12, 100.0])
     assert row["decode_tok_s"] == pytest.approx(100.0)
@@ -231,11 +233,13 @@ def test_harness_checks_depth_against_the_loaded_cache(fake):
 
 def test_prefill_is_shortened_to_what_fits(fake):
     b = FakeBackend(fake, max_seq_len=1024)
-    row = harness.measure_loaded(b, 1000, repeats=1, warmup=0, decode_tokens=4, prefill_tokens=512,
-                               profile_steps=0, bandwidth_bytes_s=1e9, progress=False)
+    row = harness.measure_loaded(b, 1000, harness.Measure(repeats=1, warmup=0, decode_tokens=4, prefill_tokens=512,
+                                                            profile_steps=0),
+                                 bandwidth_bytes_s=1e9, progress=False)
     assert row["prefill_tokens"] == 24
-    row = harness.measure_loaded(b, 10, repeats=1, warmup=0, decode_tokens=4, prefill_tokens=0,
-                               profile_steps=0, bandwidth_bytes_s=1e9, progress=False)
+    row = harness.measure_loaded(b, 10, harness.Measure(repeats=1, warmup=0, decode_tokens=4, prefill_tokens=0,
+                                                          profile_steps=0),
+                                 bandwidth_bytes_s=1e9, progress=False)
     assert row["prefill_tok_s"] is None and row["prefill_tokens"] == 0
 
 
@@ -251,8 +255,9 @@ def test_profile_decode_on_cpu_measures_torch_ops():
 
 def test_format_rows_and_json_round_trip(fake):
     b = FakeBackend(fake)
-    row = harness.measure_loaded(b, 128, repeats=2, warmup=0, decode_tokens=4, prefill_tokens=8, profile_steps=0,
-                               bandwidth_bytes_s=1e9, progress=False)
+    row = harness.measure_loaded(b, 128, harness.Measure(repeats=2, warmup=0, decode_tokens=4, prefill_tokens=8,
+                                                           profile_steps=0),
+                                 bandwidth_bytes_s=1e9, progress=False)
     text = report.format_rows([row])
     assert "4096" in text and "100.0 (100.0-100.0)" in text and "roofline" in text
     assert json.loads(json.dumps(row)) == row
@@ -263,10 +268,11 @@ FIXTURE = __import__("pathlib").Path(__file__).parent / "fixtures" / "exl2" / "t
 
 
 def test_bench_on_the_reference_backend_counts_its_bytes_exactly():
+    measure = harness.Measure(backend="reference", device="cpu", repeats=2, warmup=1, decode_tokens=4,
+                              prefill_tokens=8, profile_steps=2)
     rows = harness.bench_matrix(FIXTURE, max_seq_lens=[512], depths=[16, 400], cache_modes=["fp16"],
-                                backend="reference", device="cpu", repeats=2, warmup=1, decode_tokens=4,
-                                prefill_tokens=8, profile_steps=2, progress=False)
-    assert [(r["ctx"], r["depth"]) for r in rows] == [(512, 16), (512, 400)]
+                                measure=measure, progress=False)
+    assert [(r["max_seq_len"], r["depth"]) for r in rows] == [(512, 16), (512, 400)]
     # float32 on the CPU: 2 layers x (q,o 256x256; k,v 256x128; gate,up,down 256x768; 2 norms) + final norm + head
     per_layer = 2 * 256 * 256 + 2 * 256 * 128 + 3 * 256 * 768 + 2 * 256
     weights = 4 * (2 * per_layer + 256 + 1024 * 256)
@@ -282,7 +288,7 @@ def test_bench_on_the_reference_backend_counts_its_bytes_exactly():
         assert len(r["decode_tok_s_all"]) == 2 and r["decode_tok_s_min"] <= r["decode_tok_s"] <= r["decode_tok_s_max"]
         assert r["prefill_tokens"] == 8 and r["prefill_tok_s"] > 0
         assert r["torch_ops_ms_per_token"] > 0 and r["gpu_ms_per_token"] is None
-        assert r["trained_ctx"] == 2048 and r["beyond_trained_ctx"] is False
+        assert r["trained_positions"] == 2048 and r["beyond_trained_positions"] is False
         assert r["mem_loaded_process_rss_bytes"] > 0
     assert rows[1]["roofline_tok_s"] < rows[0]["roofline_tok_s"]  # deeper: more bytes per token
 
@@ -302,7 +308,7 @@ def test_cli_json_and_errors(capsys):
                  "--repeats", "1", "--warmup", "0", "--decode-tokens", "2", "--prefill-tokens", "0",
                  "--no-progress", "--json"]) == 0
     out = capsys.readouterr()
-    assert [(r["ctx"], r["depth"]) for r in json.loads(out.out)["rows"]] == [(256, 8), (4096, 8), (4096, 300)]
+    assert [(r["max_seq_len"], r["depth"]) for r in json.loads(out.out)["rows"]] == [(256, 8), (4096, 8), (4096, 300)]
     assert "skipped 256@300: depth >= context\n" in out.err
     assert "warning: max_seq_len 4096 is beyond" in out.err and "warnings.warn" not in out.err
     assert "Warning:" not in out.err
@@ -357,7 +363,7 @@ def test_datasheet_bandwidth_from_driver_names():
 def _gpu_row(ctx, depth, mode, tok_s, **kw):
     per = {"fp16": 196_608, "q4": 448_512}[mode]  # bytes per position with flash-attn (helpers.speed.model)
     cache_per = {"fp16": 196_608, "q4": 55_296}[mode]
-    r = {"ctx": ctx, "depth": depth, "cache_mode": mode, "backend": "exllamav2", "device": "cuda",
+    r = {"max_seq_len": ctx, "depth": depth, "cache_mode": mode, "backend": "exllamav2", "device": "cuda",
          "model": report.SYNTH_LABEL, "decode_tok_s": tok_s, "decode_tok_s_min": tok_s - 1,
          "decode_tok_s_max": tok_s + 1,
          "decode_spread": 2 / tok_s, "decode_tok_s_all": [tok_s - 1, tok_s, tok_s + 1], "prefill_tok_s": 2000.0,
@@ -410,16 +416,17 @@ def test_speed_figures_draw_live_and_recorded_panels():
     assert any("not recorded yet" in t.get_text() for t in ax_none.texts)
     fig2 = plots.plot_decode_time_split(rec)
     assert len(fig2.axes[0].patches) == 2 * len(rec)
-    fig3 = plots.plot_cache_bytes_by_ctx(rec)
+    fig3 = plots.plot_cache_bytes_by_max_seq_len(rec)
     assert len(fig3.axes[0].patches) == 3  # fp16 4k, fp16 32k, q4 32k
 
 
 def test_bench_in_a_fresh_process_returns_its_rows():
-    rows = harness.bench_subprocess(FIXTURE, max_seq_len=256, depth=8, backend="reference", repeats=1, warmup=0,
-                                  decode_tokens=2, prefill_tokens=0, model_label="tiny fixture")
-    assert len(rows) == 1 and rows[0]["model"] == "tiny fixture" and rows[0]["ctx"] == 256
-    with pytest.raises(CourseError, match="bench process for ctx 256 depth 300 fp16 failed"):
-        harness.bench_subprocess(FIXTURE, max_seq_len=256, depth=300, backend="reference", repeats=1, warmup=0)
+    once = harness.Measure(backend="reference", repeats=1, warmup=0, decode_tokens=2, prefill_tokens=0)
+    setup = LoadSetup(FIXTURE, max_seq_len=256)
+    rows = harness.bench_subprocess(setup, depth=8, measure=once, model_label="tiny fixture")
+    assert len(rows) == 1 and rows[0]["model"] == "tiny fixture" and rows[0]["max_seq_len"] == 256
+    with pytest.raises(CourseError, match="bench process for max_seq_len 256 depth 300 fp16 failed"):
+        harness.bench_subprocess(setup, depth=300, measure=once)
 
 
 def test_busy_time_is_the_union_of_intervals():
@@ -456,7 +463,7 @@ def test_external_record_import_keeps_figures_and_says_external(tmp_path):
     assert results.label(p).startswith("external: measured on NVIDIA H100 80GB HBM3, 2026-11-25")
     assert results.label({"gpu": "G", "date": "2026"}).startswith("recorded on G")
     (row,) = doc["rows"]
-    assert (row["ctx"], row["depth"], row["decode_tok_s"], row["load_s"]) == (32768, 30000, 18.1, 9.1)
+    assert (row["max_seq_len"], row["depth"], row["decode_tok_s"], row["load_s"]) == (32768, 30000, 18.1, 9.1)
     assert row["position_bytes"] == position_bytes("qwen2.5-14b").total and row["flash_attn"] is False
     got = report.load_recorded(tmp_path / "results")
     assert got[0]["external"] and got[0]["label"].startswith("external")

@@ -13,6 +13,7 @@ import pytest
 from helpers.cli.calibrate import main as calibrate_main
 from helpers.cli.calibrate import same
 from helpers.core.paths import PACKAGE_DIR, REPO_DIR
+from helpers.memory.setup import LoadSetup
 from helpers.planning.planner import plan
 from helpers.speed import calibration as cal
 from helpers.speed.model import CONSTANTS, CONSTANTS_PATH, SpeedConstants
@@ -110,7 +111,7 @@ def test_the_h100_record_lies_inside_what_plan_prints(depth, measured):
     """The external H100 record's 32k rows against `plan --gpu "H100 80GB SXM"` for that configuration."""
     doc = json.loads((REPO_DIR / "results/speed/external-h100-exllamav2-0-3-2-2026-11-25.json").read_text())
     assert {(r["ctx"], r["depth"]): r["decode_tok_s"] for r in doc["rows"]}[(32768, depth)] == measured
-    p = plan("qwen2.5-14b", "H100 80GB SXM", bpw=5.5, max_seq_len=32768, depth=depth)
+    p = plan(LoadSetup("qwen2.5-14b", gpus="H100 80GB SXM", bpw=5.5, max_seq_len=32768), depth=depth)
     lo, hi = p.to_dict()["decode_estimate_range_tok_s"]
     assert lo <= measured <= hi, (lo, measured, hi)
 

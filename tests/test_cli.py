@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fixture_dirs import EXL2
+
 from helpers.__main__ import COMMANDS, main
 
 
@@ -60,7 +62,7 @@ def test_generate_says_when_the_model_is_not_exl2_and_inspect_refuses_it(tmp_pat
 
     from helpers.cli.generate import float_model_note
 
-    fixture = Path(__file__).resolve().parent / "fixtures" / "exl2" / "tiny_llama_b3.0"
+    fixture = EXL2["tiny_llama_b3.0"]
     assert float_model_note(fixture) is None
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     save_file({"model.embed_tokens.weight": torch.zeros(4, 4)}, str(tmp_path / "model.safetensors"))

@@ -1,5 +1,6 @@
 """The decode-vs-depth recording on the CPU: the 14B recording's code path (front door, speed harness, speed model)
 run against the fake exllamav2 (tests/fake_exllamav2.py) with a fake clock, so every figure is known in advance."""
+import dataclasses
 import json
 import types
 from pathlib import Path
@@ -9,6 +10,7 @@ import torch
 
 from helpers.core import devices
 from helpers.core.errors import CourseError
+from helpers.memory.setup import LoadSetup
 from helpers.recordings import decode_depth
 from helpers.speed import harness
 from helpers.speed.model import decode_estimate, position_bytes
@@ -49,8 +51,9 @@ def fake_gpu_run(monkeypatch, fake_cuda, fake_exllamav2, tmp_path):
 
 @pytest.mark.parametrize("mode", ["fp16", "q4"])
 def test_one_row_per_depth_through_the_front_door_with_the_model_s_prediction(fake_gpu_run, tmp_path, mode):
-    path = decode_depth.record_decode_depth(mode, model_dir=MODEL, settings={"profile_steps": 0},
-                                            results_dir=tmp_path)
+    setup = LoadSetup(MODEL, max_seq_len=decode_depth.MAX_SEQ_LEN, cache_mode=mode)
+    measure = dataclasses.replace(decode_depth.MEASURE, profile_steps=0)
+    path = decode_depth.record_decode_depth(setup, measure=measure, results_dir=tmp_path)
     assert path == tmp_path / "speed" / f"decode-depth-{mode}-fake-gpu-16gb.json"
     doc = json.loads(path.read_text())
     rows = doc["rows"]
@@ -61,17 +64,16 @@ def test_one_row_per_depth_through_the_front_door_with_the_model_s_prediction(fa
                                                                           ("load_autosplit", cls)]
     assert [r["depth"] for r in rows] == [128, 4096, 16384, 30000]
     pb = position_bytes(MODEL, mode, flash_attn=False).total
-    s = decode_depth.SETTINGS
+    s = decode_depth.MEASURE
     for r in rows:
-        assert r["kind"] == "decode_vs_depth" and r["cache_mode"] == mode and r["ctx"] == 32768
+        assert r["kind"] == "decode_vs_depth" and r["cache_mode"] == mode and r["max_seq_len"] == 32768
         assert r["backend"] == "exllamav2" and r["flash_attn"] is False
         assert r["attention_path"] == "torch attention with repeat_kv" and r["position_bytes"] == pb
         # the fake clock: each step costs STEP_S + PER_POSITION_S x (depth + steps decoded so far)
-        mean_depth = r["depth"] + (s["decode_tokens"] - 1) / 2
+        mean_depth = r["depth"] + (s.decode_tokens - 1) / 2
         assert r["decode_tok_s"] == pytest.approx(1 / (STEP_S + PER_POSITION_S * mean_depth))
         assert r["bandwidth_gbs"] == pytest.approx(BANDWIDTH / 1e9)
-        est = decode_estimate(MODEL, weight_bytes=r["weights_bytes"], bandwidth_gbs=BANDWIDTH / 1e9,
-                              depth=r["depth"], cache_mode=mode, flash_attn=False)
+        est = decode_estimate(setup, r["depth"], weight_bytes=r["weights_bytes"], bandwidth_gbs=BANDWIDTH / 1e9)
         assert r["predicted_tok_s"] == pytest.approx(est.tok_s)
         assert r["predicted_tok_s_low"] <= r["predicted_tok_s"] <= r["predicted_tok_s_high"]
         assert r["measured_over_predicted"] == pytest.approx(r["decode_tok_s"] / est.tok_s)
@@ -91,7 +93,7 @@ def test_one_row_per_depth_through_the_front_door_with_the_model_s_prediction(fa
     assert summary["implied_position_bytes"] == pytest.approx(400_000, rel=1e-6)   # 2e-7 s x 2e12 B/s
     # provenance as the other recordings
     assert doc["provenance"]["gpu"] == "Fake GPU 16GB" and doc["provenance"]["command"]
-    assert doc["settings"]["decode_tokens"] == s["decode_tokens"]
+    assert doc["settings"]["decode_tokens"] == s.decode_tokens and doc["settings"]["profile_steps"] == 0
 
 
 def test_q4_costs_more_per_position_than_fp16_in_the_model():
@@ -111,7 +113,7 @@ def test_slope_of_two_points():
 def test_refuses_flash_attn_and_a_cpu(monkeypatch, fake_cuda):
     monkeypatch.setattr(decode_depth, "flash_attn_installed", lambda: True)
     with pytest.raises(CourseError, match="flash-attn is installed"):
-        decode_depth.record_decode_depth("fp16", model_dir=MODEL)
+        decode_depth.record_decode_depth(LoadSetup(MODEL, max_seq_len=decode_depth.MAX_SEQ_LEN))
 
 
 def test_refuses_without_cuda(monkeypatch):
@@ -125,4 +127,4 @@ def test_refuses_without_cuda(monkeypatch):
 def test_one_recording_per_cache_mode():
     assert set(decode_depth.GPU_RECORDINGS) == {"decode_depth_fp16", "decode_depth_q4"}
     assert decode_depth.MAX_SEQ_LEN == 32768 and decode_depth.DEPTHS == (128, 4096, 16384, 30000)
-    assert max(decode_depth.DEPTHS) + decode_depth.SETTINGS["decode_tokens"] <= decode_depth.MAX_SEQ_LEN
+    assert max(decode_depth.DEPTHS) + decode_depth.MEASURE.decode_tokens <= decode_depth.MAX_SEQ_LEN

@@ -13,12 +13,15 @@ import textwrap
 import types
 
 import pytest
+from fixture_dirs import EXL2
 
 from helpers.core.errors import CourseError, CourseWarning
 from helpers.core.units import GIB, MIB
 from helpers.fallback import emulated_report, emulator, hostalloc, routed_load
 from helpers.fallback.emulator import VramEmulator
+from helpers.memory.setup import LoadSetup
 
+TINY = EXL2["tiny_llama_b3.0"]
 pytest_plugins = ("fake_exllamav2",)   # fixtures fake_cuda, fake_exllamav2 (tests/fake_exllamav2.py)
 
 
@@ -323,7 +326,7 @@ def _routed_model_and_cache(dev, events):
         dtype, has_scales = torch.float16, False
         shape_wk = shape_wv = (1, 2, 1, 5)       # K and V of 10 fp16 values each: 40 bytes per layer
 
-        def __init__(self, model, max_seq_len, lazy):
+        def __init__(self, model, max_seq_len, lazy, batch_size=1):
             assert lazy
             self.model, self.layers = model, {}
 
@@ -343,14 +346,14 @@ def test_exl2model_routes_each_load_path_in_exllamav2s_order(path, monkeypatch, 
     routed = _routed_model_and_cache(dev, events)     # the shared fake, its model and cache on the fake device
     monkeypatch.setattr(fake_exllamav2, "ExLlamaV2", routed.ExLlamaV2)
     monkeypatch.setattr(fake_exllamav2, "ExLlamaV2Cache", routed.ExLlamaV2Cache)
-    (tmp_path / "config.json").write_text("{}")
+    setup = LoadSetup(TINY, max_seq_len=4)   # a real folder for the config; the fake builds its own model
 
     def drop(x):
         x.model.unload()
         x.cache.layers.clear()
 
     with VramEmulator(190 if path == "autosplit" else 230, lib, dev) as emu:
-        m = emu.own(routed_load.Exl2Model(tmp_path, max_seq_len=4, emulator=emu, load_path=path), drop)
+        m = emu.own(routed_load.Exl2Model(setup, emulator=emu, load_path=path), drop)
         where = {d.module: d.where for d in emu.decisions}
         if path == "autosplit":        # same walk as the fake load above: l2.attn with its cache, and the head spill
             assert [d.module for d in emu.decisions][:3] == ["embed", "l0.attn", "l0.mlp"]
@@ -366,7 +369,7 @@ def test_exl2model_routes_each_load_path_in_exllamav2s_order(path, monkeypatch, 
         assert m.weight_bytes() == 180 and dev.pool_active is None
     assert lib.outstanding_bytes() == 0 and emu.leftover_bytes == 0
     with pytest.raises(CourseError, match="unknown load path 'lazy'"):
-        routed_load.Exl2Model(tmp_path, max_seq_len=4, load_path="lazy")
+        routed_load.Exl2Model(setup, load_path="lazy")
 
 
 # ------------------------------------------------------------------------------------------------- the C allocator
@@ -458,8 +461,9 @@ def test_the_spill_model_walks_an_emulator_placement_with_the_embedding_on_the_c
         placement = emu.placement()
     walked = spill.place(placement, 190, 0)          # the model's own walk over the emulator's byte counts
     assert [p["where"] for p in walked] == [d["where"] for d in placement]
-    pred = spill.evaluate(placement, shape="qwen2.5-14b", depth=0, max_seq_len=100, constants=first_principles(),
-                          vram_bandwidth=1.0, pcie_bandwidth=0.5)
+    model = spill.SpillModel(LoadSetup("qwen2.5-14b", max_seq_len=100), vram_bandwidth=1.0, pcie_bandwidth=0.5,
+                             constants=first_principles())
+    pred = spill.evaluate(placement, model, 0)
     assert pred.vram_read_bytes == 10 + 30 + 10 + 30 + 30 and pred.sysmem_read_bytes == 10 + 60
     # the speed model's time at depth 0: 110 B at 1 B/s + 70 B at 0.5 B/s
     assert pred.seconds_per_token == pytest.approx(110 + 140)
@@ -490,8 +494,9 @@ def test_recorded_results_are_read_labelled_and_plotted(tmp_path):
                         "error_type": "RuntimeError", "error": "Insufficient VRAM for model and cache",
                         "explanation": "Linux has no sysmem fallback"}], prov=prov, results_dir=tmp_path)
     rec = emulated_report.load_recorded(tmp_path)
-    assert [r["ctx"] for r in rec["emulated"]] == [4096, 32768, 32768] and len(rec["oom"]) == 1
-    auto32 = next(r for r in rec["emulated"] if r["ctx"] == 32768 and "load_path" not in r)
+    # files written with the old key "ctx" read as max_seq_len
+    assert [r["max_seq_len"] for r in rec["emulated"]] == [4096, 32768, 32768] and len(rec["oom"]) == 1
+    auto32 = next(r for r in rec["emulated"] if r["max_seq_len"] == 32768 and "load_path" not in r)
     assert auto32["decisions"] == [{"where": "vram"}] and "TEST GPU" in rec["emulated"][0]["label"]
     text = emulated_report.report_recorded(tmp_path)
     assert "emulated/native = 0.983 (target: within 5%)" in text

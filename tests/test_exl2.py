@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
+from fixture_dirs import EXL2
 from safetensors.torch import load_file, save_file
 
 from helpers.core import units
@@ -17,13 +17,12 @@ from helpers.format.names import LINEAR_KINDS
 from helpers.recordings import format_check
 
 torch.set_num_threads(2)
-FIXTURES = Path(__file__).parent / "fixtures" / "exl2"
 NAMES = ["tiny_llama_b3.0", "tiny_llama_b4.5", "tiny_qwen2_b6.5"]
 
 
 @pytest.fixture(scope="module", params=NAMES)
 def fixture(request):
-    d = FIXTURES / request.param
+    d = EXL2[request.param]
     return reader.open_exl2(d), load_file(str(d / "exllamav2_truth.safetensors"))
 
 
@@ -54,21 +53,21 @@ def test_dequantize_matches_exllamav2(fixture):
 def test_all_bit_widths_are_exercised_by_the_fixtures():
     seen = set()
     for n in NAMES:
-        seen |= set(reader.open_exl2(FIXTURES / n).bits_histogram())
+        seen |= set(reader.open_exl2(EXL2[n]).bits_histogram())
     assert seen == {2, 3, 4, 5, 6, 8}
-    assert 2 in reader.open_exl2(FIXTURES / "tiny_llama_b3.0").bits_histogram()
+    assert 2 in reader.open_exl2(EXL2["tiny_llama_b3.0"]).bits_histogram()
 
 
 def test_bits_per_weight_is_near_the_converters_target():
     for n in NAMES:
         target = float(n.split("_b")[1])
-        ckpt = reader.open_exl2(FIXTURES / n)
+        ckpt = reader.open_exl2(EXL2[n])
         assert abs(ckpt.bits_per_weight - target) < 0.05, (n, ckpt.bits_per_weight)
         assert ckpt.config["quantization_config"]["bits"] == target
 
 
 def test_counting_of_one_linear_by_hand():
-    ckpt = reader.open_exl2(FIXTURES / "tiny_llama_b3.0")
+    ckpt = reader.open_exl2(EXL2["tiny_llama_b3.0"])
     q = ckpt.linears["model.layers.0.self_attn.k_proj"]
     assert q.groups == [(3, 64), (2, 64), (2, 64), (2, 64)]
     assert (q.in_features, q.out_features) == (256, 128)
@@ -113,12 +112,12 @@ def test_float_state_dict_names_and_layouts(fixture):
 
 
 def test_byte_breakdown_adds_up():
-    ckpt = reader.open_exl2(FIXTURES / "tiny_qwen2_b6.5")
+    ckpt = reader.open_exl2(EXL2["tiny_qwen2_b6.5"])
     bb = ckpt.byte_breakdown()
     assert bb["vram_bytes"] == sum(bb["by_kind"].values())
     assert bb["vram_bytes"] == bb["decoder_linear_bytes"] + bb["head_bytes"] + bb["norm_bytes"]
     assert bb["system_ram_bytes"] == 1024 * 256 * 2  # the embedding, fp16, on the CPU
-    assert bb["disk_bytes"] == (FIXTURES / "tiny_qwen2_b6.5" / "output.safetensors").stat().st_size
+    assert bb["disk_bytes"] == (EXL2["tiny_qwen2_b6.5"] / "output.safetensors").stat().st_size
     assert bb["by_kind"]["bias"] == 2 * 2 * (256 + 128 + 128)
     assert bb["norm_bytes"] == 2 * (2 * 2 * 256 + 256)
     assert bb["head"] == "exl2"
@@ -126,7 +125,7 @@ def test_byte_breakdown_adds_up():
 
 
 def test_layer_table_rows():
-    rows = reader.open_exl2(FIXTURES / "tiny_llama_b4.5").layer_table()
+    rows = reader.open_exl2(EXL2["tiny_llama_b4.5"]).layer_table()
     assert [r["kind"] for r in rows][:7] == list(LINEAR_KINDS)
     assert [r["name"] for r in rows][:2] == ["model.layers.0.self_attn.q_proj",
                                                  "model.layers.0.self_attn.k_proj"]
@@ -139,7 +138,7 @@ def test_layer_table_rows():
 # --------------------------------------------------------------------------------------------------- bad input
 def _copy(tmp_path, name="tiny_llama_b3.0"):
     d = tmp_path / name
-    shutil.copytree(FIXTURES / name, d)
+    shutil.copytree(EXL2[name], d)
     (d / "exllamav2_truth.safetensors").unlink()
     return d
 
@@ -321,7 +320,7 @@ def _tiny(tmp_path, **kw):
 def test_write_exl2_round_trip_with_config_and_tokenizer(tmp_path):
     cfg, sd = _tiny(tmp_path, arch="Qwen2ForCausalLM")
     out = writer.write_exl2(tmp_path / "m", cfg, sd, bits=5.0, head_bits=6, progress=False,
-                          tokenizer_dir=FIXTURES / "tiny_qwen2_b6.5")
+                          tokenizer_dir=EXL2["tiny_qwen2_b6.5"])
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "output.safetensors", "tokenizer.json",
                                                      "tokenizer_config.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary folder left behind
@@ -410,7 +409,7 @@ def test_sharded_checkpoint_reads_like_one_file(tmp_path):
 def test_inspect_cli_text_and_json(capsys):
     from helpers.__main__ import main
 
-    d = FIXTURES / "tiny_llama_b3.0"
+    d = EXL2["tiny_llama_b3.0"]
     assert main(["inspect", str(d)]) == 0
     text = capsys.readouterr().out
     ckpt = reader.open_exl2(d)

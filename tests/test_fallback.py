@@ -7,7 +7,8 @@ from helpers.cli import probe as cli_probe
 from helpers.core.errors import CourseError
 from helpers.core.units import GIB, MIB
 from helpers.fallback import pcie, probe, seed, spill
-from helpers.speed.model import CONSTANTS, first_principles
+from helpers.memory.setup import LoadSetup
+from helpers.speed.model import CONSTANTS, Spill, first_principles
 
 PCIE4 = 23.85e9   # PCIe 4.0 x16 in practice: 31.5 GB/s raw x the 47.7/63.0 share the external H100 record measured
 REPEAT_KV = "repeat_kv copy (one layer's K/V at every query head)"
@@ -51,10 +52,15 @@ def test_read_bytes_counts_weights_and_the_cache_up_to_depth():
         spill.read_bytes(p, depth=101, max_seq_len=100)
 
 
-def _toy_eval(p, depth=25, **kw):
+#: the seed's load: Qwen2.5-14B at 5.5 bpw, a 32k FP16 cache, on a 16 GB RTX 4080 Super, 0.2 GiB OS reserve
+SEED = LoadSetup("qwen2.5-14b", bpw=5.5, max_seq_len=32768, gpus="RTX 4080 Super", reserve_gib=0.2)
+
+
+def _toy_eval(p, depth=25, constants=None, **settings):
     # toy byte counts on a real shape: at 1 B/s VRAM and 0.5 B/s PCIe the speed model's seconds are the bytes
-    return spill.evaluate(p, shape="qwen2.5-14b", depth=depth, max_seq_len=100, vram_bandwidth=1.0,
-                          pcie_bandwidth=0.5, **kw)
+    model = spill.SpillModel(LoadSetup("qwen2.5-14b", max_seq_len=100, **settings), vram_bandwidth=1.0,
+                             pcie_bandwidth=0.5, constants=constants)
+    return spill.evaluate(p, model, depth)
 
 
 def test_evaluate_takes_its_time_from_the_speed_model():
@@ -66,8 +72,8 @@ def test_evaluate_takes_its_time_from_the_speed_model():
     # by hand: 0.5 s overhead + 50 B of weights at 1 B/s + 90 B of spilled weights at 0.5 B/s = 230.5 s
     assert pred.seconds_per_token == pytest.approx(0.5 + 50 + 180)
     assert pred.time_split_ms() == pytest.approx({"host_ms": 500.0, "vram_ms": 50e3, "pcie_ms": 180e3})
-    est = decode_estimate("qwen2.5-14b", weight_bytes=140, bandwidth_gbs=1e-9, depth=0,
-                          constants=first_principles(0.5 / 48), spilled_weight_bytes=90, pcie_gbs=0.5e-9)
+    est = decode_estimate(LoadSetup("qwen2.5-14b"), 0, weight_bytes=140, bandwidth_gbs=1e-9,
+                          constants=first_principles(0.5 / 48), spill=Spill(90, 0, 0.5e-9))
     assert pred.tok_s == pytest.approx(est.tok_s) and pred.seconds == pytest.approx(est.seconds)
     assert pred.spilled_bytes == 90 and pred.spilled_weight_bytes == 90 and pred.spilled_cache_bytes == 0
     assert pred.spilled_modules() == ["l1.mlp", "head"] and pred.placement == "first_come"
@@ -78,6 +84,7 @@ def test_evaluate_takes_its_time_from_the_speed_model():
     assert CONSTANTS["layer_s_desktop"] > 0
     with pytest.raises(CourseError, match="unknown host"):
         _toy_eval(p, host="laptop")
+    assert _toy_eval(p, host="server").seconds["host"] > _toy_eval(p).seconds["host"]
 
 
 def test_placement_first_come_vs_first_touch():
@@ -100,9 +107,9 @@ def test_placement_first_come_vs_first_touch():
 
 
 def test_placement_on_the_seed_card():
-    kw = dict(bpw=5.5, max_seq_len=32768, depth=256)
-    come = spill.SpillModel("RTX 4080 Super", reserve_gib=0.26, placement="first_come").predict("qwen2.5-14b", **kw)
-    touch = spill.SpillModel("RTX 4080 Super", reserve_gib=0.26, placement="first_touch").predict("qwen2.5-14b", **kw)
+    seed = LoadSetup("qwen2.5-14b", bpw=5.5, max_seq_len=32768, gpus="RTX 4080 Super", reserve_gib=0.26)
+    come = spill.SpillModel(seed, placement="first_come").predict(256)
+    touch = spill.SpillModel(seed, placement="first_touch").predict(256)
     # the last module loaded spills, and so does the repeat_kv copy decode makes afterwards (no flash-attn)
     assert come.spilled_weight_bytes > 0 and come.spilled_modules()[-2:] == ["lm_head", REPEAT_KV]
     # first touch: the 1 GiB dequant scratch and the prompt's transients leave, and the repeat_kv copy decode
@@ -112,8 +119,7 @@ def test_placement_on_the_seed_card():
                                             "repeat_kv copy (one layer's K/V at every query head)"}
     assert touch.sysmem_read_bytes == 0 and touch.spilled_bytes > GIB
     assert touch.tok_s > 3 * come.tok_s
-    lay = spill.SpillModel("RTX 4080 Super", placement="first_touch").layout("qwen2.5-14b", bpw=5.5,
-                                                                           max_seq_len=32768)
+    lay = spill.SpillModel(seed.with_(reserve_gib=None), placement="first_touch").layout()
     assert lay["terms"]["load_reserve_bytes"] == 0 and "never written" in lay["notes"][-1]
 
 
@@ -122,10 +128,10 @@ def test_overhead_from_run_and_a_reading_above_the_bound():
 
     w = weight_bytes("qwen2.5-14b", bpw=5.5)["vram_bytes"]
     # 50 tok/s = 20 ms; the weights at 736 GB/s take w / 736e9 s at depth 0 -> the rest is overhead
-    over, note = spill.overhead_from_run(50.0, "qwen2.5-14b", weight_bytes=w, vram_bandwidth=736e9)
+    over, note = spill.overhead_from_run(50.0, LoadSetup("qwen2.5-14b"), weight_bytes=w, vram_bandwidth=736e9)
     assert over == pytest.approx(0.020 - w / 736e9) and note is None
     # the seed's 80 tok/s is above what the bytes allow: not a clean decode, and no overhead can be read from it
-    over, note = spill.overhead_from_run(80.0, "qwen2.5-14b", weight_bytes=w, vram_bandwidth=736e9)
+    over, note = spill.overhead_from_run(80.0, LoadSetup("qwen2.5-14b"), weight_bytes=w, vram_bandwidth=736e9)
     assert over == 0.0 and "not a clean decode" in note and "do not use 0" in note
 
 
@@ -338,8 +344,7 @@ def test_main_probe_with_fake_windows_answers(capsys):
 
 # ----------------------------------------------------------------------------------------- the model on real shapes
 def test_predict_nothing_spills_at_4k_and_speed_is_the_speed_models():
-    p = spill.predict("qwen2.5-14b", "RTX 4080 Super", bpw=5.5, max_seq_len=4096, depth=0, reserve_gib=0.2,
-                      constants=first_principles())
+    p = spill.SpillModel(SEED.with_(max_seq_len=4096), constants=first_principles()).predict(0)
     assert p.spilled_bytes == 0 and p.sysmem_read_bytes == 0
     from helpers.memory.weights import weight_bytes
 
@@ -351,11 +356,11 @@ def test_predict_nothing_spills_at_4k_and_speed_is_the_speed_models():
 
 
 def test_predict_32k_spills_the_tail_of_the_load_order_and_round_trips():
-    m = spill.SpillModel("RTX 4080 Super", reserve_gib=0.2, constants=first_principles(0.002 / 48))
-    p = m.predict("qwen2.5-14b", bpw=5.5, max_seq_len=32768, depth=1000)
+    m = spill.SpillModel(SEED, constants=first_principles(0.002 / 48))
+    p = m.predict(1000)
     spilled = p.spilled_modules()
     assert spilled[-2:] == ["lm_head", REPEAT_KV] and all(s.startswith("model.layers.4") for s in spilled[:-2])
-    lay = m.layout("qwen2.5-14b", bpw=5.5, max_seq_len=32768)
+    lay = m.layout()
     demand = lay["fixed_bytes"] + sum(e["bytes"] for e in lay["order"] if e["device_hint"] != "cpu")
     over = demand - lay["budget_bytes"]
     assert over > 0 and over <= p.spilled_bytes < over + 200 * MIB     # what overflows, in whole modules
@@ -364,15 +369,15 @@ def test_predict_32k_spills_the_tail_of_the_load_order_and_round_trips():
     assert 1e3 / p.tok_s == pytest.approx(t["host_ms"] + t["vram_ms"] + t["pcie_ms"])
     assert p.spilled_cache_layers == sum(1 for q in p.modules if q["where"] == "sysmem" and q["cache_bytes"])
     # asking for the predicted weights-only speed gives back the spilled weight bytes
-    w_only = p.estimate(spilled_cache_layers=0).tok_s
-    need = m.spill_needed_for(w_only, "qwen2.5-14b", bpw=5.5, max_seq_len=32768, depth=1000)
+    w_only = p.estimate(spill=Spill(p.spilled_weight_bytes, 0, p.pcie_bandwidth / 1e9)).tok_s
+    need = m.spill_needed_for(w_only, 1000)
     assert need["sysmem_read_bytes"] == pytest.approx(p.spilled_weight_bytes, rel=1e-6)
     assert need["modules"][0] == ("lm_head", 1.0)
 
 
 def test_spill_needed_for_inverts_the_prediction():
-    m = spill.SpillModel("RTX 4080 Super", constants=first_principles())
-    need = m.spill_needed_for(25.0, "qwen2.5-14b", bpw=5.5, max_seq_len=32768, depth=0)
+    m = spill.SpillModel(SEED.with_(reserve_gib=None), constants=first_principles())
+    need = m.spill_needed_for(25.0, 0)
     from helpers.memory.weights import weight_bytes
 
     w = weight_bytes("qwen2.5-14b", bpw=5.5)["vram_bytes"]
@@ -381,8 +386,8 @@ def test_spill_needed_for_inverts_the_prediction():
     assert (w - x) / 736e9 + x / PCIE4 == pytest.approx(1 / 25)
     assert 0.65e9 < x < 0.75e9        # ~0.69 GB a token: a small tail of the ~9.7 GB model
     assert need["spilled_weight_bytes"] == pytest.approx(x) and need["possible"]
-    assert m.spill_needed_for(20.0, "qwen2.5-14b", bpw=5.5, max_seq_len=32768, depth=0)["sysmem_read_bytes"] > x
-    assert m.spill_needed_for(100.0, "qwen2.5-14b", bpw=5.5, max_seq_len=32768)["sysmem_read_bytes"] == 0
+    assert m.spill_needed_for(20.0, 0)["sysmem_read_bytes"] > x
+    assert m.spill_needed_for(100.0)["sysmem_read_bytes"] == 0
 
 
 def test_seed_case_takes_no_overhead_from_the_80():
@@ -408,23 +413,23 @@ def test_seed_case_takes_no_overhead_from_the_80():
 
 
 def test_model_load_path_spills_the_cache_tail_and_slows_with_depth():
-    m = spill.SpillModel("RTX 4080 Super", reserve_gib=0.2, load_path="load")
-    assert m.reserve_while_loading() == 0 and spill.SpillModel("x").reserve_while_loading() == 448 * MIB
-    p = m.predict("qwen2.5-14b", bpw=5.5, max_seq_len=32768, depth=0)
+    m = spill.SpillModel(SEED, load_path="load")
+    assert m.reserve_while_loading() == 0 and spill.SpillModel(SEED).reserve_while_loading() == 448 * MIB
+    p = m.predict(0)
     kinds = {q["kind"] for q in p.modules if q["where"] == "sysmem"}
     assert kinds == {"cache", "transient", "repeat_kv"} and p.spilled_weight_bytes == 0
     assert [q["module"] for q in p.modules[-2:]] == ["first forward's transients", REPEAT_KV]
     assert p.sysmem_read_bytes == 0 and p.seconds["pcie"] == 0     # depth 0: the spilled cache holds nothing yet
-    lay = m.layout("qwen2.5-14b", bpw=5.5, max_seq_len=32768)
+    lay = m.layout()
     assert lay["fixed_bytes"] == lay["terms"]["cuda_context_bytes"]
-    deep = m.predict("qwen2.5-14b", bpw=5.5, max_seq_len=32768, depth=16384)
+    deep = m.predict(16384)
     spilled_cache = sum(q["cache_bytes"] for q in p.modules if q["where"] == "sysmem")
     assert deep.sysmem_read_bytes == pytest.approx(spilled_cache / 2, abs=64)
     # by hand: the spilled layers' cache up to the depth crosses PCIe: layers x 16384 x 4096 B / 23.85 GB/s
     assert deep.seconds["pcie"] == pytest.approx(deep.spilled_cache_layers * 16384 * 4096 / PCIE4)
     assert deep.tok_s < p.tok_s
     with pytest.raises(CourseError, match="unknown load path"):
-        spill.SpillModel("RTX 4080 Super", load_path="fast").predict("qwen2.5-14b", bpw=5.5, max_seq_len=4096)
+        spill.SpillModel(SEED, load_path="fast").predict()
 
 
 def test_depth_at_bisects_a_falling_speed():
@@ -472,8 +477,7 @@ def test_hypothesis_rows_are_hand_checkable():
     assert rows["d"]["depth_for_25_early"] < d < rows["d"]["depth_for_25_late"]
     # (a) first come: slower than 25 from the first token; by hand from what spilled (weights every token, the
     # spilled cache layers' 256 positions over PCIe); (c) first touch: nothing read spills, as fast as (e)
-    a = spill.SpillModel("RTX 4080 Super", reserve_gib=seed.seed_reserve_gib(), flash_attn=True).predict(
-        "qwen2.5-14b", bpw=5.5, max_seq_len=32768, depth=256)
+    a = spill.SpillModel(seed.seed_setup(flash_attn=True)).predict(256)
     pcie_cache = a.spilled_cache_layers * 256 * 4096
     w = weight_bytes("qwen2.5-14b", bpw=5.5)["vram_bytes"]
     c = CONSTANTS
@@ -500,7 +504,8 @@ def test_hypothesis_rows_are_hand_checkable():
 
 def test_anchored_reserve():
     def reserve(used, full):
-        return seed.anchored_reserve_gib("qwen2.5-14b", "RTX 4080 Super", bpw=5.5, used_gib=used, full_gib=full)
+        four_k = LoadSetup("qwen2.5-14b", bpw=5.5, max_seq_len=4096, gpus="RTX 4080 Super")
+        return seed.anchored_reserve_gib(four_k, used_gib=used, full_gib=full)
 
     res, how = reserve(12.0, 15.8)
     assert "16 GiB card - 15.8 GiB used when full = 0.20 GiB never used" in how

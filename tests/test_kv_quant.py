@@ -152,16 +152,16 @@ def test_one_pass_equals_decoding_token_by_token():
     logits as decoding one token at a time with that cache."""
     model = _tiny_model()
     ids = torch.randint(0, 50, (12,), generator=torch.Generator().manual_seed(2))
-    cfg = model.config
-    model.cache = Q.QuantizedKVCache(cfg.num_layers, 24, cfg.num_kv_heads, cfg.head_dim, mode="q4")
+    cfg = model.config.shape
+    model.cache = Q.QuantizedKVCache(cfg.n_layers, 24, cfg.n_kv_heads, cfg.head_dim, mode="q4")
     one_pass = model.forward(ids[None])[0, 1:]
     step_by_step = _decode_one_by_one(model, ids)
     assert torch.allclose(one_pass, step_by_step, atol=1e-4)
     # and it differs from an exact cache, which in turn equals the plain KVCache
-    exact = Q.QuantizedKVCache(cfg.num_layers, 24, cfg.num_kv_heads, cfg.head_dim, mode="fp16")
+    exact = Q.QuantizedKVCache(cfg.n_layers, 24, cfg.n_kv_heads, cfg.head_dim, mode="fp16")
     model.cache = exact
     fp16 = model.forward(ids[None])[0, 1:]
-    model.cache = KVCache(cfg.num_layers, 24, cfg.num_kv_heads, cfg.head_dim)
+    model.cache = KVCache(cfg.n_layers, 24, cfg.n_kv_heads, cfg.head_dim)
     plain = model.forward(ids[None])[0, 1:]
     assert float((fp16 - plain).norm() / plain.norm()) < 1e-3                   # fp16 rounding only
     assert float((one_pass - plain).norm() / plain.norm()) > 1e-3               # 4 bits are visible

@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from fixture_dirs import EXL2
 
 from helpers.core.errors import CourseError, CourseWarning
 from helpers.core.paths import CONFIGS_DIR
@@ -19,14 +20,13 @@ from helpers.memory.cache_modes import CACHE_CLASSES, CACHE_MODES, LOAD_AUTOSPLI
 from helpers.memory.kv_cache import kv_bytes_per_token, kv_cache_bytes, kv_cache_layout, kv_layer_bytes_per_token
 from helpers.memory.load_order import load_order
 from helpers.memory.scratch import scratch_bytes, scratch_detail
+from helpers.memory.setup import LoadSetup
 from helpers.memory.simple_calculator import calculator_rows, simple_calculator_bytes
 from helpers.memory.weights import _group_map_rows, _linear_from_file, exl2_head_bytes, weight_bytes
 from helpers.planning.planner import plan
 from helpers.recordings.memory import GPU_RECORDINGS
 from helpers.specs.gpus import gpu_spec
 from helpers.specs.shapes import ModelShape, bundled_models, model_shape
-
-FIX = Path(__file__).parent / "fixtures" / "exl2"
 
 
 def small(**kw):
@@ -58,7 +58,7 @@ def test_every_mode_by_hand_small_shape():
         assert kv_cache_bytes(s, L, mode) == mib * MIB, mode
         assert kv_bytes_per_token(s, mode) * L == mib * MIB, mode
         # a second route: the tensors exllamav2 would allocate, one by one
-        assert sum(r["bytes"] for r in kv_cache_layout(s, L, mode)) == mib * MIB, mode
+        assert sum(r["bytes"] for r in kv_cache_layout(LoadSetup(s, max_seq_len=L, cache_mode=mode))) == mib * MIB, mode
     # measured externally on an H100 (torch allocated) for this shape: FP16 / Q8 / Q4 = 64.0 / 50.0 / 34.x MiB
 
 
@@ -156,7 +156,7 @@ def test_config_missing_fields_and_mla_are_clear(tmp_path):
 
 def test_head_bytes_match_a_real_exllamav2_head():
     """exllamav2's converter made this head (6 bits: 0.15 8b_128g / 0.85 6b_128g); the estimate is exact."""
-    real = weight_bytes(str(FIX / "tiny_llama_b4.5"))["lm_head_bytes"]
+    real = weight_bytes(str(EXL2["tiny_llama_b4.5"]))["lm_head_bytes"]
     assert real == exl2_head_bytes(256, 1024, 6)
     # by hand: 1 group of 128 rows at 8 bits + 1 of 128 at 6 bits -> 56 packed rows; K = 256
     parts = [56 * 1024 * 4, 2 * 128 * 4, 2 * 2, 2 * 2 * 2, 2 * 256, 2 * 256, 4 * 256]
@@ -165,7 +165,7 @@ def test_head_bytes_match_a_real_exllamav2_head():
 
 def test_one_linear_by_hand_from_the_fixture():
     """k_proj of layer 0 (tiny_qwen2_b6.5): every tensor exllamav2 keeps, rounded to torch's 512-byte blocks."""
-    t = exl2_tensors(FIX / "tiny_qwen2_b6.5")
+    t = exl2_tensors(EXL2["tiny_qwen2_b6.5"])
     k = "model.layers.0.self_attn.k_proj"
     q_groups = read_i16(t[f"{k}.q_groups"])
     rows = _group_map_rows(q_groups, t[f"{k}.q_weight"].shape[0])
@@ -176,7 +176,7 @@ def test_one_linear_by_hand_from_the_fixture():
     assert kind == "exl2" and got == sum(alloc_bytes(x) for x in parts)
     # a second route: the format reader's own GPU layout of the same linear (unrounded), within the 512-B blocks
     reader = pytest.importorskip("helpers.format.reader")
-    theirs = sum(reader.open_exl2(FIX / "tiny_qwen2_b6.5").linears[k].gpu_bytes().values())
+    theirs = sum(reader.open_exl2(EXL2["tiny_qwen2_b6.5"]).linears[k].gpu_bytes().values())
     assert 0 <= got - theirs < 512 * len(parts)
     down, _ = _linear_from_file(t, "model.layers.0.mlp.down_proj", drop_perm=True, out_features=256)
     with_perm, _ = _linear_from_file(t, "model.layers.0.mlp.down_proj", drop_perm=False, out_features=256)
@@ -185,7 +185,7 @@ def test_one_linear_by_hand_from_the_fixture():
 
 @pytest.mark.parametrize("name", ["tiny_llama_b3.0", "tiny_llama_b4.5", "tiny_qwen2_b6.5"])
 def test_exl2_folder_weights_agree_with_the_format_module(name):
-    folder = FIX / name
+    folder = EXL2[name]
     w = weight_bytes(str(folder))
     assert w["system_ram_bytes"] == 1024 * 256 * 2  # fp16 embedding stays on the CPU
     n_gpu_tensors = 2 * 7 * 8 + 7 + 2 * 3 + 1  # linears x ~8 tensors + head + norms: bounds the 512-B rounding
@@ -201,7 +201,7 @@ def test_exl2_folder_weights_agree_with_the_format_module(name):
 
 def test_bpw_given_with_an_exl2_folder_is_ignored_with_a_warning():
     with pytest.warns(CourseWarning, match="ignored"):
-        weight_bytes(str(FIX / "tiny_llama_b3.0"), bpw=5.0)
+        weight_bytes(str(EXL2["tiny_llama_b3.0"]), bpw=5.0)
 
 
 def test_qwen14b_estimate():
@@ -219,25 +219,26 @@ def test_qwen14b_estimate():
 
 def test_scratch_terms():
     q = model_shape("qwen2.5-14b")
-    sc = scratch_bytes(q, 32768)
+    sc = scratch_bytes(LoadSetup(q, max_seq_len=32768))
     assert sc["device_scratch"] == 1 * GIB  # lm_head dequant buffer, 5120 x 152064 capped at max_dq_size (512 Mi halfs)
     assert sc["rope_tables"] == 16 * MIB  # sin + cos, 32768 x 128 fp16 each (8 MiB)
     assert sc["attention_transient"] == 640 * MIB + 128  # 2 x 2048^2 x 40 heads x 2 B, + 128
     assert sc["hidden_state_transient"] == 20 * MIB and sc["attn_mask_transient"] == 8 * MIB  # 2048-token chunk
     sm = model_shape("smollm2-135m")
-    assert scratch_detail(sm, 4096)["lm_head"] == 56_623_104  # 2 B x 576 x 49152: under the cap
+    assert scratch_detail(LoadSetup(sm, max_seq_len=4096))["lm_head"] == 56_623_104  # 2 B x 576 x 49152: under the cap
     # max_input_len is clipped to max_seq_len (load_autosplit_gen), and so is the attention matrix: at 512 tokens
     # the MLP holds 512 x 576 fp16 + 128, two 512 x 1536 fp16 + 128 each, and a 576 x 1536 fp16 dequant buffer
-    d = scratch_detail(sm, 512)
+    d = scratch_detail(LoadSetup(sm, max_seq_len=512))
     assert d["mlp"] == 589_952 + 2 * 1_572_992 + 1_769_472 == 5_505_408
-    assert scratch_bytes(sm, 512)["attention_transient"] == 9 * MIB + 128  # 2 x 512^2 x 9 heads x 2 B
+    # 2 x 512^2 x 9 heads x 2 B
+    assert scratch_bytes(LoadSetup(sm, max_seq_len=512))["attention_transient"] == 9 * MIB + 128
 
 
 # --- breakdown, load order, planner ------------------------------------------------------------------------------
 
 def test_seed_case_4k_fits_32k_does_not():
-    short = plan("qwen2.5-14b", 16, bpw=5.5, max_seq_len=4096)
-    long = plan("qwen2.5-14b", "RTX 4080 Super", bpw=5.5, max_seq_len=32768)
+    short = plan(LoadSetup("qwen2.5-14b", gpus=16, bpw=5.5, max_seq_len=4096))
+    long = plan(LoadSetup("qwen2.5-14b", gpus="RTX 4080 Super", bpw=5.5, max_seq_len=32768))
     assert short.fits and short.margin_bytes > 2 * GIB  # with room
     assert not long.fits and long.margin_bytes < 0
     assert long.kv_cache_bytes == 6 * GIB
@@ -251,26 +252,24 @@ def test_seed_case_4k_fits_32k_does_not():
 
 
 def test_longest_context_is_the_edge():
-    p = plan("qwen2.5-14b", 16, bpw=5.5, max_seq_len=4096, cuda_context_gib=0.5, reserve_gib=0.5)
+    p = plan(LoadSetup("qwen2.5-14b", gpus=16, bpw=5.5, max_seq_len=4096, cuda_context_gib=0.5, reserve_gib=0.5))
     lc = p.longest_context
     assert all(v % 256 == 0 for v in lc.values())
     assert lc["q4"] > lc["q6"] > lc["q8"] > lc["fp16"] > 4096
     for mode, n in lc.items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # beyond 32k tokens: the RoPE warning, tested elsewhere
-            ok = plan("qwen2.5-14b", 16, bpw=5.5, max_seq_len=n, cache_mode=mode, cuda_context_gib=0.5,
-                        reserve_gib=0.5)
-            over = plan("qwen2.5-14b", 16, bpw=5.5, max_seq_len=n + 256, cache_mode=mode,
-                          cuda_context_gib=0.5, reserve_gib=0.5)
+            ok = plan(p.setup.with_(max_seq_len=n, cache_mode=mode))
+            over = plan(p.setup.with_(max_seq_len=n + 256, cache_mode=mode))
         assert ok.fits and not over.fits, mode
 
 
 def test_load_order_sums_to_the_breakdown():
-    for spec, bpw in (("qwen2.5-7b", 4.0), (str(FIX / "tiny_qwen2_b6.5"), None)):
+    for spec, bpw in (("qwen2.5-7b", 4.0), (str(EXL2["tiny_qwen2_b6.5"]), None)):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            bd = breakdown(spec, bpw=bpw, max_seq_len=2048, cache_mode="q4")
-            order = load_order(spec, bpw=bpw, max_seq_len=2048, cache_mode="q4")
+            bd = breakdown(LoadSetup(spec, bpw=bpw, max_seq_len=2048, cache_mode="q4"))
+            order = load_order(LoadSetup(spec, bpw=bpw, max_seq_len=2048, cache_mode="q4"))
         assert order[0]["module"] == "model.embed_tokens" and order[0]["device_hint"] == "cpu"
         assert order[-1]["module"] == "lm_head" and order[-2]["module"] == "model.norm"
         gpu = [e for e in order if e["device_hint"] == "gpu"]
@@ -283,8 +282,8 @@ def test_load_order_sums_to_the_breakdown():
 
 
 def test_load_order_of_model_load_puts_the_whole_cache_after_the_weights():
-    auto = load_order("qwen2.5-7b", bpw=4.0, max_seq_len=2048, cache_mode="q4")
-    load = load_order("qwen2.5-7b", bpw=4.0, max_seq_len=2048, cache_mode="q4", path="load")
+    auto = load_order(LoadSetup("qwen2.5-7b", bpw=4.0, max_seq_len=2048, cache_mode="q4"))
+    load = load_order(LoadSetup("qwen2.5-7b", bpw=4.0, max_seq_len=2048, cache_mode="q4"), path="load")
     n = model_shape("qwen2.5-7b").n_layers
     for key in ("weight_bytes", "cache_bytes", "scratch_bytes"):
         assert sum(e[key] for e in load) == sum(e[key] for e in auto), key
@@ -295,28 +294,28 @@ def test_load_order_of_model_load_puts_the_whole_cache_after_the_weights():
     per_layer = [e["cache_bytes"] for e in auto if e["kind"] == "attention"]
     assert [e["cache_bytes"] for e in load if e["kind"] == "cache"] == per_layer
     with pytest.raises(CourseError, match="unknown load path 'lazy'"):
-        load_order("qwen2.5-7b", bpw=4.0, max_seq_len=2048, path="lazy")
+        load_order(LoadSetup("qwen2.5-7b", bpw=4.0, max_seq_len=2048), path="lazy")
 
 
 def test_plan_warns_when_load_autosplit_reserve_does_not_fit():
     kw = dict(bpw=5.5, cuda_context_gib=0.5, reserve_gib=0.25)
-    longest = plan("qwen2.5-14b", "RTX 4080 Super", max_seq_len=4096, **kw).longest_context["fp16"]
-    edge = plan("qwen2.5-14b", "RTX 4080 Super", max_seq_len=longest, **kw)
+    longest = plan(LoadSetup("qwen2.5-14b", gpus="RTX 4080 Super", max_seq_len=4096, **kw)).longest_context["fp16"]
+    edge = plan(LoadSetup("qwen2.5-14b", gpus="RTX 4080 Super", max_seq_len=longest, **kw))
     assert edge.fits and 0 <= edge.margin_bytes < LOAD_AUTOSPLIT_RESERVE_BYTES
     assert edge.autosplit_margin_bytes == edge.margin_bytes - 448 * MIB < 0
     assert "Tight: model.load_autosplit(cache) holds 0.44 GiB more" in edge.recommendation
     assert json.loads(edge.to_json())["autosplit_margin_bytes"] == edge.autosplit_margin_bytes
-    roomy = plan("qwen2.5-14b", "RTX 4080 Super", max_seq_len=4096, **kw)
+    roomy = plan(LoadSetup("qwen2.5-14b", gpus="RTX 4080 Super", max_seq_len=4096, **kw))
     assert roomy.margin_bytes > 448 * MIB and "Tight" not in roomy.recommendation
 
 
 def test_context_beyond_training_warns_not_errors():
     with pytest.warns(CourseWarning, match="YaRN"):
-        bd = breakdown("qwen2.5-14b", bpw=5.5, max_seq_len=65536)
+        bd = breakdown(LoadSetup("qwen2.5-14b", bpw=5.5, max_seq_len=65536))
     assert bd.kv_cache_bytes == 12 * GIB
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        breakdown("qwen2.5-14b", bpw=5.5, max_seq_len=32768)  # at the limit: no warning
+        breakdown(LoadSetup("qwen2.5-14b", bpw=5.5, max_seq_len=32768))  # at the limit: no warning
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -329,12 +328,12 @@ def test_context_beyond_training_warns_not_errors():
     (dict(max_seq_len=4096, cache_mode="int4"), "fp16, fp8, q8, q6, q4"),
     (dict(max_seq_len=4096, head_bits=7), "head option"),
     (dict(max_seq_len=4096, batch=0), "batch"),
-    (dict(max_seq_len=4096, reserve_bytes=-1), "reserve"),
+    (dict(max_seq_len=4096, reserve_gib=-1), "reserve"),
 ])
 def test_bad_sizes_are_clear(kw, match):
     kw.setdefault("bpw", 5.5)
     with pytest.raises(CourseError, match=match):
-        breakdown("qwen2.5-14b", **kw)
+        breakdown(LoadSetup("qwen2.5-14b", **kw))
 
 
 def test_gpus():
@@ -365,17 +364,17 @@ def test_cuda_context_default_and_recorded(tmp_path):
 def test_simple_calculator_formula():
     s = model_shape("qwen2.5-14b")
     # 14,770,033,664 params x 5.5 / 8 = 10,154,398,144 B; plus K and V, 48 layers x 1024 values x 32768 tokens x 2 B
-    assert simple_calculator_bytes(s, 5.5, 32768) == 10_154_398_144 + 6 * GIB
-    assert simple_calculator_bytes(s, 5.5, 32768, kv_bits=4) == 10_154_398_144 + 1.5 * GIB
+    assert simple_calculator_bytes(LoadSetup(s, bpw=5.5, max_seq_len=32768)) == 10_154_398_144 + 6 * GIB
+    assert simple_calculator_bytes(LoadSetup(s, bpw=5.5, max_seq_len=32768), kv_bits=4) == 10_154_398_144 + 1.5 * GIB
     # the popular formula misses exllamav2's scratch, context and reserve: it falls short of the real total
-    row, = calculator_rows([("qwen2.5-14b", 5.5, 32768, "fp16")])
+    row, = calculator_rows([LoadSetup("qwen2.5-14b", bpw=5.5, max_seq_len=32768)])
     assert row["simple_gib"] < row["exllamav2_gib"] and row["error_pct"] < 0
 
 
 def test_table_shows_gib_units():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        t = breakdown("smollm2-135m", bpw=4.0, max_seq_len=4096).table()
+        t = breakdown(LoadSetup("smollm2-135m", bpw=4.0, max_seq_len=4096)).table()
     assert "GiB" in t and "KV cache" in t and "CUDA context" in t
 
 
@@ -401,7 +400,7 @@ def test_cli_plan_json_and_errors(capsys):
     assert main(["plan", "--model", "qwen2.5-14b", "--bpw", "5.5", "--ctx", "65536", "--gpu-gib", "24"]) == 0
     out, err = capsys.readouterr()
     assert (out + err).count("is beyond the 32,768 positions") == 1 and "YaRN" in out   # said once, for Qwen2.5
-    assert main(["plan", "--model", str(FIX / "tiny_llama_b3.0"), "--gpu", "RTX 3060 12GB", "--json"]) == 0
+    assert main(["plan", "--model", str(EXL2["tiny_llama_b3.0"]), "--gpu", "RTX 3060 12GB", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["fits"] is True
 
 
@@ -509,14 +508,14 @@ def test_repeat_kv_copy_is_counted_without_flash_attn_only():
     from helpers.memory.scratch import attention_scratch_space, repeat_kv_bytes, scratch_detail
 
     # by hand: K and V of one layer at 40 query heads x 128 x 2 bytes for 32,768 positions, + exllamav2's 128
-    assert repeat_kv_bytes("qwen2.5-14b", 32768) == 2 * 40 * 32768 * 128 * 2 + 128
-    assert repeat_kv_bytes("qwen2.5-14b", 32768) / GIB == pytest.approx(0.625, abs=1e-6)
-    assert repeat_kv_bytes("qwen2.5-14b", 32768, flash_attn=True) == 0
-    no = breakdown("qwen2.5-14b", bpw=5.5, max_seq_len=32768)
-    fa = breakdown("qwen2.5-14b", bpw=5.5, max_seq_len=32768, flash_attn=True)
+    assert repeat_kv_bytes(LoadSetup("qwen2.5-14b", max_seq_len=32768)) == 2 * 40 * 32768 * 128 * 2 + 128
+    assert repeat_kv_bytes(LoadSetup("qwen2.5-14b", max_seq_len=32768)) / GIB == pytest.approx(0.625, abs=1e-6)
+    assert repeat_kv_bytes(LoadSetup("qwen2.5-14b", max_seq_len=32768, flash_attn=True)) == 0
+    no = breakdown(LoadSetup("qwen2.5-14b", bpw=5.5, max_seq_len=32768))
+    fa = breakdown(LoadSetup("qwen2.5-14b", bpw=5.5, max_seq_len=32768, flash_attn=True))
     assert no.repeat_kv_bytes == 2 * 40 * 32768 * 128 * 2 + 128 and fa.repeat_kv_bytes == 0
     assert no.transient_bytes == no.attention_transient_bytes + no.hidden_state_transient_bytes + no.repeat_kv_bytes
     # set_device_map (a manual gpu_split) reserves attn.py scratch_space(): the fixed part + temp_q/k/v + temp_kv
-    fixed = scratch_detail("qwen2.5-14b", 32768)["attention"]
+    fixed = scratch_detail(LoadSetup("qwen2.5-14b", max_seq_len=32768))["attention"]
     qkv = (2048 * 5120 * 2 + 128) + 2 * (2048 * 1024 * 2 + 128)
-    assert attention_scratch_space("qwen2.5-14b", 32768) == fixed + qkv + no.repeat_kv_bytes
+    assert attention_scratch_space(LoadSetup("qwen2.5-14b", max_seq_len=32768)) == fixed + qkv + no.repeat_kv_bytes

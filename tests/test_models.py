@@ -18,16 +18,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from fixture_dirs import EXL2
 
 from helpers.cli.model import main as model_cli
 from helpers.core.errors import CourseError
-from helpers.core.paths import MODEL_ENV, REPO_DIR
+from helpers.core.paths import MODEL_ENV
 from helpers.lessons import quality
 from helpers.models import embedded as models
 from helpers.models import gguf
 
 torch.set_num_threads(2)
-FIXTURES = REPO_DIR / "tests" / "fixtures" / "exl2"
 
 
 @pytest.fixture(scope="session")
@@ -299,10 +299,10 @@ def test_outdated_folder_is_replaced_atomically(tmp_cache):
 
 # --- the reader's own model ------------------------------------------------------------------------------------------
 def test_resolve_model_dir_prefers_argument_then_env(monkeypatch, tmp_path):
-    fixture = FIXTURES / "tiny_llama_b3.0"
-    monkeypatch.setenv(MODEL_ENV, str(FIXTURES / "tiny_qwen2_b6.5"))
+    fixture = EXL2["tiny_llama_b3.0"]
+    monkeypatch.setenv(MODEL_ENV, str(EXL2["tiny_qwen2_b6.5"]))
     assert models.resolve_model_dir(fixture) == fixture.resolve()
-    assert models.resolve_model_dir() == (FIXTURES / "tiny_qwen2_b6.5").resolve()
+    assert models.resolve_model_dir() == (EXL2["tiny_qwen2_b6.5"]).resolve()
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "bad_json", "float", "not_safetensors"])

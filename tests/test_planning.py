@@ -9,26 +9,31 @@ import warnings
 from pathlib import Path
 
 import pytest
+from fixture_dirs import EXL2
 
 from helpers.core.errors import CourseError, CourseWarning
 from helpers.core.units import parse_token_list, parse_tokens
 from helpers.format.bits import BPW_RANGE, check_bpw
 from helpers.memory.cache_modes import LOAD_AUTOSPLIT_RESERVE_BYTES
+from helpers.memory.setup import LoadSetup
 from helpers.planning.multi import plan_multi
+from helpers.planning.multi_advice import replan
 from helpers.planning.planner import SCHEMA_VERSION, plan, trained_positions
 from helpers.planning.schema import SCHEMA_PATH, load_schema, validate
 from helpers.planning.table import all_gpus
 from helpers.specs.gpus import GPUS, gpu_label, gpu_spec
 from helpers.specs.shapes import bundled_models, model_shape
 
-FIX = Path(__file__).parent / "fixtures" / "exl2"
 SEED = dict(bpw=5.5, max_seq_len=32768, cache_mode="fp16")
 
 
-def quiet(fn, *a, **kw):
+def quiet(fn, model, gpus, **kw):
+    """``fn`` (plan or plan_multi) of the LoadSetup of ``model`` on ``gpus`` and the settings in ``kw``; depth and
+    the split stay arguments of ``fn``. Warnings silenced."""
+    args = {k: kw.pop(k) for k in ("depth", "split", "split_mode") if k in kw}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return fn(*a, **kw)
+        return fn(LoadSetup(model, gpus=gpus, **kw), **args)
 
 
 def cli(capsys, *argv):
@@ -107,11 +112,11 @@ def test_trained_positions_read_rope_scaling_from_config():
     cfg["rope_scaling"] = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
     assert trained_positions(model_shape(cfg)) == 131072
     with pytest.warns(CourseWarning, match="beyond the 32,768 positions .*no rope_scaling"):
-        p = plan("qwen2.5-14b", "H100 80GB SXM", bpw=5.5, max_seq_len=65536)
+        p = plan(LoadSetup("qwen2.5-14b", gpus="H100 80GB SXM", bpw=5.5, max_seq_len=65536))
     assert "32,768" in p.recommendation
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        plan(cfg, "H100 80GB SXM", bpw=5.5, max_seq_len=65536)  # YaRN x4: no warning
+        plan(LoadSetup(cfg, gpus="H100 80GB SXM", bpw=5.5, max_seq_len=65536))  # YaRN x4: no warning
 
 
 # --- issue 17 item 6: plan's rough edges ----------------------------------------------------------------------
@@ -137,7 +142,7 @@ def test_one_bpw_range_for_plan_and_synth(tmp_path):
     assert BPW_RANGE == (2.0, 8.0) and check_bpw(2.0) == 2.0 and check_bpw(8.0) == 8.0
     for bad in (1.95, 8.05):
         with pytest.raises(CourseError, match="2.0 to 8.0") as e1:
-            plan("qwen2.5-7b", 16, bpw=bad, max_seq_len=4096)
+            plan(LoadSetup("qwen2.5-7b", gpus=16, bpw=bad, max_seq_len=4096))
         with pytest.raises(CourseError, match="2.0 to 8.0") as e2:
             write_synthetic("smollm2-135m", bad, tmp_path / "x", progress=False)
         assert str(e1.value) == str(e2.value)
@@ -233,7 +238,7 @@ def test_manual_split_and_tensor_parallel():
     assert [d.kv_heads for d in tp.devices] == [4, 4] and tp.devices[0].layers == list(range(80))
     assert "tensor parallel" in tp.decode["label"] and any("synchronisations" in a for a in tp.assumptions)
     with pytest.raises(CourseError, match="one non-negative GiB figure per GPU"):
-        plan_multi("llama-3.3-70b", ["RTX 3090"] * 2, split=[20], **kw)
+        plan_multi(LoadSetup("llama-3.3-70b", gpus=["RTX 3090"] * 2, **kw), split=[20])
 
 
 def test_cli_several_gpus(capsys):
@@ -253,9 +258,9 @@ B70 = ["--model", "llama-3.3-70b", "--bpw", "4.0", "--ctx", "32k", "--cache", "q
 
 def _named_settings_are_ok(m):
     """Every setting the advice names, fed back to the planner, fits with no device tight."""
-    base = {**m.inputs, "depth": None}
     named = []
-    for flag, key, conv in (("--ctx", "max_seq_len", int), ("--cache", "cache_mode", str), ("--bpw", "bpw", float)):
+    flags = (("--max-seq-len", "max_seq_len", int), ("--cache", "cache_mode", str), ("--bpw", "bpw", float))
+    for flag, key, conv in flags:
         for v in re.findall(rf"\({flag} ([\w.]+)\)", m.advice):
             named.append({key: conv(v)} | ({"split": None, "split_mode": "autosplit"} if key == "bpw" and
                                            m.split_mode == "split" else {}))
@@ -263,7 +268,7 @@ def _named_settings_are_ok(m):
         named.append({"split": [float(x) for x in v.split(",")], "split_mode": "tp" if m.split_mode == "tp" else
                       "split"})
     for change in named:
-        q = quiet(plan_multi, **{**base, **change})
+        q = replan(m, **change)
         assert q.ok, (change, q.verdict())
     return named
 
@@ -322,12 +327,12 @@ def test_multi_advice_options_in_order_and_never_tight(ctx, mode):
     assert not m.fits and "GPU 1 (RTX 3090) is" in m.advice and "room on GPU 0" in m.advice
     named = _named_settings_are_ok(m)
     assert len(named) >= 2
-    order = [m.advice.find(k) for k in ("--split", "--cache", "--ctx", "--bpw", "--gpu 3x") if k in m.advice]
+    order = [m.advice.find(k) for k in ("--split", "--cache", "--max-seq-len", "--bpw", "--gpu 3x") if k in m.advice]
     assert order == sorted(order)
     if mode == "fp16":  # q8 does not keep 65,536 tokens on these two cards; q6 does
         assert "(1) a q6 cache (--cache q6) keeps 65,536 tokens" in m.advice and "--cache q8" not in m.advice
     else:               # GPU 0 has 0.60 GiB to spare against 1.41 GiB short: no split can fix it
-        assert "--split" not in m.advice and "(1) max_seq_len 112,896 (--ctx 112896)" in m.advice
+        assert "--split" not in m.advice and "(1) max_seq_len 112,896 (--max-seq-len 112896)" in m.advice
 
 
 def test_multi_advice_shifts_tensor_parallel_shares(capsys):
@@ -368,7 +373,7 @@ def test_cli_reserve_per_gpu(capsys):
     rc, _, err = cli(capsys, "--model", "qwen2.5-7b", "--bpw", "5", "--all-gpus", "--reserve-gib", "1,1")
     assert rc == 2 and "for 1 GPU:" in err
     with pytest.raises(CourseError, match="reserve must be zero or a positive"):
-        plan_multi("llama-3.3-70b", ["RTX 3090"] * 2, reserve_gib=[0.5, -1], **KW70)
+        plan_multi(LoadSetup("llama-3.3-70b", gpus=["RTX 3090"] * 2, reserve_gib=[0.5, -1], **KW70))
 
 
 def test_all_gpus_lists_every_known_gpu(capsys):
@@ -376,18 +381,20 @@ def test_all_gpus_lists_every_known_gpu(capsys):
     doc = json.loads(out)
     assert rc == 0 and [r["gpu"] for r in doc["rows"]] == list(GPUS)
     validate(doc)
-    rows = quiet(all_gpus, "qwen2.5-14b", bpw=5.5, max_seq_len=32768, gpus=["RTX 4080 Super", "RTX 4090"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rows = all_gpus(LoadSetup("qwen2.5-14b", bpw=5.5, max_seq_len=32768), gpus=["RTX 4080 Super", "RTX 4090"])
     assert [r["fits"] for r in rows] == [False, True]
 
 
 # --- issue 18: any local EXL2 checkpoint -----------------------------------------------------------------------
 
 def test_plan_dir_uses_the_files_real_bits(capsys, tmp_path):
-    folder = FIX / "tiny_llama_b3.0"
+    folder = EXL2["tiny_llama_b3.0"]
     rc, out, _ = cli(capsys, str(folder), "--gpu", "RTX 3060 12GB", "--ctx", "2k", "--json")
     doc = json.loads(out)
     assert rc == 0 and "read from the EXL2 tensors" in doc["breakdown"]["weights_source"]
-    other = quiet(plan, FIX / "tiny_llama_b4.5", "RTX 3060 12GB", max_seq_len=2048)
+    other = quiet(plan, EXL2["tiny_llama_b4.5"], "RTX 3060 12GB", max_seq_len=2048)
     assert other.breakdown.weights_bytes > doc["breakdown"]["weights_bytes"]  # 4.5 bpw files hold more than 3.0
     broken = tmp_path / "broken"
     shutil.copytree(folder, broken)
@@ -428,7 +435,7 @@ def test_widget_redraws_when_three_controls_change():
     pytest.importorskip("ipywidgets")
     from helpers.planning.widget import planner_widget
 
-    w = planner_widget(model="qwen2.5-14b", bpw=5.5, ctx=32768, cache="fp16", gpus=("RTX 4080 Super",))
+    w = planner_widget(LoadSetup("qwen2.5-14b", bpw=5.5, max_seq_len=32768, gpus="RTX 4080 Super"))
     assert "DOES NOT FIT" in w.verdict.value and 'data-fits="false"' in w.bars.value
     w.cache.value = "q8"                       # 1: the cache mode
     assert "FITS" in w.verdict.value and "DOES NOT" not in w.verdict.value and 'data-fits="true"' in w.bars.value
@@ -441,7 +448,7 @@ def test_widget_redraws_when_three_controls_change():
     w.model.value = "llama-3.3-70b"             # 4: the model
     w.bpw.value = 4.0                           # 5: the bpw
     assert w.bars.value.count('class="pl-bar"') == 2 and "FITS on every device" in w.verdict.value
-    w.ctx.value = 131072                        # 6: the context: GPU 1 overflows
+    w.max_seq_len.value = 131072                        # 6: the context: GPU 1 overflows
     assert "DOES NOT FIT" in w.verdict.value and w.depth.value == 131071   # a full cache: the last free position
     w.model.value = "nonesuch"
     assert "error: unknown model" in w.verdict.value
@@ -453,7 +460,7 @@ def test_planner_plots_have_titles():
     pytest.importorskip("matplotlib")
     from helpers.plots import planner as pp
 
-    fig = pp.plot_iso_vram("llama-3.1-8b", cards_gib=(12, 24), bpws=[3.0, 5.0, 7.0])
+    fig = pp.plot_iso_vram(LoadSetup("llama-3.1-8b"), cards_gib=(12, 24), bpws=[3.0, 5.0, 7.0])
     assert fig._suptitle.get_text() and len(fig.axes) == 2 and len(fig.axes[0].lines) >= 4
     m = quiet(plan_multi, "llama-3.3-70b", ["RTX 3090"] * 2, bpw=4.0, max_seq_len=32768, cache_mode="q4")
     assert pp.plot_devices(m).axes[0].get_title()

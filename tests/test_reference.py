@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from fixture_dirs import EXL2
 from safetensors.torch import load_file
 
 from helpers.core.errors import CourseError, CourseWarning
@@ -20,7 +20,6 @@ from helpers.engines.reference import (
     sample_next,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures" / "exl2"
 NAMES = ["tiny_llama_b3.0", "tiny_llama_b4.5", "tiny_qwen2_b6.5"]
 
 torch.set_num_threads(2)
@@ -31,7 +30,7 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def truth(name: str) -> dict[str, torch.Tensor]:
-    return load_file(str(FIXTURES / name / "exllamav2_truth.safetensors"))
+    return load_file(str(EXL2[name] / "exllamav2_truth.safetensors"))
 
 
 def model_from_truth_weights(name: str, **kw) -> ReferenceModel:
@@ -39,12 +38,12 @@ def model_from_truth_weights(name: str, **kw) -> ReferenceModel:
 
     weight_dq_t is (in, out); the MLP is in exllamav2's runtime order (intermediate dimension permuted), which
     is the same function as the file's order because gate/up columns and down rows are permuted together."""
-    t, o = truth(name), load_file(str(FIXTURES / name / "output.safetensors"))
+    t, o = truth(name), load_file(str(EXL2[name] / "output.safetensors"))
     state = {k.replace(".weight_dq_t", ".weight"): v.float().T.contiguous()
              for k, v in t.items() if k.endswith(".weight_dq_t")}
     state.update({k: v.float() for k, v in o.items()
                   if k.endswith(("norm.weight", ".bias")) or k == "model.embed_tokens.weight"})
-    cfg = json.loads((FIXTURES / name / "config.json").read_text())
+    cfg = json.loads((EXL2[name] / "config.json").read_text())
     return ReferenceModel.from_state_dict(cfg, state, max_seq_len=kw.pop("max_seq_len", 64), **kw)
 
 
@@ -53,7 +52,7 @@ def model_from_truth_weights(name: str, **kw) -> ReferenceModel:
 @pytest.mark.parametrize("name", NAMES)
 def test_causal_logits_match_exllamav2_through_the_exl2_reader(name):
     t = truth(name)
-    model = ReferenceModel.from_dir(FIXTURES / name, max_seq_len=64)
+    model = ReferenceModel.from_dir(EXL2[name], max_seq_len=64)
     prefill = model.forward(t["input_ids"])
     step = model.forward(t["next_id"], reset=False)
     assert prefill.shape == t["logits_prefill"].shape and step.shape == t["logits_step"].shape
@@ -166,11 +165,11 @@ def test_agrees_with_transformers_on_the_embedded_models_float_source():
 
 @pytest.mark.parametrize("name", ["tiny_llama_b3.0", "tiny_qwen2_b6.5"])
 def test_cache_is_preallocated_in_exllamav2s_layout(name):
-    model = ReferenceModel.from_dir(FIXTURES / name, max_seq_len=100)
-    cfg = model.config
-    assert len(model.cache.key_states) == len(model.cache.value_states) == cfg.num_layers == 2
+    model = ReferenceModel.from_dir(EXL2[name], max_seq_len=100)
+    cfg = model.config.shape
+    assert len(model.cache.key_states) == len(model.cache.value_states) == cfg.n_layers == 2
     for t in model.cache.all_tensors():
-        assert tuple(t.shape) == (1, 100, cfg.num_kv_heads, cfg.head_dim) == (1, 100, 2, 64)
+        assert tuple(t.shape) == (1, 100, cfg.n_kv_heads, cfg.head_dim) == (1, 100, 2, 64)
         assert t.dtype == torch.float32
     # 2 (K, V) x 2 layers x 100 positions x 2 KV heads x 64 x 4 bytes
     assert model.cache.nbytes() == 2 * 2 * 100 * 2 * 64 * 4 == 204_800
@@ -189,7 +188,7 @@ def test_kv_cache_fp16_is_half_the_bytes():
 
 
 def test_fill_cache_then_decode():
-    model = ReferenceModel.from_dir(FIXTURES / "tiny_llama_b4.5", max_seq_len=512)
+    model = ReferenceModel.from_dir(EXL2["tiny_llama_b4.5"], max_seq_len=512)
     model.fill_cache(400, seed=3)
     assert model.depth == 400
     k0 = model.cache.key_states[1][0, :400].clone()
@@ -206,7 +205,7 @@ def test_fill_cache_then_decode():
 # --- bad input --------------------------------------------------------------------------------------------------
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path):
-    cfg = json.loads((FIXTURES / "tiny_llama_b3.0" / "config.json").read_text())
+    cfg = json.loads((EXL2["tiny_llama_b3.0"] / "config.json").read_text())
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CourseError, match="GPT2LMHeadModel is not supported.*LlamaForCausalLM, MistralForCausalLM, "
@@ -215,22 +214,22 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path):
 
 
 def test_unsupported_rope_scaling_is_one_clear_line():
-    cfg = json.loads((FIXTURES / "tiny_qwen2_b6.5" / "config.json").read_text())
+    cfg = json.loads((EXL2["tiny_qwen2_b6.5"] / "config.json").read_text())
     cfg["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}
     with pytest.raises(CourseError, match="RoPE scaling 'yarn' is not implemented.*exllamav2"):
         DecoderConfig.from_hf(cfg)
 
 
 def test_missing_top_level_rope_theta_warns_about_exllamav2():
-    cfg = json.loads((FIXTURES / "tiny_qwen2_b6.5" / "config.json").read_text())
+    cfg = json.loads((EXL2["tiny_qwen2_b6.5"] / "config.json").read_text())
     cfg["rope_parameters"]["rope_theta"] = 100000.0
     del cfg["rope_theta"]
     with pytest.warns(CourseWarning, match="fall back to 10000"):
-        assert DecoderConfig.from_hf(cfg).rope_theta == 100000.0
+        assert DecoderConfig.from_hf(cfg).shape.rope_theta == 100000.0
 
 
 def test_context_beyond_the_cache_says_to_raise_max_seq_len():
-    model = ReferenceModel.from_dir(FIXTURES / "tiny_llama_b3.0", max_seq_len=16)
+    model = ReferenceModel.from_dir(EXL2["tiny_llama_b3.0"], max_seq_len=16)
     with pytest.raises(CourseError, match="max_seq_len=16: load the model with a larger max_seq_len"):
         model.forward(torch.zeros(1, 17, dtype=torch.long))
     model.forward(torch.zeros(1, 16, dtype=torch.long))
@@ -245,12 +244,12 @@ def test_context_beyond_the_cache_says_to_raise_max_seq_len():
 def test_cuda_asked_for_where_there_is_none(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(CourseError, match="no CUDA GPU here: use device='cpu'"):
-        ReferenceModel.from_dir(FIXTURES / "tiny_llama_b3.0", device="cuda")
+        ReferenceModel.from_dir(EXL2["tiny_llama_b3.0"], device="cuda")
 
 
 def test_max_seq_len_beyond_training_is_a_warning_not_an_error():
     with pytest.warns(CourseWarning, match="beyond the 2048 positions"):
-        ReferenceModel.from_dir(FIXTURES / "tiny_llama_b3.0", max_seq_len=4096)
+        ReferenceModel.from_dir(EXL2["tiny_llama_b3.0"], max_seq_len=4096)
 
 
 # --- sampling, tokenizer, streaming ---------------------------------------------------------------------------------
@@ -274,7 +273,7 @@ def test_sampling_rules():
 
 
 def test_stream_never_splits_a_character():
-    tok = Tokenizer(FIXTURES / "tiny_llama_b3.0")
+    tok = Tokenizer(EXL2["tiny_llama_b3.0"])
     text = "Grüße aus Köln: 20 € — ok ✓"
     ids = tok.encode(text)[0].tolist()
     stream = TextStream(tok)
@@ -285,7 +284,7 @@ def test_stream_never_splits_a_character():
 
 
 def test_greedy_generation_is_deterministic_and_streams():
-    model = ReferenceModel.from_dir(FIXTURES / "tiny_qwen2_b6.5", max_seq_len=64)
+    model = ReferenceModel.from_dir(EXL2["tiny_qwen2_b6.5"], max_seq_len=64)
     pieces = []
     text = model.generate("hello", max_new_tokens=12, chat=False, stream=pieces.append)
     assert text and "".join(pieces) == text

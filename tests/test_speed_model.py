@@ -5,6 +5,7 @@ import pytest
 
 from helpers.core.errors import CourseError
 from helpers.memory import weights
+from helpers.memory.setup import LoadSetup
 from helpers.speed import model
 
 # the small shape: SmolLM2-135M, 30 layers, 9 heads, 3 KV heads, head_dim 64
@@ -50,11 +51,11 @@ def test_no_repeat_kv_when_heads_match():
     assert pb.per_layer.temp_written == 0 and pb.total == 2 * (2 * 256 * 2)
 
 
-def _est(**kw):
+def _est(depth=30000, bandwidth_gbs=736, constants=None, spill=None, **settings):
+    """The estimate for Qwen2.5-14B at 5.5 bpw at ``depth`` (``settings``: the LoadSetup's cache mode, path, host)."""
     w = weights.weight_bytes(QWEN, bpw=5.5)["vram_bytes"]
-    args = dict(weight_bytes=w, bandwidth_gbs=736, depth=30000)
-    args.update(kw)
-    return model.decode_estimate(QWEN, **args)
+    return model.decode_estimate(LoadSetup(QWEN, **settings), depth, weight_bytes=w, bandwidth_gbs=bandwidth_gbs,
+                                 spill=spill, constants=constants)
 
 
 def test_position_bytes_split_into_attention_and_dequantization():
@@ -108,12 +109,12 @@ def test_first_principles_constants_give_the_roofline():
 def test_spill_goes_over_pcie():
     w = weights.weight_bytes(QWEN, bpw=5.5)["vram_bytes"]
     fp = model.first_principles()
-    e = _est(spilled_weight_bytes=10**9, spilled_cache_layers=2, pcie_gbs=25, constants=fp)
+    e = _est(spill=model.Spill(10**9, 2, 25), constants=fp)
     assert e.seconds["pcie"] == pytest.approx((10**9 + 2 * 4096 * 30000) / 25e9)
     assert e.seconds["weights"] == pytest.approx((w - 10**9) / 736e9)
     assert e.seconds["attention"] == pytest.approx((30000 * 2_162_688 - 2 * 4096 * 30000) / 736e9)
     with pytest.raises(CourseError, match="pcie_gbs"):
-        _est(spilled_weight_bytes=10**9)
+        _est(spill=model.Spill(10**9))
     with pytest.raises(CourseError):
         _est(bandwidth_gbs=0)
     with pytest.raises(CourseError, match="unknown host"):
@@ -122,11 +123,11 @@ def test_spill_goes_over_pcie():
 
 def test_depth_for_speed_inverts_the_estimate():
     w = weights.weight_bytes(QWEN, bpw=5.5)["vram_bytes"]
-    d = model.depth_for_speed(QWEN, 25, weight_bytes=w, bandwidth_gbs=736)
-    e = model.decode_estimate(QWEN, weight_bytes=w, bandwidth_gbs=736, depth=d)
+    d = model.depth_for_speed(LoadSetup(QWEN), 25, weight_bytes=w, bandwidth_gbs=736)
+    e = model.decode_estimate(LoadSetup(QWEN), d, weight_bytes=w, bandwidth_gbs=736)
     assert e.tok_s == pytest.approx(25, abs=0.01)
     assert 1000 < d < 20000  # a 4080 Super without flash-attn: 25 tok/s some thousands of tokens deep, no spill
-    assert model.depth_for_speed(QWEN, 500, weight_bytes=w, bandwidth_gbs=736) == 0
+    assert model.depth_for_speed(LoadSetup(QWEN), 500, weight_bytes=w, bandwidth_gbs=736) == 0
 
 
 def test_constants_file_damaged_is_one_line(tmp_path):

@@ -6,10 +6,10 @@ import io
 import json
 import shutil
 from contextlib import redirect_stdout
-from pathlib import Path
 
 import pytest
 import torch
+from fixture_dirs import EXL2
 
 from helpers import plots
 from helpers.__main__ import main as cli
@@ -22,12 +22,12 @@ from helpers.format import packing as exl2_packing
 from helpers.format import tiny as exl2_tiny
 from helpers.lessons import tour
 from helpers.memory.kv_cache import kv_cache_bytes
+from helpers.memory.setup import LoadSetup
 from helpers.specs.shapes import model_shape
 
-FIXTURES = Path(__file__).parent / "fixtures" / "exl2"
-LLAMA3 = FIXTURES / "tiny_llama_b3.0"      # exllamav2's converter at 3.0 bpw: 2, 3, 4, 6 and 8-bit groups
-LLAMA45 = FIXTURES / "tiny_llama_b4.5"
-QWEN = FIXTURES / "tiny_qwen2_b6.5"
+LLAMA3 = EXL2["tiny_llama_b3.0"]      # exllamav2's converter at 3.0 bpw: 2, 3, 4, 6 and 8-bit groups
+LLAMA45 = EXL2["tiny_llama_b4.5"]
+QWEN = EXL2["tiny_qwen2_b6.5"]
 
 torch.set_num_threads(2)
 
@@ -320,7 +320,7 @@ def test_kv_cache_plot_is_linear_with_separated_end_labels():
 
 
 def test_total_vs_context_marks_and_explains_its_bend():
-    ax = plots.plot_total_vs_context("qwen2.5-14b", "RTX 4080 Super", bpw=5.5).axes[0]
+    ax = plots.plot_total_vs_context(LoadSetup("qwen2.5-14b", bpw=5.5, gpus="RTX 4080 Super")).axes[0]
     assert any(list(line.get_xdata()) == [2048, 2048] for line in ax.lines)
     assert any("bend at 2,048 tokens" in t.get_text() and "max_attention_size" in t.get_text() for t in ax.texts)
 
@@ -328,7 +328,7 @@ def test_total_vs_context_marks_and_explains_its_bend():
 def test_every_figure_of_notebooks_01_and_02_has_a_title():
     from helpers.memory.breakdown import breakdown
 
-    bd = breakdown("qwen2.5-14b", bpw=5.5, max_seq_len=4096, cache_mode="fp16")
+    bd = breakdown(LoadSetup("qwen2.5-14b", bpw=5.5, max_seq_len=4096, cache_mode="fp16"))
     figs = [plots.plot_breakdown({"4k": bd}, gpu_gib=16), plots.plot_gqa("qwen2.5-14b"),
             plots.plot_gqa("qwen2.5-14b", flash_attn=True),
             plots.plot_calculator_error([{"case": "a", "exllamav2_gib": 1.0, "simple_gib": 0.8}]),

@@ -11,7 +11,7 @@ from helpers.core import results
 from helpers.core.atomic import atomic_write_text
 from helpers.core.errors import CourseError, CourseWarning
 from helpers.core.units import parse_token_list
-from helpers.speed.harness import bench_matrix
+from helpers.speed.harness import Measure, bench_matrix
 from helpers.speed.matrix import check_modes, unfit
 from helpers.speed.report import format_rows
 
@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         raise CourseError(f"--repeats must be at least 1, got {args.repeats}")
     if args.warmup < 0 or args.decode_tokens < 1 or args.prefill_tokens < 0:
         raise CourseError("--warmup and --prefill-tokens must be 0 or more, --decode-tokens 1 or more")
+    measure = Measure(backend=args.backend, device=args.device, repeats=args.repeats, warmup=args.warmup,
+                      decode_tokens=args.decode_tokens, prefill_tokens=args.prefill_tokens)
     max_seq_lens = parse_token_list(args.max_seq_len, "cache length")
     depths = parse_token_list(args.depth, "depth")
     modes = check_modes([m.strip().lower() for m in args.cache.split(",") if m.strip()])
@@ -62,9 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CourseWarning)
         rows = bench_matrix(args.model, max_seq_lens=max_seq_lens, depths=depths, cache_modes=modes,
-                            backend=args.backend, repeats=args.repeats, warmup=args.warmup,
-                            decode_tokens=args.decode_tokens, prefill_tokens=args.prefill_tokens,
-                            progress=not args.no_progress, device=args.device, skip_unfit=not single,
+                            measure=measure, progress=not args.no_progress, skip_unfit=not single,
                             model_label=args.label)
     for msg in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, CourseWarning)):
         print(f"warning: {msg}", file=sys.stderr)  # one line each, no Python source line

@@ -3,6 +3,7 @@ smaller emulated card), or with ``--oom`` Linux's own out-of-memory for the same
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -10,9 +11,9 @@ from helpers.core import devices as gpu
 from helpers.core import results
 from helpers.core.errors import CourseError
 from helpers.core.units import parse_token_list
-from helpers.fallback.compare import compare, resolve_model_dir
+from helpers.fallback.compare import COMPARE_MEASURE, compare, resolve_model_dir
 from helpers.fallback.emulated_report import TOPIC, format_summary, result_name
-from helpers.fallback.emulator import CARD_GIB, RESERVE_GIB, context_bytes_now
+from helpers.fallback.emulator import CARD_GIB, RESERVE_GIB, context_bytes_now, emulated_setup
 from helpers.fallback.linux_oom import linux_oom_demo
 from helpers.memory.cache_modes import CACHE_MODES, LOAD_PATHS, check_cache_mode
 
@@ -43,20 +44,20 @@ def main(argv: list[str]) -> int:
     if args.rounds < 1 or args.decode_tokens < 1 or args.depth < 0:
         raise CourseError("--rounds and --decode-tokens must be at least 1, --depth at least 0")
     max_seq_lens = parse_token_list(args.max_seq_len, "cache length")
-    args.cache = check_cache_mode(args.cache)
+    check_cache_mode(args.cache)  # a typo says so before CUDA is asked for
     nvml_before = gpu.nvml_used_bytes()
     gpu.require_cuda("`python -m helpers emulate`")
-    ctx_bytes = context_bytes_now(nvml_before)
-    model_dir = resolve_model_dir(args.model)
-    common = dict(card_gib=args.card_gib, reserve_gib=args.reserve_gib, context_bytes=ctx_bytes)
+    setup = emulated_setup(resolve_model_dir(args.model), card_gib=args.card_gib, reserve_gib=args.reserve_gib,
+                           context_bytes=context_bytes_now(nvml_before), max_seq_len=max(max_seq_lens),
+                           cache_mode=args.cache)
     if args.oom:
-        out = [linux_oom_demo(model_dir, max_seq_len=max(max_seq_lens), cache_mode=args.cache, **common)]
-        for r in out:
-            print(r["explanation"] if not args.json else json.dumps(r, indent=1))
+        r = linux_oom_demo(setup)
+        print(r["explanation"] if not args.json else json.dumps(r, indent=1))
         return 0
+    measure = dataclasses.replace(COMPARE_MEASURE, decode_tokens=args.decode_tokens)
     for c in max_seq_lens:
-        res = compare(model_dir, max_seq_len=c, cache_mode=args.cache, depth=args.depth, rounds=args.rounds,
-                      decode_tokens=args.decode_tokens, load_path=args.load_path, **common)
+        res = compare(setup.with_(max_seq_len=c), depth=args.depth, rounds=args.rounds, measure=measure,
+                      load_path=args.load_path)
         s = res["summary"]
         if args.json:
             print(json.dumps(res, indent=1))

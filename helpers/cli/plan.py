@@ -14,6 +14,7 @@ from helpers.core.paths import MODEL_ENV
 from helpers.core.units import parse_tokens
 from helpers.memory.cache_modes import CACHE_MODES
 from helpers.memory.scratch import DEFAULT_MAX_INPUT_LEN
+from helpers.memory.setup import LoadSetup
 from helpers.planning.multi import plan_multi
 from helpers.planning.planner import plan
 from helpers.planning.table import all_gpus, format_table, table_json
@@ -39,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--bpw", type=float, default=None, help="bits per weight (needed unless the model is an EXL2 "
                                                              "folder)")
     ap.add_argument("--head-bits", type=int, default=6, help="lm_head bits (exllamav2 default 6; 16 = fp16)")
-    ap.add_argument("--max-seq-len", "--ctx", dest="max_seq_len", type=_tokens("--ctx"), default=4096,
+    ap.add_argument("--max-seq-len", "--ctx", dest="max_seq_len", type=_tokens("--max-seq-len"), default=4096,
                     help="max_seq_len in tokens: 32768 or 32k (--ctx is an alias)")
     ap.add_argument("--depth", type=_tokens("--depth"), default=None,
                     help="tokens already in the cache for the decode estimate (default: a full cache)")
@@ -118,7 +119,7 @@ def _reserve(text: str | None, n: int) -> float | list[float] | None:
 
 
 def main(argv: list[str]) -> int:
-    """`python -m helpers plan --model qwen2.5-14b --bpw 5.5 --ctx 32k --cache fp16 --gpu "RTX 4080 Super"
+    """`python -m helpers plan --model qwen2.5-14b --bpw 5.5 --max-seq-len 32k --cache fp16 --gpu "RTX 4080 Super"
     [--depth 30000] [--flash-attn] [--json]`; several GPUs: `--gpu 2x"RTX 3090" [--split 20,24] [--tp]`."""
     args = _parser().parse_args(argv)
     if args.list:
@@ -133,12 +134,9 @@ def main(argv: list[str]) -> int:
     if not model:
         raise CourseError(f"give --model (a bundled name: {', '.join(bundled_models())}; a config.json; or an EXL2 "
                           f"folder), or set {MODEL_ENV}")
-    common = dict(bpw=args.bpw, head_bits=args.head_bits, max_seq_len=args.max_seq_len, cache_mode=args.cache,
-                  cuda_context_gib=args.cuda_context_gib, batch=args.batch, max_input_len=args.max_input_len,
-                  flash_attn=args.flash_attn, depth=args.depth, host=args.host)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = _run(args, model, common)
+        out = _run(args, model)
     for msg in dict.fromkeys(str(w.message) for w in caught):
         if args.json or f"note: {msg}" not in out:  # a note the summary already shows is said once
             print(f"warning: {msg}", file=sys.stderr)
@@ -150,25 +148,28 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _run(args, model: str, common: dict) -> str:
-    if args.all_gpus:
-        if args.gpu or args.gpu_gib is not None or args.split or args.tp:
-            raise CourseError("--all-gpus plans on every known card: leave out --gpu, --gpu-gib, --split and --tp")
-        rows = all_gpus(model, reserve_gib=_reserve(args.reserve_gib, 1), **common)
-        return table_json(rows) if args.json else format_table(rows)
+def _run(args, model: str) -> str:
+    """The setup from the flags, built once here, then the plan it asks for."""
     names = expand_gpus(args.gpu or [])
     if args.gpu_gib is not None:
         names.append(args.gpu_gib)
-    if not names:
+    if args.all_gpus and (names or args.split or args.tp):
+        raise CourseError("--all-gpus plans on every known card: leave out --gpu, --gpu-gib, --split and --tp")
+    if not names and not args.all_gpus:
         raise CourseError("give --gpu NAME (e.g. 'RTX 4080 Super'; repeat it, or 2x'RTX 3090', for several), "
                           "--gpu-gib N (its memory in GiB), or --all-gpus")
+    reserve = _reserve(args.reserve_gib, max(1, len(names)))
+    setup = LoadSetup(model, bpw=args.bpw, head_bits=args.head_bits, max_seq_len=args.max_seq_len,
+                      cache_mode=args.cache, batch=args.batch, max_input_len=args.max_input_len,
+                      flash_attn=args.flash_attn, cuda_context_gib=args.cuda_context_gib,
+                      reserve_gib=tuple(reserve) if isinstance(reserve, list) else reserve, host=args.host,
+                      gpus=tuple(gpu_spec(n, args.bandwidth_gbs, args.pcie_gbs) for n in names))
+    if args.all_gpus:
+        rows = all_gpus(setup, args.depth)
+        return table_json(rows) if args.json else format_table(rows)
     split = _split(args.split)
-    reserve = _reserve(args.reserve_gib, len(names))
     if len(names) == 1 and not split and not args.tp:
-        gpu = gpu_spec(names[0], args.bandwidth_gbs, args.pcie_gbs)
-        p = plan(model, gpu, reserve_gib=reserve[0] if isinstance(reserve, list) else reserve, **common)
+        p = plan(setup, args.depth)
     else:
-        gpus = [gpu_spec(n, args.bandwidth_gbs, args.pcie_gbs) for n in names]
-        p = plan_multi(model, gpus, split=split, split_mode="tp" if args.tp else None, reserve_gib=reserve,
-                       **common)
+        p = plan_multi(setup, split=split, split_mode="tp" if args.tp else None, depth=args.depth)
     return p.to_json() if args.json else p.summary()

@@ -5,6 +5,7 @@ single line that says what happened and what to do. The CLI prints it as ``error
 notebooks show it as one line too. Nothing here imports the rest of the package.
 """
 import sys
+import warnings
 
 
 class CourseError(Exception):
@@ -26,6 +27,17 @@ def short_reason(exc: BaseException) -> str:
 def _print_one_line(shell, etype, value, tb, tb_offset=None):
     """IPython custom exception handler: a CourseError as ``error: <message>``, without a traceback."""
     print(f"error: {value}", file=sys.stderr)
+
+
+def _one_line_warning(message, category, *args, **kwargs) -> str:
+    return f"{category.__name__}: {message}\n"
+
+
+def notebook_setup() -> bool:
+    """The first cell of every notebook: warnings shown as one line (``CourseWarning: ...``, no source line) and
+    every CourseError as one line (``one_line_errors``). Returns whether a kernel was found."""
+    warnings.formatwarning = _one_line_warning
+    return one_line_errors()
 
 
 def one_line_errors() -> bool:

@@ -1,7 +1,7 @@
 """Progress bars for anything that takes more than a few seconds.
 
 Plain-text tqdm on stderr (no widgets needed), so bars work in a terminal, in JupyterLab and under nbval, whose
-sanitizer (tests/nbval_sanitize.cfg) replaces a bar's line with PROGRESS. Set EXL2_COURSE_NO_PROGRESS=1 to hide them.
+sanitizer config replaces a bar's line with PROGRESS. Set EXL2_COURSE_NO_PROGRESS=1 to hide them.
 """
 from __future__ import annotations
 

@@ -71,6 +71,17 @@ def save_result(topic: str, name: str, rows: list[dict], *, prov: dict | None = 
     return path
 
 
+#: result-row keys renamed since files were first written: read the old name once, write the new
+_RENAMED_KEYS = {"ctx": "max_seq_len", "trained_ctx": "trained_positions",
+                 "beyond_trained_ctx": "beyond_trained_positions"}
+
+
+def _renamed(row):
+    if not isinstance(row, dict):
+        return row
+    return {_RENAMED_KEYS.get(k, k) if _RENAMED_KEYS.get(k) not in row else k: v for k, v in row.items()}
+
+
 def load_results(topic: str, results_dir: Path | None = None) -> list[dict]:
     """Every recorded file of a topic, oldest first: [{'path', 'provenance', 'rows', ...}]. Empty if none."""
     folder = Path(results_dir or RESULTS_DIR) / topic
@@ -83,6 +94,9 @@ def load_results(topic: str, results_dir: Path | None = None) -> list[dict]:
         if "provenance" not in doc or "rows" not in doc:
             raise CourseError(f"recorded result {path} has no provenance or rows; re-record it")
         doc["path"] = str(path)
+        for key in ("rows", "measurements"):
+            if key in doc:
+                doc[key] = [_renamed(r) for r in doc[key]]
         docs.append(doc)
     docs.sort(key=lambda d: d["provenance"].get("date", ""))
     return docs

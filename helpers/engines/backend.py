@@ -1,21 +1,10 @@
 """One API over two engines: exllamav2 on a CUDA GPU, the course's pure-PyTorch reference anywhere else.
 
-``load()`` picks the engine and says why (``Backend.name`` and ``Backend.reason``):
-- ``backend="auto"`` takes exllamav2 only when torch sees a CUDA GPU *and* ``import exllamav2`` succeeds (the import
-  compiles or loads its CUDA extension); otherwise the reference, on the GPU if there is one, else on the CPU.
-- ``backend="exllamav2"`` insists (one-line error if it cannot run), ``backend="reference"`` never touches it.
-exllamav2 is imported only through ``helpers.engines.exllama`` (the front door), after ``require_cuda()``: a CPU
-machine never imports it.
-
-Both engines expose the same calls: ``encode``/``decode`` (the model's own Hugging Face tokenizer and chat template),
-``forward`` (prefill from position 0 or append at the current depth), ``fill_cache`` (put the cache at a depth
-directly, by writing values into the preallocated K/V tensors), ``decode_step``, ``generate`` (greedy or sampled,
-streaming), ``memory``, ``cache_bytes``, ``unload``. The exllamav2 path is set up by the front door
-(``no_sdpa = True``: exllamav2 0.3.2's SDPA attention without flash-attn computes a non-causal prefill,
-docs/FACTS.md §3, "three traps").
-
-How far the two engines agree is measured in ``helpers.engines.agreement``; ``python -m helpers generate`` is
-``helpers.cli.generate``.
+``load()`` picks the engine and says why (``Backend.name``, ``Backend.reason``): ``backend="auto"`` takes exllamav2
+only when torch sees a CUDA GPU and ``import exllamav2`` succeeds, else the reference (on the GPU if there is one);
+``"exllamav2"`` insists, ``"reference"`` never touches it. Both engines offer the same calls: ``encode``/``decode``,
+``forward``, ``fill_cache`` (the cache at a depth, written directly), ``decode_step``, ``generate``, ``memory``,
+``cache_bytes``, ``unload``. How far they agree is measured in ``helpers.engines.agreement``.
 """
 from __future__ import annotations
 
@@ -31,7 +20,7 @@ from helpers.core.errors import CourseError
 from helpers.core.progress import progress
 from helpers.engines import exllama
 from helpers.engines.reference import ReferenceModel, Tokenizer, check_context, generate_text
-from helpers.memory.cache_modes import check_cache_mode
+from helpers.memory.setup import LoadSetup
 from helpers.models.embedded import resolve_model_dir
 
 BACKENDS = ("auto", "exllamav2", "reference")
@@ -52,11 +41,21 @@ class Backend:
     name: str
     reason: str
     device: str
-    model_dir: Path
-    max_seq_len: int
-    cache_mode: str
+    setup: LoadSetup
     vocab_size: int
     tokenizer: Tokenizer
+
+    @property
+    def model_dir(self) -> Path:
+        return self.setup.model_dir
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.setup.max_seq_len
+
+    @property
+    def cache_mode(self) -> str:
+        return self.setup.cache_mode
 
     def __repr__(self) -> str:
         return (f"<{type(self).__name__} {self.name} on {self.device}: {self.model_dir.name}, max_seq_len "
@@ -164,15 +163,14 @@ class ReferenceBackend(Backend):
 
     name = "reference"
 
-    def __init__(self, model_dir: Path, *, max_seq_len: int, cache_mode: str, device: str, reason: str,
-                 dtype: torch.dtype | None = None):
-        if cache_mode != "fp16":
+    def __init__(self, setup: LoadSetup, *, device: str, reason: str, dtype: torch.dtype | None = None):
+        if setup.cache_mode != "fp16":
             raise CourseError(QUANTIZED_CACHE_ERROR)
+        self.setup, self.device, self.reason = setup, device, reason
         self.dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
-        self.model = ReferenceModel.from_dir(model_dir, device=device, dtype=self.dtype, max_seq_len=max_seq_len)
-        self.model_dir, self.device, self.reason = Path(model_dir), device, reason
-        self.max_seq_len, self.cache_mode = int(max_seq_len), cache_mode
-        self.vocab_size = self.model.config.vocab_size
+        self.model = ReferenceModel.from_dir(setup.model_dir, device=device, dtype=self.dtype,
+                                             max_seq_len=setup.max_seq_len)
+        self.vocab_size = self.model.config.shape.vocab
         self.tokenizer = self.model.tokenizer
         if device == "cpu" and self.dtype != torch.float16:
             self.reason += (f"; its cache is stored in {str(self.dtype).replace('torch.', '')} on the CPU "
@@ -211,11 +209,9 @@ class ExLlamaV2Backend(Backend):
 
     name = "exllamav2"
 
-    def __init__(self, model_dir: Path, *, max_seq_len: int, cache_mode: str, reason: str):
-        self.model_dir, self.device, self.reason = Path(model_dir), "cuda", reason
-        self.max_seq_len, self.cache_mode = int(max_seq_len), cache_mode
-        loaded = exllama.prepare(model_dir, max_seq_len=self.max_seq_len, cache_mode=cache_mode,
-                                 alternative=REFERENCE_ALTERNATIVE)
+    def __init__(self, setup: LoadSetup, *, reason: str):
+        self.setup, self.device, self.reason = setup, "cuda", reason
+        loaded = exllama.prepare(setup, alternative=REFERENCE_ALTERNATIVE)
         self.config, self.model, self.cache = loaded.config, loaded.model, loaded.cache
         bar = progress(total=len(self.model.modules), desc=f"exllamav2 loading {self.model_dir.name}", unit="module")
 
@@ -313,24 +309,29 @@ def choose_backend(backend: str = "auto", device: str | None = None) -> tuple[st
     return "exllamav2", "cuda", f"CUDA GPU {name} and exllamav2 imports: exllamav2 runs the model"
 
 
-def load(model_dir: str | Path | None = None, *, max_seq_len: int = 4096, cache_mode: str = "fp16",
-         backend: str = "auto", device: str | None = None, dtype: torch.dtype | None = None) -> Backend:
-    """Load a model with a preallocated cache of ``max_seq_len`` tokens on the engine that fits this machine.
-
-    model_dir None -> helpers.models.embedded.resolve_model_dir() (argument, $EXL2_COURSE_MODEL, the embedded model).
-    dtype applies to the reference only (default float32 on the CPU, float16 on CUDA)."""
-    cache_mode = check_cache_mode(cache_mode)
-    max_seq_len = exllama.check_max_seq_len(max_seq_len)
-    engine, dev, reason = choose_backend(backend, device)
-    if engine == "reference" and cache_mode != "fp16":
-        raise CourseError(f"{QUANTIZED_CACHE_ERROR} (this machine runs the reference: {reason})")
-    if model_dir is None:
-        model_dir = resolve_model_dir()
-    model_dir = Path(model_dir).expanduser()
-    if not model_dir.is_dir():
-        raise CourseError(f"model directory {model_dir} does not exist: pass an existing folder, or omit it to use "
+def setup_of(model: LoadSetup | str | Path | None = None, **settings) -> LoadSetup:
+    """``model`` if it is a ``LoadSetup`` (with ``settings`` changed), else the ``LoadSetup`` of a model folder (None:
+    ``resolve_model_dir()``: $EXL2_COURSE_MODEL or the embedded model) with ``settings`` as its keywords."""
+    if isinstance(model, LoadSetup):
+        return model.with_(**settings) if settings else model
+    folder = Path(resolve_model_dir() if model is None else model).expanduser()
+    if not folder.is_dir():
+        raise CourseError(f"model directory {folder} does not exist: pass an existing folder, or omit it to use "
                           "the course's embedded model")
+    return LoadSetup(folder, **settings)
+
+
+def load(model: LoadSetup | str | Path | None = None, *, backend: str = "auto", device: str | None = None,
+         dtype: torch.dtype | None = None, **settings) -> Backend:
+    """Load a model with its preallocated cache on the engine that fits this machine.
+
+    ``model``: a ``LoadSetup``, or a model folder with ``LoadSetup`` settings as keywords (``max_seq_len=4096``,
+    ``cache_mode='fp16'``); see ``setup_of``. dtype applies to the reference only (default float32 on the CPU,
+    float16 on CUDA)."""
+    setup = setup_of(model, **settings)
+    engine, dev, reason = choose_backend(backend, device)
+    if engine == "reference" and setup.cache_mode != "fp16":
+        raise CourseError(f"{QUANTIZED_CACHE_ERROR} (this machine runs the reference: {reason})")
     if engine == "exllamav2":
-        return ExLlamaV2Backend(model_dir, max_seq_len=max_seq_len, cache_mode=cache_mode, reason=reason)
-    return ReferenceBackend(model_dir, max_seq_len=max_seq_len, cache_mode=cache_mode, device=dev, reason=reason,
-                            dtype=dtype)
+        return ExLlamaV2Backend(setup, reason=reason)
+    return ReferenceBackend(setup, device=dev, reason=reason, dtype=dtype)

@@ -1,32 +1,22 @@
-"""The one front door to exllamav2 0.3.2: import it, configure it, build its cache, load a model, count cache bytes.
+"""The one front door to exllamav2 0.3.2: import it, build its config and cache from a ``LoadSetup``, load a model.
 
-Every part of the course that runs exllamav2 comes through here, so its traps are avoided in one place:
-
-- ``import_exllamav2()`` imports it only after ``devices.require_cuda()`` (a CPU machine never imports it; the first
-  import compiles its CUDA extension, minutes) and turns every failure into one line saying what to do.
-- ``make_config()`` sets ``no_sdpa = True`` (0.3.2's SDPA attention without flash-attn computes a non-causal
-  prefill: docs/FACTS.md §3), copies a ``rope_theta`` kept only under ``rope_parameters`` (transformers 5)
-  to the config (0.3.2 reads only the top-level key) and sets ``max_seq_len``: the cache length asked for, not the
-  config.json's ``max_position_embeddings`` exllamav2 would take by default.
-- ``make_cache()`` picks the cache class of a cache mode (``fp16``, ``fp8``, ``q8``, ``q6``, ``q4``).
-- ``load()`` follows one of the two load paths: ``'autosplit'`` makes the cache lazily and lets
-  ``model.load_autosplit(cache)`` allocate each module's weights together with its cache layer; ``'load'`` runs
-  ``model.load()`` (every module's weights) and then makes the cache. ``on_module(i, n)`` is called before module
-  ``i`` of ``n`` is loaded and once more with ``(n, n)`` at the end (exllamav2's own per-module callback): a progress
-  bar, or the emulator routing each module's allocations.
-- ``cache_bytes(cache)``: every tensor a cache allocated.
+Its traps are avoided here once: exllamav2 is imported only after ``devices.require_cuda()`` (the first import
+compiles its CUDA extension) with every failure turned into one line; the config sets ``no_sdpa`` and copies a
+``rope_theta`` kept under ``rope_parameters`` (docs/FACTS.md §3, the traps); ``max_seq_len`` is the cache asked for,
+not the config.json's ``max_position_embeddings``. ``load`` follows one of exllamav2's two load paths, 'autosplit' or
+'load' (docs/FACTS.md §2).
 """
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 from helpers.core import devices
 from helpers.core.errors import CourseError
 from helpers.format.config import load_config, rope_theta_of
 from helpers.memory.cache_modes import CACHE_CLASSES, check_cache_mode, check_load_path
+from helpers.memory.setup import LoadSetup
 
 #: the exllamav2 version the course's traps and byte counts were checked against
 EXLLAMAV2_VERSION = "0.3.2"
@@ -62,33 +52,19 @@ def import_exllamav2(*, alternative: str | None = None):
     return sys.modules.get("exllamav2", exllamav2)
 
 
-def check_max_seq_len(max_seq_len: Any) -> int:
-    """The cache length in tokens as a positive int, or one CourseError line."""
-    try:
-        n = int(max_seq_len)
-    except (TypeError, ValueError):
-        n = 0
-    if n < 1:
-        raise CourseError(f"max_seq_len must be a positive number of tokens, not {max_seq_len}")
-    return n
-
-
-def make_config(model_dir: str | Path, *, max_seq_len: int, max_input_len: int | None = None, ex=None):
-    """An ``ExLlamaV2Config`` for ``model_dir`` with the course's settings (module docstring).
-
-    ``max_input_len``: the longest chunk one forward pass takes (exllamav2's default 2048), capped at max_seq_len.
-    ``ex``: the exllamav2 module (imported here if None)."""
+def make_config(setup: LoadSetup, *, ex=None):
+    """The ``ExLlamaV2Config`` of ``setup``: its folder, cache length, prompt chunk and attention size, with the
+    course's two fixes (module docstring). ``ex``: the exllamav2 module (imported here if None)."""
     ex = ex if ex is not None else import_exllamav2()
-    max_seq_len = check_max_seq_len(max_seq_len)
-    hf = load_config(Path(model_dir))
-    config = ex.ExLlamaV2Config(str(model_dir))
-    config.no_sdpa = True              # docs/FACTS.md §3: 0.3.2's SDPA prefill without flash-attn is not causal
-    config.max_seq_len = max_seq_len
-    if max_input_len is not None:
-        config.max_input_len = min(int(max_input_len), max_seq_len)
+    hf = load_config(setup.model_dir)
+    config = ex.ExLlamaV2Config(str(setup.model_dir))
+    config.no_sdpa = True              # 0.3.2's SDPA prefill without flash-attn is not causal
+    config.max_seq_len = setup.max_seq_len
+    config.max_input_len = min(setup.max_input_len, setup.max_seq_len)
+    config.max_attention_size = setup.max_attention_size
     theta = rope_theta_of(hf)
     if hf.get("rope_theta") is None and theta is not None:
-        config.rotary_embedding_base = float(theta)   # 0.3.2 reads only the top-level key (docs/FACTS.md §3)
+        config.rotary_embedding_base = float(theta)   # 0.3.2 reads only the top-level key
     return config
 
 
@@ -97,12 +73,12 @@ def cache_class_name(cache_mode: str) -> str:
     return CACHE_CLASSES.get(cache_mode) or CACHE_CLASSES[check_cache_mode(cache_mode)]
 
 
-def make_cache(model, cache_mode: str, max_seq_len: int, *, lazy: bool, ex=None):
-    """The cache of ``cache_mode`` for ``model``: ``lazy`` makes no tensor yet (``load_autosplit`` makes each layer
+def make_cache(model, setup: LoadSetup, *, lazy: bool, ex=None):
+    """The cache of ``setup`` for ``model``: ``lazy`` makes no tensor yet (``load_autosplit`` makes each layer
     with its attention module); not lazy allocates every layer now, on the devices ``model.load()`` chose."""
     ex = ex if ex is not None else import_exllamav2()
-    cls = getattr(ex, cache_class_name(cache_mode))
-    return cls(model, max_seq_len=check_max_seq_len(max_seq_len), lazy=lazy)
+    cls = getattr(ex, cache_class_name(setup.cache_mode))
+    return cls(model, max_seq_len=setup.max_seq_len, batch_size=setup.batch, lazy=lazy)
 
 
 def cache_bytes(cache) -> int:
@@ -116,28 +92,26 @@ def cache_bytes(cache) -> int:
 
 @dataclass
 class Exl2Loaded:
-    """What ``prepare``/``load`` return: the exllamav2 module, config, model and cache (None when loaded without)."""
+    """What ``prepare``/``load`` return: the setup, the exllamav2 module, config, model and cache (None when loaded
+    without one)."""
 
+    setup: LoadSetup
     ex: Any
     config: Any
     model: Any
     cache: Any
-    max_seq_len: int
-    cache_mode: str | None
+    with_cache: bool = True
 
 
-def prepare(model_dir: str | Path, *, max_seq_len: int, cache_mode: str | None = "fp16",
-            max_input_len: int | None = None, alternative: str | None = None,
-            lazy_cache: bool = True) -> Exl2Loaded:
+def prepare(setup: LoadSetup, *, with_cache: bool = True, lazy_cache: bool = True,
+            alternative: str | None = None) -> Exl2Loaded:
     """Config, model and (``lazy_cache``) a lazy cache, nothing on the GPU yet: the first half of ``load``, for
     callers that load the modules themselves (the emulator makes a 'load'-path cache layer by layer)."""
     ex = import_exllamav2(alternative=alternative)
-    config = make_config(model_dir, max_seq_len=max_seq_len, max_input_len=max_input_len, ex=ex)
+    config = make_config(setup, ex=ex)
     model = ex.ExLlamaV2(config)
-    cache = None
-    if cache_mode is not None and lazy_cache:
-        cache = make_cache(model, cache_mode, config.max_seq_len, lazy=True, ex=ex)
-    return Exl2Loaded(ex, config, model, cache, int(config.max_seq_len), cache_mode)
+    cache = make_cache(model, setup, lazy=True, ex=ex) if with_cache and lazy_cache else None
+    return Exl2Loaded(setup, ex, config, model, cache, with_cache)
 
 
 def load_modules(loaded: Exl2Loaded, load_path: str = "autosplit", *,
@@ -151,21 +125,19 @@ def load_modules(loaded: Exl2Loaded, load_path: str = "autosplit", *,
     check_load_path(load_path)
     if load_path == "autosplit":
         if loaded.cache is None:
-            raise CourseError("load_path='autosplit' loads the model together with its cache: give a cache_mode")
+            raise CourseError("load_path='autosplit' loads the model together with its cache: load with a cache")
         loaded.model.load_autosplit(loaded.cache, callback=on_module)
     else:
         loaded.model.load(callback=on_module)
-        if cache_after_load and loaded.cache_mode is not None:
-            loaded.cache = make_cache(loaded.model, loaded.cache_mode, loaded.max_seq_len, lazy=False, ex=loaded.ex)
+        if cache_after_load and loaded.with_cache:
+            loaded.cache = make_cache(loaded.model, loaded.setup, lazy=False, ex=loaded.ex)
     return loaded
 
 
-def load(model_dir: str | Path, *, max_seq_len: int, cache_mode: str | None = "fp16", load_path: str = "autosplit",
-         on_module: Callable[[int, int], None] | None = None, max_input_len: int | None = None,
-         alternative: str | None = None) -> Exl2Loaded:
-    """exllamav2 with ``model_dir`` loaded along ``load_path`` ('autosplit' or 'load') and a ``cache_mode`` cache of
-    ``max_seq_len`` tokens (``cache_mode=None``: no cache, 'load' path only). See ``prepare`` and ``load_modules``."""
+def load(setup: LoadSetup, *, load_path: str = "autosplit", with_cache: bool = True,
+         on_module: Callable[[int, int], None] | None = None, alternative: str | None = None) -> Exl2Loaded:
+    """exllamav2 with ``setup``'s model loaded along ``load_path`` ('autosplit' or 'load') and its cache
+    (``with_cache=False``: weights only, 'load' path only). See ``prepare`` and ``load_modules``."""
     check_load_path(load_path)
-    loaded = prepare(model_dir, max_seq_len=max_seq_len, cache_mode=cache_mode, max_input_len=max_input_len,
-                     alternative=alternative, lazy_cache=load_path == "autosplit")
+    loaded = prepare(setup, with_cache=with_cache, lazy_cache=load_path == "autosplit", alternative=alternative)
     return load_modules(loaded, load_path, on_module=on_module)

@@ -1,35 +1,10 @@
 """K and V stored the way each exllamav2 0.3.2 cache mode stores them, on the CPU, for the reference decoder.
 
-Read from exllamav2 0.3.2's sources (never imported here): ``cache.py`` (the classes), ``exllamav2_ext/cuda/cache.cu``
-(FP8 and the kernels' dispatch) and ``exllamav2_ext/cuda/cache_q.cuh`` (``fp16_to_q`` / ``q_to_fp16``):
-
-- ``fp16`` (``ExLlamaV2Cache``): K and V rounded to fp16.
-- ``fp8`` (``ExLlamaV2Cache_8bit``): the upper 8 bits of each fp16 value (``compress``: ``v & 0xff00``), i.e. FP8
-  **e5m2 by truncation** (sign, 5 exponent bits, 2 mantissa bits; the 8 dropped mantissa bits are cut, not
-  rounded). No scales. ``decompress`` puts the byte back as the high byte of an fp16.
-- ``q8`` / ``q6`` / ``q4`` (``ExLlamaV2Cache_Q8/Q6/Q4``, ``wbits`` 8/6/4): round-to-nearest codes with one fp16 scale
-  per 32 stored values, **after a Hadamard rotation** (``#define HADAMARD_Q``). The kernel dispatch
-  (``array_fp16_to_q_kv_cuda``) quantizes K and V with ``<8, 8>`` bits for Q8, ``<8, 4>`` for Q6 (K in 8 bits, V in
-  4) and ``<4, 4>`` for Q4. Per 64 consecutive fp16 values (one warp: lane t holds values 2t and 2t+1):
-  1. the even values (0, 2, ..., 62) and the odd values (1, 3, ..., 63) each go through an unnormalised 32-point
-     Hadamard transform (a butterfly of fp16 additions, ``__shfl_xor_sync``; the 1/sqrt(32) is left out);
-  2. each run of 32 consecutive stored positions (lanes 0-15, 16-31) gets ``absmax`` of its rotated values;
-     the scale is ``absmax / 2^(b-1)`` (fp16);
-  3. code = clamp(round_half_even(w / absmax x 2^(b-1) + 2^(b-1)), 0, 2^b - 1) (fp16 arithmetic; the largest
-     positive value would be 2^b and is clamped to 2^b - 1);
-  4. reading back: (code - 2^(b-1)) x scale in fp16, the same Hadamard butterfly (it is its own inverse up to a
-     factor 32), then x 1/32.
-  4-bit codes are packed two per byte, value 2k in the low nibble and 2k+1 in the high one; 8-bit codes one per byte.
-
-Why the rotation: a Hadamard transform mixes each value into all 32 outputs, so a few large values no longer set the
-group's absmax (and with it the rounding step of every other value) on their own; K and V have such outliers.
-
-``QuantizedKVCache`` plugs this into the reference decoder (``helpers.engines.reference``): earlier positions are
-read back dequantized, and each token sees its own K and V unquantized, which is what exllamav2 does while decoding
-(attn.py: the new K/V are written into the FP16 temp layer, attention runs on it, then ``store_kv_state`` quantizes
-them). Not reproduced: when ``kv_heads x head_dim`` is not a multiple of 512, exllamav2 quantizes in blocks of
-``q_block`` tokens (cache.py) and re-quantizes the already dequantized earlier positions of the current block at
-every decode step (SmolLM2-135M: blocks of 8 tokens); this emulation quantizes each position once.
+``fp8`` keeps each fp16 value's high byte (e5m2 by truncation); ``q8``/``q6``/``q4`` rotate each 64 values with a
+32-point Hadamard transform, then store round-to-nearest codes with one fp16 scale per ``GROUP`` values (bits in
+``CACHE_BITS``). The kernels step by step, read from exllamav2's sources (never imported here), and what is not
+reproduced: docs/FACTS.md §2. ``QuantizedKVCache`` plugs this into ``helpers.engines.reference``: earlier positions
+read back dequantized, each token's own K/V exact, as in an exllamav2 decode step.
 
 Public names: ``CACHE_BITS``, ``GROUP``, ``sylvester``, ``hadamard32``, ``fp8_encode``, ``fp8_decode``, ``quantize``,
 ``dequantize``, ``pack``, ``roundtrip``, ``store_roundtrip``, ``QuantizedKVCache``.
@@ -66,7 +41,7 @@ def hadamard32(x: torch.Tensor, *, butterfly: bool = False) -> torch.Tensor:
 
     The kernel computes it as a butterfly of 5 rounds of fp16 additions (``butterfly=True`` does exactly that, with a
     rounding to fp16 after each round); the default computes the same transform as one float32 matrix product rounded
-    once to fp16, 5x faster on a CPU and within fp16 rounding of the butterfly (tests/test_kv_quant.py)."""
+    once to fp16, 5x faster on a CPU and within fp16 rounding of the butterfly (a test checks it)."""
     if x.shape[-1] != BLOCK:
         raise CourseError(f"hadamard32 works on blocks of {BLOCK} values, got {x.shape[-1]}")
     lead = x.shape[:-1]

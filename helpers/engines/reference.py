@@ -1,24 +1,10 @@
-"""The reference decoder: Llama, Mistral and Qwen2 written out in plain PyTorch, with an exllamav2-shaped KV cache.
+"""The reference decoder: Llama, Mistral and Qwen2 in plain PyTorch, with an exllamav2-shaped KV cache.
 
-Why it exists: the course runs everywhere, also where there is no NVIDIA GPU. This module reads the same EXL2
-files as exllamav2 (dequantized to floats by ``helpers.format.reader``) or a float Hugging Face directory, and
-computes the same logits, so every notebook has a CPU path. It is written to be read next to the course text:
-
-- one function per step of a decoder layer (``rms_norm``, ``apply_rope``, ``attention``, ``mlp``);
-- weights keep their Hugging Face names and ``nn.Linear`` layout (out_features, in_features), so ``F.linear`` is
-  ``x @ W.T``;
-- the KV cache (``KVCache``) is allocated once, in full, like exllamav2's ``ExLlamaV2Cache``: for every layer one
-  K and one V tensor of shape (batch, max_seq_len, kv_heads, head_dim). ``cache.nbytes()`` is the number the
-  course's formula predicts: 2 (K and V) x layers x max_seq_len x kv_heads x head_dim x bytes per element.
-  On the CPU the cache is stored in the model's dtype (float32 by default: 4 bytes per element, twice
-  exllamav2's FP16 cache); on CUDA the backend loads the reference in float16, the same bytes as exllamav2's.
-
-Prefill runs ``scaled_dot_product_attention`` with a causal mask; a decode step runs it for one query over the
-cache slice ``[0, depth)`` with no mask (``attention_by_hand`` writes that step out in plain matmuls and softmax;
-the fused call is used because three small parallel ops per layer were up to 5x slower on a busy 2-core machine).
-``forward(..., causal=False)`` drops the mask on purpose: that is what
-exllamav2 0.3.2's SDPA path computes without flash-attn (docs/FACTS.md §3, "three traps"), and the tests show the
-difference against exllamav2's own logits.
+Every notebook's CPU path: it reads the same EXL2 files as exllamav2 (dequantized by ``helpers.format.reader``) or
+a float Hugging Face directory and computes the same logits, one function per step of a layer (``rms_norm``,
+``apply_rope``, ``attention``, ``mlp``). ``KVCache`` is allocated in full like ``ExLlamaV2Cache`` (docs/FACTS.md
+§2), in the model's dtype: float32 on the CPU (twice exllamav2's FP16 bytes), float16 on CUDA.
+``forward(..., causal=False)`` is exllamav2 0.3.2's unmasked SDPA prefill (docs/FACTS.md §3, "three traps").
 
 Public names: ``SUPPORTED_ARCHITECTURES``, ``DecoderConfig``, ``KVCache``, ``ReferenceModel`` (``from_dir``,
 ``from_state_dict``, ``forward``, ``decode_step``, ``fill_cache``, ``generate``), ``Tokenizer``, ``TextStream``,
@@ -39,6 +25,7 @@ import torch.nn.functional as F
 from helpers.core.errors import CourseError, CourseWarning
 from helpers.format.config import is_exl2_dir, load_config, read_config_file, rope_theta_of
 from helpers.format.reader import open_exl2  # dequantizes EXL2 tensors into floats, logical (file) order
+from helpers.specs.shapes import ModelShape, shape_from_config
 
 #: architectures (config.json "architectures"[0]) this decoder implements
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -52,24 +39,20 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 @dataclass(frozen=True)
 class DecoderConfig:
-    """The numbers a Llama-family decoder needs, read from a Hugging Face config.json."""
+    """The model's ``ModelShape`` (the shape every memory term uses, read as exllamav2 reads config.json) and the
+    few numbers only the arithmetic needs beyond it: the norm epsilon, RoPE scaling's parameters, the stop tokens."""
 
-    architecture: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
+    shape: ModelShape
     rms_norm_eps: float
-    rope_theta: float
     rope_scaling: dict | None
-    tie_word_embeddings: bool
-    max_position_embeddings: int
-    sliding_window: int | None
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+
+    @property
+    def window(self) -> int | None:
+        """The attention window of every layer, if the config gives one (Mistral v0.1; Qwen2 only with
+        use_sliding_window)."""
+        return self.shape.sliding_window if self.shape.config_sliding_layers else None
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "DecoderConfig":
@@ -78,46 +61,21 @@ class DecoderConfig:
         if arch not in SUPPORTED_ARCHITECTURES:
             raise CourseError(f"architecture {arch} is not supported by the reference decoder; it runs "
                               f"{', '.join(SUPPORTED_ARCHITECTURES)}: pick a model of one of these families")
-        # transformers 5 writes rope_parameters={rope_theta, rope_type, ...}; older files a top-level rope_theta and
-        # an optional rope_scaling. exllamav2 0.3.2 reads only the top-level key (docs/FACTS.md §3), so say when
-        # it is absent.
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-        theta = rope_theta_of(cfg)   # where the front door finds it too (helpers.format.config)
-        if theta is None:
-            theta = 10000.0
-        if "rope_theta" not in cfg:
-            warnings.warn(f"config.json has no top-level rope_theta (only rope_parameters: {theta}); exllamav2 0.3.2 "
-                          "would fall back to 10000: write the top-level key", CourseWarning, stacklevel=3)
+        if "rope_theta" not in cfg:  # exllamav2 0.3.2 reads only the top-level key (docs/FACTS.md §3)
+            warnings.warn(f"config.json has no top-level rope_theta (only rope_parameters: {rope_theta_of(cfg)}); "
+                          "exllamav2 0.3.2 would fall back to 10000: write the top-level key", CourseWarning,
+                          stacklevel=3)
         rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise CourseError(f"RoPE scaling '{rope_type}' is not implemented in the reference (it has "
                               f"{', '.join(SUPPORTED_ROPE_TYPES)}): use exllamav2 on a CUDA GPU, or remove the "
                               "scaling from config.json for contexts within the original length")
-        heads = int(cfg["num_attention_heads"])
-        head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // heads)
         eos = cfg.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-        window = cfg.get("sliding_window")
-        if arch == "Qwen2ForCausalLM" and not cfg.get("use_sliding_window", False):
-            window = None
-        return cls(
-            architecture=arch,
-            vocab_size=int(cfg["vocab_size"]),
-            hidden_size=int(cfg["hidden_size"]),
-            intermediate_size=int(cfg["intermediate_size"]),
-            num_layers=int(cfg["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=head_dim,
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(theta),
-            rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-            sliding_window=int(window) if window else None,
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-        )
+        return cls(shape=shape_from_config(cfg), rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                   rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
+                   bos_token_id=cfg.get("bos_token_id"),
+                   eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),)))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -219,8 +177,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def rope_inv_freq(cfg: DecoderConfig) -> torch.Tensor:
     """Inverse frequencies theta^(-2i/d) of rotary position embedding, with linear or Llama-3 scaling if any."""
-    d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    d = cfg.shape.head_dim
+    inv_freq = 1.0 / (cfg.shape.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
     sc = cfg.rope_scaling
     if sc is None:
         return inv_freq
@@ -228,13 +186,13 @@ def rope_inv_freq(cfg: DecoderConfig) -> torch.Tensor:
     if sc["rope_type"] == "linear":
         return inv_freq / factor
     # llama3: long wavelengths slowed by `factor`, short ones kept, a smooth blend in between
-    old_ctx = float(sc.get("original_max_position_embeddings", cfg.max_position_embeddings))
+    trained = float(sc.get("original_max_position_embeddings", cfg.shape.max_position_embeddings))
     low, high = float(sc.get("low_freq_factor", 1.0)), float(sc.get("high_freq_factor", 4.0))
     wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
-    smooth = (old_ctx / wavelen - low) / (high - low)
+    scaled = torch.where(wavelen > trained / low, inv_freq / factor, inv_freq)
+    smooth = (trained / wavelen - low) / (high - low)
     blended = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+    medium = (wavelen >= trained / high) & (wavelen <= trained / low)
     return torch.where(medium, blended, scaled)
 
 
@@ -274,8 +232,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start: int, 
     (batch, start+n, kv_heads, d). Returns (batch, n, heads * d).
 
     Grouped-query attention: query head h reads KV head h // (heads // kv_heads) (``enable_gqa``). One fused
-    ``scaled_dot_product_attention`` call does softmax(q k^T / sqrt(d)) v; ``attention_by_hand`` spells out the
-    same arithmetic for one decoded token (a test checks they agree).
+    ``scaled_dot_product_attention`` call does softmax(q k^T / sqrt(d)) v (three small ops per layer were up to 5x
+    slower on a busy 2-core machine); ``attention_by_hand`` spells it out for one decoded token (a test compares).
     """
     b, n, heads, d = q.shape
     kv_heads, end = k.shape[2], k.shape[1]
@@ -496,8 +454,9 @@ class ReferenceModel:
                               "(or install a CUDA build of torch on a machine with an NVIDIA GPU)")
         if int(max_seq_len) < 1:
             raise CourseError(f"max_seq_len must be a positive number of tokens, not {max_seq_len}")
-        if max_seq_len > config.max_position_embeddings:
-            warnings.warn(f"max_seq_len {max_seq_len} is beyond the {config.max_position_embeddings} positions this "
+        shape = config.shape
+        if max_seq_len > shape.max_position_embeddings:
+            warnings.warn(f"max_seq_len {max_seq_len} is beyond the {shape.max_position_embeddings} positions this "
                           "model was trained for: quality may drop past that", CourseWarning, stacklevel=3)
         self.config, self.device, self.dtype = config, device, dtype
         self.max_seq_len = int(max_seq_len)
@@ -508,22 +467,22 @@ class ReferenceModel:
             if name not in state_dict:
                 if required:
                     raise CourseError(f"the weights have no tensor '{name}': the checkpoint is incomplete or not a "
-                                      f"{config.architecture}; rebuild or re-download it")
+                                      f"{shape.architecture}; rebuild or re-download it")
                 return None
             return state_dict[name].to(device=device, dtype=dtype).contiguous()
 
         self.embed_tokens = get("model.embed_tokens.weight")             # (vocab, hidden)
         self.norm = get("model.norm.weight")
-        head = get("lm_head.weight", required=not config.tie_word_embeddings and "lm_head.weight" in state_dict)
+        head = get("lm_head.weight", required=not shape.tied_embeddings and "lm_head.weight" in state_dict)
         self.lm_head = head if head is not None else self.embed_tokens   # tied: the embedding is the head
         self.layers: list[LayerWeights] = []
-        for i in range(config.num_layers):
+        for i in range(shape.n_layers):
             fields = {f: get(f"model.layers.{i}.{n}", required=not f.endswith("_bias"))
                       for f, n in _LAYER_NAMES.items()}
             self.layers.append(LayerWeights(**fields))
         cos, sin = rope_tables(config, self.max_seq_len)
         self.rope_cos, self.rope_sin = cos.to(device, dtype), sin.to(device, dtype)
-        self.cache = KVCache(config.num_layers, self.max_seq_len, config.num_kv_heads, config.head_dim,
+        self.cache = KVCache(shape.n_layers, self.max_seq_len, shape.n_kv_heads, shape.head_dim,
                              dtype=dtype, device=device)
 
     # -- construction ------------------------------------------------------------------------------------------------
@@ -582,24 +541,24 @@ class ReferenceModel:
         if n == 0:
             raise CourseError("forward() got no tokens: pass at least one token id")
         self._check_room(start, n)
-        if int(ids.max()) >= self.config.vocab_size or int(ids.min()) < 0:
-            raise CourseError(f"token ids must be in [0, {self.config.vocab_size}): "
+        if int(ids.max()) >= self.config.shape.vocab or int(ids.min()) < 0:
+            raise CourseError(f"token ids must be in [0, {self.config.shape.vocab}): "
                               "the ids do not belong to this model")
-        cfg = self.config
+        cfg, shape = self.config, self.config.shape
         cos, sin = self.rope_cos[start:start + n], self.rope_sin[start:start + n]
         x = F.embedding(ids.to(self.device), self.embed_tokens)            # (b, n, hidden)
         b = x.shape[0]
         for i, w in enumerate(self.layers):
             # attention block
             h = rms_norm(x, w.input_norm, cfg.rms_norm_eps)
-            q = linear(h, w.q_proj, w.q_bias).view(b, n, cfg.num_heads, cfg.head_dim)
-            k = linear(h, w.k_proj, w.k_bias).view(b, n, cfg.num_kv_heads, cfg.head_dim)
-            v = linear(h, w.v_proj, w.v_bias).view(b, n, cfg.num_kv_heads, cfg.head_dim)
+            q = linear(h, w.q_proj, w.q_bias).view(b, n, shape.n_heads, shape.head_dim)
+            k = linear(h, w.k_proj, w.k_bias).view(b, n, shape.n_kv_heads, shape.head_dim)
+            v = linear(h, w.v_proj, w.v_bias).view(b, n, shape.n_kv_heads, shape.head_dim)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             keys, values = self.cache.store(i, start, k, v)                 # this layer's cache slice [0, start+n)
             if b < self.cache.batch_size:
                 keys, values = keys[:b], values[:b]
-            a = self.cache.attend(q, keys, values, start=start, causal=causal, window=cfg.sliding_window)
+            a = self.cache.attend(q, keys, values, start=start, causal=causal, window=cfg.window)
             x = x + linear(a, w.o_proj, w.o_bias)
             # feed-forward block
             x = x + mlp(rms_norm(x, w.post_norm, cfg.rms_norm_eps), w)

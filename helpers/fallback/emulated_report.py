@@ -31,7 +31,7 @@ def load_recorded(results_dir: Path | None = None) -> dict[str, list[dict]]:
             out[kind].append({**r, "label": lab, "source": name, "measurements": doc.get("measurements", []),
                               "decisions": doc.get("decisions", [])})
     for k in out:
-        out[k].sort(key=lambda r: r.get("ctx", 0))
+        out[k].sort(key=lambda r: r.get("max_seq_len", 0))
     return out
 
 
@@ -40,7 +40,8 @@ def format_summary(s: dict) -> str:
     spill = (f"spilled {s['spilled_gib']:.2f} GiB ({len(s['spilled_modules'])} modules)" if s["spilled_bytes"]
              else "spilled nothing")
     how = "" if s.get("load_path", "autosplit") == "autosplit" else f", {s['load_path']} path, {s['depth']} deep"
-    return (f"cache {s['ctx']} ({s['cache_mode']}{how}) on an emulated {s['card_gib']:g} GiB card: {spill}; native "
+    return (f"cache {s['max_seq_len']} ({s['cache_mode']}{how}) on an emulated {s['card_gib']:g} GiB card: {spill}; "
+            "native "
             f"{s['native_tok_s']:.1f} tok/s, emulated {s['emulated_tok_s']:.1f} tok/s, slowdown "
             f"{s['slowdown']:.2f}x (spill model {s['predicted_slowdown']:.2f}x)\n"
             f"  PCIe reads {s['pcie_read_gbs']:.1f} GB/s, VRAM {s['vram_bandwidth_gbs']:.0f} GB/s, overhead "
@@ -56,7 +57,7 @@ def report_recorded(results_dir: Path | None = None) -> str:
     lines = []
     for r in rec["emulated"]:
         lines += [f"[{r['label']}]", format_summary(r)]
-        if r["ctx"] <= 4096:
+        if r["max_seq_len"] <= 4096:
             lines.append(f"  emulated/native = {r['emulated_over_native']:.3f} (target: within 5%)")
         else:
             lines.append(f"  measured slowdown / predicted = {r['prediction_ratio']:.2f} (target: within 25%)")
@@ -65,6 +66,6 @@ def report_recorded(results_dir: Path | None = None) -> str:
                 lines.append(f"  pinned bytes left after an injected {what} mid-load: "
                              f"{r[f'pinned_left_after_{what}_bytes']}")
     for r in rec["oom"]:
-        lines += [f"[{r['label']}]", f"Linux, no emulator, cache {r['ctx']}: {r['outcome']}"
+        lines += [f"[{r['label']}]", f"Linux, no emulator, cache {r['max_seq_len']}: {r['outcome']}"
                   + (f" ({r.get('error_type')}: {r.get('error')})" if r.get("error") else ""), "  " + r["explanation"]]
     return "\n".join(lines)

@@ -1,19 +1,12 @@
 """The Windows sysmem fallback, emulated on Linux with CUDA: a VRAM budget for a smaller card, and a pool of mapped
 host memory for what does not fit in it.
 
-A budget stands for a smaller card (e.g. 16 GiB less an OS reserve, ``budget_for``). exllamav2 is loaded module by
-module (``helpers.fallback.routed_load``). Before each module the emulator reads how much VRAM the process has taken
-since it started (``torch.cuda.mem_get_info``) and, if the module and its cache layers would not fit in what is left
-of the budget, loads that module inside ``torch.cuda.use_mem_pool(pool)``, where ``pool`` is a ``torch.cuda.MemPool``
-over the course's own allocator (``helpers.fallback.hostalloc``). Those tensors live in pinned system RAM, and every
-GPU kernel that reads them pulls the bytes over PCIe, as the Windows driver's "shared GPU memory" does. Every other
-allocation of the process (the other modules, activations, scratch) keeps torch's caching allocator in VRAM. At the
-end (also after an error or Ctrl-C) the model is unloaded, the pool is dropped, and the allocator's own count of
-pinned bytes must be zero.
-
-What did not work (docs/FACTS.md §6): replacing torch's allocator for the whole process (every temporary allocation
-then synchronises: decode fell from ~60 to 25 tok/s with nothing spilled); cudaMallocAsync (hung); managed memory
-beyond free VRAM (never requested here).
+``budget_for``: a card's GiB less an OS reserve and the CUDA context. As exllamav2 loads module by module
+(``helpers.fallback.routed_load``), ``VramEmulator`` puts a module that would not fit in what is left into a
+``torch.cuda.MemPool`` over pinned host memory (``helpers.fallback.hostalloc``), read over PCIe like Windows'
+"shared GPU memory"; all else stays in VRAM. Closing (also on an error or Ctrl-C) drops the model and the pool and
+checks no pinned bytes remain. Why only spilled modules are routed: docs/FACTS.md §6.
+``measure_host_read_bandwidth`` times reads from the pool.
 """
 from __future__ import annotations
 
@@ -29,6 +22,7 @@ from helpers.core import devices as gpu
 from helpers.core.errors import CourseError, CourseWarning
 from helpers.core.units import GIB, MIB
 from helpers.fallback.hostalloc import ALLOC_FN, FREE_FN, HostAllocLib
+from helpers.memory.setup import LoadSetup
 
 #: the seed case: a 16 GB card (RTX 4080 Super)
 CARD_GIB = 16.0
@@ -44,6 +38,25 @@ def budget_for(card_gib: float, reserve_gib: float, context_bytes: int = 0) -> i
         raise CourseError(f"a {card_gib} GiB card less a {reserve_gib} GiB reserve and {context_bytes / GIB:.2f} GiB "
                           "of CUDA context leaves nothing for the model; use a larger --card-gib")
     return b
+
+
+def emulated_setup(model_dir, *, card_gib: float = CARD_GIB, reserve_gib: float = RESERVE_GIB,
+                   context_bytes: int = 0, **settings) -> LoadSetup:
+    """The ``LoadSetup`` of a load on the emulated card: ``card_gib`` as its GPU, the OS reserve, the CUDA context
+    this process measured, and the load's own settings (``max_seq_len``, ``cache_mode``)."""
+    return LoadSetup(model_dir, gpus=(float(card_gib),), reserve_gib=float(reserve_gib),
+                     cuda_context_gib=int(context_bytes) / GIB, **settings)
+
+
+def emulated_card(setup: LoadSetup) -> dict:
+    """The emulated card of a setup, as result rows name it."""
+    return {"card_gib": setup.gpu["vram_bytes"] / GIB, "reserve_gib": setup.reserve_gib_of(0) or 0.0,
+            "context_bytes": setup.bytes_of(setup.cuda_context_gib) or 0}
+
+
+def budget_of(setup: LoadSetup) -> int:
+    """What loads may take on ``setup``'s emulated card (``budget_for`` of ``emulated_card``)."""
+    return budget_for(**emulated_card(setup))
 
 
 def context_bytes_now(nvml_before: int | None) -> int:

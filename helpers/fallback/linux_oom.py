@@ -12,13 +12,14 @@ import traceback
 from helpers.core import devices as gpu
 from helpers.core.errors import CourseError
 from helpers.core.units import GIB
-from helpers.fallback.emulator import CARD_GIB, RESERVE_GIB, budget_for
+from helpers.fallback.emulator import budget_of, emulated_card
 from helpers.fallback.routed_load import Exl2Model
+from helpers.memory.setup import LoadSetup
 
 
-def linux_oom_demo(model_dir, *, max_seq_len: int = 32768, cache_mode: str = "fp16", card_gib: float = CARD_GIB,
-                   reserve_gib: float = RESERVE_GIB, context_bytes: int = 0) -> dict:
-    """The same overflow without the emulator: cap this process's VRAM to the smaller card, load, catch the error.
+def linux_oom_demo(setup: LoadSetup) -> dict:
+    """The same overflow without the emulator: cap this process's VRAM to ``setup``'s smaller card (less its reserve
+    and CUDA context), load, catch the error.
 
     ``torch.cuda.set_per_process_memory_fraction`` limits what torch's allocator may take (every exllamav2 weight
     and cache tensor is a torch tensor). The cap is lifted afterwards, whatever happens."""
@@ -26,20 +27,19 @@ def linux_oom_demo(model_dir, *, max_seq_len: int = 32768, cache_mode: str = "fp
 
     gpu.require_cuda("the Linux out-of-memory demonstration")
     total = torch.cuda.mem_get_info()[1]
-    cap = budget_for(card_gib, reserve_gib, context_bytes)
+    cap, card = budget_of(setup), emulated_card(setup)
     if cap >= total:
-        raise CourseError(f"this GPU has {total / GIB:.1f} GiB, not more than the emulated {card_gib} GiB card: "
-                          "nothing to cap; use a smaller --card-gib")
+        raise CourseError(f"this GPU has {total / GIB:.1f} GiB, not more than the emulated {card['card_gib']:g} GiB "
+                          "card: nothing to cap; use a smaller --card-gib")
     reached: list[int] = []
-    out = {"ctx": max_seq_len, "cache_mode": cache_mode, "card_gib": card_gib, "reserve_gib": reserve_gib,
-           "context_bytes": int(context_bytes), "cap_bytes": cap, "fraction": cap / total}
+    out = {"max_seq_len": setup.max_seq_len, "cache_mode": setup.cache_mode, **card, "cap_bytes": cap,
+           "fraction": cap / total}
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.set_per_process_memory_fraction(cap / total)
     model = None
     try:
-        model = Exl2Model(model_dir, max_seq_len=max_seq_len, cache_mode=cache_mode,
-                          on_module=lambda i, n: reached.append(i))
+        model = Exl2Model(setup, on_module=lambda i, n: reached.append(i))
         out.update(outcome="loaded", error=None)
     except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
         text = str(exc).strip().splitlines()
@@ -69,6 +69,6 @@ def linux_oom_demo(model_dir, *, max_seq_len: int = 32768, cache_mode: str = "fp
             "load on Windows would not stop (the fallback exists since driver 536.40; the policy switch (\"CUDA - "
             "Sysmem Fallback Policy\") since 546.01): it would put the rest in system RAM and run slowly.")
     else:
-        out["explanation"] = (f"the model and its {max_seq_len}-token cache fit in {cap / GIB:.2f} GiB: "
+        out["explanation"] = (f"the model and its {setup.max_seq_len}-token cache fit in {cap / GIB:.2f} GiB: "
                               "nothing overflowed")
     return out

@@ -1,23 +1,14 @@
 """Where NVIDIA's Windows driver puts an allocation when VRAM is over-committed: ONE documented assumption, two values.
 
-NVIDIA documents that its Windows driver lets CUDA allocations use shared system memory once VRAM is nearly exhausted
-(the fallback exists since driver 536.40; the policy switch ("CUDA - Sysmem Fallback Policy") since 546.01;
-docs/FACTS.md §4). It does not document *which* allocations end up there. Two readings bound the answer, and the
-course carries both, as a parameter named ``placement`` that the spill model (``fallback.spill``) and the probe
-(``fallback.probe``) share:
+NVIDIA documents the fallback but not *which* allocations go to system RAM (docs/FACTS.md §4, with what each
+reading spills for exllamav2). The course carries both readings as ``placement``, shared by the spill model
+(``fallback.spill``) and the probe (``fallback.probe``): ``"first_come"`` (an allocation takes VRAM when made; what
+comes after VRAM is full spills) and ``"first_touch"`` (the driver keeps in VRAM what decoding touches; the kinds in
+``UNTOUCHED_BY_DECODE`` leave first). Which one holds is observed on the machine (``python -m helpers probe
+--fallback``), never fitted.
 
-- ``"first_come"``: first come, first placed. Every allocation takes VRAM when it is made, written or not, so the ones
-  made after VRAM is full land in system RAM and stay there. exllamav2's ``load_autosplit`` then loses VRAM to its
-  never-written ``torch.empty`` reserve while it loads, and the last modules it loads (the last layers, the
-  ``lm_head``: weights every decoded token reads) spill.
-- ``"first_touch"``: placed at first touch, kept where used. An allocation takes VRAM when a kernel first touches it,
-  and the driver keeps in VRAM what decoding touches, demoting what it does not: the buffers a one-token decode never
-  uses (``load_autosplit``'s reserve, never written; the lm_head dequantization scratch, used only by prompt chunks;
-  the prompt's transient attention buffers) are the ones in system RAM. Only when they are too small does something
-  decoding reads go there too (the tail of the load order).
-
-Which one holds is an observation on the machine (``python -m helpers probe --fallback`` reports whether an untouched
-allocation lowers the free VRAM; the speed at a short depth tells them apart for the case), never a fit.
+Public names: ``PLACEMENTS``, ``DEFAULT_PLACEMENT``, ``UNTOUCHED_BY_DECODE``, ``check_placement``,
+``touched_by_decode``.
 """
 from __future__ import annotations
 

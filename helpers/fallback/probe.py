@@ -1,15 +1,11 @@
 """Does this machine's NVIDIA driver spill into system RAM when VRAM is full (Windows "sysmem fallback")? The probe.
 
-``run_probe`` reads the driver version and model, the dedicated VRAM, then (Windows only) allocates bounded chunks up
-to a little past the free VRAM, always freed again, and measures how fast the chunks past that point are read. On
-Linux there is no such policy: an allocation past VRAM raises CUDA out-of-memory. The decision logic takes its
-readings through ``Answers`` so that the Windows branch is tested with faked CUDA/NVML answers on any machine;
-``SystemAnswers`` asks the real ones. ``python -m helpers probe --fallback`` is ``helpers.cli.probe``.
-
-Placement (``fallback.placement``, the assumption the spill model shares): every chunk the probe times is written
-once, so it has been placed under either reading ("first_come" or "first_touch"). Before that, the probe makes one
-chunk WITHOUT writing it and reads the free VRAM before, after making it and after writing it: the drop tells which
-reading this driver follows (``placement_observed``), next to the one the spill model assumes.
+``run_probe`` reads the driver, the GPU and its dedicated VRAM, then (Windows only) allocates bounded chunks to a
+little past the free VRAM, always freed, and times reads of those past it (each written first). One chunk made
+WITHOUT writing it, with free VRAM read before, after making and after writing it, shows which
+``fallback.placement`` reading the driver follows (``placement_observed``). On Linux an allocation past VRAM raises
+CUDA out-of-memory. Readings come through ``Answers`` so the Windows branch is tested with faked CUDA/NVML answers
+anywhere; ``SystemAnswers`` asks the real ones. ``helpers.cli.probe`` runs it (``python -m helpers probe --fallback``).
 """
 from __future__ import annotations
 

@@ -6,13 +6,13 @@ exllamav2 is configured and loaded through ``helpers.engines.exllama``, the one 
 from __future__ import annotations
 
 import gc
-from pathlib import Path
 from typing import Callable
 
 from helpers.core.errors import CourseError
 from helpers.engines import exllama
 from helpers.fallback.emulator import VramEmulator
-from helpers.memory.cache_modes import check_cache_mode, check_load_path
+from helpers.memory.cache_modes import check_load_path
+from helpers.memory.setup import LoadSetup
 
 
 def _numel(shape) -> int:
@@ -68,19 +68,17 @@ class Exl2Model:
 
     name = "exllamav2"
 
-    def __init__(self, model_dir: Path, *, max_seq_len: int, cache_mode: str = "fp16",
-                 emulator: VramEmulator | None = None, on_module: Callable[[int, int], None] | None = None,
-                 load_path: str = "autosplit"):
+    def __init__(self, setup: LoadSetup, *, emulator: VramEmulator | None = None,
+                 on_module: Callable[[int, int], None] | None = None, load_path: str = "autosplit"):
         import torch
 
-        cache_mode = check_cache_mode(cache_mode)
         self.load_path = check_load_path(load_path)
         self.torch = torch
-        self.model_dir, self.device = Path(model_dir), "cuda"
+        self.setup, self.device = setup, "cuda"
+        self.model_dir, self.max_seq_len, self.cache_mode = setup.model_dir, setup.max_seq_len, setup.cache_mode
         self.emulator = emulator
         # a lazy cache on both paths: 'load' makes its layers below, one at a time, after the weights
-        loaded = exllama.prepare(self.model_dir, max_seq_len=max_seq_len, cache_mode=cache_mode)
-        self.max_seq_len, self.cache_mode = loaded.max_seq_len, cache_mode
+        loaded = exllama.prepare(setup)
         self.config, self.model, self.cache = loaded.config, loaded.model, loaded.cache
         self.vocab_size = int(self.config.vocab_size)
         self.needs: list[dict] = []

@@ -19,10 +19,9 @@ from helpers.fallback.placement import PLACEMENTS
 from helpers.fallback.spill import SpillModel
 from helpers.memory.breakdown import breakdown
 from helpers.memory.cache_modes import LOAD_PATHS
-from helpers.memory.weights import weight_bytes
+from helpers.memory.setup import LoadSetup
 from helpers.planning.planner import plan
-from helpers.specs.gpus import gpu_spec
-from helpers.speed.model import decode_estimate, position_bytes
+from helpers.speed.model import Spill, decode_estimate, position_bytes
 from helpers.speed.roofline import roofline_tok_s
 
 #: what the user reported (docs/FACTS.md §1): Qwen2.5-14B-Instruct EXL2 5.5 bpw, ExLlamaV2, RTX 4080 Super, Windows
@@ -39,17 +38,13 @@ SEED = {"model": "qwen2.5-14b", "bpw": 5.5, "gpu": "RTX 4080 Super", "tok_s_4k":
 REALISTIC_BANDWIDTH_SHARE = 0.85
 
 
-def anchored_reserve_gib(spec: Any, gpu: Any, *, bpw: float | None, used_gib: float, full_gib: float,
-                         max_seq_len: int = 4096, cache_mode: str = "fp16", flash_attn: bool = False,
-                         cuda_context_gib: float | None = None) -> tuple[float, str]:
+def anchored_reserve_gib(setup: LoadSetup, *, used_gib: float, full_gib: float) -> tuple[float, str]:
     """The VRAM a process could not have, from two readings of a real run: the card's dedicated memory when the
     driver started spilling (``full_gib``: what was left unused) plus what the rest of the system held (the reading
-    of a run that fits, ``used_gib``, less what the planner says that run's process holds). Returns (GiB, how)."""
-    g = gpu_spec(gpu) if not isinstance(gpu, dict) else gpu
-    ctx = None if cuda_context_gib is None else int(round(cuda_context_gib * GIB))
-    bd = breakdown(spec, bpw=bpw, max_seq_len=max_seq_len, cache_mode=cache_mode, flash_attn=flash_attn,
-                   cuda_context_bytes=ctx, reserve_bytes=0)
-    process = bd.vram_total_bytes / GIB
+    of a run of ``setup`` that fits, ``used_gib``, less what the planner says that run's process holds). Returns
+    (GiB, how)."""
+    g, max_seq_len = setup.gpu, setup.max_seq_len
+    process = breakdown(setup.with_(reserve_gib=0.0), warn=False).vram_total_bytes / GIB
     unused = float(g["vram_gib"]) - full_gib
     others = used_gib - process
     how = (f"{g['vram_gib']:g} GiB card - {full_gib:g} GiB used when full = {unused:.2f} GiB never used; "
@@ -61,21 +56,29 @@ def anchored_reserve_gib(spec: Any, gpu: Any, *, bpw: float | None, used_gib: fl
     return res, how + f"; reserve {res:.2f} GiB"
 
 
+def seed_setup(**changes) -> LoadSetup:
+    """The seed's setup: Qwen2.5-14B at 5.5 bpw, a 32k FP16 cache, no flash-attn, on an RTX 4080 Super, with the
+    OS reserve of ``seed_reserve_gib``; ``changes``: any of ``LoadSetup``'s settings."""
+    s = SEED
+    base = LoadSetup(s["model"], bpw=s["bpw"], max_seq_len=32768, gpus=s["gpu"])
+    return base.with_(**{"reserve_gib": seed_reserve_gib(), **changes})
+
+
 def seed_reserve_gib() -> float:
     """The seed's OS reserve from the user's memory readings (``anchored_reserve_gib``), never from the speeds."""
     s = SEED
-    return anchored_reserve_gib(s["model"], s["gpu"], bpw=s["bpw"], used_gib=s["used_4k_gib"],
-                                full_gib=s["full_gib"])[0]
+    four_k = LoadSetup(s["model"], bpw=s["bpw"], max_seq_len=4096, gpus=s["gpu"])
+    return anchored_reserve_gib(four_k, used_gib=s["used_4k_gib"], full_gib=s["full_gib"])[0]
 
 
 def roofline_check(depth: int = 256) -> dict:
     """How the reported 80 tok/s at 4k compares with what the card's memory allows: the bytes a token reads
     (every GPU weight, the FP16 cache up to ``depth``) over the datasheet bandwidth, and over an assumed realistic
     share of it (``REALISTIC_BANDWIDTH_SHARE``)."""
-    s = SEED
-    g = gpu_spec(s["gpu"])
-    w = weight_bytes(s["model"], bpw=s["bpw"])["vram_bytes"]
-    kv = position_bytes(s["model"], "fp16", flash_attn=True).cache_read * depth
+    s, setup = SEED, seed_setup()
+    g = setup.gpu
+    w = setup.weights.vram
+    kv = position_bytes(setup.shape, "fp16", flash_attn=True).cache_read * depth
     bw = float(g["bandwidth_gbs"]) * 1e9
     roof = roofline_tok_s(w + kv, bw)
     real = REALISTIC_BANDWIDTH_SHARE * roof
@@ -84,8 +87,8 @@ def roofline_check(depth: int = 256) -> dict:
             "realistic_tok_s": real, "reported_over_realistic": s["tok_s_4k"] / real, "depth": depth}
 
 
-def _model(**kw) -> SpillModel:
-    return SpillModel(SEED["gpu"], reserve_gib=seed_reserve_gib(), **kw)
+def _model(flash_attn: bool = False, **kw) -> SpillModel:
+    return SpillModel(seed_setup(flash_attn=flash_attn), **kw)
 
 
 def seed_case(*, depth: int = 256, pcie_bandwidth: float | None = None, flash_attn: bool = False,
@@ -98,9 +101,9 @@ def seed_case(*, depth: int = 256, pcie_bandwidth: float | None = None, flash_at
     spill the reported 25 tok/s would need, and the ratio predicted/reported."""
     s = SEED
     m = _model(pcie_bandwidth=pcie_bandwidth, flash_attn=flash_attn, load_path=load_path, placement=placement)
-    p4 = m.predict(s["model"], bpw=s["bpw"], max_seq_len=4096, depth=depth)
-    p32 = m.predict(s["model"], bpw=s["bpw"], max_seq_len=32768, depth=depth)
-    need = m.spill_needed_for(s["tok_s_32k"], s["model"], bpw=s["bpw"], max_seq_len=32768, depth=depth)
+    p4 = m.with_(max_seq_len=4096).predict(depth)
+    p32 = m.predict(depth)
+    need = m.spill_needed_for(s["tok_s_32k"], depth)
     ratio = p32.tok_s / s["tok_s_32k"]
     return {"seed": dict(s), "depth": depth, "load_path": load_path, "placement": placement,
             "vram_bandwidth": p32.vram_bandwidth, "pcie_bandwidth": p32.pcie_bandwidth,
@@ -145,19 +148,14 @@ def depth_for_speed(case: dict, tok_s: float) -> int | None:
 
 
 def _no_spill(depth: int, flash_attn: bool):
-    s = SEED
-    w = weight_bytes(s["model"], bpw=s["bpw"])["vram_bytes"]
-    return decode_estimate(s["model"], weight_bytes=w, bandwidth_gbs=gpu_spec(s["gpu"])["bandwidth_gbs"], depth=depth,
-                           flash_attn=flash_attn)
+    return decode_estimate(seed_setup(flash_attn=flash_attn), depth)
 
 
 def _lm_head_only(depth: int):
-    s = SEED
-    g = gpu_spec(s["gpu"])
-    w = weight_bytes(s["model"], bpw=s["bpw"])
-    return decode_estimate(s["model"], weight_bytes=w["vram_bytes"], bandwidth_gbs=g["bandwidth_gbs"], depth=depth,
-                           flash_attn=True, spilled_weight_bytes=w["lm_head_bytes"],
-                           pcie_gbs=pcie_practical_bandwidth(int(g["pcie_gen"]), int(g["pcie_lanes"])) / 1e9)
+    setup = seed_setup(flash_attn=True)
+    g = setup.gpu
+    pcie = pcie_practical_bandwidth(int(g["pcie_gen"]), int(g["pcie_lanes"])) / 1e9
+    return decode_estimate(setup, depth, spill=Spill(setup.weights.head, 0, pcie))
 
 
 def _span(fn: Callable[[int], Any]) -> dict:
@@ -190,7 +188,7 @@ def hypotheses(depth: int = 256) -> list[dict]:
     fns = _row_functions()
     a = fns["a"]
     gb = a(0).spilled_bytes / 1e9
-    torch_attn = _model(placement="first_come").predict(s["model"], bpw=s["bpw"], max_seq_len=32768, depth=depth)
+    torch_attn = _model(placement="first_come").predict(depth)
     row("a", "load_autosplit spill, first-come placement",
         "load_autosplit(cache) (TabbyAPI, webui autosplit; NOT the seed's chat.py, which had no -gs); the driver "
         f"places each allocation when made: the last layers and the lm_head ({a(0).spilled_weight_bytes / 1e9:.2f} "
@@ -296,11 +294,8 @@ def depth_curves(depths: Sequence[int] | None = None) -> dict:
 
 
 def _row_functions() -> dict:
-    s = SEED
-
     def spill(path, placement, flash_attn=True):
-        p = _model(load_path=path, placement=placement, flash_attn=flash_attn).predict(
-            s["model"], bpw=s["bpw"], max_seq_len=32768, depth=0)
+        p = _model(load_path=path, placement=placement, flash_attn=flash_attn).predict(0)
         return lambda d: p.at_depth(min(d, 32767))
 
     return {"a": spill("autosplit", "first_come"), "b": spill("load", "first_come"),
@@ -309,49 +304,44 @@ def _row_functions() -> dict:
             "b+d": spill("load", "first_come", flash_attn=False)}
 
 
-def ways_out(spec: Any = None, gpu: Any = None, *, bpw: float | None = None, max_seq_len: int = 32768,
-             depth: int = 256, reserve_gib: float | None = None, desktop_extra_gib: float = 1.0,
-             flash_attn: bool = False) -> list[dict]:
+def ways_out(setup: LoadSetup | None = None, *, depth: int = 256, desktop_extra_gib: float = 1.0) -> list[dict]:
     """The ways out of a spill, each checked with the planner (``planning.plan``: fits, margin) and the spill model
     (what would spill, with load_autosplit's load-time reserve, first-come placement, and the predicted tok/s at
-    ``depth`` from the speed model). Defaults: the seed case with the reserve from the user's readings."""
-    spec = spec or SEED["model"]
-    gpu = gpu or SEED["gpu"]
-    bpw = SEED["bpw"] if bpw is None and spec == SEED["model"] else bpw
-    if reserve_gib is None:
-        reserve_gib = seed_reserve_gib()
+    ``depth`` from the speed model). Default: the seed's setup, its reserve from the user's readings."""
+    setup = setup or seed_setup()
+    reserve = setup.reserve_gib_of(0) or 0.0
     rows = []
 
-    def check(way: str, *, b=bpw, L=max_seq_len, mode="fp16", res=reserve_gib):
+    def check(way: str, **change):
+        s = setup.with_(**change)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pl = plan(spec, gpu, bpw=b, max_seq_len=L, cache_mode=mode, reserve_gib=res)
-            pr = SpillModel(gpu, reserve_gib=res, flash_attn=flash_attn).predict(
-                spec, bpw=b, max_seq_len=L, cache_mode=mode, depth=min(depth, L - 1))
+            pl = plan(s, min(depth, s.max_seq_len - 1))
+            pr = SpillModel(s).predict(min(depth, s.max_seq_len - 1))
         # "tight": fits once loaded, but load_autosplit's load-time reserve pushes something into system RAM
         verdict = "NO" if not pl.fits else ("tight" if pr.spilled_bytes else "yes")
-        rows.append({"way": way, "bpw": b, "max_seq_len": L, "cache_mode": mode, "reserve_gib": res,
-                     "fits": pl.fits, "verdict": verdict, "margin_gib": pl.margin_bytes / GIB,
-                     "spilled_gib": pr.spilled_gib, "tok_s": pr.tok_s})
+        rows.append({"way": way, "bpw": s.bpw, "max_seq_len": s.max_seq_len, "cache_mode": s.cache_mode,
+                     "reserve_gib": s.reserve_gib_of(0), "fits": pl.fits, "verdict": verdict,
+                     "margin_gib": pl.margin_bytes / GIB, "spilled_gib": pr.spilled_gib, "tok_s": pr.tok_s})
         return pl, pr
 
-    def spills(b, L) -> bool:
-        return SpillModel(gpu, reserve_gib=reserve_gib).predict(spec, bpw=b, max_seq_len=L).spilled_bytes > 0
+    def spills(**change) -> bool:
+        return SpillModel(setup.with_(**change)).predict().spilled_bytes > 0
 
     pl, _ = check("as reported (spills)")
     # the planner's longest context, then down in 1024-token steps until load_autosplit's load-time reserve fits too
-    L = pl.longest_context["fp16"]
-    while L > 1024 and spills(bpw, L):
-        L -= 1024
-    check("shorter max_seq_len", L=min(L, max_seq_len))
+    max_seq_len = pl.longest_context[setup.cache_mode]
+    while max_seq_len > 1024 and spills(max_seq_len=max_seq_len):
+        max_seq_len -= 1024
+    check("shorter max_seq_len", max_seq_len=min(max_seq_len, setup.max_seq_len))
     for mode in ("q8", "q6", "q4"):
-        check(f"{mode.upper()} cache", mode=mode)
+        check(f"{mode.upper()} cache", cache_mode=mode)
     if pl.max_bpw_that_fits is not None:
         b = pl.max_bpw_that_fits
-        while b > 2.0 and spills(b, max_seq_len):
+        while b > 2.0 and spills(bpw=b):
             b = round(b - 0.05, 2)
-        check("lower bpw", b=b)
-    check(f"Q8 cache, {desktop_extra_gib:g} GiB more reserve", mode="q8", res=reserve_gib + desktop_extra_gib)
+        check("lower bpw", bpw=b)
+    check(f"Q8 cache, {desktop_extra_gib:g} GiB more reserve", cache_mode="q8", reserve_gib=reserve + desktop_extra_gib)
     return rows
 
 

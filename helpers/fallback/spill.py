@@ -1,25 +1,15 @@
 """NVIDIA's Windows "sysmem fallback": which allocations land in system RAM, and the decode speed that follows.
 
-On Windows (the fallback exists since driver 536.40; the policy switch ("CUDA - Sysmem Fallback Policy") since 546.01;
-docs/FACTS.md §4) an allocation that does not fit in the card's dedicated VRAM does not fail: the driver places it in
-system RAM, and the GPU then reads it over PCIe, at a few percent of VRAM speed. The spill model
-
-1. walks exllamav2's allocations (``memory.load_order``: module by module, each attention module with its cache
-   layer on ``load_autosplit``; weights then cache on ``model.load()``) against the VRAM left after the OS reserve
-   and what is taken before the first module (``fixed``), under ONE documented assumption, ``placement``
-   (``fallback.placement``): ``"first_come"`` (an allocation takes VRAM when made: what comes after VRAM is full
-   spills) or ``"first_touch"`` (the driver keeps in VRAM what decoding touches: buffers a one-token decode never
-   uses leave first): ``place``;
-2. counts what each decoded token then reads from each side (``read_bytes``): weights of every GPU module, and the
-   cache layers up to the depth;
-3. takes the time per token from THE speed model, ``helpers.speed.model.decode_estimate``, with its fitted
-   constants and the spilled weights and cache layers (up to the depth) over PCIe. It adds no formula of its own.
-
-Its parameters come from datasheets, the speed model's calibration or measurements, never from the speed it is meant
-to predict. ``SpillModel`` ties it to one GPU and a planned load; the seed case is ``fallback.seed``.
+What does not fit in dedicated VRAM goes to system RAM, read over PCIe (docs/FACTS.md §4, §5). ``place`` walks
+exllamav2's allocations (``memory.load_order``) against the VRAM left after the OS reserve and what precedes the
+first module, under one assumption, ``placement`` (``fallback.placement``). ``read_bytes`` counts what a decoded
+token reads from each side (weights, cache layers up to the depth); the time per token is THE speed model's
+(``helpers.speed.model.decode_estimate``), no formula of its own. Its parameters never come from the speed it
+predicts. ``SpillModel`` ties it to one GPU and a planned load; the seed case is ``fallback.seed``.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence
@@ -31,9 +21,8 @@ from helpers.fallback.placement import DEFAULT_PLACEMENT, PLACEMENTS, check_plac
 from helpers.memory.breakdown import breakdown
 from helpers.memory.cache_modes import LOAD_AUTOSPLIT_RESERVE_BYTES, LOAD_PATHS
 from helpers.memory.load_order import load_order
-from helpers.specs.gpus import gpu_spec
-from helpers.specs.shapes import model_shape
-from helpers.speed.model import SpeedConstants, decode_estimate, first_principles
+from helpers.memory.setup import LoadSetup
+from helpers.speed.model import SpeedConstants, Spill, decode_estimate, first_principles
 
 #: kinds of ``load_order`` entry that hold a layer's own cache (a spilled one is read over PCIe up to the depth)
 _CACHE_LAYER_KINDS = ("attention", "cache")
@@ -42,10 +31,9 @@ _CACHE_LAYER_KINDS = ("attention", "cache")
 # -------------------------------------------------------------------------------------------- the spill model
 @dataclass
 class Prediction:
-    """What the spill model says about one configuration. Bytes, seconds, tokens/s; ``modules``: where each went.
-
-    ``tok_s`` is the speed model's central estimate, ``tok_s_low``..``tok_s_high`` its range; ``seconds``: the time
-    per token by term (weights, attention, host, hops, pcie), from ``speed.model.decode_estimate``."""
+    """What the spill model says about one setup at one depth. Bytes, seconds, tokens/s; ``modules``: where each
+    allocation went. ``tok_s`` is the speed model's central estimate, ``tok_s_low``..``tok_s_high`` its range;
+    ``seconds``: the time per token by term (weights, attention, host, hops, pcie)."""
 
     spilled_bytes: int            # bytes (weights + cache layers + buffers) placed in system RAM
     spilled_weight_bytes: int
@@ -58,21 +46,21 @@ class Prediction:
     tok_s_low: float
     tok_s_high: float
     seconds: dict
-    host: str
-    vram_bandwidth: float         # bytes/s
-    pcie_bandwidth: float         # bytes/s
+    depth: int
     budget_bytes: int             # VRAM the process may use (card less the OS reserve)
     fixed_bytes: int              # VRAM taken before the first module loads
-    depth: int
-    max_seq_len: int
-    cache_mode: str
-    flash_attn: bool
-    placement: str                # the assumption: fallback.placement.PLACEMENTS
     modules: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     assumptions: list[str] = field(default_factory=list)
-    shape: Any = field(default=None, repr=False)
-    constants: SpeedConstants | None = field(default=None, repr=False)
+    model: Any = field(default=None, repr=False)   # the SpillModel that placed it
+
+    max_seq_len = property(lambda self: self.model.setup.max_seq_len)
+    cache_mode = property(lambda self: self.model.setup.cache_mode)
+    flash_attn = property(lambda self: self.model.setup.flash_attn)
+    host = property(lambda self: self.model.setup.host_class)
+    placement = property(lambda self: self.model.placement)
+    vram_bandwidth = property(lambda self: self.model.bandwidths()[0])
+    pcie_bandwidth = property(lambda self: self.model.bandwidths()[1])
 
     @property
     def seconds_per_token(self) -> float:
@@ -94,30 +82,26 @@ class Prediction:
         return {"host_ms": 1e3 * (s["host"] + s["hops"]), "vram_ms": 1e3 * (s["weights"] + s["attention"]),
                 "pcie_ms": 1e3 * s["pcie"]}
 
-    def estimate(self, **change):
-        """``speed.model.decode_estimate`` for this prediction, with some of its arguments changed (``depth``,
-        ``spilled_weight_bytes``, ``spilled_cache_layers``, ``pcie_gbs``, ``host``, ...)."""
-        kw = dict(weight_bytes=self.weight_bytes, bandwidth_gbs=self.vram_bandwidth / 1e9, depth=self.depth,
-                  cache_mode=self.cache_mode, flash_attn=self.flash_attn, host=self.host,
-                  constants=self.constants, spilled_weight_bytes=self.spilled_weight_bytes,
-                  spilled_cache_layers=self.spilled_cache_layers, pcie_gbs=self.pcie_bandwidth / 1e9)
-        kw.update(change)
-        return decode_estimate(self.shape, **kw)
+    def estimate(self, depth: int | None = None, spill: Spill | None = None):
+        """``speed.model.decode_estimate`` for this prediction, at another ``depth`` or with another ``spill``."""
+        sp = spill or Spill(self.spilled_weight_bytes, self.spilled_cache_layers, self.pcie_bandwidth / 1e9)
+        return decode_estimate(self.model.setup, self.depth if depth is None else depth,
+                               weight_bytes=self.weight_bytes, bandwidth_gbs=self.vram_bandwidth / 1e9, spill=sp,
+                               constants=self.model.constants)
 
     def at_depth(self, depth: int) -> "Prediction":
         """The same placement and parameters, evaluated at another cache depth."""
-        return evaluate(self.modules, shape=self.shape, depth=depth, max_seq_len=self.max_seq_len,
-                        cache_mode=self.cache_mode, flash_attn=self.flash_attn, host=self.host,
-                        vram_bandwidth=self.vram_bandwidth, pcie_bandwidth=self.pcie_bandwidth,
-                        constants=self.constants, budget_bytes=self.budget_bytes, fixed_bytes=self.fixed_bytes,
-                        placement=self.placement, notes=self.notes)
+        return evaluate(self.modules, self.model, depth, budget_bytes=self.budget_bytes, fixed_bytes=self.fixed_bytes,
+                        notes=self.notes)
 
     def spilled_modules(self) -> list[str]:
         return [p["module"] for p in self.modules if p["where"] == "sysmem"]
 
     def as_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k != "shape"}
-        d.update(spilled_gib=self.spilled_gib, roofline_tok_s=self.roofline_tok_s,
+        d = {k: v for k, v in asdict(self).items() if k != "model"}
+        d.update(spilled_gib=self.spilled_gib, roofline_tok_s=self.roofline_tok_s, max_seq_len=self.max_seq_len,
+                 cache_mode=self.cache_mode, flash_attn=self.flash_attn, placement=self.placement,
+                 vram_bandwidth=self.vram_bandwidth, pcie_bandwidth=self.pcie_bandwidth,
                  seconds_per_token=self.seconds_per_token, **self.time_split_ms())
         return d
 
@@ -197,18 +181,18 @@ def read_bytes(modules: Iterable[dict], depth: int, max_seq_len: int) -> tuple[i
     return vram, sysmem
 
 
-def overhead_from_run(tok_s: float, shape: Any, *, weight_bytes: float, vram_bandwidth: float, depth: int = 0,
-                      cache_mode: str = "fp16", flash_attn: bool = False) -> tuple[float, str | None]:
-    """Host time per token of a MEASURED run that spills nothing, on the machine a prediction is for: its seconds per
-    token minus the bytes it moves at ``vram_bandwidth`` (``speed.model.first_principles``, no host time).
+def overhead_from_run(tok_s: float, setup: LoadSetup, *, weight_bytes: float, vram_bandwidth: float,
+                      depth: int = 0) -> tuple[float, str | None]:
+    """Host time per token of a MEASURED run of the setup that spills nothing, on the machine a prediction is for:
+    its seconds per token minus the bytes it moves at ``vram_bandwidth`` (``speed.model.first_principles``).
 
     Returns (seconds, note). A speed at or above what the bytes allow leaves no time for the host: that does not
     mean it is zero, it means the reading is not a clean decode of that model; 0 is returned with a note saying so,
     and should not be used."""
     if tok_s <= 0:
         raise CourseError(f"a measured speed must be positive, got {tok_s} tok/s")
-    est = decode_estimate(shape, weight_bytes=weight_bytes, bandwidth_gbs=vram_bandwidth / 1e9, depth=depth,
-                          cache_mode=cache_mode, flash_attn=flash_attn, constants=first_principles())
+    est = decode_estimate(setup, depth, weight_bytes=weight_bytes, bandwidth_gbs=vram_bandwidth / 1e9,
+                          constants=first_principles())
     over = 1.0 / tok_s - 1.0 / est.tok_s
     if over <= 0:
         return 0.0, (f"the measured {tok_s:g} tok/s is at or above the {est.tok_s:.1f} tok/s the bytes allow at "
@@ -217,36 +201,29 @@ def overhead_from_run(tok_s: float, shape: Any, *, weight_bytes: float, vram_ban
     return over, None
 
 
-def evaluate(modules: list[dict], *, shape: Any, depth: int, max_seq_len: int, cache_mode: str = "fp16",
-             flash_attn: bool = False, host: str = "desktop", vram_bandwidth: float,
-             pcie_bandwidth: float, constants: SpeedConstants | None = None, budget_bytes: int = 0,
-             fixed_bytes: int = 0,
-             placement: str = DEFAULT_PLACEMENT, notes: Sequence[str] = ()) -> Prediction:
-    """The prediction for a given set of placed modules (from ``place``, or what an emulator really did): bytes
-    counted here, the time per token from ``speed.model.decode_estimate``."""
-    if vram_bandwidth <= 0 or pcie_bandwidth <= 0:
+def evaluate(modules: list[dict], model: "SpillModel", depth: int, *, budget_bytes: int = 0, fixed_bytes: int = 0,
+             notes: Sequence[str] = ()) -> Prediction:
+    """The prediction for a given set of placed modules (from ``place``, or what an emulator really did) under the
+    spill model's setup and bandwidths: bytes counted here, the time per token from ``speed.model.decode_estimate``."""
+    vram_bw, pcie_bw = model.bandwidths()
+    if vram_bw <= 0 or pcie_bw <= 0:
         raise CourseError("bandwidths must be positive (bytes/s)")
-    vram, sysmem = read_bytes(modules, depth, max_seq_len)
+    setup = model.setup
+    vram, sysmem = read_bytes(modules, depth, setup.max_seq_len)
     gpu = [p for p in modules if p["where"] in ("vram", "sysmem")]
     sp = [p for p in modules if p["where"] == "sysmem"]
     weights = sum(int(p["weight_bytes"]) for p in gpu)
     sw, sc = sum(p["weight_bytes"] for p in sp), sum(p["cache_bytes"] for p in sp)
     sx = sum(int(p.get("scratch_bytes", 0) or 0) for p in sp)
     layers = sum(1 for p in sp if p["cache_bytes"] and p.get("kind", "attention") in _CACHE_LAYER_KINDS)
-    s = model_shape(shape)
-    est = decode_estimate(s, weight_bytes=weights, bandwidth_gbs=vram_bandwidth / 1e9, depth=depth,
-                          cache_mode=cache_mode, flash_attn=flash_attn, host=host, constants=constants,
-                          spilled_weight_bytes=sw, spilled_cache_layers=min(layers, s.n_layers),
-                          pcie_gbs=pcie_bandwidth / 1e9)
+    est = decode_estimate(setup, depth, weight_bytes=weights, bandwidth_gbs=vram_bw / 1e9,
+                          spill=Spill(sw, min(layers, setup.shape.n_layers), pcie_bw / 1e9), constants=model.constants)
     return Prediction(spilled_bytes=sw + sc + sx, spilled_weight_bytes=sw, spilled_cache_bytes=sc,
                       spilled_cache_layers=layers, vram_read_bytes=vram, sysmem_read_bytes=sysmem,
                       weight_bytes=weights, tok_s=est.tok_s, tok_s_low=est.tok_s_low, tok_s_high=est.tok_s_high,
-                      seconds=dict(est.seconds), host=host, vram_bandwidth=float(vram_bandwidth),
-                      pcie_bandwidth=float(pcie_bandwidth), budget_bytes=int(budget_bytes),
-                      fixed_bytes=int(fixed_bytes), depth=int(depth), max_seq_len=int(max_seq_len),
-                      cache_mode=cache_mode, flash_attn=bool(flash_attn), placement=check_placement(placement),
-                      modules=list(modules), notes=list(notes), assumptions=list(est.assumptions), shape=s,
-                      constants=constants)
+                      seconds=dict(est.seconds), depth=int(depth), budget_bytes=int(budget_bytes),
+                      fixed_bytes=int(fixed_bytes), modules=list(modules), notes=list(notes),
+                      assumptions=list(est.assumptions), model=model)
 
 
 # ------------------------------------------------------------------------------------- the model on a planned load
@@ -258,30 +235,21 @@ LOAD_RESERVE_BYTES = LOAD_AUTOSPLIT_RESERVE_BYTES
 
 @dataclass
 class SpillModel:
-    """The spill model for one GPU: its bandwidths, the host overhead, what is taken before the model loads, and
-    the placement assumption.
+    """The spill model for one setup on its GPU: the bandwidths, what is taken before the model loads, the load path
+    and the placement assumption.
 
-    ``gpu``: a name or GiB (``specs.gpus.gpu_spec``) or a spec dict. Bandwidths in bytes/s; None takes the datasheet's
-    memory bandwidth and ``pcie_practical_bandwidth`` of its link. ``host``: 'desktop' or 'server' (None: the card's
-    usual host); ``constants``: the speed model's (None: the fitted ones). ``reserve_gib``/
-    ``cuda_context_gib``: None takes the planner's documented defaults (``memory.breakdown``). ``flash_attn``: the
-    attention path (bytes per position; no attention matrix materialised while a prompt chunk runs). ``load_path``
-    (``memory.LOAD_PATHS``): 'autosplit' (``load_autosplit(cache)``: a test forward per module, so the transients
-    exist from the first module, and its load-time reserve is held) or 'load' (``model.load()`` then the cache: no
-    reserve; the first forward's transients come after the cache). ``placement``: ``fallback.placement.PLACEMENTS``.
-    """
+    Bandwidths in bytes/s; None takes the datasheet's memory bandwidth and ``pcie_practical_bandwidth`` of the link.
+    ``load_path`` (``memory.LOAD_PATHS``): 'autosplit' (``load_autosplit(cache)``: a test forward per module, so the
+    transients exist from the first module, and its load-time reserve is held) or 'load' (``model.load()`` then the
+    cache: no reserve; the first forward's transients come after the cache). ``placement``:
+    ``fallback.placement.PLACEMENTS``. ``constants``: the speed model's (None: the fitted ones)."""
 
-    gpu: Any
-    vram_bandwidth: float | None = None
-    pcie_bandwidth: float | None = None
-    host: str | None = None
-    reserve_gib: float | None = None
-    cuda_context_gib: float | None = None
-    flash_attn: bool = False
-    load_reserve_bytes: int | None = None
-    head_bits: int = 6
+    setup: LoadSetup
     load_path: str = "autosplit"
     placement: str = DEFAULT_PLACEMENT
+    vram_bandwidth: float | None = None
+    pcie_bandwidth: float | None = None
+    load_reserve_bytes: int | None = None
     constants: SpeedConstants | None = None
 
     def reserve_while_loading(self) -> int:
@@ -289,15 +257,14 @@ class SpillModel:
             return int(self.load_reserve_bytes)
         return LOAD_RESERVE_BYTES if self.load_path == "autosplit" else 0
 
-    def host_class(self) -> str:
-        return self.host or self.spec().get("host", "desktop")
-
-    def spec(self) -> dict:
-        g = self.gpu
-        return g if isinstance(g, dict) and "vram_bytes" in g else gpu_spec(g)
+    def with_(self, **changes) -> "SpillModel":
+        """The same model for a changed setup (``max_seq_len``, ``cache_mode``, ``bpw``, ...)."""
+        return dataclasses.replace(self, setup=self.setup.with_(**changes))
 
     def bandwidths(self) -> tuple[float, float]:
-        g = self.spec()
+        if self.vram_bandwidth and self.pcie_bandwidth:
+            return float(self.vram_bandwidth), float(self.pcie_bandwidth)
+        g = self.setup.gpu
         vram = self.vram_bandwidth or (float(g["bandwidth_gbs"]) * 1e9 if g.get("bandwidth_gbs") else None)
         pcie = self.pcie_bandwidth or (pcie_practical_bandwidth(int(g["pcie_gen"]), int(g["pcie_lanes"]))
                                        if g.get("pcie_gen") and g.get("pcie_lanes") else None)
@@ -306,19 +273,15 @@ class SpillModel:
                               "vram_bandwidth= and pcie_bandwidth= (bytes/s), or pick a GPU from specs.gpus.GPUS")
         return float(vram), float(pcie)
 
-    def layout(self, spec: Any, *, bpw: float | None, max_seq_len: int, cache_mode: str = "fp16") -> dict:
+    def layout(self) -> dict:
         """The allocations in exllamav2's order and the fixed VRAM before them, from the planner's breakdown; and
         the budget: the card less the OS reserve. Under "first_touch" the buffers a decode never touches are
         entries of their own (the dequantization scratch split from the RoPE tables; the prompt's transients), and
         load_autosplit's never-written reserve takes nothing."""
         check_placement(self.placement)
-        g = self.spec()
-        res = None if self.reserve_gib is None else int(round(self.reserve_gib * GIB))
-        ctx = None if self.cuda_context_gib is None else int(round(self.cuda_context_gib * GIB))
-        bd = breakdown(spec, bpw=bpw, head_bits=self.head_bits, max_seq_len=max_seq_len, cache_mode=cache_mode,
-                       flash_attn=self.flash_attn, cuda_context_bytes=ctx, reserve_bytes=res)
-        order = load_order(spec, bpw=bpw, head_bits=self.head_bits, max_seq_len=max_seq_len, cache_mode=cache_mode,
-                           path=self.load_path)
+        setup, g = self.setup, self.setup.gpu
+        bd = breakdown(setup, warn=False)
+        order = load_order(setup, self.load_path)
         touch = self.placement == "first_touch"
         load_res = 0 if touch else self.reserve_while_loading()
         prompt = bd.transient_bytes - bd.repeat_kv_bytes
@@ -347,39 +310,31 @@ class SpillModel:
                  f"CUDA context {bd.cuda_context_bytes / GIB:.2f} GiB ({bd.cuda_context_source.split(':')[0]})",
                  f"OS reserve {bd.reserve_bytes / GIB:.2f} GiB ({bd.reserve_source.split(':')[0]})",
                  f"transients {when} {bd.transient_bytes / GIB:.2f} GiB "
-                 f"({'flash-attn/SDPA' if self.flash_attn else 'attention matrix materialised'})",
+                 f"({'flash-attn/SDPA' if setup.flash_attn else 'attention matrix materialised'})",
                  f"reserve held while loading {load_res / MIB:.0f} MiB"
                  + (" (never written: no VRAM under first_touch)" if touch and self.load_path == "autosplit" else "")]
         return {"order": order, "fixed_bytes": fixed, "budget_bytes": budget, "terms": terms, "notes": notes,
                 "breakdown": bd}
 
-    def predict(self, spec: Any, *, bpw: float | None = None, max_seq_len: int, cache_mode: str = "fp16",
-                depth: int = 0) -> Prediction:
+    def predict(self, depth: int = 0) -> Prediction:
         """Place exllamav2's allocations on this card and predict decode speed at ``depth`` (the speed model)."""
-        lay = self.layout(spec, bpw=bpw, max_seq_len=max_seq_len, cache_mode=cache_mode)
-        vram_bw, pcie_bw = self.bandwidths()
+        lay = self.layout()
         modules = place(lay["order"], lay["budget_bytes"], lay["fixed_bytes"], self.placement)
-        return evaluate(modules, shape=spec, depth=depth, max_seq_len=max_seq_len, cache_mode=cache_mode,
-                        flash_attn=self.flash_attn, host=self.host_class(), vram_bandwidth=vram_bw,
-                        pcie_bandwidth=pcie_bw, constants=self.constants, budget_bytes=lay["budget_bytes"],
-                        fixed_bytes=lay["fixed_bytes"], placement=self.placement, notes=lay["notes"])
+        return evaluate(modules, self, depth, budget_bytes=lay["budget_bytes"], fixed_bytes=lay["fixed_bytes"],
+                        notes=lay["notes"])
 
-    def spill_needed_for(self, tok_s: float, spec: Any, *, bpw: float | None = None, max_seq_len: int,
-                         cache_mode: str = "fp16", depth: int = 0) -> dict:
+    def spill_needed_for(self, tok_s: float, depth: int = 0) -> dict:
         """How much must have spilled to decode at ``tok_s``: the weight bytes per token that must come over PCIe
         (the speed model is linear in them: two estimates give the line), and the tail of the load order (lm_head
         first, then the last layers backwards) that holds that much; the last module counted in part."""
         if tok_s <= 0:
             raise CourseError(f"a target speed must be positive, got {tok_s}")
-        lay = self.layout(spec, bpw=bpw, max_seq_len=max_seq_len, cache_mode=cache_mode)
-        vram_bw, pcie_bw = self.bandwidths()
+        lay = self.layout()
         gpu_mods = [{**m, "where": "vram"} for m in lay["order"] if str(m.get("device_hint")) != "cpu"]
-        base = evaluate(gpu_mods, shape=spec, depth=depth, max_seq_len=max_seq_len, cache_mode=cache_mode,
-                        flash_attn=self.flash_attn, host=self.host_class(), vram_bandwidth=vram_bw,
-                        pcie_bandwidth=pcie_bw, constants=self.constants)
+        base = evaluate(gpu_mods, self, depth)
         t0 = 1.0 / base.tok_s
         probe = min(float(GIB), float(base.weight_bytes))
-        per_byte = (1.0 / base.estimate(spilled_weight_bytes=probe).tok_s - t0) / probe
+        per_byte = (1.0 / base.estimate(spill=Spill(probe, 0, base.pcie_bandwidth / 1e9)).tok_s - t0) / probe
         need = min(float(base.weight_bytes), max(0.0, (1.0 / tok_s - t0) / per_byte))
         out = {"tok_s": tok_s, "sysmem_read_bytes": need, "spilled_bytes": 0.0, "spilled_weight_bytes": 0.0,
                "modules": [], "possible": (1.0 / tok_s - t0) / per_byte <= base.weight_bytes}
@@ -408,19 +363,3 @@ def _split_device_context(entry: dict, bd) -> list[dict]:
     return [dict(entry, module="dequantization scratch (device context)", kind="dequant_scratch", scratch_bytes=dq,
                  bytes=dq),
             dict(entry, module="RoPE sin/cos tables", scratch_bytes=rope, bytes=rope)]
-
-
-def predict(spec: Any, gpu: Any, *, bpw: float | None = None, max_seq_len: int, cache_mode: str = "fp16",
-            depth: int = 0, reserve_gib: float | None = None,
-            vram_bandwidth: float | None = None, pcie_bandwidth: float | None = None, **kw) -> Prediction:
-    """``SpillModel(gpu, ...).predict(spec, ...)`` in one call (extra keywords go to ``SpillModel``)."""
-    return SpillModel(gpu, vram_bandwidth=vram_bandwidth, pcie_bandwidth=pcie_bandwidth,
-                      reserve_gib=reserve_gib, **kw).predict(spec, bpw=bpw, max_seq_len=max_seq_len,
-                                                             cache_mode=cache_mode, depth=depth)
-
-
-def spill_needed_for(tok_s: float, spec: Any, gpu: Any, *, bpw: float | None = None, max_seq_len: int,
-                     cache_mode: str = "fp16", depth: int = 0, **kw) -> dict:
-    """``SpillModel(gpu, **kw).spill_needed_for(tok_s, spec, ...)``."""
-    return SpillModel(gpu, **kw).spill_needed_for(tok_s, spec, bpw=bpw, max_seq_len=max_seq_len,
-                                                  cache_mode=cache_mode, depth=depth)

@@ -1,17 +1,13 @@
 """Bit widths and bit mixes: how many input rows of a linear get each width, and what that costs in stored bits.
 
-Torch-free (the memory planner uses it too). EXL2 stores a linear's input rows in groups, each group at one width
-of ``BIT_WIDTHS``, widest first. ``HEAD_MIXES`` is exllamav2's table of head options (the course's one copy).
-
-A bit mix says how many input rows of a linear get each width. Accepted forms (``bits_mix`` / ``bits``)::
+Torch-free (the memory planner uses it). EXL2 stores input rows in groups of one ``BIT_WIDTHS`` width each, widest
+first, for the act-order rows with most weight energy. ``HEAD_MIXES``: exllamav2's head options. Bit mixes::
 
   int b                      every row at b bits, groups of ``group_size`` rows
   float t                    a target bits per weight: two neighbouring widths, mixed so the stored bits per weight
                              (see helpers.format.reader) come as close to t as whole groups allow
   "0.1:6b_32g/0.9:5b_32g"    exllamav2's own notation (``QParams.get_desc``): fraction:bits b_group g
   [(0.1, 6, 32), (0.9, 5)]   (fraction of rows, bits[, group size])
-
-Groups are stored widest first; the rows with the most weight energy (act-order) get the widest groups.
 """
 from __future__ import annotations
 

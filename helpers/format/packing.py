@@ -1,24 +1,12 @@
-"""How EXL2 packs one quantized linear into tensors, bit for bit (byte-exact with exllamav2).
+"""How EXL2 packs one quantized linear into tensors, bit for bit (byte-exact with exllamav2 0.3.2).
 
-The rules below were checked against exllamav2 0.3.2's sources (conversion/adaptivegptq.py, qparams.py,
-linear.py, module.py, ext.py, exllamav2_ext/cuda/q_matrix.cu, pack_tensor.cu, quant/qdq_*.cuh) and against
-checkpoints made by exllamav2's own converter (tests/fixtures/exl2). Nothing in helpers.format imports exllamav2
-(the GPU check against it is helpers.recordings.format_check).
+The layout (``q_invperm``, ``q_groups``, ``q_weight``, ``q_scale``, ``q_scale_max``, column padding, bias) and the
+dequantization, with the exllamav2 sources they were read from, are in docs/FACTS.md §3; they were checked against
+checkpoints made by exllamav2's own converter. Nothing in helpers.format imports exllamav2 (the GPU check against it
+is helpers.recordings.format_check).
 
-One quantized linear (K = in_features, N = out_features, the stored matrix is W transposed, K x N):
-
-* ``q_invperm`` int32[K]: the act-order permutation's inverse. Stored row ``r`` of the K x N matrix is the
-  original input row ``q_perm[r]`` with ``q_perm = argsort(q_invperm)``; the logical matrix is ``stored[q_invperm]``.
-* ``q_groups`` int16[2G]: pairs (bits, first packed row) per group, groups ordered by bits 8, 6, 5, 4, 3, 2.
-  A group's rows = (next group's first packed row - its own) * 32 / bits; the last group takes the rows that remain.
-* ``q_weight`` int32[packed_rows, Npad]: every column is a little-endian bit stream; 32 rows of ``bits`` bits fill
-  exactly ``bits`` words (2-bit: 16 values a word, 4-bit: 8, 8-bit: 4; 3-, 5- and 6-bit values straddle words).
-* ``q_scale`` int32[G, Npad/8]: one 4-bit code per group and column, 8 per word, low nibble first.
-* ``q_scale_max`` fp16[G]. Dequantize: ``scale = (code + 1)**2 * q_scale_max / 256`` and
-  ``w = (q - 2**(bits-1)) * scale``.
-* Columns are padded to a multiple of 32 (``Npad``); padding columns hold the weight code ``2**(bits-1)`` (zero)
-  and the scale code 15.
-* Optional fp16 ``bias`` [N]. A checkpoint without ``lm_head.*`` ties the head to ``model.embed_tokens``.
+Public names: ``pack_columns`` / ``unpack_columns`` (q_weight's bit streams), ``pack_scales`` / ``unpack_scales``,
+``scale_values``, ``groups_from_q_groups``, ``q_groups_tensor``, ``pack_linear``, ``few_threads``.
 """
 from __future__ import annotations
 

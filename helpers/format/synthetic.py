@@ -1,20 +1,11 @@
 """Shape-faithful synthetic EXL2 checkpoints: a model's exact tensor shapes and a realistic bit mix, random data.
 
-Memory and speed depend on shapes and bytes, not on what the weights say. ``write_synthetic`` takes any
-config.json (a dict, a path, or a bundled name such as ``"qwen2.5-14b"``) and a target bits per weight and writes a
-checkpoint exllamav2 loads like the real one:
-
-* every quantized linear gets two neighbouring widths mixed to hit its own target (like exllamav2's optimizer, whose
-  picks look like ``0.1:6b_32g/0.9:5b_32g``); layer targets wander around the overall target with a fixed seed and
-  are nudged so that the whole comes out at the target (counted as in :mod:`helpers.format.reader`: head excluded);
-* the head gets exllamav2's head mix for ``head_bits`` (6 -> 0.15:8b/0.85:6b in 128-row groups, about 6.3 bpw);
-* ``q_weight`` and ``q_scale`` are random int32 words (every word is valid data at every width);
-  ``q_scale_max`` is set so that each dequantized weight has a standard deviation of about 0.5/sqrt(in_features):
-  activations keep their size layer after layer and fp16 stays finite;
-* the embedding is random small fp16, norms are ones (zeros for Gemma, which adds one), Qwen2 gets q/k/v biases.
-
-Nothing is quantized: data comes from a seeded generator, in parallel chunks, straight into the file, one tensor
-at a time, in shards (memory stays near one tensor). The same seed gives the same bytes on any machine.
+Memory and speed depend on shapes and bytes, not on what the weights say. ``write_synthetic`` takes a config.json
+(a dict, a path or a bundled name such as ``"qwen2.5-14b"``) and a target bpw and writes a checkpoint exllamav2
+loads like the real one: ``plan_bits`` mixes two neighbouring widths per linear around seeded per-layer targets
+(``layer_targets``) that hit the target (head excluded; the head gets exllamav2's head mix); ``synthetic_specs``
+fills in random words, ``q_scale_max`` scaled (``WEIGHT_GAIN``) so activations keep their size. Seeded, written a
+tensor at a time: little memory, the same bytes on any machine.
 """
 from __future__ import annotations
 

@@ -1,20 +1,11 @@
 """What a quantized KV cache costs in quality, measured on the CPU with the embedded model.
 
-For each exllamav2 cache mode the reference decoder stores K and V the way that mode does
-(``helpers.engines.kv_quant``: FP8 e5m2 by truncation; Q8/Q6/Q4 with a Hadamard rotation and one fp16 scale per 32
-values) and scores a fixed text, teacher-forced, at two depths:
-
-- **short**: the first ``scored`` tokens of the course's text (depth 0 to ``scored``);
-- **long**: the ``scored`` tokens after the first ``long_depth`` tokens. The prefix is run once with an exact cache;
-  its K/V are then stored in each mode, and the scored tokens read them back from there (so the long-depth numbers
-  measure reading a quantized cache ``long_depth`` tokens deep, not the small drift of the prefix's own hidden
-  states).
-
-Each scored token sees earlier positions dequantized and its own K/V exact, as in an exllamav2 decode step. Per mode
-and depth: perplexity (exp of the mean negative log-likelihood of each next token), greedy agreement (the share of
-positions whose most likely next token is the one the FP16 cache gives) and the mean KL divergence of the next-token
-distribution from FP16's. On a few dozen tokens perplexity moves by a few percent either way by chance; the KL
-divergence, compared position by position, is the steadier measure of how far a mode strays.
+``cache_quality`` stores K and V as each exllamav2 cache mode does (``helpers.engines.kv_quant``) and scores a fixed
+text, teacher-forced: the first ``SCORED`` tokens (short) and the ``SCORED`` after a ``LONG_DEPTH`` prefix run once
+with an exact cache, then stored in the mode (long: reading a quantized cache that deep). Each scored token sees
+earlier positions dequantized and its own K/V exact, as in an exllamav2 decode step. Per mode and depth:
+perplexity, greedy agreement with FP16 and the mean KL divergence from FP16's next-token distribution (steadier: on
+so few tokens perplexity moves a few percent by chance). ``format_cache_quality`` prints the table.
 """
 from __future__ import annotations
 
@@ -48,8 +39,8 @@ def _score(model: ReferenceModel, ids, start: int, mode: str, prefix=None):
     import torch
     import torch.nn.functional as F
 
-    cfg = model.config
-    cache = QuantizedKVCache(cfg.num_layers, int(ids.numel()), cfg.num_kv_heads, cfg.head_dim,
+    cfg = model.config.shape
+    cache = QuantizedKVCache(cfg.n_layers, int(ids.numel()), cfg.n_kv_heads, cfg.head_dim,
                              dtype=model.dtype, device=model.device, mode=mode)
     if prefix is not None:
         cache.load_exact(*prefix)

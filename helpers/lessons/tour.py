@@ -1,23 +1,12 @@
 """Notebook 02's logic: a guided tour of one EXL2 checkpoint, from its bytes on disk to a chat and its cost in quality.
 
-The notebook (``notebooks/02_load_an_exl2_model.ipynb``) keeps its cells short; everything it computes is here:
-
-1. Inside the file (``tensor_inventory``, ``linear_tensors``, ``decode_walkthrough``): which tensors an EXL2 file
-   holds, and one linear decoded by hand, bit by bit, checked against ``helpers.format.reader``'s decoder.
-   The per-layer chart and the byte breakdown come from ``inspect_report``, which is exactly what
-   ``python -m helpers inspect --json`` prints (``Exl2Checkpoint.layer_table()`` and ``.byte_breakdown()``); a test
-   holds the two equal.
-2. Loading (``load_with_memory``): ``helpers.engines.backend.load`` with an explicit ``max_seq_len`` and cache mode,
-   memory read before and after (NVML's used bytes on a GPU, the process's resident bytes on a CPU), then ``chat``.
-3. Agreement (``agreement``): on a GPU, exllamav2's and the reference's logits on one prompt, live; elsewhere the
-   recorded GPU comparison (labelled) and the live reference against the recorded exllamav2 logits, plus
-   ``reference_vs_transformers``: the reference against transformers' LlamaForCausalLM on the float source.
-4. Quantization cost (``quantization_cost``): ``helpers.lessons.quality.quality_sweep`` on a bounded text, cached.
-5. The reader's own model (``own_model``): ``$EXL2_COURSE_MODEL``, or the embedded model with a one-line note.
-
-Imports: core, format, specs, memory, models, engines and lessons.quality (all below this module). exllamav2 is never
-imported here; the GPU branch goes through ``helpers.engines.backend`` and its front door ``helpers.engines.exllama``,
-which imports it only after ``require_cuda()``.
+1. Inside the file (``tensor_inventory``, ``linear_tensors``, ``decode_walkthrough``, ``inspect_report``): the tensors
+   an EXL2 file holds, one linear decoded by hand, the per-layer chart exactly as ``python -m helpers inspect`` prints.
+2. Loading (``load_with_memory``): ``engines.backend.load`` of a ``LoadSetup``, memory read before and after; ``chat``.
+3. Agreement (``agreement``, ``reference_vs_transformers``): exllamav2's and the reference's logits, live on a GPU,
+   else the recorded comparison (labelled).
+4. Quantization cost (``quantization_cost``) and 5. the reader's own model (``own_model``).
+exllamav2 is never imported here: the GPU branch goes through the front door, ``engines.exllama``.
 """
 from __future__ import annotations
 
@@ -46,7 +35,6 @@ from helpers.lessons import quality
 from helpers.memory.kv_cache import kv_cache_bytes
 from helpers.memory.recorded import NOT_RECORDED
 from helpers.models import embedded as models
-from helpers.specs.shapes import model_shape
 
 #: the prompt of the chat and of the agreement checks
 PROMPT = "What is the capital of France?"
@@ -56,8 +44,9 @@ DEMO_LINEAR = "model.layers.0.self_attn.k_proj"
 #: so that a cold cache costs well under a minute on 2 cores (the default sweep scores 1,024 tokens)
 SWEEP_BITS = (3, 4, 5, 6, 8)
 SWEEP_TOKENS = 256
-#: a checkpoint made by exllamav2's own converter (test fixture): its layers carry different bit mixes
-CONVERTER_FIXTURE = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "exl2" / "tiny_llama_b3.0"
+#: a tiny checkpoint made by exllamav2's own converter at 3.0 bpw (shipped with helpers): its layers carry different
+#: bit mixes, and it holds exllamav2's own dequantized weights and logits (converter_fixture/README.md)
+CONVERTER_FIXTURE = Path(__file__).resolve().parent / "converter_fixture" / "tiny_llama_b3.0"
 
 
 # ====================================================================================================================
@@ -213,8 +202,7 @@ def format_walkthrough(d: dict) -> str:
 def inspect_report(ckpt: Exl2Checkpoint) -> dict:
     """Exactly what ``python -m helpers inspect DIR --json`` prints, from the same functions:
     {'layers': ``Exl2Checkpoint.layer_table()``, 'totals': ``helpers.format.inspect.inspect_summary()``}. The
-    notebook's chart and byte lines are drawn from this dict and nothing else (tests/test_tour.py holds the two
-    equal)."""
+    notebook's chart and byte lines are drawn from this dict and nothing else (a test holds the two equal)."""
     return {"layers": ckpt.layer_table(), "totals": inspect_summary(ckpt)}
 
 
@@ -278,22 +266,23 @@ class Loaded:
         return "\n".join(lines + self.notes)
 
 
-def load_with_memory(model_dir: str | os.PathLike | None = None, *, max_seq_len: int, cache_mode: str,
-                     backend: str = "auto") -> Loaded:
-    """``helpers.engines.backend.load`` with memory read before and after, and the cache exllamav2 would allocate.
+def load_with_memory(model=None, *, backend: str = "auto", **settings) -> Loaded:
+    """``helpers.engines.backend.load`` of ``model`` (a ``LoadSetup``, or a folder and its settings) with memory
+    read before and after, and the cache exllamav2 would allocate.
 
     exllamav2 shows its own progress bar (one step per module); the reference's load is one step (read and
     dequantize every linear, allocate the cache), shown as such."""
+    setup = B.setup_of(model, **settings)
     engine, device, _ = B.choose_backend(backend)
     before = memory_reading(device)
     if engine == "exllamav2":
-        be = B.load(model_dir, max_seq_len=max_seq_len, cache_mode=cache_mode, backend=backend)
+        be = B.load(setup, backend=backend)
     else:
         with progress(total=1, desc="reference: dequantize weights, allocate cache", unit="model") as bar:
-            be = B.load(model_dir, max_seq_len=max_seq_len, cache_mode=cache_mode, backend=backend)
+            be = B.load(setup, backend=backend)
             bar.update(1)
     after = memory_reading(be.device)
-    predicted = kv_cache_bytes(model_shape(str(be.model_dir)), be.max_seq_len, be.cache_mode)
+    predicted = kv_cache_bytes(setup.shape, setup.max_seq_len, setup.cache_mode)
     return Loaded(be, before, after, predicted)
 
 

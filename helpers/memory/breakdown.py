@@ -13,21 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from helpers.core.errors import CourseError, CourseWarning
+from helpers.core.errors import CourseWarning
 from helpers.core.paths import RESULTS_DIR
-from helpers.core.units import GIB, MIB, gib
+from helpers.core.units import MIB, gib
 from helpers.memory.allocation import alloc_bytes
-from helpers.memory.cache_modes import CACHE_CLASSES, CACHE_RULES, check_cache_mode
+from helpers.memory.cache_modes import CACHE_CLASSES, CACHE_RULES
 from helpers.memory.kv_cache import kv_cache_layout
-from helpers.memory.limits import check_batch, check_len
-from helpers.memory.scratch import DEFAULT_MAX_ATTENTION_SIZE, DEFAULT_MAX_INPUT_LEN, scratch_bytes
-from helpers.memory.weights import ModelWeights
+from helpers.memory.scratch import scratch_bytes
+from helpers.memory.setup import LoadSetup
 from helpers.specs.shapes import ModelShape, long_context_tip, trained_positions
 
 DEFAULT_CUDA_CONTEXT_BYTES = 512 * MIB
@@ -167,65 +164,52 @@ class Breakdown:
         return d
 
 
-def _context_warning(shape: ModelShape, L: int) -> str | None:
+def _context_warning(shape: ModelShape, max_seq_len: int) -> str | None:
     limit = trained_positions(shape)
-    if L <= limit:
+    if max_seq_len <= limit:
         return None
-    return (f"max_seq_len {L:,} is beyond the {limit:,} positions {shape.name} was trained for: the memory figures "
-            f"hold, but quality degrades past {limit:,} tokens; {long_context_tip(shape)}")
+    return (f"max_seq_len {max_seq_len:,} is beyond the {limit:,} positions {shape.name} was trained for: the memory "
+            f"figures hold, but quality degrades past {limit:,} tokens; {long_context_tip(shape)}")
 
 
-def _check_bytes(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise CourseError(f"{what} must be zero or a positive size (got {value!r})")
-    if value > 4096 * GIB:
-        raise CourseError(f"{what} of {gib(value):,.0f} GiB is absurd; give it in GiB, e.g. 0.5")
-    return int(value)
+def cuda_context_of(setup: LoadSetup) -> tuple[int, str]:
+    """(bytes, where it comes from): the setup's CUDA context, or the measured/documented default."""
+    if setup.cuda_context_gib is None:
+        return cuda_context_default()
+    return setup.bytes_of(setup.cuda_context_gib), "given by the caller"
 
 
-def breakdown_from(st: ModelWeights, L: int, mode: str, batch: int, max_input_len: int, max_attention_size: int,
-                    flash_attn: bool, ctx: tuple[int, str], reserve: tuple[int, str]) -> Breakdown:
-    s = st.shape
-    layout = kv_cache_layout(s, L, mode, batch)
+def reserve_of(setup: LoadSetup, index: int = 0) -> tuple[int, str]:
+    """(bytes, where it comes from): the desktop/OS reserve on GPU ``index``; the default lies on the first GPU."""
+    gib = setup.reserve_gib_of(index)
+    if gib is None:
+        return (DEFAULT_RESERVE_BYTES, DEFAULT_RESERVE_SOURCE) if index == 0 else (0, "not the display GPU")
+    return setup.bytes_of(gib), "given by the caller"
+
+
+def breakdown(setup: LoadSetup, *, warn: bool = True, reserve: tuple[int, str] | None = None) -> Breakdown:
+    """Every term of the setup on its first GPU (``reserve``: another (bytes, source) than the setup's). A context
+    beyond the model's trained positions warns (``warn``)."""
+    s, max_seq_len, mode = setup.shape, setup.max_seq_len, setup.cache_mode
+    st = setup.weights
+    layout = kv_cache_layout(setup)
     temp = sum(alloc_bytes(r["bytes"]) for r in layout if r["name"].startswith("temp_"))
     layers = sum(alloc_bytes(r["bytes"]) for r in layout) - temp
-    sc = scratch_bytes(s, L, max_input_len, max_attention_size, batch, flash_attn)
-    w = [_context_warning(s, L)]
-    return Breakdown(
-        model=s.name, weights_source=st.source, bpw=st.bpw, head_bits=st.head_bits, max_seq_len=L, cache_mode=mode,
-        batch=batch, max_input_len=min(max_input_len, L), max_attention_size=max_attention_size,
-        flash_attn=bool(flash_attn), weights_bytes=st.vram, lm_head_bytes=st.head, embedding_ram_bytes=st.ram,
+    sc = scratch_bytes(setup)
+    context, res = cuda_context_of(setup), reserve or reserve_of(setup)
+    w = [x for x in [_context_warning(s, max_seq_len)] if x]
+    bd = Breakdown(
+        model=s.name, weights_source=st.source, bpw=st.bpw, head_bits=st.head_bits, max_seq_len=max_seq_len,
+        cache_mode=mode, batch=setup.batch, max_input_len=min(setup.max_input_len, max_seq_len),
+        max_attention_size=setup.max_attention_size,
+        flash_attn=setup.flash_attn, weights_bytes=st.vram, lm_head_bytes=st.head, embedding_ram_bytes=st.ram,
         kv_layers_bytes=layers, kv_temp_bytes=temp, device_scratch_bytes=sc["device_scratch"],
         rope_bytes=sc["rope_tables"], attention_transient_bytes=sc["attention_transient"],
         hidden_state_transient_bytes=sc["hidden_state_transient"] + sc["attn_mask_transient"],
-        repeat_kv_bytes=sc["repeat_kv_transient"],
-        cuda_context_bytes=ctx[0], reserve_bytes=reserve[0], cuda_context_source=ctx[1], reserve_source=reserve[1],
-        n_layers=s.n_layers, max_position_embeddings=s.max_position_embeddings, warnings=[x for x in w if x])
-
-
-def resolve_cuda_context(cuda_context_bytes: Any) -> tuple[int, str]:
-    if cuda_context_bytes is None:
-        return cuda_context_default()
-    return _check_bytes(cuda_context_bytes, "CUDA context"), "given by the caller"
-
-
-def resolve_reserve(reserve_bytes: Any) -> tuple[int, str]:
-    if reserve_bytes is None:
-        return DEFAULT_RESERVE_BYTES, DEFAULT_RESERVE_SOURCE
-    return _check_bytes(reserve_bytes, "reserve"), "given by the caller"
-
-
-def breakdown(spec: Any, *, bpw: float | None = None, head_bits: int = 6, max_seq_len: int,
-              cache_mode: str = "fp16", batch: int = 1, max_input_len: int = DEFAULT_MAX_INPUT_LEN,
-              max_attention_size: int = DEFAULT_MAX_ATTENTION_SIZE, flash_attn: bool = False,
-              cuda_context_bytes: int | None = None, reserve_bytes: int | None = None) -> Breakdown:
-    """Every term for one model, bpw, context and cache mode. A context beyond the model's trained length warns."""
-    mode = check_cache_mode(cache_mode)
-    L = check_len(max_seq_len)
-    check_len(max_input_len, "max_input_len")
-    st = ModelWeights(spec, bpw, head_bits)
-    bd = breakdown_from(st, L, mode, check_batch(batch), max_input_len, max_attention_size, flash_attn,
-                         resolve_cuda_context(cuda_context_bytes), resolve_reserve(reserve_bytes))
-    for w in bd.warnings:
-        warnings.warn(w, CourseWarning, stacklevel=2)
+        repeat_kv_bytes=sc["repeat_kv_transient"], cuda_context_bytes=context[0], reserve_bytes=res[0],
+        cuda_context_source=context[1], reserve_source=res[1], n_layers=s.n_layers,
+        max_position_embeddings=s.max_position_embeddings, warnings=w)
+    if warn:
+        for msg in setup.weight_warnings + w:
+            warnings.warn(msg, CourseWarning, stacklevel=2)
     return bd

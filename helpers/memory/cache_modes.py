@@ -17,7 +17,7 @@ CACHE_MODES = ("fp16", "fp8", "q8", "q6", "q4")
 class CacheRule:
     """How one exllamav2 cache class lays out a layer (cache.py, ``ExLlamaV2CacheBase.__init__``).
 
-    K is stored as ``head_dim // wpe_k`` elements of ``elem_bytes`` per head and token (V likewise with ``wpe_v``);
+    K is stored as ``head_dim // weights_per_element_k`` elements of ``elem_bytes`` per head and token (V likewise);
     ``scales``: fp16 K and V scales of shape ``(..., head_dim // 32)``; ``temp``: one full-length FP16 K and V per
     device (``touch_device``) that quantized modes decode into.
     """
@@ -25,8 +25,8 @@ class CacheRule:
     mode: str
     cls: str
     elem_bytes: int
-    wpe_k: int
-    wpe_v: int
+    weights_per_element_k: int   # values packed per stored element (exllamav2's ``weights_per_element_k``)
+    weights_per_element_v: int
     scales: bool
     temp: bool
     note: str

@@ -12,6 +12,9 @@ MAX_SEQ_LEN_LIMIT = 2**24
 #: ``PAGED_PAGE_SIZE = 256``) and asserts ``cache.max_seq_len % 256 == 0``; the planner reports lengths in these steps
 #: and the bench refuses other cache lengths
 PAGE = 256
+#: exllamav2 config.py defaults: ``max_input_len = 2048``, ``max_attention_size = 2048**2``
+DEFAULT_MAX_INPUT_LEN = 2048
+DEFAULT_MAX_ATTENTION_SIZE = 2048**2
 
 
 def check_len(max_seq_len: Any, what: str = "max_seq_len") -> int:

@@ -2,36 +2,26 @@
 """
 from __future__ import annotations
 
-from typing import Any
-
-from helpers.memory.cache_modes import CACHE_CLASSES, check_cache_mode, check_load_path
+from helpers.memory.cache_modes import CACHE_CLASSES, check_load_path
 from helpers.memory.kv_cache import kv_cache_per_layer
-from helpers.memory.limits import check_len
-from helpers.memory.scratch import DEFAULT_MAX_ATTENTION_SIZE, DEFAULT_MAX_INPUT_LEN, scratch_bytes
-from helpers.memory.weights import ModelWeights
+from helpers.memory.scratch import scratch_bytes
+from helpers.memory.setup import LoadSetup
 
 
-def load_order(spec: Any, *, bpw: float | None = None, head_bits: int = 6, max_seq_len: int,
-               cache_mode: str = "fp16", batch: int = 1, max_input_len: int = DEFAULT_MAX_INPUT_LEN,
-               path: str = "autosplit") -> list[dict]:
+def load_order(setup: LoadSetup, path: str = "autosplit") -> list[dict]:
     """exllamav2's allocations in the order it makes them, module by module, for the spill model.
 
     Each entry: {'module', 'kind', 'layer', 'weight_bytes', 'cache_bytes', 'scratch_bytes', 'bytes',
-    'device_hint'}. The embedding comes first on the CPU. Then, when the first module lands on the GPU, the device
-    context (scratch buffer + RoPE tables). ``path='autosplit'`` (model.py ``load_autosplit_gen`` with a lazy cache):
-    for quantized/FP8 caches the FP16 temp K/V layer, then per layer the attention module (its weights and its cache
-    layer: ``cache.update_cache_tensors()`` runs just before each attention module loads) and the MLP, then the final
-    norm and lm_head. ``path='load'`` (``model.load()``, then ``ExLlamaV2Cache(model)``): every module's weights
-    first, then the cache, layer by layer (``create_state_tensors``), the temp layer last. Sums equal
-    ``breakdown()``'s weights, cache and scratch terms either way.
+    'device_hint'}. The embedding comes first on the CPU, then the device context (scratch + RoPE tables).
+    ``path='autosplit'`` (``load_autosplit_gen`` with a lazy cache): a quantized cache's FP16 temp layer, then per
+    layer the attention module with its cache layer (``cache.update_cache_tensors()`` runs just before it loads) and
+    the MLP, then the final norm and lm_head. ``path='load'`` (``model.load()``, then ``ExLlamaV2Cache(model)``):
+    every module's weights first, then the cache, layer by layer, the temp layer last. Sums equal ``breakdown()``'s.
     """
     interleave = check_load_path(path) == "autosplit"
-    mode = check_cache_mode(cache_mode)
-    L = check_len(max_seq_len)
-    st = ModelWeights(spec, bpw, head_bits)
-    s = st.shape
-    per_layer, temp = kv_cache_per_layer(s, L, mode, batch)
-    sc = scratch_bytes(s, L, max_input_len, DEFAULT_MAX_ATTENTION_SIZE, batch)
+    st, s, mode = setup.weights, setup.shape, setup.cache_mode
+    per_layer, temp = kv_cache_per_layer(setup)
+    sc = scratch_bytes(setup)
     out: list[dict] = []
 
     def add(module, kind, layer, w=0, c=0, x=0, hint="gpu", **extra):

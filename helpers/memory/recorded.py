@@ -12,6 +12,7 @@ from pathlib import Path
 from helpers.core import results
 from helpers.core.units import fmt_gib, gib
 from helpers.memory.breakdown import Breakdown, breakdown
+from helpers.memory.setup import LoadSetup
 
 #: the row kind of an allocator count measured outside the course (helpers.recordings.memory writes it)
 EXTERNAL_KIND = "external_torch_allocated"
@@ -36,10 +37,10 @@ def predicted_torch_bytes(row: dict) -> Breakdown:
     through torch, the only part an allocator count can see."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return breakdown(row["model_config"], bpw=row["bpw"], head_bits=row["head_bits"],
-                         max_seq_len=row["max_seq_len"], cache_mode=row["cache_mode"],
-                         max_input_len=row["max_input_len"], max_attention_size=row["max_attention_size"],
-                         flash_attn=row["flash_attn"], cuda_context_bytes=0, reserve_bytes=0)
+        return breakdown(LoadSetup(row["model_config"], bpw=row["bpw"], head_bits=row["head_bits"],
+                                   max_seq_len=row["max_seq_len"], cache_mode=row["cache_mode"],
+                                   max_input_len=row["max_input_len"], max_attention_size=row["max_attention_size"],
+                                   flash_attn=row["flash_attn"], cuda_context_gib=0, reserve_gib=0))
 
 
 def external_points(results_dir: Path | None = None) -> list[dict]:
@@ -78,24 +79,26 @@ def recorded_report(results_dir: Path | None = None) -> str:
     """Recorded predicted-vs-measured rows and CUDA-context measurements as text, each labelled with where and when,
     or a line saying the course has recorded nothing yet; then any external figure beside its prediction."""
     lines = []
-    ctx = recorded_rows("cuda_context", results_dir)
-    if ctx:
-        prov = ctx[-1][1]
-        vals = [r.get("cuda_context_bytes") for r, _ in ctx if isinstance(r.get("cuda_context_bytes"), int)]
-        libs = [r.get("cuda_libraries_bytes") for r, _ in ctx if isinstance(r.get("cuda_libraries_bytes"), int)]
+    recorded_context = recorded_rows("cuda_context", results_dir)
+    if recorded_context:
+        prov = recorded_context[-1][1]
+        vals = [r.get("cuda_context_bytes") for r, _ in recorded_context
+                if isinstance(r.get("cuda_context_bytes"), int)]
+        libs = [r.get("cuda_libraries_bytes") for r, _ in recorded_context
+                if isinstance(r.get("cuda_libraries_bytes"), int)]
         lines.append(f"CUDA context ({results.label(prov)}): "
                      + ", ".join(fmt_gib(v, 3) for v in vals)
                      + (f"; + cuBLAS init {', '.join(fmt_gib(v, 3) for v in libs)}" if libs else ""))
     rows = recorded_rows("predicted_vs_measured", results_dir)
     if rows:
         lines.append(f"predicted vs measured ({results.label(rows[-1][1])}), each configuration in a fresh process:")
-        lines.append(f"{'model':<30}{'cache':>6}{'ctx':>7}{'pred GiB':>10}{'torch GiB':>10}{'err %':>7}"
+        lines.append(f"{'model':<30}{'cache':>6}{'max_seq_len':>12}{'pred GiB':>10}{'torch GiB':>10}{'err %':>7}"
                      f"{'NVML GiB':>10}{'err %':>7}")
         for r, _ in rows:
             if "error" in r:
-                lines.append(f"{r['model']:<30}{r['cache_mode']:>6}{r['max_seq_len']:>7}  failed: {r['error']}")
+                lines.append(f"{r['model']:<30}{r['cache_mode']:>6}{r['max_seq_len']:>12}  failed: {r['error']}")
                 continue
-            lines.append(f"{r['model']:<30}{r['cache_mode']:>6}{r['max_seq_len']:>7}"
+            lines.append(f"{r['model']:<30}{r['cache_mode']:>6}{r['max_seq_len']:>12}"
                          f"{gib(r['predicted_torch_bytes']):>10.3f}{gib(r['torch_allocated_no_cublas_bytes']):>10.3f}"
                          f"{r.get('torch_error_pct', float('nan')):>7.2f}"
                          f"{gib(r.get('nvml_used_delta_bytes', 0)):>10.3f}"

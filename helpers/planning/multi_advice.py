@@ -25,14 +25,22 @@ SPLIT_STEP_GIB = 0.1
 HOW = {"autosplit": "load_autosplit", "split": "this gpu_split", "tp": "tensor parallel"}
 
 
+#: what ``replan`` passes to the planner itself; every other change is a setting of the setup
+_PLAN_ARGS = ("split", "split_mode", "depth")
+
+
 def replan(p, **change: Any):
-    """``p``'s plan (a MultiPlan) with ``change`` applied (None when the planner refuses it); the depth follows a
-    full cache."""
-    kw = {**p.inputs, "depth": None, **change}
+    """``p``'s plan (a MultiPlan) with ``change`` applied, to its setup or to how it splits (None when the planner
+    refuses it); the depth follows a full cache."""
+    kw = {"split": p.split, "split_mode": p.split_mode, "depth": None}
+    kw.update({k: v for k, v in change.items() if k in _PLAN_ARGS})
+    setting = {k: v for k, v in change.items() if k not in _PLAN_ARGS}
+    if "gpus" in setting and isinstance(p.setup.reserve_gib, tuple):  # one more card holds no desktop
+        setting["reserve_gib"] = p.setup.reserve_gib + (0.0,) * (len(setting["gpus"]) - len(p.setup.reserve_gib))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return p.planner(**kw)
+            return p.planner(p.setup.with_(**setting), **kw)
     except CourseError:
         return None
 
@@ -51,7 +59,7 @@ def _layer_split(p) -> tuple[list[float], Any] | None:
     For a target margin t, each device but the last takes as much as keeps its own margin >= t (more on a device
     only lowers its margin and raises the later ones'), the last device its whole memory; the largest t for which the
     last device keeps t too is found by bisection (16 MiB steps)."""
-    devs = p.inputs["gpus"]
+    devs = list(p.setup.gpus)
     steps = [int(round(float(g["vram_gib"]) / SPLIT_STEP_GIB)) for g in devs]
     last = float(devs[-1]["vram_gib"])
 
@@ -94,7 +102,7 @@ def _layer_split(p) -> tuple[list[float], Any] | None:
 def _tp_split(p) -> tuple[list[float], Any] | None:
     """Two devices, tensor parallel: the memory figures (0.5 GiB steps, one device below its memory) whose smallest
     device margin is largest, if it fits with no device tight."""
-    devs = p.inputs["gpus"]
+    devs = list(p.setup.gpus)
     if len(devs) != 2:
         return None
     v = [float(g["vram_gib"]) for g in devs]
@@ -132,7 +140,7 @@ def _longest(p, lo: int, hi: int, **change: Any) -> int:
 
 def _lower_bpw(p, split_mode: str) -> float | None:
     """The highest bpw below the plan's (0.05 steps) whose plan is ok; None without one (or for an EXL2 folder)."""
-    bpw = p.inputs.get("bpw")
+    bpw = p.setup.bpw
     if bpw is None:
         return None
     lo = BPW_RANGE[0]
@@ -142,7 +150,7 @@ def _lower_bpw(p, split_mode: str) -> float | None:
     while a <= z:
         mid = (a + z) // 2
         if _ok(replan(p, bpw=steps[mid], split_mode=split_mode,
-                      split=None if split_mode == "autosplit" else p.inputs["split"])):
+                      split=None if split_mode == "autosplit" else p.split)):
             best, a = steps[mid], mid + 1
         else:
             z = mid - 1
@@ -190,14 +198,14 @@ def _where(p) -> str:
 
 def multi_advice(p) -> str:
     """The advice paragraph for ``p`` (see the module docstring)."""
-    L, mode, sm = p.max_seq_len, p.cache_mode, p.split_mode
-    devs = p.inputs["gpus"]
+    max_seq_len, mode, sm = p.max_seq_len, p.cache_mode, p.split_mode
+    devs = list(p.setup.gpus)
     if p.ok:
         text = f"Fits on every device, to spare: {_where(p)}."
         if sm == "autosplit" and len(devs) > 1:
             text += " load_autosplit fills GPU 0 first and moves on only when the next module would not fit."
-        longest = _longest(p, L, LONGEST_CONTEXT_CAP)
-        if longest > L:
+        longest = _longest(p, max_seq_len, LONGEST_CONTEXT_CAP)
+        if longest > max_seq_len:
             cap = ">= " if longest >= LONGEST_CONTEXT_CAP else ""
             text += (f" The longest context this {mode} cache allows, loaded the same way ({HOW[sm]}) with no device "
                      f"tight, is {cap}{longest:,} tokens.")
@@ -239,17 +247,17 @@ def multi_advice(p) -> str:
             f"GPU {d.index} {fmt_gib(d.margin_bytes)}" for d in auto.devices if d.used) + ")")
     for m in SMALLER_CACHES.get(mode, ()):
         if _ok(replan(p, cache_mode=m)):
-            opts.append(f"a {m} cache (--cache {m}) keeps {L:,} tokens, loaded the same way ({HOW[sm]})")
+            opts.append(f"a {m} cache (--cache {m}) keeps {max_seq_len:,} tokens, loaded the same way ({HOW[sm]})")
             break
-    shorter = _longest(p, PAGE, L - PAGE) if L > PAGE else 0
+    shorter = _longest(p, PAGE, max_seq_len - PAGE) if max_seq_len > PAGE else 0
     if shorter:
-        opts.append(f"max_seq_len {shorter:,} (--ctx {shorter}) with the {mode} cache, loaded the same way")
+        opts.append(f"max_seq_len {shorter:,} (--max-seq-len {shorter}) with the {mode} cache, loaded the same way")
     # a gpu_split sized for one bpw is wrong for another: a lower bpw is checked with load_autosplit
     bpw = None if _ok(auto) else _lower_bpw(p, "autosplit" if sm == "split" else sm)
     if bpw is not None:
         how = "load_autosplit" if sm == "split" else HOW[sm]
-        opts.append(f"a {bpw:g} bpw quant (--bpw {bpw:g}) at {L:,} tokens with the {mode} cache and {how}")
-    elif p.inputs.get("bpw") is None and not _ok(auto):
+        opts.append(f"a {bpw:g} bpw quant (--bpw {bpw:g}) at {max_seq_len:,} tokens with the {mode} cache and {how}")
+    elif p.setup.bpw is None and not _ok(auto):
         opts.append("a lower-bpw EXL2 quant of this model")
     more = replan(p, gpus=devs + [devs[-1]], split=None, split_mode="autosplit")
     if _ok(more):
@@ -258,7 +266,7 @@ def multi_advice(p) -> str:
     else:
         opts.append("a bigger GPU, or more of them")
     head = "Does not fit" if short or p.error else "Tight"
-    text = (f"{head}: {p.model} at max_seq_len {L:,} with a {mode} cache, {HOW[sm]}: " + "; ".join(what)
+    text = (f"{head}: {p.model} at max_seq_len {max_seq_len:,} with a {mode} cache, {HOW[sm]}: " + "; ".join(what)
             + ". Options, each checked by this planner: " + "; ".join(f"({i + 1}) {o}" for i, o in enumerate(opts))
             + ". On Linux exllamav2 stops with CUDA out of memory; on Windows the driver's sysmem fallback puts the "
             "excess in system RAM, slower by an amount that depends on what lands there (notebook 04).")

@@ -10,16 +10,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from helpers.core.errors import CourseError, CourseWarning
-from helpers.core.units import GIB, fmt_gib
+from helpers.core.units import fmt_gib
 from helpers.format.bits import BPW_RANGE
-from helpers.memory.breakdown import Breakdown, breakdown_from, resolve_cuda_context, resolve_reserve
-from helpers.memory.cache_modes import CACHE_CLASSES, CACHE_MODES, LOAD_AUTOSPLIT_RESERVE_BYTES, check_cache_mode
-from helpers.memory.limits import PAGE, check_batch, check_len
-from helpers.memory.scratch import DEFAULT_MAX_ATTENTION_SIZE, DEFAULT_MAX_INPUT_LEN
-from helpers.memory.weights import ModelWeights
-from helpers.specs.gpus import gpu_label, gpu_spec
-from helpers.specs.shapes import ModelShape, long_context_tip, model_shape, trained_positions
-from helpers.speed.model import UNKNOWNS, check_host, decode_estimate
+from helpers.memory.breakdown import Breakdown, breakdown
+from helpers.memory.cache_modes import CACHE_CLASSES, CACHE_MODES, LOAD_AUTOSPLIT_RESERVE_BYTES
+from helpers.memory.limits import PAGE
+from helpers.memory.setup import LoadSetup
+from helpers.specs.gpus import gpu_label
+from helpers.specs.shapes import ModelShape, long_context_tip, trained_positions
+from helpers.speed.model import UNKNOWNS, decode_estimate
 
 #: the planner's longest-context search stops here (reported as "at least" when reached)
 LONGEST_CONTEXT_CAP = 2**20
@@ -28,13 +27,13 @@ SCHEMA_VERSION = "1.2"
 SCHEMA_ID = "https://github.com/exl2-course/helpers/planning/plan.schema.json"
 
 
-def page_note(L: int) -> str | None:
+def page_note(max_seq_len: int) -> str | None:
     """A note when a length is not a multiple of 256 tokens (exllamav2's dynamic generator refuses it)."""
-    if L % PAGE == 0:
+    if max_seq_len % PAGE == 0:
         return None
-    down, up = L // PAGE * PAGE, (L // PAGE + 1) * PAGE
-    return (f"max_seq_len {L:,} is not a multiple of {PAGE}: exllamav2 0.3.2's dynamic generator pages the cache in "
-            f"{PAGE}-token pages and refuses it ('cache.max_seq_len must be multiple of {PAGE}'); use "
+    down, up = max_seq_len // PAGE * PAGE, (max_seq_len // PAGE + 1) * PAGE
+    return (f"max_seq_len {max_seq_len:,} is not a multiple of {PAGE}: exllamav2 0.3.2's dynamic generator pages the "
+            f"cache in {PAGE}-token pages and refuses it ('cache.max_seq_len must be multiple of {PAGE}'); use "
             + (f"{down:,} or " if down else "") + f"{up:,}")
 
 
@@ -75,6 +74,7 @@ class Plan:
     depth: int = 0
     trained_positions: int = 0
     notes: list = field(default_factory=list)
+    setup: Any = field(default=None, repr=False, compare=False)   # the LoadSetup planned
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -196,19 +196,16 @@ class Plan:
         return "\n".join(lines)
 
 
-def _fits_at(st: ModelWeights, L: int, mode: str, gpu_bytes: int, kw: dict) -> int:
-    bd = breakdown_from(st, L, mode, **kw)
-    return gpu_bytes - bd.vram_total_bytes
+def _margin(setup: LoadSetup, gpu_bytes: int) -> int:
+    return gpu_bytes - breakdown(setup, warn=False).vram_total_bytes
 
 
-def _longest(st: ModelWeights, mode: str, gpu_bytes: int, kw: dict) -> tuple[int, bool]:
-    """Largest multiple of 256 tokens that fits (0 if none), and whether the search cap was reached.
-
-    Exact: a bracket [fits, does not fit] narrowed by bisection. Past max_input_len and sqrt(max_attention_size)
-    every term grows linearly with the context, so the first guess comes from the slope there (usually right or one
-    page off), which saves most of the bisection's steps."""
+def _longest(setup: LoadSetup, gpu_bytes: int) -> tuple[int, bool]:
+    """Largest multiple of 256 tokens of the setup's cache mode that fits ``gpu_bytes`` (0 if none), and whether the
+    search cap was reached. Exact: a bracket narrowed by bisection; past max_input_len and sqrt(max_attention_size)
+    every term grows linearly with the context, so the first guess comes from the slope there."""
     def margin(pages: int) -> int:
-        return _fits_at(st, pages * PAGE, mode, gpu_bytes, kw)
+        return _margin(setup.with_(max_seq_len=pages * PAGE), gpu_bytes)
 
     if margin(1) < 0:
         return 0, False
@@ -216,7 +213,7 @@ def _longest(st: ModelWeights, mode: str, gpu_bytes: int, kw: dict) -> tuple[int
     if margin(hi) >= 0:
         return hi * PAGE, True
     lo = 1  # lo fits, hi does not
-    edge = max(kw["max_input_len"], math.isqrt(kw["max_attention_size"]) + 1)
+    edge = max(setup.max_input_len, math.isqrt(setup.max_attention_size) + 1)
     p0 = min(hi - 2, max(2, -(-edge // PAGE)))
     m0 = margin(p0)
     slope = m0 - margin(p0 + 1)
@@ -240,11 +237,22 @@ def _longest(st: ModelWeights, mode: str, gpu_bytes: int, kw: dict) -> tuple[int
     return lo * PAGE, False
 
 
-def _max_bpw(spec: Any, head_bits: int, L: int, mode: str, gpu_bytes: int, kw: dict) -> float | None:
+def longest_contexts(setup: LoadSetup, gpu_bytes: int, modes=CACHE_MODES) -> dict:
+    """{cache mode: (longest context that fits ``gpu_bytes``, whether the search cap was reached)}."""
+    return {m: _longest(setup.with_(cache_mode=m), gpu_bytes) for m in modes}
+
+
+def longest_for(setup: LoadSetup, modes=CACHE_MODES, safe: bool = True) -> dict:
+    """{cache mode: longest context (multiple of 256 tokens; 0 if none)} on the setup's GPU, as ``plan`` finds it;
+    ``safe``: leaving load_autosplit's load-time reserve free (what the advice uses)."""
+    budget = setup.gpu["vram_bytes"] - (LOAD_AUTOSPLIT_RESERVE_BYTES if safe else 0)
+    return {m: n for m, (n, _) in longest_contexts(setup, budget, modes).items()}
+
+
+def _max_bpw(setup: LoadSetup, gpu_bytes: int) -> float | None:
     """Highest bpw in 0.05 steps over ``BPW_RANGE`` whose estimate fits ``gpu_bytes``, for configs (None for a real
     EXL2 folder)."""
-    shape = model_shape(spec)
-    if shape.exl2_dir:
+    if setup.shape.exl2_dir:
         return None
     lo_bpw, hi_bpw = BPW_RANGE
     steps = [round(lo_bpw + 0.05 * i, 2) for i in range(int(round((hi_bpw - lo_bpw) / 0.05)) + 1)]
@@ -252,8 +260,7 @@ def _max_bpw(spec: Any, head_bits: int, L: int, mode: str, gpu_bytes: int, kw: d
     lo, hi = 0, len(steps) - 1
     while lo <= hi:
         mid = (lo + hi) // 2
-        st = ModelWeights(shape, steps[mid], head_bits)
-        if _fits_at(st, L, mode, gpu_bytes, kw) >= 0:
+        if _margin(setup.with_(bpw=steps[mid]), gpu_bytes) >= 0:
             best, lo = steps[mid], mid + 1
         else:
             hi = mid - 1
@@ -264,57 +271,59 @@ def _speed(by_mode: dict, m: str) -> str:
     return f"~{by_mode[m]:.0f} tok/s" if by_mode.get(m) else "speed unknown"
 
 
-def _recommend(p_model: str, gpu: dict, bd: Breakdown, fits: bool, margin: int, safe: dict, max_bpw: float | None,
-               shape: ModelShape, by_mode: dict, depth: int, flash: dict | None) -> str:
+def _recommend(setup: LoadSetup, bd: Breakdown, margin: int, safe: dict, max_bpw: float | None, by_mode: dict,
+               depth: int, flash: dict | None) -> str:
     """Advice that never names a context its own check calls tight (``safe``: lengths that leave load_autosplit's
     load-time reserve free) and weighs decode speed at ``depth`` (``by_mode``: tok/s per cache mode)."""
-    L, mode = bd.max_seq_len, bd.cache_mode
+    max_seq_len, mode, shape, gpu, fits = bd.max_seq_len, bd.cache_mode, setup.shape, setup.gpu, margin >= 0
+    p_model = shape.name
     name = gpu_label(gpu, short=True)
     at = f"at depth {depth:,}"
 
     limit = trained_positions(shape)
 
-    def ctx(m):
+    def tokens(m):
         if safe[m] > limit:
             return f"{limit:,} tokens (the length {shape.name} was trained for; memory allows {safe[m]:,})"
         return f"{safe[m]:,} tokens"
 
     if fits:
-        text = (f"Fits: {fmt_gib(margin)} to spare on {name} at max_seq_len {L:,} with a {mode} cache. "
-                f"The longest context this {mode} cache allows, with room left for load_autosplit, is {ctx(mode)}.")
+        text = (f"Fits: {fmt_gib(margin)} to spare on {name} at max_seq_len {max_seq_len:,} with a {mode} cache. "
+                f"The longest context this {mode} cache allows, with room left for load_autosplit, is {tokens(mode)}.")
         better = [m for m in ("q8", "q6", "q4") if m != mode and safe[m] > safe[mode] * 1.2]
         if better:
             text += (" A quantized cache stretches it further: " +
-                     ", ".join(f"{m} {ctx(m)}" for m in better) + " (Q8/Q6 cost little quality, Q4 a little more; "
+                     ", ".join(f"{m} {tokens(m)}" for m in better) + " (Q8/Q6 cost little quality, Q4 a little more; "
                      "FP8 is rejected by the dynamic generator).")
         if margin < LOAD_AUTOSPLIT_RESERVE_BYTES:
             text += (f" Tight: model.load_autosplit(cache) holds {fmt_gib(LOAD_AUTOSPLIT_RESERVE_BYTES)} more while it "
                      f"loads, {fmt_gib(LOAD_AUTOSPLIT_RESERVE_BYTES - margin)} more than this margin: it fails with "
                      "'Insufficient VRAM' on Linux and spills into system RAM on Windows. "
-                     + (f"Use max_seq_len {ctx(mode)} or less, or " if safe[mode] >= PAGE else "")
+                     + (f"Use max_seq_len {tokens(mode)} or less, or " if safe[mode] >= PAGE else "")
                      + "load with model.load() and create the cache afterwards.")
     else:
         opts = []
         if safe[mode] >= PAGE:
-            opts.append(f"lower max_seq_len to {ctx(mode)} or less with the {mode} cache")
-        keep = [m for m in ("q8", "q6", "q4") if m != mode and safe[m] >= L]
+            opts.append(f"lower max_seq_len to {tokens(mode)} or less with the {mode} cache")
+        keep = [m for m in ("q8", "q6", "q4") if m != mode and safe[m] >= max_seq_len]
         if keep:
             m = keep[0]
-            why = (f"{m} keeps {L:,} tokens ({CACHE_CLASSES[m]}; up to {ctx(m)})")
+            why = (f"{m} keeps {max_seq_len:,} tokens ({CACHE_CLASSES[m]}; up to {tokens(m)})")
             if by_mode and "q4" in keep and m != "q4":
                 why += (f"; {at} it decodes {_speed(by_mode, m)} and q4 {_speed(by_mode, 'q4')}: nearly the same, "
                         "since exllamav2 0.3.2 dequantizes either to FP16 every token, so prefer the better quality "
                         f"of {m}")
             opts.append(why)
         if max_bpw is not None and bd.bpw is not None and max_bpw < bd.bpw:
-            opts.append(f"use a quant of at most {max_bpw:g} bpw at {L:,} tokens with the {mode} cache")
+            opts.append(f"use a quant of at most {max_bpw:g} bpw at {max_seq_len:,} tokens with the {mode} cache")
         elif shape.exl2_dir:
             opts.append("use a lower-bpw EXL2 quant of this model")
         if not opts:
             opts.append("use a smaller model or a bigger GPU (or two: plan --gpu A --gpu B): even the weights and "
                         "scratch do not fit")
-        text = (f"Does not fit: {p_model} at max_seq_len {L:,} with a {mode} cache needs {fmt_gib(bd.vram_total_bytes)}"
-                f", {fmt_gib(-margin)} more than the {fmt_gib(gpu['vram_bytes'], 0)} of {name}. Options: "
+        text = (f"Does not fit: {p_model} at max_seq_len {max_seq_len:,} with a {mode} cache needs "
+                f"{fmt_gib(bd.vram_total_bytes)}, {fmt_gib(-margin)} more than the {fmt_gib(gpu['vram_bytes'], 0)} "
+                f"of {name}. Options: "
                 + "; ".join(f"({i + 1}) {o}" for i, o in enumerate(opts)) + ". On Windows the driver's sysmem "
                 "fallback will not fail here: what does not fit goes to system RAM, and how much that slows decoding "
                 "depends on what lands there and when the driver places it (notebook 04); on Linux exllamav2 stops "
@@ -330,11 +339,6 @@ def _recommend(p_model: str, gpu: dict, bd: Breakdown, fits: bool, margin: int, 
     return text
 
 
-def _estimate(st: ModelWeights, bd: Breakdown, g: dict, depth: int, mode: str, flash_attn: bool, host: str):
-    return decode_estimate(st.shape, weight_bytes=bd.weights_bytes, bandwidth_gbs=float(g["bandwidth_gbs"]),
-                           depth=depth, cache_mode=mode, flash_attn=flash_attn, host=host)
-
-
 def speed_depths(max_seq_len: int, depth: int | None = None) -> list[int]:
     """The depths a plan shows the speed at: a short chat (256), a quarter, half and a full cache, and ``depth``."""
     full = max_seq_len - 1
@@ -342,100 +346,51 @@ def speed_depths(max_seq_len: int, depth: int | None = None) -> list[int]:
                                                                                set()))
 
 
-def plan(spec: Any, gpu: Any, *, bpw: float | None = None, head_bits: int = 6, max_seq_len: int,
-         cache_mode: str = "fp16", reserve_gib: float | None = None, cuda_context_gib: float | None = None,
-         batch: int = 1, max_input_len: int = DEFAULT_MAX_INPUT_LEN,
-         max_attention_size: int = DEFAULT_MAX_ATTENTION_SIZE, flash_attn: bool = False,
-         bandwidth_gbs: float | None = None, depth: int | None = None, host: str | None = None) -> Plan:
-    """Plan one model on one GPU: the breakdown, fits or not and by how much, the longest context per cache mode
-    (and the longest that leaves load_autosplit's reserve free), the highest bpw that fits (configs only), the
+def plan(setup: LoadSetup, depth: int | None = None) -> Plan:
+    """Plan the setup on its (first) GPU: the breakdown, fits or not and by how much, the longest context per cache
+    mode (and the longest that leaves load_autosplit's reserve free), the highest bpw that fits (configs only), the
     estimated decode speed at ``depth`` (default: a full cache) and at a few depths if the bandwidth is known, and
-    advice. ``host``: 'desktop' or 'server' (default: where the card usually sits)."""
-    g = gpu_spec(gpu, bandwidth_gbs) if not isinstance(gpu, dict) or "vram_bytes" not in gpu else gpu
-    host = check_host(host or g.get("host", "desktop"))
-    mode = check_cache_mode(cache_mode)
-    L = check_len(max_seq_len)
-    check_len(max_input_len, "max_input_len")
-    d = check_depth(depth, L)
-    ctx = resolve_cuda_context(_gib_bytes(cuda_context_gib, "CUDA context"))
-    res = resolve_reserve(_gib_bytes(reserve_gib, "reserve"))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        st = ModelWeights(spec, bpw, head_bits)
-    kw = dict(batch=check_batch(batch), max_input_len=max_input_len, max_attention_size=max_attention_size,
-              flash_attn=flash_attn, ctx=ctx, reserve=res)
-    bd = breakdown_from(st, L, mode, **kw)
+    advice."""
+    g, max_seq_len = setup.gpu, setup.max_seq_len
+    d = check_depth(depth, max_seq_len)
+    bd = breakdown(setup, warn=False)
     gpu_bytes = g["vram_bytes"]
     margin = gpu_bytes - bd.vram_total_bytes
-    longest, capped, safe = {}, {}, {}
-    for m in CACHE_MODES:
-        longest[m], capped[m] = _longest(st, m, gpu_bytes, kw)
-        safe[m], _ = _longest(st, m, gpu_bytes - LOAD_AUTOSPLIT_RESERVE_BYTES, kw)
-    max_bpw = (_max_bpw(st.shape, head_bits, L, mode, gpu_bytes - LOAD_AUTOSPLIT_RESERVE_BYTES, kw)
-               if bpw is not None else None)
+    found = longest_contexts(setup, gpu_bytes)
+    longest, capped = {m: n for m, (n, _) in found.items()}, {m: c for m, (_, c) in found.items()}
+    safe = longest_for(setup)
+    max_bpw = _max_bpw(setup, gpu_bytes - LOAD_AUTOSPLIT_RESERVE_BYTES) if setup.bpw is not None else None
     roof, est, by_mode, flash, by_depth = None, None, {}, None, []
     if g.get("bandwidth_gbs"):
-        est = _estimate(st, bd, g, d, mode, flash_attn, host)
-        by_depth = [_estimate(st, bd, g, x, mode, flash_attn, host) for x in speed_depths(L, depth)]
-        roof = {"empty_cache": _estimate(st, bd, g, 0, mode, flash_attn, host).ceiling_tok_s,
-                "full_cache": by_depth[-1].ceiling_tok_s,
+        est = decode_estimate(setup, d)
+        by_depth = [decode_estimate(setup, x) for x in speed_depths(max_seq_len, depth)]
+        roof = {"empty_cache": decode_estimate(setup, 0).ceiling_tok_s, "full_cache": by_depth[-1].ceiling_tok_s,
                 "note": "the bytes of this attention path and cache mode at the datasheet bandwidth with no host "
                         "time: an upper bound, not a prediction"}
-        by_mode = {m: _estimate(st, bd, g, d, m, flash_attn, host).tok_s for m in CACHE_MODES}
-        if not flash_attn and d > 0:
-            flash = {"without": est.tok_s, "with": _estimate(st, bd, g, d, mode, True, host).tok_s}
-    shape = st.shape
+        by_mode = {m: decode_estimate(setup.with_(cache_mode=m), d).tok_s for m in CACHE_MODES}
+        if not setup.flash_attn and d > 0:
+            flash = {"without": est.tok_s, "with": decode_estimate(setup.with_(flash_attn=True), d).tok_s}
+    shape = setup.shape
     # a depth note only for a depth given: the default (a full cache) is covered by the max_seq_len note
-    beyond = [n for n in (context_note(shape, L), context_note(shape, d, "depth") if depth is not None else None) if n]
-    notes = [n for n in [page_note(L)] if n] + beyond
-    # the breakdown's own context warning reads max_position_embeddings only; the planner's reads rope_scaling too
-    msgs = [str(w.message) for w in caught] + [w for w in bd.warnings if "was trained for" not in w] + beyond
+    beyond = [n for n in (context_note(shape, max_seq_len),
+                          context_note(shape, d, "depth") if depth is not None else None) if n]
+    notes = [n for n in [page_note(max_seq_len)] if n] + beyond
+    msgs = setup.weight_warnings + beyond
     for msg in msgs:
         warnings.warn(msg, CourseWarning, stacklevel=2)
-    rec = _recommend(shape.name, g, bd, margin >= 0, margin, safe, max_bpw, shape, by_mode, d, flash)
+    rec = _recommend(setup, bd, margin, safe, max_bpw, by_mode, d, flash)
     return Plan(model=shape.name, gpu=g, breakdown=bd, fits=margin >= 0, margin_bytes=margin,
                 longest_context=longest, longest_context_capped=capped, recommendation=rec,
                 max_bpw_that_fits=max_bpw, decode_roofline_tok_s=roof, warnings=msgs, longest_safe_context=safe,
                 decode=est, decode_by_depth=by_depth, decode_by_cache_mode=by_mode, depth=d,
-                trained_positions=trained_positions(shape),
-                notes=notes)
+                trained_positions=trained_positions(shape), notes=notes, setup=setup)
 
 
-def check_depth(depth: Any, L: int) -> int:
-    """The depth a decode estimate is made at: ``depth``, or a full cache (``L - 1``, the last position the cache
-    can hold) when None; anything else from 0 to ``L - 1`` is a one-line error."""
-    d = L - 1 if depth is None else depth
-    if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d < L:
-        raise CourseError(f"depth must be a whole number of tokens from 0 to max_seq_len - 1 ({L - 1:,}); got "
-                          f"{depth!r}: the next token's K and V need a free position in the cache")
+def check_depth(depth: Any, max_seq_len: int) -> int:
+    """The depth a decode estimate is made at: ``depth``, or a full cache (``max_seq_len - 1``, the last position the
+    cache can hold) when None; anything else from 0 to ``max_seq_len - 1`` is a one-line error."""
+    d = max_seq_len - 1 if depth is None else depth
+    if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d < max_seq_len:
+        raise CourseError(f"depth must be a whole number of tokens from 0 to max_seq_len - 1 ({max_seq_len - 1:,}); "
+                          f"got {depth!r}: the next token's K and V need a free position in the cache")
     return d
-
-
-def _check_gib(v: Any, what: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-        raise CourseError(f"{what} must be zero or a positive number of GiB (got {v!r})")
-    if v > 4096:
-        raise CourseError(f"{what} of {v:g} GiB is absurd; give it in GiB, e.g. 0.5")
-    return float(v)
-
-
-def _gib_bytes(v: Any, what: str) -> int | None:
-    """A size given in GiB (checked by ``_check_gib``) as bytes; None stays None (the caller's default)."""
-    return None if v is None else int(round(_check_gib(v, what) * GIB))
-
-
-def longest_for(spec: Any, gpu: Any, *, bpw: float | None = None, head_bits: int = 6, modes=CACHE_MODES,
-                safe: bool = True, flash_attn: bool = False, reserve_gib: float | None = None,
-                cuda_context_gib: float | None = None, max_input_len: int = DEFAULT_MAX_INPUT_LEN) -> dict:
-    """{cache mode: longest context (multiple of 256 tokens; 0 if none)} for one model, bpw and GPU, as ``plan``
-    finds it; ``safe``: leaving load_autosplit's load-time reserve free (what the advice uses)."""
-    g = gpu_spec(gpu) if not isinstance(gpu, dict) or "vram_bytes" not in gpu else gpu
-    ctx = resolve_cuda_context(_gib_bytes(cuda_context_gib, "CUDA context"))
-    res = resolve_reserve(_gib_bytes(reserve_gib, "reserve"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        st = ModelWeights(spec, bpw, head_bits)
-    kw = dict(batch=1, max_input_len=max_input_len, max_attention_size=DEFAULT_MAX_ATTENTION_SIZE,
-              flash_attn=flash_attn, ctx=ctx, reserve=res)
-    budget = g["vram_bytes"] - (LOAD_AUTOSPLIT_RESERVE_BYTES if safe else 0)
-    return {m: _longest(st, check_cache_mode(m), budget, kw)[0] for m in modes}

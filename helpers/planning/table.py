@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 import warnings
-from typing import Any
 
 from helpers.core.units import GIB
 from helpers.memory.cache_modes import CACHE_MODES
 from helpers.memory.limits import PAGE
+from helpers.memory.setup import LoadSetup
 from helpers.planning.planner import SCHEMA_ID, SCHEMA_VERSION, plan
 from helpers.specs.gpus import GPUS
 
@@ -15,17 +15,15 @@ from helpers.specs.gpus import GPUS
 TABLE_MODES = tuple(m for m in CACHE_MODES if m != "fp8")
 
 
-def all_gpus(spec: Any, *, bpw: float | None = None, max_seq_len: int, cache_mode: str = "fp16",
-             depth: int | None = None, flash_attn: bool = False, gpus: list[str] | None = None,
-             **plan_kw) -> list[dict]:
-    """One row per known GPU (or per name in ``gpus``): fits, margin, the longest context per cache mode that leaves
-    load_autosplit's load-time reserve free, and the estimated decode tok/s at ``depth`` (default: a full cache)."""
+def all_gpus(setup: LoadSetup, depth: int | None = None, gpus: list[str] | None = None) -> list[dict]:
+    """One row per known GPU (or per name in ``gpus``) for the setup: fits, margin, the longest context per cache
+    mode that leaves load_autosplit's load-time reserve free, and the estimated decode tok/s at ``depth`` (default: a
+    full cache)."""
     rows = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the same context warning for every card: the caller sees it once
         for name in gpus or list(GPUS):
-            p = plan(spec, name, bpw=bpw, max_seq_len=max_seq_len, cache_mode=cache_mode, depth=depth,
-                     flash_attn=flash_attn, **plan_kw)
+            p = plan(setup.with_(gpus=(name,)), depth)
             rows.append({"gpu": name, "vram_gib": float(p.gpu["vram_gib"]), "bandwidth_gbs": p.gpu["bandwidth_gbs"],
                          "fits": p.fits, "margin_bytes": p.margin_bytes,
                          "reserve_bytes": p.breakdown.reserve_bytes,
@@ -53,7 +51,7 @@ def format_table(rows: list[dict]) -> str:
             + f"  {'tok/s est.':<16}")
     lines = [head, cols]
 
-    def ctx(n):
+    def tokens(n):
         return f"{cap:,}+" if cap and n > cap else f"{n:,}"
 
     for r in rows:
@@ -62,7 +60,7 @@ def format_table(rows: list[dict]) -> str:
         e, rng = r["decode_estimate_tok_s"], r.get("decode_estimate_range_tok_s")
         speed = f"{e:.0f} ({rng[0]:.0f}-{rng[1]:.0f})" if e and r["fits"] else "-"
         lines.append(f"{r['gpu']:<18}{r['vram_gib']:>5g}  {verdict:<20}"
-                     + "".join(f"{ctx(r['longest_safe_context'][k]):>11}" for k in TABLE_MODES) + f"  {speed:<16}")
+                     + "".join(f"{tokens(r['longest_safe_context'][k]):>11}" for k in TABLE_MODES) + f"  {speed:<16}")
     return "\n".join(x.rstrip() for x in lines)
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import html
 import warnings
-from typing import Any
 
 from helpers.core.errors import CourseError
 from helpers.core.units import GIB
 from helpers.format.bits import BPW_RANGE
 from helpers.memory.cache_modes import CACHE_MODES
+from helpers.memory.setup import LoadSetup
 from helpers.planning.multi import plan_multi
 from helpers.planning.planner import PAGE, plan
 from helpers.specs.gpus import GPUS
@@ -27,17 +27,16 @@ SEGMENTS = (("weights", "weights", "#4c72b0"), ("cache", "KV cache", "#dd8452"),
 CONTEXT_MAX = 131072
 
 
-def compute(model: str, bpw: float | None, ctx: int, cache: str, gpus: list[str] | tuple, flash_attn: bool = False,
-            depth: int | None = None) -> dict:
-    """What the widget shows for these control values: {'ok', 'verdict', 'fits', 'bars': [{'device', 'vram',
-    'total', 'fits', 'segments': {key: bytes}}], 'longest': {mode: tokens}, 'speed': str, 'error': str|None}."""
-    gpus = list(gpus) or ["RTX 4080 Super"]
+def compute(controls: dict, depth: int | None = None) -> dict:
+    """What the widget shows for these control values (``LoadSetup``'s fields: model, bpw, max_seq_len, cache_mode,
+    gpus, flash_attn): {'ok', 'verdict', 'fits', 'bars': [{'device', 'vram', 'total', 'fits', 'segments': {key:
+    bytes}}], 'longest': {mode: tokens}, 'speed': str, 'error': str|None}. A bad value is an error it shows."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if len(gpus) == 1:
-                p = plan(model, gpus[0], bpw=bpw, max_seq_len=ctx, cache_mode=cache, flash_attn=flash_attn,
-                         depth=depth)
+            setup = LoadSetup(**{**controls, "gpus": tuple(controls.get("gpus") or ["RTX 4080 Super"])})
+            if len(setup.gpus) == 1:
+                p = plan(setup, depth)
                 bd = p.breakdown
                 bars = [{"device": p.gpu["name"], "vram": p.gpu["vram_bytes"], "total": bd.vram_total_bytes,
                          "fits": p.fits,
@@ -48,8 +47,7 @@ def compute(model: str, bpw: float | None, ctx: int, cache: str, gpus: list[str]
                 longest = dict(p.longest_safe_context)
                 verdict = p.verdict()
             else:
-                m = plan_multi(model, gpus, bpw=bpw, max_seq_len=ctx, cache_mode=cache, flash_attn=flash_attn,
-                               depth=depth)
+                m = plan_multi(setup, depth=depth)
                 bars = [{"device": f"GPU {d.index}: {d.gpu['name']}", "vram": d.gpu["vram_bytes"],
                          "total": d.total_bytes, "fits": d.fits,
                          "segments": {"weights": d.weights_bytes, "cache": d.kv_cache_bytes + d.kv_temp_bytes,
@@ -57,8 +55,8 @@ def compute(model: str, bpw: float | None, ctx: int, cache: str, gpus: list[str]
                                       "other": d.cuda_context_bytes + d.reserve_bytes}} for d in m.devices]
                 e = m.decode
                 speed = ("decode estimate: none (a bandwidth is unknown)" if e is None else
-                         f"decode at depth {m.depth:,} ({e['label']}): {e['tok_s']:.1f} tok/s, range "
-                         f"{e['tok_s_low']:.1f}-{e['tok_s_high']:.1f}")
+                         f"decode at depth {m.depth:,} ({e['label']}): {e['tok_s']:.1f} tok/s (likely "
+                         f"{e['tok_s_low']:.1f}-{e['tok_s_high']:.1f})")
                 longest = {}
                 verdict = m.verdict()
             fits = all(b["fits"] for b in bars)
@@ -105,30 +103,31 @@ class PlannerWidget:
     """Controls (model, bpw, context, cache mode, GPUs, flash-attn, depth) and what they show (verdict, bars,
     longest contexts, speed). Changing any control recomputes everything. ``widget`` is the ipywidgets box."""
 
-    def __init__(self, model: str = "qwen2.5-14b", bpw: float = 5.5, ctx: int = 32768, cache: str = "fp16",
-                 gpus: Any = ("RTX 4080 Super",), flash_attn: bool = False, depth: int | None = None):
+    def __init__(self, setup: LoadSetup | None = None, depth: int | None = None):
         import ipywidgets as w
 
+        s = setup or LoadSetup("qwen2.5-14b", bpw=5.5, max_seq_len=32768, gpus="RTX 4080 Super")
         lo, hi = BPW_RANGE
         style = {"description_width": "90px"}
-        self.model = w.Combobox(value=model, options=bundled_models(), description="model", ensure_option=False,
-                                placeholder="bundled name or EXL2 folder", style=style)
-        self.bpw = w.FloatSlider(value=bpw, min=lo, max=hi, step=0.05, description="bpw", style=style)
-        self.ctx = w.IntSlider(value=ctx, min=PAGE, max=CONTEXT_MAX, step=PAGE, description="context",
-                               style=style)
-        self.cache = w.Dropdown(value=cache, options=list(CACHE_MODES), description="cache", style=style)
-        self.gpus = w.SelectMultiple(value=tuple([gpus] if isinstance(gpus, str) else gpus), options=list(GPUS),
+        self.model = w.Combobox(value=s.model.exl2_dir or s.model.name, options=bundled_models(),
+                                description="model", ensure_option=False, placeholder="bundled name or EXL2 folder",
+                                style=style)
+        self.bpw = w.FloatSlider(value=s.bpw or 5.0, min=lo, max=hi, step=0.05, description="bpw", style=style)
+        self.max_seq_len = w.IntSlider(value=s.max_seq_len, min=PAGE, max=CONTEXT_MAX, step=PAGE,
+                                       description="max_seq_len", style=style)
+        self.cache = w.Dropdown(value=s.cache_mode, options=list(CACHE_MODES), description="cache", style=style)
+        self.gpus = w.SelectMultiple(value=tuple(g["name"] for g in s.gpus if g["name"] in GPUS), options=list(GPUS),
                                      rows=6, description="GPU(s)", style=style)
-        self.flash = w.Checkbox(value=flash_attn, description="flash-attn installed")
-        self.depth = w.IntSlider(value=min(depth if depth is not None else ctx - 1, ctx - 1), min=0, max=ctx - 1,
-                                 step=PAGE,
+        self.flash = w.Checkbox(value=s.flash_attn, description="flash-attn installed")
+        last = s.max_seq_len - 1
+        self.depth = w.IntSlider(value=min(depth if depth is not None else last, last), min=0, max=last, step=PAGE,
                                  description="depth", style=style)
         self.verdict = w.HTML()
         self.bars = w.HTML()
         self.longest = w.HTML()
         self.speed = w.HTML()
         self.state: dict = {}
-        controls = [self.model, self.bpw, self.ctx, self.cache, self.gpus, self.flash, self.depth]
+        controls = [self.model, self.bpw, self.max_seq_len, self.cache, self.gpus, self.flash, self.depth]
         for c in controls:
             c.observe(self._changed, names="value")
         self.widget = w.VBox([w.HBox([w.VBox(controls[:4]), w.VBox(controls[4:])]), self.verdict, self.bars,
@@ -137,8 +136,8 @@ class PlannerWidget:
         self.update()
 
     def _changed(self, change) -> None:
-        if change["owner"] is self.ctx:  # the depth follows a full cache, and stays below the context
-            last = self.ctx.value - 1             # the deepest position a cache of ctx tokens can decode at
+        if change["owner"] is self.max_seq_len:  # the depth follows a full cache, and stays below the length
+            last = self.max_seq_len.value - 1              # the deepest position the cache can decode at
             full = self.depth.value >= change["old"] - 1
             self._hold = True
             try:
@@ -153,8 +152,9 @@ class PlannerWidget:
             self.update()
 
     def update(self) -> dict:
-        self.state = compute(self.model.value, self.bpw.value, self.ctx.value, self.cache.value, list(self.gpus.value),
-                             self.flash.value, self.depth.value)
+        self.state = compute({"model": self.model.value, "bpw": self.bpw.value, "max_seq_len": self.max_seq_len.value,
+                              "cache_mode": self.cache.value, "gpus": list(self.gpus.value),
+                              "flash_attn": self.flash.value}, self.depth.value)
         colour = "#2a9d3a" if self.state["fits"] else "#d62728"
         self.verdict.value = (f'<b class="pl-verdict" style="color:{colour}">{html.escape(self.state["verdict"])}'
                               "</b>")
@@ -169,11 +169,11 @@ class PlannerWidget:
         display(self.widget)
 
 
-def planner_widget(**kw) -> PlannerWidget:
-    """The interactive planner (needs ipywidgets: ``pip install ipywidgets``)."""
+def planner_widget(setup: LoadSetup | None = None, depth: int | None = None) -> PlannerWidget:
+    """The interactive planner, its controls set from ``setup`` (needs ipywidgets: ``pip install ipywidgets``)."""
     try:
         import ipywidgets  # noqa: F401
     except ImportError:
         raise CourseError("the interactive planner needs ipywidgets: pip install ipywidgets (it is in "
                           "requirements.txt), then restart the kernel") from None
-    return PlannerWidget(**kw)
+    return PlannerWidget(setup, depth)

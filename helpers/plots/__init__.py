@@ -20,7 +20,7 @@ from helpers.plots.memory import (
 )
 from helpers.plots.planner import plot_devices, plot_iso_vram
 from helpers.plots.speed import (
-    plot_cache_bytes_by_ctx,
+    plot_cache_bytes_by_max_seq_len,
     plot_calibration,
     plot_decode_model,
     plot_decode_time_split,
@@ -30,7 +30,7 @@ from helpers.plots.tour import plot_agreement_steps, plot_bytes_where, plot_laye
 
 __all__ = [
     "plot_calibration",
-    "plot_agreement_steps", "plot_breakdown", "plot_bytes_where", "plot_cache_bytes_by_ctx",
+    "plot_agreement_steps", "plot_breakdown", "plot_bytes_where", "plot_cache_bytes_by_max_seq_len",
     "plot_calculator_error", "plot_decode_model", "plot_decode_time_split", "plot_devices", "plot_emulated",
     "plot_gqa", "plot_hypotheses_vs_depth", "plot_iso_vram", "plot_kv_cache_vs_context", "plot_layer_bpw",
     "plot_predicted_vs_measured", "plot_quantization_cost", "plot_speed_vs_depth", "plot_speed_vs_spill",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from helpers.core.units import GIB
 from helpers.plots.style import figure
+from helpers.speed.model import Spill
 
 
 def plot_spill_walk(prediction, ax=None, title=None):
@@ -76,7 +77,7 @@ def plot_speed_vs_spill(case, max_spill_gb=2.5, ax=None, title=None):
     p = case["prediction_32k"]
     top = min(max_spill_gb * 1e9, p.weight_bytes)
     xs = [top * i / 100 for i in range(101)]
-    ys = [p.estimate(spilled_weight_bytes=x, spilled_cache_layers=0).tok_s for x in xs]
+    ys = [p.estimate(spill=Spill(x, 0, p.pcie_bandwidth / 1e9)).tok_s for x in xs]
     ax.plot([x / 1e9 for x in xs], ys, color="C0",
             label=f"speed model: PCIe {p.pcie_bandwidth / 1e9:.1f} GB/s, VRAM {p.vram_bandwidth / 1e9:.0f} GB/s")
     rep = case["seed"]["tok_s_32k"]
@@ -125,7 +126,7 @@ def plot_emulated(rows, ax=None, title=None):
     """Recorded emulator runs: native vs emulated decode tok/s per cache length, with the spill model's emulated
     prediction. ``rows``: emulate.load_recorded()['emulated']."""
     fig, ax = figure(ax, (7, 3.5))
-    labels = [f"cache {r['ctx']:,}" + ("" if r.get("load_path", "autosplit") == "autosplit" else
+    labels = [f"cache {r['max_seq_len']:,}" + ("" if r.get("load_path", "autosplit") == "autosplit" else
                                        f", model.load()\n{r['depth']:,} deep") +
               f"\n{r['spilled_bytes'] / GIB:.2f} GiB spilled" for r in rows]
     x = list(range(len(rows)))

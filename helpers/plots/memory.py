@@ -5,9 +5,7 @@ import warnings
 from helpers.core.units import GIB, gib
 from helpers.memory.breakdown import breakdown
 from helpers.memory.kv_cache import kv_cache_bytes
-from helpers.memory.scratch import DEFAULT_MAX_ATTENTION_SIZE, DEFAULT_MAX_INPUT_LEN
 from helpers.plots.style import CACHE_LINESTYLES, figure
-from helpers.specs.gpus import gpu_spec
 from helpers.specs.shapes import model_shape
 
 
@@ -52,29 +50,26 @@ def plot_kv_cache_vs_context(models, modes=("fp16", "q8", "q4"), lengths=None, a
     return fig
 
 
-def plot_total_vs_context(spec, gpu, *, bpw=None, modes=("fp16", "q8", "q6", "q4"), lengths=None, ax=None,
-                          **plan_kw):
+def plot_total_vs_context(setup, *, modes=("fp16", "q8", "q6", "q4"), lengths=None, ax=None):
     """Everything the GPU must hold against max_seq_len, one line per cache mode, with the card's memory.
 
     The lines bend once, at 2,048 tokens by default: below it the attention matrix exllamav2 budgets for grows with
     max_seq_len^2 (scratch.py, ``min(max_attention_size, max_seq_len^2)``) and the prompt chunk with max_seq_len; above
     it both are capped and only the cache keeps growing. The bend is marked and labelled."""
-    g = gpu_spec(gpu)
+    g = setup.gpu
     lengths = list(lengths or [1024 * k for k in range(1, 65)])
     fig, ax = figure(ax, (8, 4.5))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for i, mode in enumerate(modes):
-            y = [gib(breakdown(spec, bpw=bpw, max_seq_len=n, cache_mode=mode, **plan_kw)
-                     .vram_total_bytes) for n in lengths]
+            y = [gib(breakdown(setup.with_(max_seq_len=n, cache_mode=mode)).vram_total_bytes) for n in lengths]
             ax.plot(lengths, y, color=f"C{i}", label=f"{mode} cache")
-        shape = model_shape(spec)
+        shape = setup.shape
     ax.axhline(g["vram_gib"], color="k", linewidth=1)
     ax.text(lengths[0], g["vram_gib"], f" {g['name']}: {g['vram_gib']:g} GiB", va="bottom", fontsize=8)
     # the bend: the attention matrix exllamav2 budgets for grows as max_seq_len^2 up to max_attention_size
     # (2048^2 by default) and the prompt chunk as max_seq_len up to max_input_len (2048); past that both stay flat
-    knee = min(int(plan_kw.get("max_attention_size", DEFAULT_MAX_ATTENTION_SIZE) ** 0.5),
-               int(plan_kw.get("max_input_len", DEFAULT_MAX_INPUT_LEN)))
+    knee = min(int(setup.max_attention_size ** 0.5), setup.max_input_len)
     if lengths[0] < knee < lengths[-1]:
         ax.axvline(knee, color="grey", linestyle="--", linewidth=0.8)
         ax.text(knee, 0.72, f" bend at {knee:,} tokens: the attention scratch\n stops growing (max_attention_size "
@@ -86,7 +81,7 @@ def plot_total_vs_context(spec, gpu, *, bpw=None, modes=("fp16", "q8", "q6", "q4
                 va="bottom", color="grey")
     ax.set_xlabel("max_seq_len (tokens)")
     ax.set_ylabel("GPU memory needed (GiB)")
-    ax.set_title(f"{shape.name}" + (f" at {bpw:g} bpw" if bpw else "") + ": what fits")
+    ax.set_title(f"{shape.name}" + (f" at {setup.bpw:g} bpw" if setup.bpw else "") + ": what fits")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

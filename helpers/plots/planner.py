@@ -5,13 +5,13 @@ from helpers.core.units import GIB
 from helpers.format.bits import BPW_RANGE
 from helpers.planning.planner import longest_for
 from helpers.plots.style import CACHE_LINESTYLES, figure, pyplot
-from helpers.specs.shapes import model_shape
 
 
-def plot_iso_vram(spec, cards_gib=(12, 16, 24), *, modes=("fp16", "q8", "q6", "q4"), bpws=None, ax=None,
-                  title=None, **kw):
-    """For cards of ``cards_gib`` GiB: the longest context (leaving load_autosplit's reserve free) against bpw, one
-    line per cache mode. Each line is the edge of what fits: pick a bpw, read off the context, or the reverse."""
+def plot_iso_vram(setup, cards_gib=(12, 16, 24), *, modes=("fp16", "q8", "q6", "q4"), bpws=None, ax=None,
+                  title=None):
+    """For the setup's model on cards of ``cards_gib`` GiB: the longest context (leaving load_autosplit's reserve
+    free) against bpw, one line per cache mode. Each line is the edge of what fits: pick a bpw, read off the
+    context, or the reverse."""
     plt = pyplot()
     lo, hi = BPW_RANGE
     bpws = list(bpws or [round(lo + 0.25 * i, 2) for i in range(int((hi - lo) / 0.25) + 1)])
@@ -19,9 +19,9 @@ def plot_iso_vram(spec, cards_gib=(12, 16, 24), *, modes=("fp16", "q8", "q6", "q
     fig, axes = (ax.figure, [ax]) if ax is not None and n == 1 else plt.subplots(1, n, figsize=(4 * n, 3.8),
                                                                                   sharey=True, squeeze=False)
     axes = list(axes[0]) if not isinstance(axes, list) else axes
-    shape = model_shape(spec)
+    shape = setup.shape
     for a, card in zip(axes, cards_gib):
-        rows = [longest_for(shape, float(card), bpw=b, modes=modes, **kw) for b in bpws]
+        rows = [longest_for(setup.with_(gpus=(float(card),), bpw=b), modes) for b in bpws]
         for i, m in enumerate(modes):
             ys = [r[m] / 1024 for r in rows]
             a.plot(bpws, ys, linestyle=CACHE_LINESTYLES.get(m, "-"), color=f"C{i}", label=f"{m} cache")

@@ -7,7 +7,7 @@ from helpers.speed.roofline import roofline_curve
 
 
 def _speed_key(r: dict) -> tuple:
-    return (r.get("model", "?"), r.get("cache_mode", "?"), int(r["ctx"]))
+    return (r.get("model", "?"), r.get("cache_mode", "?"), int(r["max_seq_len"]))
 
 
 def _speed_short(model) -> str:
@@ -44,7 +44,7 @@ def plot_speed_vs_depth(panels: dict, *, title: str = "decode speed vs context d
             groups.setdefault(_speed_key(r) + (r.get("gpu") or r.get("device", ""),), []).append(r)
         several = len({k[3] for k in groups}) > 1 or len({k[0] for k in groups}) > 1
         for i, (key, rs) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0]))):
-            model, mode, ctx, where = key
+            model, mode, max_seq_len, where = key
             rs = sorted(rs, key=lambda r: r["depth"])
             color = f"C{i % 10}"
             d = [r["depth"] for r in rs]
@@ -53,10 +53,10 @@ def plot_speed_vs_depth(panels: dict, *, title: str = "decode speed vs context d
                    [r["decode_tok_s_max"] - r["decode_tok_s"] for r in rs]]
             extra = f" ({_speed_short(model)}, {where})" if several else ""
             extra += ", external" if any(r.get("external") for r in rs) else ""
-            short = ctx <= 4096  # 4k: small filled circles; longer: large hollow squares, so equal points both show
+            short = max_seq_len <= 4096  # 4k: small filled circles, longer: large hollow squares
             ax.errorbar(d, y, yerr=err, marker="o" if short else "s", markersize=5 if short else 10,
                         markerfacecolor=color if short else "none", color=color, capsize=3,
-                        linestyle="-" if short else ":", label=f"{mode}, cache {ctx // 1024}k{extra}")
+                        linestyle="-" if short else ":", label=f"{mode}, cache {max_seq_len // 1024}k{extra}")
         # one roofline per (model, cache mode, device): the cache length does not change the bytes a token reads
         roofs: dict[tuple, dict] = {}
         for r in rows:
@@ -102,13 +102,13 @@ def plot_decode_model(panels: dict, *, title: str = "decode speed against depth:
         for j, (label, y) in enumerate(panel.get("lines", {}).items()):
             ax.axhline(y, color="0.3", linestyle=(0, (3, 2 + 2 * j)), linewidth=1, label=label)
         pts = panel.get("points") or []
-        for k, (ctx, rs) in enumerate(sorted({r["ctx"]: [x for x in pts if x["ctx"] == r["ctx"]]
-                                              for r in pts}.items())):
+        lengths = sorted({r["max_seq_len"] for r in pts})
+        for k, (max_seq_len, rs) in enumerate((n, [x for x in pts if x["max_seq_len"] == n]) for n in lengths):
             ext = ", external" if any(r.get("external") for r in rs) else ""
             where = _speed_short(rs[0].get("gpu") or rs[0].get("device"))
             ax.plot([r["depth"] for r in rs], [r["decode_tok_s"] for r in rs], linestyle="none",
                     marker="os"[k % 2], markersize=8, markerfacecolor="none" if k else "k", color="k",
-                    label=f"measured, cache {ctx // 1024}k ({where}{ext})")
+                    label=f"measured, cache {max_seq_len // 1024}k ({where}{ext})")
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("context depth (tokens already in the cache)")
         ax.set_ylabel("decode tokens/s")
@@ -128,7 +128,8 @@ def plot_decode_time_split(rows: list[dict], *, ax=None, title: str = "where one
     labels, busy, colours = [], [], []
     for r in rows:
         where = r.get("gpu") or r.get("device", "?")
-        labels.append(f"{_speed_short(r.get('model'))}, {r['cache_mode']} {r['ctx'] // 1024}k @ {r['depth']} ({where})")
+        labels.append(f"{_speed_short(r.get('model'))}, {r['cache_mode']} {r['max_seq_len'] // 1024}k @ {r['depth']} "
+                      f"({where})")
         if r.get("gpu_ms_per_token") is not None:
             busy.append(min(1.0, r["gpu_ms_per_token"] / r["step_ms"]))
             colours.append(("C2", "C3"))
@@ -158,7 +159,7 @@ def plot_decode_time_split(rows: list[dict], *, ax=None, title: str = "where one
     return fig
 
 
-def plot_cache_bytes_by_ctx(rows: list[dict], *, ax=None, title: str = "KV cache allocated: 4k vs 32k"):
+def plot_cache_bytes_by_max_seq_len(rows: list[dict], *, ax=None, title: str = "KV cache allocated: 4k vs 32k"):
     """Bars of the cache's bytes (GiB) per (model, cache mode, cache length), one bar per distinct configuration."""
     fig, ax = figure(ax, (7, 3.5))
     seen: dict[tuple, float] = {}

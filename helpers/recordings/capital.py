@@ -12,6 +12,7 @@ from helpers.core import devices as gpu
 from helpers.core.errors import CourseError
 from helpers.core.results import provenance, save_result
 from helpers.engines import exllama
+from helpers.memory.setup import LoadSetup
 from helpers.models.embedded import CAPITAL_PROMPT, chat_prompt, resolve_model_dir
 
 #: the cache of the recording: room for the prompt and the answer
@@ -22,7 +23,7 @@ def record_capital_answer(model_dir: str | os.PathLike | None = None, max_new_to
     """(CUDA) exllamav2 loads the embedded checkpoint and answers the capital question greedily; saved with its text."""
     gpu.require_cuda("loading the EXL2 model with exllamav2")
     folder = resolve_model_dir(model_dir)
-    loaded = exllama.load(folder, max_seq_len=CAPITAL_MAX_SEQ_LEN, cache_mode="fp16", load_path="autosplit")
+    loaded = exllama.load(LoadSetup(folder, max_seq_len=CAPITAL_MAX_SEQ_LEN), load_path="autosplit")
     from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2Sampler  # after the front door's import
 
     tokenizer = loaded.ex.ExLlamaV2Tokenizer(loaded.config)

@@ -1,27 +1,23 @@
 """GPU recording: decode speed against context depth on the 14B-shaped checkpoint, FP16 and Q4 caches, no flash-attn,
 with what the speed model predicts for each row and the per-position cost the measured slope implies.
 
-It tests ``helpers.speed.model`` directly: without flash-attn every decoded token copies K and V of every position
-from the KV heads to the query heads (``repeat_kv``), and a Q4 cache is first dequantized into an FP16 temp layer,
-so the seconds each position adds (the slope of 1 / tok/s against depth) should be ``position_bytes`` / bandwidth,
-and a Q4 cache should cost MORE per position than FP16 although it stores fewer bytes.
-
-One cache mode per recording (each in its own fresh process, ``python -m helpers record``): the model loads once
-through the front door (``helpers.engines.backend`` -> ``helpers.engines.exllama``) with a cache of ``MAX_SEQ_LEN``
-tokens, and the speed harness (``helpers.speed.harness.bench_matrix``) measures every depth on it. Rows go to
-``results/speed/decode-depth-<mode>-<gpu>.json`` (read back with the other speed rows by
-``helpers.speed.report.load_recorded``; ``kind`` is ``"decode_vs_depth"``).
+Without flash-attn every decoded token copies K and V of every position to the query heads (``repeat_kv``), and a
+Q4 cache is first dequantized, so a Q4 cache should cost more per position than FP16 although it stores fewer
+bytes (docs/FACTS.md §8). One cache mode per recording, each in a fresh process (``python -m helpers record``):
+one load, every depth measured on it; rows go to ``results/speed/decode-depth-<mode>-<gpu>.json``.
 """
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
 from helpers.core import devices as gpu
 from helpers.core import results
 from helpers.core.errors import CourseError
+from helpers.memory.setup import LoadSetup
 from helpers.models.synthetic_dirs import synthetic_14b_dir
-from helpers.speed.harness import bench_matrix, flash_attn_installed
+from helpers.speed.harness import Measure, bench_matrix, flash_attn_installed
 from helpers.speed.model import decode_estimate
 from helpers.speed.report import SYNTH_LABEL
 
@@ -31,7 +27,7 @@ DEPTHS = (128, 4096, 16384, 30000)
 MAX_SEQ_LEN = 32768
 MODES = ("fp16", "q4")
 #: decode only (no prefill), a short profile per depth; one load per recording
-SETTINGS = dict(repeats=3, warmup=1, decode_tokens=32, prefill_tokens=0, profile_steps=2)
+MEASURE = Measure(backend="exllamav2", repeats=3, warmup=1, decode_tokens=32, prefill_tokens=0, profile_steps=2)
 
 
 def slope(shallow: tuple[int, float], deep: tuple[int, float]) -> float:
@@ -52,11 +48,13 @@ def annotate(rows: list[dict[str, Any]], model: Any) -> tuple[list[dict[str, Any
     ``implied_over_model`` (over ``position_bytes``). The summary holds the slope from the shallowest to the deepest
     depth, the same way."""
     rows = sorted(rows, key=lambda r: r["depth"])
+    base = LoadSetup(model, max_seq_len=rows[0]["max_seq_len"])
     for r in rows:
         sheet = r.get("datasheet_bandwidth_gbs")
-        est = decode_estimate(model, weight_bytes=r["weights_bytes"], bandwidth_gbs=sheet or r["bandwidth_gbs"],
-                              depth=r["depth"], cache_mode=r["cache_mode"], flash_attn=bool(r["flash_attn"]),
-                              host=r.get("host") or "desktop")
+        setup = base.with_(cache_mode=r["cache_mode"], flash_attn=bool(r["flash_attn"]),
+                           host=r.get("host") or "desktop")
+        est = decode_estimate(setup, r["depth"], weight_bytes=r["weights_bytes"],
+                              bandwidth_gbs=sheet or r["bandwidth_gbs"])
         if est.position_bytes.total != r["position_bytes"]:
             raise CourseError(f"the harness counted {r['position_bytes']} B per position, the speed model "
                               f"{est.position_bytes.total}: they must be the same model")
@@ -81,28 +79,33 @@ def annotate(rows: list[dict[str, Any]], model: Any) -> tuple[list[dict[str, Any
     return rows, summary
 
 
-def record_decode_depth(cache_mode: str, *, model_dir=None, depths=DEPTHS, max_seq_len: int = MAX_SEQ_LEN,
-                        settings: dict | None = None, results_dir: Path | None = None) -> Path:
-    """(CUDA) Decode speed at each of ``depths`` with one ``cache_mode`` cache of ``max_seq_len`` tokens, on the
-    14B-shaped checkpoint, without flash-attn; saved as results/speed/decode-depth-<mode>-<gpu>.json."""
+def record_decode_depth(setup: LoadSetup, *, depths=DEPTHS, measure: Measure = MEASURE,
+                        results_dir: Path | None = None) -> Path:
+    """(CUDA) Decode speed of ``setup`` at each of ``depths``, without flash-attn; saved as
+    results/speed/decode-depth-<mode>-<gpu>.json."""
     gpu.require_cuda("recording decode speed against depth")
     if flash_attn_installed():
         raise CourseError("flash-attn is installed, and exllamav2 would attend with it: this recording measures the "
                           "torch attention path (repeat_kv); run it in a Python without flash-attn")
-    settings = {**SETTINGS, **(settings or {})}
-    model_dir = Path(model_dir) if model_dir is not None else synthetic_14b_dir()
-    measured = bench_matrix(model_dir, max_seq_lens=[max_seq_len], depths=list(depths), cache_modes=[cache_mode],
-                            backend="exllamav2", progress=False, skip_unfit=False, model_label=SYNTH_LABEL,
-                            **settings)
-    rows, summary = annotate(measured, model_dir)
+    measured = bench_matrix(setup, max_seq_lens=[setup.max_seq_len], depths=list(depths),
+                            cache_modes=[setup.cache_mode], measure=measure, progress=False, skip_unfit=False,
+                            model_label=SYNTH_LABEL)
+    rows, summary = annotate(measured, setup.model_dir)
     prov = results.provenance()
     return results.save_result(
-        "speed", f"decode-depth-{cache_mode}-{prov.get('gpu') or 'gpu'}", rows, prov=prov, results_dir=results_dir,
-        extra={"what": f"{SYNTH_LABEL}: decode speed at depths {', '.join(map(str, depths))} with a {cache_mode} "
-                       f"cache of {max_seq_len} tokens, no flash-attn, one load, through helpers.engines.exllama "
-                       "and helpers.speed.harness", "settings": settings, "slope": summary})
+        "speed", f"decode-depth-{setup.cache_mode}-{prov.get('gpu') or 'gpu'}", rows, prov=prov,
+        results_dir=results_dir,
+        extra={"what": f"{SYNTH_LABEL}: decode speed at depths {', '.join(map(str, depths))} with a "
+                       f"{setup.cache_mode} cache of {setup.max_seq_len} tokens, no flash-attn, one load, through "
+                       "helpers.engines.exllama and helpers.speed.harness", "settings": asdict(measure),
+               "slope": summary})
+
+
+def _synthetic(cache_mode: str) -> LoadSetup:
+    gpu.require_cuda("recording decode speed against depth")   # before the 14B-shaped checkpoint is written
+    return LoadSetup(synthetic_14b_dir(), max_seq_len=MAX_SEQ_LEN, cache_mode=cache_mode)
 
 
 #: one fresh process per cache mode (``python -m helpers record`` runs each in its own)
-GPU_RECORDINGS: dict[str, Callable[[], Path]] = {f"decode_depth_{m}": (lambda m=m: record_decode_depth(m))
-                                                 for m in MODES}
+GPU_RECORDINGS: dict[str, Callable[[], Path]] = {
+    f"decode_depth_{m}": (lambda m=m: record_decode_depth(_synthetic(m))) for m in MODES}

@@ -10,24 +10,27 @@ from helpers.core import devices as gpu
 from helpers.core import results
 from helpers.fallback.compare import cleanup_checks, compare, resolve_model_dir
 from helpers.fallback.emulated_report import TOPIC, result_name
-from helpers.fallback.emulator import CARD_GIB, context_bytes_now
+from helpers.fallback.emulator import CARD_GIB, context_bytes_now, emulated_setup
 from helpers.fallback.hostalloc import HostAllocLib, build_hostalloc
 from helpers.fallback.linux_oom import linux_oom_demo
 
 
-def record_compare(max_seq_len: int, *, model_dir=None, results_dir: Path | None = None, load_path: str = "autosplit",
-                   **kw) -> Path:
-    """Record ``compare`` for one cache length and load path into results/fallback/ (run it in a fresh process)."""
+def _emulated(model_dir, what: str, **settings):
+    """The emulated 16 GiB card's setup, with the CUDA context this process measured."""
     nvml_before = gpu.nvml_used_bytes()          # before CUDA starts in this process
-    gpu.require_cuda("recording the emulated sysmem fallback")
-    ctx_bytes = context_bytes_now(nvml_before)
+    gpu.require_cuda(what)
+    return emulated_setup(resolve_model_dir(model_dir), context_bytes=context_bytes_now(nvml_before), **settings)
+
+
+def record_compare(max_seq_len: int, *, model_dir=None, results_dir: Path | None = None, load_path: str = "autosplit",
+                   depth: int = 128) -> Path:
+    """Record ``compare`` for one cache length and load path into results/fallback/ (run it in a fresh process)."""
+    setup = _emulated(model_dir, "recording the emulated sysmem fallback", max_seq_len=max_seq_len)
     lib = HostAllocLib(build_hostalloc())
-    out = compare(resolve_model_dir(model_dir), max_seq_len=max_seq_len, context_bytes=ctx_bytes, lib=lib,
-                  load_path=load_path, **kw)
+    out = compare(setup, depth=depth, lib=lib, load_path=load_path)
     s = out["summary"]
     if s["spilled_bytes"]:
-        s.update(cleanup_checks(resolve_model_dir(model_dir), max_seq_len=max_seq_len, cache_mode=s["cache_mode"],
-                                budget_bytes=s["budget_bytes"], lib=lib, load_path=load_path))
+        s.update(cleanup_checks(setup, lib=lib, load_path=load_path))
     prov = results.provenance()
     return results.save_result(TOPIC, result_name(max_seq_len, load_path, prov), [out["summary"]], prov=prov,
                                results_dir=results_dir,
@@ -37,11 +40,8 @@ def record_compare(max_seq_len: int, *, model_dir=None, results_dir: Path | None
                                       "measurements": out["measurements"], "decisions": out["decisions"]})
 
 
-def record_oom(*, model_dir=None, results_dir: Path | None = None, **kw) -> Path:
-    nvml_before = gpu.nvml_used_bytes()
-    gpu.require_cuda("recording Linux's out-of-memory")
-    ctx_bytes = context_bytes_now(nvml_before)
-    row = linux_oom_demo(resolve_model_dir(model_dir), context_bytes=ctx_bytes, **kw)
+def record_oom(*, model_dir=None, results_dir: Path | None = None, max_seq_len: int = 32768) -> Path:
+    row = linux_oom_demo(_emulated(model_dir, "recording Linux's out-of-memory", max_seq_len=max_seq_len))
     prov = results.provenance()
     return results.save_result(TOPIC, f"linux-oom-{prov.get('gpu') or 'gpu'}", [row], prov=prov,
                                results_dir=results_dir,

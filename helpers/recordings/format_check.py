@@ -22,6 +22,7 @@ from helpers.format.reader import Exl2Checkpoint, open_exl2
 from helpers.format.synthetic import write_synthetic
 from helpers.format.tiny import random_float_state_dict, tiny_config
 from helpers.format.writer import write_exl2
+from helpers.memory.setup import LoadSetup
 
 EXLLAMAV2_CHECK_TOPIC = "exl2"
 
@@ -45,7 +46,7 @@ def compare_with_exllamav2(model_dir: str | os.PathLike, label: str) -> list[dic
     dequantization; also run one forward pass and check the logits are finite. One row per linear."""
     devices.require_cuda("comparing EXL2 checkpoints with exllamav2")
     ckpt = open_exl2(model_dir)
-    loaded = exllama.load(model_dir, max_seq_len=256, max_input_len=256, cache_mode=None, load_path="load")
+    loaded = exllama.load(LoadSetup(model_dir, max_seq_len=256, max_input_len=256), with_cache=False, load_path="load")
     model, config = loaded.model, loaded.config
     try:
         ids = torch.randint(0, config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))

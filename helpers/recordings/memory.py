@@ -24,6 +24,7 @@ from helpers.core.units import gib
 from helpers.engines import exllama
 from helpers.memory.breakdown import breakdown
 from helpers.memory.recorded import EXTERNAL_KIND
+from helpers.memory.setup import LoadSetup
 from helpers.models.embedded import embedded_model_dir
 from helpers.models.synthetic_dirs import synthetic_14b_dir
 from helpers.recordings.speed import external_speed_record
@@ -69,7 +70,7 @@ def _child_measure(model_dir: str, mode: str, max_seq_len: int) -> dict:
     out = _child_cuda_context()
     import torch
 
-    loaded = exllama.prepare(model_dir, max_seq_len=max_seq_len, cache_mode=mode)
+    loaded = exllama.prepare(LoadSetup(model_dir, max_seq_len=max_seq_len, cache_mode=mode))
     clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
     if clear is not None:
         clear()  # the matmul above left a cuBLAS workspace: count from a clean baseline
@@ -140,14 +141,15 @@ def record_predicted_vs_measured(modes: Iterable[str] = ("fp16", "q8", "q4"),
         else:
             dirs[Path(m).name] = Path(m)
     rows = []
-    jobs = [(name, d, mode, L) for name, d in dirs.items() for mode in modes for L in lengths]
-    for name, d, mode, L in progress(jobs, desc="memory: fresh process per configuration"):
-        meas = _run_child(f"_child_measure({str(d)!r}, {mode!r}, {int(L)})")
+    jobs = [(name, d, mode, max_seq_len) for name, d in dirs.items() for mode in modes for max_seq_len in lengths]
+    for name, d, mode, max_seq_len in progress(jobs, desc="memory: fresh process per configuration"):
+        meas = _run_child(f"_child_measure({str(d)!r}, {mode!r}, {int(max_seq_len)})")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            bd = breakdown(str(d), max_seq_len=L, cache_mode=mode, cuda_context_bytes=0, reserve_bytes=0)
+            bd = breakdown(LoadSetup(str(d), max_seq_len=max_seq_len, cache_mode=mode, cuda_context_gib=0,
+                                     reserve_gib=0))
         row = {"kind": "predicted_vs_measured", "model": name, "model_dir": str(d), "cache_mode": mode,
-               "max_seq_len": int(L), "predicted_torch_bytes": bd.exllamav2_resident_bytes,
+               "max_seq_len": int(max_seq_len), "predicted_torch_bytes": bd.exllamav2_resident_bytes,
                "predicted_weights_bytes": bd.weights_bytes, "predicted_kv_cache_bytes": bd.kv_cache_bytes,
                "predicted_scratch_bytes": bd.scratch_bytes, **meas}
         if "torch_allocated_no_cublas_bytes" in meas:

@@ -1,17 +1,12 @@
 """The registry of every GPU recording, and the runner behind `python -m helpers record` (helpers.cli.record).
 
-Each room that measures something on a GPU lists its recordings in a module-level ``GPU_RECORDINGS`` dict
-({name: callable}); each callable checks for CUDA, measures, writes ``results/<topic>/<name>.json`` through
-``helpers.core.results.save_result`` (provenance included) and returns that path.
-
-``ORDER`` is THE order they run in, most valuable first, each with its estimated seconds (``Planned``: a typical
-figure derived from the recording's own workload, never a measurement). ``record_all`` runs them in a fresh process
-each (so allocations of one never colour the next) and keeps a ledger per GPU in ``results/ledger/<gpu>.json``,
-committed with the records, written after every recording: what is already recorded for this GPU is skipped, so an
-interrupted run, or a run stopped by its time budget, resumes where it stopped, on this machine or the next one with
-the same GPU; ``force`` records again. With a budget, a recording is not started unless its estimate (plus a margin)
-fits in what is left, and one that overruns is stopped when the budget ends. Afterwards ``execute_notebooks``
-re-runs the notebooks so that their stored outputs show the new records.
+Each room that measures on a GPU lists its recordings in a module-level ``GPU_RECORDINGS`` dict ({name: callable}),
+each writing ``results/<topic>/<name>.json`` (``helpers.core.results.save_result``). ``ORDER`` is THE run order,
+most valuable first, each ``Planned`` with typical seconds derived from its workload. ``record_all`` runs each in a
+fresh process (so allocations never colour the next) and keeps a committed ledger per GPU
+(``results/ledger/<gpu>.json``): what is recorded is skipped (``force`` records again), so a stopped run resumes on
+any machine with that GPU. With a budget, a recording starts only if its estimate fits; one that overruns is
+stopped. ``execute_notebooks`` then re-runs the notebooks.
 """
 from __future__ import annotations
 
@@ -79,10 +74,10 @@ def _fits(max_seq_len: int, depth: int, decode_tokens: int) -> bool:
 
 
 def _speed_matrix(modes, model: str) -> tuple[float, str]:
-    s = speed.REC_SETTINGS
+    s = speed.REC_MEASURE
     jobs = [(m, c, d) for m in modes for c in speed.REC_MAX_SEQ_LENS for d in speed.REC_DEPTHS
-            if _fits(c, d, s["decode_tokens"])]
-    tokens = (s["warmup"] + s["repeats"]) * s["decode_tokens"]
+            if _fits(c, d, s.decode_tokens)]
+    tokens = (s.warmup + s.repeats) * s.decode_tokens
     if model == "14b":
         per = [PROCESS_S + LOAD_14B_S + tokens / TOK_S_14B.get(m, TOK_S_14B["q4"]) for m, _, _ in jobs]
     else:
@@ -91,8 +86,8 @@ def _speed_matrix(modes, model: str) -> tuple[float, str]:
 
 
 def _decode_depth(mode: str) -> tuple[float, str]:
-    s = decode_depth.SETTINGS
-    tokens = len(decode_depth.DEPTHS) * ((s["warmup"] + s["repeats"]) * s["decode_tokens"] + s["profile_steps"])
+    s = decode_depth.MEASURE
+    tokens = len(decode_depth.DEPTHS) * ((s.warmup + s.repeats) * s.decode_tokens + s.profile_steps)
     return (PROCESS_S + LOAD_14B_S + tokens / TOK_S_14B[mode],
             f"1 process, 1 load, {len(decode_depth.DEPTHS)} depths, {tokens} decoded tokens")
 
@@ -105,8 +100,8 @@ def _memory(models) -> tuple[float, str]:
 
 
 def _emulated(spills: bool) -> tuple[float, str]:
-    rounds, repeats, warmup, tokens = (_default(compare, k) for k in ("rounds", "repeats", "warmup", "decode_tokens"))
-    per_engine = rounds * (warmup + repeats) * tokens   # measure_loaded per round and engine
+    rounds, m = _default(compare, "rounds"), _default(compare, "measure")
+    per_engine = rounds * (m.warmup + m.repeats) * m.decode_tokens   # measure_loaded per round and engine
     slow = TOK_S_SPILLED if spills else TOK_S_14B["fp16"]
     return (PROCESS_S + 2 * LOAD_14B_S + per_engine / TOK_S_14B["fp16"] + per_engine / slow
             + (2 * LOAD_14B_S if spills else 0),
@@ -115,8 +110,8 @@ def _emulated(spills: bool) -> tuple[float, str]:
 
 def _plan() -> tuple[Planned, ...]:
     cuda_repeats = _default(memory.record_cuda_context, "repeats")
-    rep = speed.REC_SETTINGS
-    rep_tokens = (rep["warmup"] + rep["repeats"]) * rep["decode_tokens"]
+    rep = speed.REC_MEASURE
+    rep_tokens = (rep.warmup + rep.repeats) * rep.decode_tokens
     m14, m14b = _memory(("qwen2.5-14b",))
     me, meb = _memory(("embedded",))
     items = [

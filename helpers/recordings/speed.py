@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -15,9 +16,10 @@ from helpers.core import results
 from helpers.core.errors import CourseError
 from helpers.core.progress import progress
 from helpers.memory.kv_cache import kv_cache_bytes
+from helpers.memory.setup import LoadSetup
 from helpers.models import embedded as models
 from helpers.models.synthetic_dirs import synthetic_14b_dir
-from helpers.speed.harness import bench_subprocess, run_to_run
+from helpers.speed.harness import Measure, bench_subprocess, run_to_run
 from helpers.speed.matrix import plan_matrix
 from helpers.speed.report import EMBEDDED_LABEL, SYNTH_LABEL
 from helpers.speed.roofline import decode_bytes, roofline_tok_s
@@ -26,44 +28,44 @@ from helpers.speed.roofline import decode_bytes, roofline_tok_s
 REC_MAX_SEQ_LENS = (4096, 32768)
 REC_DEPTHS = (128, 30000)
 REC_MODES = ("fp16", "q4")
-REC_SETTINGS = dict(repeats=5, warmup=2, decode_tokens=64, prefill_tokens=512)
+REC_MEASURE = Measure(backend="exllamav2", repeats=5, warmup=2, decode_tokens=64, prefill_tokens=512)
 
 
 def record_matrix(model_dir, label: str, name: str, *, max_seq_lens=REC_MAX_SEQ_LENS, depths=REC_DEPTHS,
-                  modes=REC_MODES, settings: dict | None = None, results_dir: Path | None = None) -> Path:
+                  modes=REC_MODES, measure: Measure = REC_MEASURE, results_dir: Path | None = None) -> Path:
     """Every (mode, max_seq_len, depth) of the matrix, each in a fresh process, saved as
     results/speed/<name>-<gpu>.json."""
     gpu.require_cuda("recording decode speed")
-    settings = {**REC_SETTINGS, **(settings or {})}
-    plan = plan_matrix(max_seq_lens, depths, modes, decode_tokens=settings["decode_tokens"], backend="exllamav2")
+    plan = plan_matrix(max_seq_lens, depths, modes, decode_tokens=measure.decode_tokens, backend=measure.backend)
     jobs = [(m, c, d) for m, c, ds in plan for d in ds]
+    base = LoadSetup(model_dir)
     rows = []
     for m, c, d in progress(jobs, desc=f"recording {label}", unit="config"):
-        rows += bench_subprocess(model_dir, max_seq_len=c, depth=d, cache_mode=m, backend="exllamav2",
-                                 model_label=label, **settings)
+        rows += bench_subprocess(base.with_(max_seq_len=c, cache_mode=m), depth=d, measure=measure,
+                                 model_label=label)
     prov = results.provenance()
     return results.save_result("speed", f"{name}-{prov.get('gpu') or 'gpu'}", rows, prov=prov,
                                results_dir=results_dir,
                                extra={"what": f"decode/prefill speed of {label}, one fresh process per row",
-                                      "settings": settings})
+                                      "settings": asdict(measure)})
 
 
-def record_repeatability(model_dir=None, label: str = SYNTH_LABEL, *, processes: int = 3, max_seq_len: int = 4096,
-                         depth: int = 128, cache_mode: str = "fp16", results_dir: Path | None = None) -> Path:
-    """One configuration in ``processes`` fresh processes: the spread within each run and across runs."""
+def record_repeatability(setup: LoadSetup | None = None, label: str = SYNTH_LABEL, *, processes: int = 3,
+                         depth: int = 128, results_dir: Path | None = None) -> Path:
+    """One configuration (default: the 14B-shaped checkpoint, an fp16 cache of 4096) in ``processes`` fresh
+    processes: the spread within each run and across runs."""
     gpu.require_cuda("recording run-to-run variation")
-    model_dir = model_dir or synthetic_14b_dir()
+    setup = setup or LoadSetup(synthetic_14b_dir(), max_seq_len=4096)
     rows = []
     for i in progress(range(processes), desc="repeatability", unit="process"):
-        for r in bench_subprocess(model_dir, max_seq_len=max_seq_len, depth=depth, cache_mode=cache_mode,
-                                  backend="exllamav2", model_label=label, **REC_SETTINGS):
+        for r in bench_subprocess(setup, depth=depth, measure=REC_MEASURE, model_label=label):
             r["process"] = i
             rows.append(r)
     across = run_to_run([r["decode_tok_s"] for r in rows])
     prov = results.provenance()
     return results.save_result("speed", f"repeatability-{prov.get('gpu') or 'gpu'}", rows, prov=prov,
                                results_dir=results_dir,
-                               extra={"what": f"{label}, {cache_mode} cache {max_seq_len}, depth {depth}, "
+                               extra={"what": f"{label}, {setup.cache_mode} cache {setup.max_seq_len}, depth {depth}, "
                                               f"{processes} fresh processes", "run_to_run": across})
 
 
@@ -117,7 +119,7 @@ def external_speed_record(src: Path) -> tuple[str, dict, list[dict], dict]:
     for r in doc["rows"]:
         tok = float(r["decode_tok_s"])
         b = decode_bytes(_EXTERNAL_MODEL, r["depth"], "fp16", bpw=_EXTERNAL_BPW, flash_attn=False)
-        row = {"run": r["run"], "ctx": r["cache_len"], "depth": r["depth"], "cache_mode": "fp16",
+        row = {"run": r["run"], "max_seq_len": r["cache_len"], "depth": r["depth"], "cache_mode": "fp16",
                "backend": "exllamav2", "device": "cuda", "model": SYNTH_LABEL, "flash_attn": False,
                "attention_path": "torch attention with repeat_kv", "decode_tok_s": tok, "decode_tok_s_min": tok,
                "decode_tok_s_max": tok, "decode_spread": None, "prefill_tok_s": None, "load_s": r.get("load_s"),

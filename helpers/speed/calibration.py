@@ -16,8 +16,7 @@ import numpy as np
 from helpers.core.atomic import atomic_write_text
 from helpers.core.errors import CourseError
 from helpers.core.paths import RESULTS_DIR
-from helpers.memory.weights import ModelWeights
-from helpers.specs.gpus import gpu_spec
+from helpers.memory.setup import LoadSetup
 from helpers.specs.shapes import model_shape, shape_from_config
 from helpers.speed.model import (
     CONSTANT_INFO,
@@ -33,7 +32,7 @@ from helpers.speed.model import (
 FIELD_DIR = RESULTS_DIR / "field"
 DATA_PATH = FIELD_DIR / "calibration.json"
 #: percentiles of the out-of-source errors that make the printed range ("likely ..."): wide enough that every record
-#: the course holds lies inside the range it prints for that configuration (tests/test_calibration.py)
+#: the course holds lies inside the range it prints for that configuration (the test suite checks it)
 RANGE_PERCENTILES = (5, 95)
 #: a constant no training point gives this share of its predicted time to is not identified: it takes its fallback
 IDENTIFIED_SHARE = 0.03
@@ -73,15 +72,22 @@ def data_sha256(path: Path = DATA_PATH) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def point_terms(cfg: dict, models: dict | None = None) -> DecodeTerms:
-    """The speed model's terms for a configuration as a calibration point states it: model (a config in the set's
-    ``models``, or a bundled one), bpw, head bits, GPUs (a layer split in proportion to their memory), depth, cache
-    mode, flash-attn, host."""
+def point_setup(cfg: dict, models: dict | None = None) -> LoadSetup:
+    """A calibration point's configuration as a ``LoadSetup``: its model (a config in the set's ``models``, or a
+    bundled one), bpw, head bits, cache mode, flash-attn, GPUs and host."""
     own = (models or {}).get(cfg["model"])
     shape = shape_from_config(own, cfg["model"], own.get("_source", "")) if own else model_shape(cfg["model"])
-    w = ModelWeights(shape, float(cfg["bpw"]), int(cfg.get("head_bits", 6)))
-    gpus = [gpu_spec(g) for g in cfg["gpus"]]
-    host = cfg.get("host") or ("server" if all(g.get("host") == "server" for g in gpus) else "desktop")
+    return LoadSetup(shape, bpw=float(cfg["bpw"]), head_bits=int(cfg.get("head_bits", 6)), cache_mode=cfg["cache"],
+                     flash_attn=bool(cfg["flash_attn"]), gpus=tuple(cfg["gpus"]), host=cfg.get("host"))
+
+
+def point_terms(cfg: dict, models: dict | None = None) -> DecodeTerms:
+    """The speed model's terms for a calibration point: its setup at its depth, the layers split over its GPUs in
+    proportion to their memory."""
+    setup = point_setup(cfg, models)
+    shape, w, gpus = setup.shape, setup.weights, setup.gpus
+    if setup.host is None and len(gpus) > 1:  # several cards: a server only if every one usually is
+        setup = setup.with_(host="server" if all(g.get("host") == "server" for g in gpus) else "desktop")
     mem = [float(g["vram_gib"]) for g in gpus]
     layers = [math.floor(shape.n_layers * m / sum(mem)) for m in mem]
     for i in range(shape.n_layers - sum(layers)):
@@ -89,8 +95,7 @@ def point_terms(cfg: dict, models: dict | None = None) -> DecodeTerms:
     body = w.vram - w.head
     stages = [Stage(n, body * n / shape.n_layers + (w.head if i == len(gpus) - 1 else 0), float(g["bandwidth_gbs"]))
               for i, (n, g) in enumerate(zip(layers, gpus)) if n]
-    return decode_terms(shape, stages, depth=int(cfg["depth"]), cache_mode=cfg["cache"],
-                        flash_attn=bool(cfg["flash_attn"]), host=host)
+    return decode_terms(setup, stages, int(cfg["depth"]))
 
 
 def load_points(path: Path = DATA_PATH, *, used_only: bool = True) -> tuple[dict, list[Point]]:

@@ -1,19 +1,9 @@
-"""The bench harness: prefill and decode speed at a cache length and a context depth, on a loaded backend.
+"""The bench harness: prefill and decode speed of a ``LoadSetup`` at a context depth (``bench``, ``bench_matrix``).
 
-What one measurement does (``bench``):
-1. load the model with a cache of ``max_seq_len`` tokens (``backend.load``) and read memory (torch, NVML, or the
-   process RSS);
-2. prefill: time ``forward`` of ``prefill_tokens`` tokens appended at depth ``depth`` -> prefill tokens/s;
-3. decode: set the cache to ``depth`` tokens directly (``fill_cache``; nobody decodes 30,000 tokens to get there),
-   then time ``decode_tokens`` greedy steps, each waiting for its token as a real generator does. ``warmup``
-   repeats are thrown away, then ``repeats`` are kept: median, min, max and the spread (max - min) / median;
-4. the roofline (``helpers.speed.roofline``): a decoded token must read every GPU-resident weight once and move
-   ``depth`` x the attention path's bytes per position (``helpers.speed.model``). Those bytes over the memory
-   bandwidth measured on the same device is the fastest decode the memory allows; each measured figure is also given
-   as a fraction of it;
-5. where the time goes per token (``helpers.speed.profile``), apart from the timed rounds.
-
-``bench_subprocess`` runs the same measurement in a fresh process (``python -m helpers bench``).
+One measurement loads the model, times a prefill at the depth, puts the cache at the depth directly
+(``fill_cache``) and times greedy decode steps, each waiting for its token; warm-up repeats are dropped, the rest
+give median, min, max and spread. Each figure is set against the roofline (``helpers.speed.roofline``) on the same
+device, and a profile says where a token's time goes. ``bench_subprocess`` runs it in a fresh process.
 """
 from __future__ import annotations
 
@@ -24,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -34,7 +25,6 @@ from helpers.core.progress import progress as bar
 from helpers.core.units import GIB
 from helpers.engines import backend as backend_mod
 from helpers.format.config import load_config
-from helpers.models import embedded as models
 from helpers.speed.matrix import check_config, plan_matrix
 from helpers.speed.profile import profile_decode
 from helpers.speed.roofline import (
@@ -44,6 +34,23 @@ from helpers.speed.roofline import (
     measure_bandwidth,
     roofline_tok_s,
 )
+
+
+@dataclass(frozen=True)
+class Measure:
+    """How a measurement is run: the engine, and how many tokens and repeats it times."""
+
+    backend: str = "auto"          # auto, exllamav2 or reference (engines.backend)
+    device: str | None = None      # cpu or cuda (the reference); None: the engine's choice
+    repeats: int = 5               # kept repeats (median, min, max)
+    warmup: int = 2                # repeats run first and thrown away
+    decode_tokens: int = 32        # decoded tokens per repeat
+    prefill_tokens: int = 512      # prompt tokens per prefill (0: skip)
+    profile_steps: int = 4         # profiled decode steps (0: no profile)
+
+    def __post_init__(self):
+        if self.repeats < 1 or self.decode_tokens < 1 or self.warmup < 0 or self.prefill_tokens < 0:
+            raise CourseError("repeats and decode_tokens must be at least 1, warmup and prefill_tokens at least 0")
 
 
 def summarize(values: Sequence[float]) -> dict[str, float]:
@@ -63,7 +70,7 @@ def run_to_run(medians: Sequence[float]) -> dict[str, float]:
             "spread": s["spread"]}
 
 
-def _trained_ctx(model_dir: Path) -> int | None:
+def _trained_positions(model_dir: Path) -> int | None:
     try:
         cfg = load_config(model_dir)
     except CourseError:  # a synthetic or odd folder: then no trained length is known
@@ -149,19 +156,18 @@ def _decode_bytes_of(b, depth: int) -> dict[str, Any]:
     return d
 
 
-def measure_loaded(b, depth: int, *, repeats: int = 5, warmup: int = 2, decode_tokens: int = 32,
-                   prefill_tokens: int = 512, profile_steps: int = 4, bandwidth_bytes_s: float | None = None,
+def measure_loaded(b, depth: int, measure: Measure = Measure(), *, bandwidth_bytes_s: float | None = None,
                    progress: bool = True, desc: str = "") -> dict[str, Any]:
     """Measure one depth on an already loaded backend ``b`` (its cache length is ``b.max_seq_len``)."""
     max_seq_len, mode = int(b.max_seq_len), str(b.cache_mode)
+    repeats, warmup, decode_tokens = measure.repeats, measure.warmup, measure.decode_tokens
+    prefill_tokens, profile_steps = measure.prefill_tokens, measure.profile_steps
     check_config(max_seq_len, depth, decode_tokens=decode_tokens, exllamav2=(b.name == "exllamav2"))
-    if repeats < 1 or warmup < 0 or decode_tokens < 1 or prefill_tokens < 0:
-        raise CourseError("repeats and decode_tokens must be at least 1, warmup and prefill_tokens at least 0")
     n_prefill = min(prefill_tokens, max_seq_len - depth)
     ids = _prompt_ids(b.vocab_size, n_prefill) if n_prefill else None
     rounds = warmup + repeats
     pbar = bar(total=rounds * (decode_tokens + (1 if n_prefill else 0)),
-               desc=desc or f"ctx {max_seq_len} depth {depth}", unit="tok") if progress else None
+               desc=desc or f"max_seq_len {max_seq_len} depth {depth}", unit="tok") if progress else None
     prefill_s, decode, walls = [], [], []
     try:
         for r in range(rounds):
@@ -184,7 +190,7 @@ def measure_loaded(b, depth: int, *, repeats: int = 5, warmup: int = 2, decode_t
     prof = profile_decode(b, depth, steps=profile_steps) if profile_steps else {}
     d = summarize(decode)
     row: dict[str, Any] = {
-        "ctx": max_seq_len, "depth": depth, "cache_mode": mode, "backend": b.name, "device": str(b.device),
+        "max_seq_len": max_seq_len, "depth": depth, "cache_mode": mode, "backend": b.name, "device": str(b.device),
         "torch_threads": _torch_threads(),
         "decode_tokens": decode_tokens, "repeats": repeats, "warmup": warmup,
         "decode_tok_s": d["median"], "decode_tok_s_min": d["min"], "decode_tok_s_max": d["max"],
@@ -233,39 +239,38 @@ def measure_loaded(b, depth: int, *, repeats: int = 5, warmup: int = 2, decode_t
     return row
 
 
-def bench(model_dir=None, *, max_seq_len: int = 4096, depth: int = 128, cache_mode: str = "fp16", backend: str = "auto",
-          repeats: int = 5, warmup: int = 2, decode_tokens: int = 32, prefill_tokens: int = 512,
-          progress: bool = True, device: str | None = None, profile_steps: int = 4) -> dict[str, Any]:
-    """One measurement (one row): load with a cache of ``max_seq_len`` tokens, set it to ``depth``, time prefill and
-    decode.
+def bench(model=None, *, depth: int = 128, measure: Measure = Measure(), progress: bool = True,
+          **settings) -> dict[str, Any]:
+    """One measurement (one row) of ``model`` (a ``LoadSetup``, or a folder with its settings as keywords, e.g.
+    ``max_seq_len=4096``): load, set the cache to ``depth``, time prefill and decode.
 
-    Keys (units in the names): ctx, depth, cache_mode, backend, device, prefill_tok_s, decode_tok_s (median of
-    ``repeats``), decode_tok_s_min/max, decode_spread = (max - min) / median, bytes_per_token (weights_bytes +
+    Keys (units in the names): max_seq_len, depth, cache_mode, backend, device, prefill_tok_s, decode_tok_s (median
+    of the repeats), decode_tok_s_min/max, decode_spread = (max - min) / median, bytes_per_token (weights_bytes +
     kv_read_bytes = depth x position_bytes), roofline_tok_s, roofline_fraction, bandwidth_gbs, cache_bytes, mem_*
     readings, step_ms, cpu_ms_per_token, gpu_ms_per_token (CUDA), gpu_idle_fraction, torch_ops_ms_per_token.
     """
-    return bench_matrix(model_dir, max_seq_lens=[max_seq_len], depths=[depth], cache_modes=[cache_mode],
-                        backend=backend, repeats=repeats, warmup=warmup, decode_tokens=decode_tokens,
-                        prefill_tokens=prefill_tokens, progress=progress, device=device, profile_steps=profile_steps,
-                        skip_unfit=False)[0]
+    setup = backend_mod.setup_of(model, **settings)
+    return bench_matrix(setup, max_seq_lens=[setup.max_seq_len], depths=[depth], cache_modes=[setup.cache_mode],
+                        measure=measure, progress=progress, skip_unfit=False)[0]
 
 
-def bench_matrix(model_dir=None, *, max_seq_lens: Iterable[int] = (4096, 32768), depths: Iterable[int] = (128,),
-                 cache_modes: Iterable[str] = ("fp16",), backend: str = "auto", repeats: int = 5, warmup: int = 2,
-                 decode_tokens: int = 32, prefill_tokens: int = 512, progress: bool = True,
-                 device: str | None = None, profile_steps: int = 4, skip_unfit: bool = True,
-                 model_label: str | None = None) -> list[dict[str, Any]]:
-    """Every (cache mode, ctx, depth) combination; one load per (cache mode, ctx). Depths that do not fit a cache
-    are skipped (a single combination that does not fit is an error)."""
-    model_dir = models.resolve_model_dir(model_dir)
-    plan = plan_matrix(max_seq_lens, depths, cache_modes, decode_tokens=decode_tokens, backend=backend,
-                       skip_unfit=skip_unfit)
-    trained = _trained_ctx(model_dir)
+def bench_matrix(model=None, *, max_seq_lens: Iterable[int] = (4096, 32768), depths: Iterable[int] = (128,),
+                 cache_modes: Iterable[str] = ("fp16",), measure: Measure = Measure(), progress: bool = True,
+                 skip_unfit: bool = True, model_label: str | None = None) -> list[dict[str, Any]]:
+    """Every (cache mode, max_seq_len, depth) of ``model`` (a ``LoadSetup`` or a folder; None: the embedded model);
+    one load per (cache mode, max_seq_len). Depths that do not fit a cache are skipped (a single combination that
+    does not fit is an error)."""
+    base = backend_mod.setup_of(model)
+    model_dir = base.model_dir
+    plan = plan_matrix(max_seq_lens, depths, cache_modes, decode_tokens=measure.decode_tokens,
+                       backend=measure.backend, skip_unfit=skip_unfit)
+    trained = _trained_positions(model_dir)
     rows = []
     bw = None
     for mode, c, ds in plan:
         before = _memory_before_load()
-        b = backend_mod.load(model_dir, max_seq_len=c, cache_mode=mode, backend=backend, device=device)
+        b = backend_mod.load(base.with_(max_seq_len=c, cache_mode=mode), backend=measure.backend,
+                             device=measure.device)
         try:
             mem_loaded = b.memory()
             if bw is None:  # the same threads as the decode it bounds
@@ -274,10 +279,8 @@ def bench_matrix(model_dir=None, *, max_seq_lens: Iterable[int] = (4096, 32768),
             ds_bw = datasheet_bandwidth(_device_name(str(b.device)))
             host = datasheet_host(_device_name(str(b.device)))
             for d in ds:
-                row = measure_loaded(b, d, repeats=repeats, warmup=warmup, decode_tokens=decode_tokens,
-                                     prefill_tokens=prefill_tokens, profile_steps=profile_steps,
-                                     bandwidth_bytes_s=bw, progress=progress,
-                                     desc=f"{mode} ctx {c} depth {d}")
+                row = measure_loaded(b, d, measure, bandwidth_bytes_s=bw, progress=progress,
+                                     desc=f"{mode} max_seq_len {c} depth {d}")
                 row.update(_flat_memory("mem_before_load_", before))
                 row.update(_flat_memory("mem_loaded_", mem_loaded))
                 if str(b.device).startswith("cuda"):
@@ -285,7 +288,7 @@ def bench_matrix(model_dir=None, *, max_seq_lens: Iterable[int] = (4096, 32768),
 
                     row["mem_peak_torch_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
                 row.update(model=model_label or Path(model_dir).name, model_dir=str(model_dir),
-                           trained_ctx=trained, beyond_trained_ctx=bool(trained and c > trained),
+                           trained_positions=trained, beyond_trained_positions=bool(trained and c > trained),
                            bandwidth_method=method, datasheet_bandwidth_gbs=ds_bw / 1e9 if ds_bw else None,
                            host=host)
                 rows.append(row)
@@ -355,17 +358,17 @@ def paired_ratio(rows: list[dict], a: tuple, b: tuple, key: str = "best_all") ->
             "min": min(ratios), "max": max(ratios), "rounds": len(ratios)}
 
 
-def bench_subprocess(model_dir, *, max_seq_len: int, depth: int, cache_mode: str = "fp16", backend: str = "auto",
-                     repeats: int = 5, warmup: int = 2, decode_tokens: int = 32, prefill_tokens: int = 512,
-                     model_label: str | None = None, timeout: float | None = None) -> list[dict[str, Any]]:
+def bench_subprocess(setup, *, depth: int, measure: Measure = Measure(), model_label: str | None = None,
+                     timeout: float | None = None) -> list[dict[str, Any]]:
     """The same measurement in a fresh Python process (nothing cached, allocated or compiled by earlier runs)."""
+    setup = backend_mod.setup_of(setup)
+    m = measure
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         out = Path(tmp) / "rows.json"
-        cmd = [sys.executable, "-m", "helpers", "bench", "--max-seq-len", str(max_seq_len), "--depth", str(depth),
-               "--cache", cache_mode, "--backend", backend, "--repeats", str(repeats), "--warmup", str(warmup),
-               "--decode-tokens", str(decode_tokens), "--prefill-tokens", str(prefill_tokens), "--out", str(out)]
-        if model_dir is not None:
-            cmd += ["--model", str(model_dir)]
+        cmd = [sys.executable, "-m", "helpers", "bench", "--model", str(setup.model_dir),
+               "--max-seq-len", str(setup.max_seq_len), "--depth", str(depth), "--cache", setup.cache_mode,
+               "--backend", m.backend, "--repeats", str(m.repeats), "--warmup", str(m.warmup),
+               "--decode-tokens", str(m.decode_tokens), "--prefill-tokens", str(m.prefill_tokens), "--out", str(out)]
         if model_label:
             cmd += ["--label", model_label]
         # the child's stdout goes to our stderr: exllamav2 prints while it loads, and `record` reads our stdout
@@ -375,6 +378,7 @@ def bench_subprocess(model_dir, *, max_seq_len: int, depth: int, cache_mode: str
             sink = None
         proc = subprocess.run(cmd, stdout=sink, timeout=timeout, cwd=REPO_DIR)
         if proc.returncode != 0 or not out.is_file():
-            raise CourseError(f"the bench process for ctx {max_seq_len} depth {depth} {cache_mode} failed (exit "
-                              f"{proc.returncode}); run `python {' '.join(cmd[1:-2])}` to see why")
+            raise CourseError(f"the bench process for max_seq_len {setup.max_seq_len} depth {depth} "
+                              f"{setup.cache_mode} failed (exit {proc.returncode}); run `python "
+                              f"{' '.join(cmd[1:-2])}` to see why")
         return json.loads(out.read_text(encoding="utf-8"))["rows"]

@@ -34,7 +34,7 @@ def check_config(max_seq_len: int, depth: int, *, decode_tokens: int = 0, exllam
         raise CourseError(f"context depth must not be negative, got {depth}")
     if depth >= max_seq_len:
         raise CourseError(f"depth {depth} does not fit: the cache holds {max_seq_len} tokens, so the depth must be "
-                          f"below {max_seq_len}; raise --ctx or lower --depth")
+                          f"below {max_seq_len}; raise --max-seq-len or lower --depth")
     if decode_tokens and depth + decode_tokens > max_seq_len:
         raise CourseError(f"depth {depth} plus {decode_tokens} decoded tokens passes the cache's {max_seq_len} tokens; "
                           f"use a depth of at most {max_seq_len - decode_tokens} or fewer decode tokens")
@@ -109,5 +109,5 @@ def plan_matrix(max_seq_lens: Iterable[int], depths: Iterable[int], cache_modes:
             if fit:
                 plan.append((m, c, fit))
     if not plan:
-        raise first_error or CourseError("nothing to measure: give at least one --ctx and one --depth")
+        raise first_error or CourseError("nothing to measure: give at least one --max-seq-len and one --depth")
     return plan

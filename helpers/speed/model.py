@@ -19,11 +19,11 @@ from helpers.core.errors import CourseError
 from helpers.core.paths import PACKAGE_DIR
 from helpers.memory.cache_modes import CACHE_RULES, check_cache_mode
 from helpers.memory.kv_cache import kv_layer_bytes_per_token
+from helpers.memory.setup import HOSTS, LoadSetup
 from helpers.specs.shapes import model_shape
 
 #: where ``python -m helpers calibrate`` writes the fitted constants (package data: the planner needs no results/)
 CONSTANTS_PATH = PACKAGE_DIR / "speed" / "constants.json"
-HOSTS = ("desktop", "server")
 #: what the model cannot see, said beside every range
 UNKNOWNS = ("the front end (its sampler and tok/s counter)", "the exllamav2 version", "the host CPU",
             "speculative decoding (a draft model or n-grams can exceed these figures)")
@@ -239,20 +239,19 @@ class DecodeTerms:
                 "hops": c["hops"] * f["hops"], "pcie": self.pcie_s}
 
 
-def check_host(host: Any) -> str:
-    if host not in HOSTS:
-        raise CourseError(f"unknown host {host!r}: use 'desktop' (a PC with the GPU in it) or 'server' (a cloud or "
-                          "data-centre machine)")
-    return host
+@dataclass(frozen=True)
+class Spill:
+    """What sits in system RAM and is read over PCIe: weight bytes (every token) and cache layers (up to the depth)."""
+
+    weight_bytes: float = 0
+    cache_layers: int = 0
+    pcie_gbs: float | None = None
 
 
-def decode_terms(shape: Any, stages: Sequence[Stage], *, depth: int, cache_mode: str = "fp16",
-                 flash_attn: bool = False, host: str = "desktop", spilled_weight_bytes: float = 0,
-                 spilled_cache_layers: int = 0, pcie_gbs: float | None = None) -> DecodeTerms:
-    """The terms of one token at ``depth`` for a model split over ``stages`` (one per device, in order). A spill
-    (``spilled_weight_bytes`` of the weights, ``spilled_cache_layers`` cache layers read over PCIe at ``pcie_gbs``)
-    is for one device."""
-    s = model_shape(shape)
+def decode_terms(setup: LoadSetup, stages: Sequence[Stage], depth: int, spill: Spill | None = None) -> DecodeTerms:
+    """The terms of one token at ``depth`` for the setup's model split over ``stages`` (one per device, in order); a
+    ``spill`` is for one device."""
+    s = setup.shape
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
         raise CourseError(f"depth must be a whole number of tokens >= 0, got {depth!r}")
     if not stages or sum(st.n_layers for st in stages) != s.n_layers:
@@ -262,18 +261,19 @@ def decode_terms(shape: Any, stages: Sequence[Stage], *, depth: int, cache_mode:
             raise CourseError(f"bandwidth_gbs must be a positive number of GB/s, got {st.bandwidth_gbs!r}")
         if st.weight_bytes is None or st.weight_bytes <= 0:
             raise CourseError("weight_bytes must be positive")
-    spill = spilled_weight_bytes or spilled_cache_layers
-    if spill and len(stages) > 1:
+    sp = spill or Spill()
+    spilled = sp.weight_bytes or sp.cache_layers
+    if spilled and len(stages) > 1:
         raise CourseError("the spill model covers one GPU")
-    if not 0 <= spilled_weight_bytes <= stages[0].weight_bytes:
-        raise CourseError("spilled_weight_bytes must be between 0 and weight_bytes")
-    if not 0 <= spilled_cache_layers <= s.n_layers:
-        raise CourseError(f"spilled_cache_layers must be between 0 and {s.n_layers}, got {spilled_cache_layers}")
-    if spill and not pcie_gbs:
-        raise CourseError("something spilled: pass pcie_gbs, the GB/s the GPU reads system memory at")
-    pb = position_bytes(s, cache_mode, flash_attn)
+    if not 0 <= sp.weight_bytes <= stages[0].weight_bytes:
+        raise CourseError("spilled weight bytes must be between 0 and the weight bytes")
+    if not 0 <= sp.cache_layers <= s.n_layers:
+        raise CourseError(f"spilled cache layers must be between 0 and {s.n_layers}, got {sp.cache_layers}")
+    if spilled and not sp.pcie_gbs:
+        raise CourseError("something spilled: give pcie_gbs, the GB/s the GPU reads system memory at")
+    pb = position_bytes(s, setup.cache_mode, setup.flash_attn)
     # spilled cache layers: their own cache crosses PCIe; the FP16 copies are made in VRAM
-    cache_pcie = spilled_cache_layers * pb.per_layer.cache_read * depth
+    cache_pcie = sp.cache_layers * pb.per_layer.cache_read * depth
     weights = attention = dequant = 0.0
     for st in stages:
         bw = st.bandwidth_gbs * 1e9
@@ -282,18 +282,17 @@ def decode_terms(shape: Any, stages: Sequence[Stage], *, depth: int, cache_mode:
         attention += depth * pb.attention * share / bw
         dequant += depth * pb.dequant * share / bw
     bw0 = stages[0].bandwidth_gbs * 1e9
-    weights -= spilled_weight_bytes / bw0
+    weights -= sp.weight_bytes / bw0
     if cache_pcie:  # the spilled layers' cache is no longer read from VRAM
         moved = cache_pcie / bw0
         take = min(moved, dequant) if pb.dequant else 0.0
         dequant -= take
         attention -= moved - take
-    pcie = (spilled_weight_bytes + cache_pcie) / (pcie_gbs * 1e9) if spill else 0.0
+    pcie = (sp.weight_bytes + cache_pcie) / (sp.pcie_gbs * 1e9) if spilled else 0.0
     return DecodeTerms(weights, max(0.0, attention), max(0.0, dequant), s.n_layers, len(stages) - 1, pcie,
-                       bool(flash_attn), check_host(host))
+                       setup.flash_attn, setup.host_class)
 
 
-# ------------------------------------------------------------------------------------------------- estimate
 @dataclass
 class DecodeEstimate:
     """Decode speed at one depth: ``tok_s`` (central), ``tok_s_low``..``tok_s_high`` (the likely range), the
@@ -351,39 +350,37 @@ def estimate_from_terms(terms: DecodeTerms, pb: PositionBytes, depth: int,
                           terms=terms)
 
 
-def decode_estimate(shape: Any, *, weight_bytes: float, bandwidth_gbs: float, depth: int, cache_mode: str = "fp16",
-                    flash_attn: bool = False, host: str = "desktop", spilled_weight_bytes: float = 0,
-                    spilled_cache_layers: int = 0, pcie_gbs: float | None = None,
+def decode_estimate(setup: LoadSetup, depth: int, *, weight_bytes: float | None = None,
+                    bandwidth_gbs: float | None = None, spill: Spill | None = None,
                     constants: SpeedConstants | None = None) -> DecodeEstimate:
-    """Decode tokens/s at ``depth`` on one GPU (see the module docstring). ``weight_bytes``: every weight byte a token
-    reads, ``spilled_weight_bytes`` of them over PCIe; ``spilled_cache_layers``: layers whose cache sits in system
-    memory (their cache bytes up to the depth cross PCIe)."""
-    s = model_shape(shape)
-    stage = Stage(s.n_layers, weight_bytes, bandwidth_gbs)
-    terms = decode_terms(s, [stage], depth=depth, cache_mode=cache_mode, flash_attn=flash_attn, host=host,
-                         spilled_weight_bytes=spilled_weight_bytes, spilled_cache_layers=spilled_cache_layers,
-                         pcie_gbs=pcie_gbs)
-    extra = ([f"PCIe {pcie_gbs:g} GB/s: {spilled_weight_bytes:,.0f} B of weights every token, "
-              f"{spilled_cache_layers} cache layer(s) up to the depth"] if terms.pcie_s else [])
-    return estimate_from_terms(terms, position_bytes(s, cache_mode, flash_attn), depth, constants, extra)
+    """Decode tokens/s at ``depth`` for the setup on one GPU (see the module docstring). ``weight_bytes``: every
+    weight byte a token reads (default: the setup's GPU-resident weights), ``spill.weight_bytes`` of them over PCIe;
+    ``bandwidth_gbs``: default the setup's GPU's datasheet figure."""
+    s = setup.shape
+    if bandwidth_gbs is None:
+        bandwidth_gbs = setup.gpu.get("bandwidth_gbs")
+        if not bandwidth_gbs:
+            raise CourseError(f"{setup.gpu.get('name')}'s memory bandwidth is unknown: name a known card or give "
+                              "--bandwidth-gbs")
+    stage = Stage(s.n_layers, setup.weights.vram if weight_bytes is None else weight_bytes, float(bandwidth_gbs))
+    terms = decode_terms(setup, [stage], depth, spill)
+    extra = ([f"PCIe {spill.pcie_gbs:g} GB/s: {spill.weight_bytes:,.0f} B of weights every token, "
+              f"{spill.cache_layers} cache layer(s) up to the depth"] if terms.pcie_s else [])
+    return estimate_from_terms(terms, position_bytes(s, setup.cache_mode, setup.flash_attn), depth, constants, extra)
 
 
-def estimate_curve(shape: Any, depths, **kw) -> list[DecodeEstimate]:
+def estimate_curve(setup: LoadSetup, depths, **kw) -> list[DecodeEstimate]:
     """``decode_estimate`` at each depth (the same keyword arguments)."""
-    return [decode_estimate(shape, depth=int(d), **kw) for d in depths]
+    return [decode_estimate(setup, int(d), **kw) for d in depths]
 
 
-def depth_for_speed(shape: Any, tok_s: float, *, weight_bytes: float, bandwidth_gbs: float, cache_mode: str = "fp16",
-                    flash_attn: bool = False, host: str = "desktop",
-                    constants: SpeedConstants | None = None) -> int | None:
-    """The depth at which the central estimate (nothing spilled) falls to ``tok_s``: 0 if it is already slower at
-    depth 0. The time is linear in the depth, so two estimates give it."""
+def depth_for_speed(setup: LoadSetup, tok_s: float, **kw) -> int | None:
+    """The depth at which the central estimate (nothing spilled; ``decode_estimate``'s keywords) falls to ``tok_s``:
+    0 if it is already slower at depth 0. The time is linear in the depth, so two estimates give it."""
     if tok_s <= 0:
         raise CourseError(f"a target speed must be positive, got {tok_s}")
-    kw = dict(weight_bytes=weight_bytes, bandwidth_gbs=bandwidth_gbs, cache_mode=cache_mode, flash_attn=flash_attn,
-              host=host, constants=constants)
-    t0 = 1 / decode_estimate(shape, depth=0, **kw).tok_s
-    t1 = 1 / decode_estimate(shape, depth=1000, **kw).tok_s
+    t0 = 1 / decode_estimate(setup, 0, **kw).tok_s
+    t1 = 1 / decode_estimate(setup, 1000, **kw).tok_s
     per_pos = (t1 - t0) / 1000
     left = 1 / tok_s - t0
     return max(0, math.floor(left / per_pos + 0.5)) if per_pos > 0 else (0 if left <= 0 else None)

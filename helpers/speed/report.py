@@ -26,14 +26,14 @@ def _spread(x) -> str:
 
 def format_rows(rows: list[dict], *, where: bool = False) -> str:
     """A plain table of bench rows (``where``: add the model and the device or GPU each row was measured on)."""
-    head = (f"{'cache':<5} {'ctx':>6} {'depth':>6} {'prefill':>8} {'decode tok/s (min-max)':>23} {'spread':>6} "
-            f"{'roofline':>8} {'fraction':>8} {'cache GiB':>9}")
+    head = (f"{'cache':<5} {'max_seq_len':>11} {'depth':>6} {'prefill':>8} {'decode tok/s (min-max)':>23} "
+            f"{'spread':>6} {'roofline':>8} {'fraction':>8} {'cache GiB':>9}")
     if where:
         head = f"{'model':<26} {'measured on':<22} " + head
     lines = [head]
     for r in rows:
         dec = f"{_fmt(r['decode_tok_s'])} ({_fmt(r['decode_tok_s_min'])}-{_fmt(r['decode_tok_s_max'])})"
-        line = (f"{r['cache_mode']:<5} {r['ctx']:>6} {r['depth']:>6} {_fmt(r.get('prefill_tok_s')):>8} "
+        line = (f"{r['cache_mode']:<5} {r['max_seq_len']:>11} {r['depth']:>6} {_fmt(r.get('prefill_tok_s')):>8} "
                 f"{dec:>23} {_spread(r.get('decode_spread')):>6} "
                 f"{_fmt(r.get('roofline_tok_s')):>8} {_fmt(r.get('roofline_fraction'), '.3f'):>8} "
                 f"{_fmt(r.get('cache_gib'), '.3f'):>9}")
@@ -93,7 +93,7 @@ def describe_repeatability(results_dir: Path | None = None) -> str:
 
 def format_time_split(rows: list[dict]) -> str:
     """Per decoded token: wall time, and where it went (GPU busy vs idle; on a CPU, inside torch operators or not)."""
-    head = (f"{'measured on':<22} {'model':<22} {'cache':<5} {'ctx':>6} {'depth':>6} {'ms/token':>9} "
+    head = (f"{'measured on':<22} {'model':<22} {'cache':<5} {'max_seq_len':>11} {'depth':>6} {'ms/token':>9} "
             f"{'GPU busy':>9} {'GPU idle':>8} {'launches':>8} {'host ms':>8} {'in torch ops':>12}")
     lines = [head]
     for r in rows:
@@ -101,7 +101,7 @@ def format_time_split(rows: list[dict]) -> str:
         ops = r.get("torch_ops_ms_per_token")
         share = f"{100 * ops / r['profiled_ms_per_token']:.0f}%" if ops and r.get("profiled_ms_per_token") else "-"
         lines.append(f"{str(r.get('gpu') or r.get('device'))[:22]:<22} {str(r.get('model', '?'))[:22]:<22} "
-                     f"{r['cache_mode']:<5} {r['ctx']:>6} {r['depth']:>6} {_fmt(r['step_ms'], '.2f'):>9} "
+                     f"{r['cache_mode']:<5} {r['max_seq_len']:>11} {r['depth']:>6} {_fmt(r['step_ms'], '.2f'):>9} "
                      f"{_fmt(r.get('gpu_ms_per_token'), '.2f'):>9} {idle:>8} "
                      f"{_fmt(r.get('kernel_launches_per_token'), '.0f'):>8} "
                      f"{_fmt(r.get('cpu_ms_per_token'), '.2f'):>8} "

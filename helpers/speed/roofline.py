@@ -1,18 +1,12 @@
 """The decode roofline: bytes moved per decoded token over the memory bandwidth is the fastest decode memory allows.
 
-What is counted as "bytes per decoded token" (``decode_bytes``):
-- weights: every tensor the backend keeps on the compute device for the decoder (``helpers.memory.weights``): the
-  quantized linears (q_weight, q_scale, q_scale_max, q_groups, q_perm/q_invperm, biases) including the output head,
-  and the norms. NOT the input embedding: exllamav2 keeps it in system RAM and copies one row (hidden x 2 bytes) per
-  token. For the CPU reference backend, whatever its weight tensors occupy in its own dtype.
-- attention at ``depth``: ``depth`` x the bytes per position of the attention path and cache mode, from THE speed
-  model (``helpers.speed.model.position_bytes``: the cache read, the quantized caches' dequantization into the FP16
-  temp layer, and without flash-attn the ``repeat_kv`` copy from KV heads to query heads).
-- Not counted: activations, the logits, scratch buffers.
-
-The roofline is ``helpers.speed.model.decode_estimate`` with ``first_principles()``: full bandwidth, no host time.
-The bandwidth: measured on the device (``measure_bandwidth``, the median of sums over one large buffer) or the
-datasheet's (``datasheet_bandwidth``).
+``decode_bytes`` counts the weights the backend keeps on the compute device (``helpers.memory.weights``: quantized
+linears with their scales, groups and permutations, the head, the norms; not the input embedding, which stays in
+system RAM, docs/FACTS.md §2) plus ``depth`` x the attention path's bytes per position
+(``helpers.speed.model.position_bytes``, docs/FACTS.md §8); not activations, logits or scratch. The roofline equals
+``decode_estimate`` with ``first_principles()``: full bandwidth, no host time. Bandwidth is measured
+(``measure_bandwidth``: median of sums over one large buffer) or the datasheet's (``datasheet_bandwidth``). Also:
+``roofline_tok_s``, ``roofline_curve``, ``bytes_per_decoded_token``.
 """
 from __future__ import annotations
 

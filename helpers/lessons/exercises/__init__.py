@@ -1,22 +1,11 @@
 """Exercises with checked answers: the learner's own kernel grades them, the solutions stay out of the notebook.
 
-In a notebook::
-
-    from helpers.lessons.exercises import check, solution
-    answer = None                      # your answer here
-    check("01.kv_llama8b", answer)     # prints "right: ..." or "not yet: <hint>", returns True/False
-    # solution("01.kv_llama8b")        # prints the worked solution (the code that computes the expected answer)
-
-Each notebook's exercises live in ``helpers/lessons/exercises/nbNN.py`` as ``EXERCISES = register(Exercise(...),
-...)``, a dict by id (each id written once, in its Exercise), ids like ``"01.kv_llama8b"`` (the notebook's number, a
-dot, a short name). An exercise's expected answer is never typed in: ``Exercise.solve`` computes it, with the
-course's helpers or from first principles, and ``solution()`` prints that function's source, so the worked solution
-is the code the tests run (tests/test_exercises.py checks every registered solution against its checker and that a
-wrong answer is refused with a hint).
-
-Answers may be numbers (compared within ``rel_tol``/``abs_tol``), sequences of numbers, booleans or short texts
-(compared without case and surrounding spaces; ``Exercise.accept`` lists other spellings). ``None`` means "not
-answered yet"; a value of the wrong type says which type is wanted.
+In a notebook: ``check("01.kv_llama8b", answer)`` prints "right: ..." or "not yet: <hint>";
+``solution("01.kv_llama8b")`` prints the worked solution. Each notebook's exercises live in ``nbNN.py`` as
+``EXERCISES = register(Exercise(...), ...)``, ids like ``"01.kv_llama8b"``. An expected answer is never typed in:
+``Exercise.solve`` computes it with the course's helpers, and ``solution()`` prints that function, so the worked
+solution is the code the test suite checks. Answers may be numbers (within ``rel_tol``/``abs_tol``), sequences of
+numbers, booleans or short texts (``Exercise.accept`` lists other spellings); ``None`` means not answered yet.
 """
 from __future__ import annotations
 

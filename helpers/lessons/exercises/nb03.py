@@ -3,26 +3,24 @@ model (``helpers.speed.model``) or from the external H100 record; ``solution(id)
 from __future__ import annotations
 
 from helpers.lessons.exercises import Exercise, register
-from helpers.memory import weights
-from helpers.specs import gpus
+from helpers.memory.setup import LoadSetup
 from helpers.speed import model
+
+#: the seed's model on its card: FP16 cache, no flash-attn, a desktop host
+SEED = LoadSetup("qwen2.5-14b", bpw=5.5, gpus="RTX 4080 Super")
 
 
 def _w14b() -> int:
-    return weights.weight_bytes("qwen2.5-14b", bpw=5.5)["vram_bytes"]
+    return SEED.weights.vram
 
 
 def depth_for_25_no_flash() -> int:
-    card = gpus.gpu_spec("RTX 4080 Super")
-    # no flash-attn, FP16 cache, nothing spilled, a desktop host: the speed model with its fitted constants
-    return model.depth_for_speed("qwen2.5-14b", 25, weight_bytes=_w14b(), bandwidth_gbs=card["bandwidth_gbs"],
-                                 flash_attn=False)
+    # nothing spilled: the speed model with its fitted constants at the datasheet bandwidth
+    return model.depth_for_speed(SEED, 25)
 
 
 def depth_for_25_first_principles() -> int:           # forgot the constants: datasheet bandwidth, no host time
-    card = gpus.gpu_spec("RTX 4080 Super")
-    return model.depth_for_speed("qwen2.5-14b", 25, weight_bytes=_w14b(), bandwidth_gbs=card["bandwidth_gbs"],
-                                 constants=model.first_principles())
+    return model.depth_for_speed(SEED, 25, constants=model.first_principles())
 
 
 def q4_over_fp16_no_flash() -> float:

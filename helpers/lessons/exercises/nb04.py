@@ -5,21 +5,22 @@ from __future__ import annotations
 
 from helpers.fallback.pcie import pcie_practical_bandwidth
 from helpers.lessons.exercises import Exercise, register
+from helpers.memory.setup import LoadSetup
 from helpers.memory.weights import weight_bytes
-from helpers.specs.gpus import gpu_spec
 from helpers.speed import model as speed
+
+#: the seed's model on its card (FP16 cache, a desktop host)
+SEED = LoadSetup("qwen2.5-14b", bpw=5.5, gpus="RTX 4080 Super")
 
 
 def _seed():
-    w = weight_bytes("qwen2.5-14b", bpw=5.5)
-    return w, gpu_spec("RTX 4080 Super")["bandwidth_gbs"]
+    return weight_bytes("qwen2.5-14b", bpw=5.5), SEED.gpu["bandwidth_gbs"]
 
 
 def lm_head_only_tok_s() -> float:
-    w, bw = _seed()
-    est = speed.decode_estimate("qwen2.5-14b", weight_bytes=w["vram_bytes"], bandwidth_gbs=bw, depth=256,
-                                flash_attn=True, spilled_weight_bytes=w["lm_head_bytes"],
-                                pcie_gbs=pcie_practical_bandwidth(4, 16) / 1e9)
+    w, _ = _seed()
+    spill = speed.Spill(w["lm_head_bytes"], 0, pcie_practical_bandwidth(4, 16) / 1e9)
+    est = speed.decode_estimate(SEED.with_(flash_attn=True), 256, spill=spill)
     return est.tok_s                            # the central estimate, the fitted constants
 
 
@@ -42,15 +43,11 @@ def reported_over_roofline_gib() -> float:     # a slip: GiB per token against a
 
 
 def depth_for_25_without_flash_attn() -> int:
-    w, bw = _seed()
-    return speed.depth_for_speed("qwen2.5-14b", 25.0, weight_bytes=w["vram_bytes"], bandwidth_gbs=bw,
-                                 flash_attn=False)
+    return speed.depth_for_speed(SEED, 25.0)
 
 
 def depth_for_25_cache_only() -> int:          # a slip: flash-attn's bytes per position, no repeat_kv copy
-    w, bw = _seed()
-    return speed.depth_for_speed("qwen2.5-14b", 25.0, weight_bytes=w["vram_bytes"], bandwidth_gbs=bw,
-                                 flash_attn=True)
+    return speed.depth_for_speed(SEED.with_(flash_attn=True), 25.0)
 
 
 EXERCISES = register(
@@ -59,7 +56,7 @@ EXERCISES = register(
         "Suppose only the lm_head landed in system RAM (flash-attn, FP16 cache, 256 tokens deep, PCIe 23.85 GB/s). How "
         "many tok/s does the speed model give for the seed case?",
         lm_head_only_tok_s, unit="tok/s", rel_tol=0.01,
-        hint="speed.decode_estimate(..., spilled_weight_bytes=the lm_head's bytes, pcie_gbs=23.85): the weights still "
+        hint="speed.decode_estimate(setup, 256, spill=speed.Spill(the lm_head's bytes, 0, 23.85)): the weights still "
              "in VRAM at eta x 736 GB/s, the host time, and the lm_head over PCIe",
         mistakes=((lm_head_read_twice, "the lm_head is read over PCIe instead of from VRAM, not as well: take its "
                                        "bytes out of the VRAM term"),)),
@@ -75,8 +72,8 @@ EXERCISES = register(
         "Nothing spilled and no flash-attn: at what depth does the seed case fall to 25 tok/s (the speed model, "
         "its fitted constants)?",
         depth_for_25_without_flash_attn, unit="tokens", rel_tol=0.02,
-        hint="speed.depth_for_speed(..., flash_attn=False): the bytes per position of torch attention (repeat_kv "
-             "writes and reads K and V for 40 heads) at the torch path's fitted cost",
+        hint="speed.depth_for_speed(setup, 25) without flash-attn: the bytes per position of torch attention "
+             "(repeat_kv writes and reads K and V for 40 heads) at the torch path's fitted cost",
         mistakes=((depth_for_25_cache_only, "that is flash-attn's cost per position: without it, repeat_kv copies "
                                             "K and V to 40 heads and reads them again"),)),
 )

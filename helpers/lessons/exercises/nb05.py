@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 from helpers.lessons.exercises import Exercise, register
+from helpers.memory.setup import LoadSetup
 from helpers.planning.multi import plan_multi
 from helpers.planning.planner import longest_for, plan
 
@@ -12,20 +13,20 @@ from helpers.planning.planner import longest_for, plan
 def q6_8b_16gb() -> int:
     # the longest Q6 context (multiple of 256) for Llama-3.1-8B at 6.0 bpw on a 16 GiB card, as plan() finds it:
     # everything the GPU holds (weights, cache, scratch, transients, CUDA context, 0.5 GiB reserve) within 16 GiB
-    return longest_for("llama-3.1-8b", 16, bpw=6.0, modes=("q6",), safe=False)["q6"]
+    return longest_for(LoadSetup("llama-3.1-8b", bpw=6.0, gpus=16), modes=("q6",), safe=False)["q6"]
 
 
 def q6_8b_16gb_safe() -> int:  # the length that also leaves load_autosplit's load-time reserve free
-    return longest_for("llama-3.1-8b", 16, bpw=6.0, modes=("q6",), safe=True)["q6"]
+    return longest_for(LoadSetup("llama-3.1-8b", bpw=6.0, gpus=16), modes=("q6",), safe=True)["q6"]
 
 
 def flash_gain_14b() -> float:
     # decode estimate at depth 30,000, Qwen2.5-14B 5.5 bpw, FP16 cache, RTX 4080 Super: with flash-attn / without
-    kw = dict(bpw=5.5, max_seq_len=32768, depth=30000, cache_mode="fp16")
+    setup = LoadSetup("qwen2.5-14b", bpw=5.5, max_seq_len=32768, gpus="RTX 4080 Super")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fast = plan("qwen2.5-14b", "RTX 4080 Super", flash_attn=True, **kw).decode.tok_s
-        slow = plan("qwen2.5-14b", "RTX 4080 Super", flash_attn=False, **kw).decode.tok_s
+        fast = plan(setup.with_(flash_attn=True), 30000).decode.tok_s
+        slow = plan(setup, 30000).decode.tok_s
     return fast / slow
 
 
@@ -38,7 +39,8 @@ def gpu0_layers_70b() -> int:
     # lands on GPU 0 (the first device fills up before exllamav2 moves on)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        m = plan_multi("llama-3.3-70b", ["RTX 3090", "RTX 3090"], bpw=4.0, max_seq_len=32768, cache_mode="q4")
+        m = plan_multi(LoadSetup("llama-3.3-70b", bpw=4.0, max_seq_len=32768, cache_mode="q4",
+                                 gpus=("RTX 3090", "RTX 3090")))
     return sum(1 for name in m.devices[0].modules if name.endswith("self_attn"))
 
 
@@ -46,9 +48,9 @@ EXERCISES = register(
     Exercise(
         "05.q6_8b_16gb",
         "What is the longest Q6 context (a multiple of 256 tokens) that fits Llama-3.1-8B at 6.0 bpw on a 16 GiB card "
-        "(default CUDA context and 0.5 GiB reserve)? Use the planner, or longest_for(...).",
+        "(default CUDA context and 0.5 GiB reserve)? Use the planner, or longest_for(LoadSetup(...)).",
         q6_8b_16gb, unit="tokens", rel_tol=0.0, abs_tol=0.0,
-        hint="plan('llama-3.1-8b', 16, bpw=6.0, max_seq_len=..., cache_mode='q6').longest_context['q6']",
+        hint="plan(LoadSetup('llama-3.1-8b', bpw=6.0, cache_mode='q6', gpus=16)).longest_context['q6']",
         mistakes=((q6_8b_16gb_safe, "that is the length that also leaves load_autosplit's 0.44 GiB load-time "
                                     "reserve free: the question asks for the longest that fits once loaded"),)),
     Exercise(
@@ -56,13 +58,14 @@ EXERCISES = register(
         "By what factor does flash-attn raise the estimated decode speed of Qwen2.5-14B (5.5 bpw, FP16 cache, "
         "32k) on an RTX 4080 Super at depth 30,000?",
         flash_gain_14b, unit="x", rel_tol=0.02,
-        hint="plan(..., depth=30000, flash_attn=True).decode.tok_s divided by the same with flash_attn=False",
+        hint="plan(setup.with_(flash_attn=True), 30000).decode.tok_s divided by the same with flash_attn=False",
         mistakes=((flash_gain_inverted, "that is without / with: the question asks how many times faster"),)),
     Exercise(
         "05.gpu0_layers_70b",
         "Llama-3.3-70B at 4.0 bpw, 32k, Q4 cache on two RTX 3090s (load_autosplit): how many decoder layers' "
         "attention (and cache) land on GPU 0?",
         gpu0_layers_70b, unit="layers", rel_tol=0.0,
-        hint="plan_multi('llama-3.3-70b', ['RTX 3090'] * 2, bpw=4.0, max_seq_len=32768, cache_mode='q4'); count "
+        hint="plan_multi(LoadSetup('llama-3.3-70b', bpw=4.0, max_seq_len=32768, cache_mode='q4', "
+             "gpus=['RTX 3090'] * 2)); count "
              "the modules of devices[0] that end in 'self_attn'"),
 )
