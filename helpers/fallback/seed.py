@@ -293,6 +293,34 @@ def depth_curves(depths: Sequence[int] | None = None) -> dict:
     return out
 
 
+#: whether each speed row of ``hypotheses`` assumes flash-attn installed (spill rows: so that the spill alone counts)
+_FLASH = {"a": True, "b": True, "c": True, "c'": True, "d": False, "e": True, "b+d": False}
+
+
+def judge(readings: dict) -> list[dict]:
+    """Which rival explanation survives a set of readings: ``{"shared_gpu_memory_gb": GB, "flash_attn": bool,
+    "tok_s": {depth: tok/s}}``. A row stands when it assumes the attention path read, spills exactly when Task
+    Manager's Shared GPU memory reads more than 0.1 GB, and every tok/s read lies in its likely range at that depth.
+    One dict per speed row of ``hypotheses``: id, hypothesis, stands, reason."""
+    fns, out = _row_functions(), []
+    names = {r["id"]: r["hypothesis"] for r in hypotheses(0)}
+    shared = float(readings["shared_gpu_memory_gb"])
+    for rid, fn in fns.items():
+        why = []
+        if _FLASH[rid] != bool(readings["flash_attn"]):
+            why.append(f"it needs flash-attn {'installed' if _FLASH[rid] else 'absent'}")
+        if (rid not in ("d", "e")) != (shared > 0.1):
+            why.append(f"nothing spills in it, yet Shared GPU memory reads {shared:g} GB" if shared > 0.1
+                       else "it spills, yet Shared GPU memory reads ~0")
+        for depth, tok_s in sorted(readings["tok_s"].items()):
+            e = fn(int(depth))
+            if not e.tok_s_low <= tok_s <= e.tok_s_high:
+                why.append(f"it gives {e.tok_s_low:.0f}-{e.tok_s_high:.0f} tok/s at {int(depth):,} deep, not {tok_s:g}")
+        out.append({"id": rid, "hypothesis": names[rid], "stands": not why,
+                    "reason": "; ".join(why) or "every reading lies in what it predicts"})
+    return out
+
+
 def _row_functions() -> dict:
     def spill(path, placement, flash_attn=True):
         p = _model(load_path=path, placement=placement, flash_attn=flash_attn).predict(0)
@@ -357,9 +385,9 @@ def format_rows(rows: list[dict], depth: int | None = None) -> str:
     res = sorted({round(r["reserve_gib"], 2) for r in rows if r.get("reserve_gib") is not None})
     if res:
         more = f" ({', '.join(f'{x:.2f}' for x in res[1:])} GiB in the row that adds reserve)" if res[1:] else ""
-        lines.append(f"desktop/OS reserve: {res[0]:.2f} GiB{more}, from this user's memory readings (section 2), not "
-                     "the planner's 0.5 GiB default: the planner alone gives slightly shorter contexts and lower bpw "
-                     "(notebook 05)")
+        lines.append(f"desktop/OS reserve: {res[0]:.2f} GiB{more}, from this user's memory readings (notebook 04, "
+                     "'What did not fit'), not the planner's 0.5 GiB default: the planner alone gives slightly "
+                     "shorter contexts and lower bpw (notebook 05)")
     lines.append("fits/margin: planning.plan (what the GPU must hold once loaded; 'tight': it fits then, but "
                  "load_autosplit's load-time reserve spills something); spilled: the spill model (load order, "
                  "load_autosplit's reserve, first-come placement); tok/s: the speed model"

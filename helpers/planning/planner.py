@@ -184,6 +184,13 @@ class Plan:
             text += f" (* beyond the {limit:,} positions {self.model} was trained for: memory allows it, quality not)"
         return text
 
+    def brief(self) -> str:
+        """The verdict, the longest contexts, the speed by depth and the advice: ``summary`` without the table of
+        terms (a figure shows them) and the ceilings."""
+        speed = self.speed_lines()[:1]
+        return "\n".join([f"GPU: {gpu_label(self.gpu)} -> {self.verdict()}", self._longest_line(), *speed, "",
+                          self.recommendation])
+
     def summary(self) -> str:
         lines = [self.breakdown.table(), "",
                  f"GPU: {gpu_label(self.gpu)} -> {self.verdict()}",

@@ -18,8 +18,9 @@ from helpers.plots.memory import (
     plot_predicted_vs_measured,
     plot_total_vs_context,
 )
-from helpers.plots.planner import plot_devices, plot_iso_vram
+from helpers.plots.planner import plot_all_gpus, plot_devices, plot_iso_vram
 from helpers.plots.speed import (
+    plot_attention_cost,
     plot_cache_bytes_by_max_seq_len,
     plot_calibration,
     plot_decode_model,
@@ -29,7 +30,7 @@ from helpers.plots.speed import (
 from helpers.plots.tour import plot_agreement_steps, plot_bytes_where, plot_layer_bpw, plot_quantization_cost
 
 __all__ = [
-    "plot_calibration",
+    "plot_all_gpus", "plot_attention_cost", "plot_calibration",
     "plot_agreement_steps", "plot_breakdown", "plot_bytes_where", "plot_cache_bytes_by_max_seq_len",
     "plot_calculator_error", "plot_decode_model", "plot_decode_time_split", "plot_devices", "plot_emulated",
     "plot_gqa", "plot_hypotheses_vs_depth", "plot_iso_vram", "plot_kv_cache_vs_context", "plot_layer_bpw",

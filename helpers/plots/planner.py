@@ -60,3 +60,24 @@ def plot_devices(multi, ax=None, title=None):
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=4, frameon=False)
     fig.tight_layout()
     return fig
+
+
+def plot_all_gpus(rows: list[dict], *, ax=None):
+    """``planning.table.all_gpus`` as bars: each card's margin (GiB to spare, or short), the estimated tok/s at the
+    rows' depth beside the cards where it fits."""
+    plt = pyplot()
+    rows = sorted(rows, key=lambda r: r["margin_bytes"])
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(8, 0.22 * len(rows) + 1.2))
+    margins = [r["margin_bytes"] / GIB for r in rows]
+    ax.barh([r["gpu"] for r in rows], margins, color=["#2a9d3a" if r["fits"] else "#d62728" for r in rows])
+    for i, r in enumerate(rows):
+        if r["fits"] and r.get("decode_estimate_tok_s"):
+            ax.text(margins[i], i, f" {r['decode_estimate_tok_s']:.0f} tok/s", va="center", fontsize=7)
+    ax.axvline(0, color="k", linewidth=0.8)
+    r0 = rows[0]
+    ax.set_xlabel("GiB to spare (green) or short (red)")
+    ax.set_title(f"{r0['model']}, max_seq_len {r0['max_seq_len']:,}, {r0['cache_mode']} cache: every known card "
+                 f"(tok/s estimated {r0['depth']:,} deep)", fontsize=9)
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    return fig

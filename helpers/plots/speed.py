@@ -213,3 +213,19 @@ def plot_calibration(rows: list[dict], low: float, high: float, *,
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def plot_attention_cost(r: dict, *, ax=None):
+    """``lessons.attention_cost.measure``: one token's attention time against the cache depth, each way, with the
+    cost per position relative to the GQA path (measured | counted in bytes) in the legend."""
+    fig, ax = figure(ax, (8, 4))
+    for i, (way, secs) in enumerate(r["seconds"].items()):
+        ax.plot(r["depths"], [s * 1e3 for s in secs], marker="o", color=f"C{i}",
+                label=f"{way}: {r['measured_ratio'][way]:.1f}x per position here | {r['bytes_ratio'][way]:.1f}x bytes")
+    ax.set_xlabel("cache depth (positions attended to)")
+    ax.set_ylabel("ms for one token, one layer (this CPU)")
+    ax.set_title("one attention layer of Qwen2.5-14B's shape, one new token, on this CPU")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -33,20 +33,29 @@ class Exercise:
     """One exercise: ``solve()`` computes the expected answer; ``hint`` is shown for a wrong one.
 
     ``mistakes``: (wrong_solve, hint) pairs: when the answer matches what ``wrong_solve()`` computes (a typical slip,
-    itself computed, not typed), that hint is shown instead of the general one."""
+    itself computed, not typed), that hint is shown instead of the general one. ``rel_tol`` 0 (the default): the
+    answer is checked exactly; otherwise the question states the tolerance. ``predict``: the learner writes the
+    number with ``predict()`` before the cell that works it out, and ``why`` (text, or a function that returns it)
+    says afterwards what decides it. Hints and ``why`` may be functions, for texts worked out from the model."""
 
     id: str
     question: str
     solve: Callable[[], Any]
-    hint: str
+    hint: str | Callable[[], str]
     unit: str = ""
-    rel_tol: float = 1e-3
+    rel_tol: float = 0.0
     abs_tol: float = 0.0
     accept: tuple[str, ...] = ()
-    mistakes: tuple[tuple[Callable[[], Any], str], ...] = field(default=())
+    mistakes: tuple[tuple[Callable[[], Any], str | Callable[[], str]], ...] = field(default=())
+    predict: bool = False
+    why: str | Callable[[], str] = ""
 
     def expected(self) -> Any:
         return self.solve()
+
+
+def _text(t: str | Callable[[], str]) -> str:
+    return t() if callable(t) else t
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -155,49 +164,114 @@ def _type_problem(answer: Any, expected: Any, ex: Exercise) -> str | None:
     return f"the answer is a number{unit}, got {type(answer).__name__}"
 
 
-def _factor_hint(answer: Any, expected: Any, ex: Exercise) -> str | None:
+def _factor_hint(answer: Any, expected: Any) -> str | None:
+    """"too large by a factor of 8 (...)" only when the answer is that factor off, to 0.1%."""
     if not (_is_number(answer) and _is_number(expected)) or float(answer) == 0 or float(expected) == 0:
         return None
     ratio = float(answer) / float(expected)
     for f, what in _FACTORS:
         for r in (f, 1 / f):
-            if math.isclose(ratio, r, rel_tol=max(ex.rel_tol, 1e-3)):
+            if math.isclose(ratio, r, rel_tol=1e-3):
                 side = "too large" if r > 1 else "too small"
                 return f"{side} by {what}"
     return None
 
 
-def verdict(exercise_id: str, answer: Any) -> tuple[bool, str]:
-    """(right, the one line check() prints), without printing."""
+def _miss(answer: Any, expected: Any, ex: Exercise) -> str:
+    """Why an answer is wrong: the typical slip it matches, else the hint (and a factor it is off by)."""
+    for wrong, why in ex.mistakes:
+        try:
+            if _same(answer, wrong(), ex):
+                return _text(why)
+        except Exception:  # a mistake that cannot be computed here is simply skipped
+            continue
+    factor = _factor_hint(answer, expected)
+    return _text(ex.hint) + (f" (your number is {factor})" if factor else "")
+
+
+def _within(ex: Exercise, expected: Any) -> str:
+    if not _is_number(expected) or (ex.rel_tol == 0 and ex.abs_tol == 0):
+        return ""
+    return f" (within {ex.rel_tol * 100:g}%)" if ex.rel_tol else f" (within {_fmt(ex.abs_tol, ex.unit)})"
+
+
+#: what the learner predicted, per exercise, in this kernel (``predict``)
+_PREDICTIONS: dict[str, Any] = {}
+_FROM_PREDICTION = object()
+
+
+def question_text(exercise_id: str) -> str:
+    """The question, with how exactly the answer is checked."""
+    ex = _get(exercise_id)
+    if ex is None:
+        return verdict(exercise_id, None)[1]
+    expected = ex.expected()
+    how = (f" Checked to within {ex.rel_tol * 100:g}%." if ex.rel_tol else
+           f" Checked to within {_fmt(ex.abs_tol, ex.unit)}." if ex.abs_tol else
+           " Checked exactly." if _is_number(expected) else "")
+    unit = f" Answer in {ex.unit}." if ex.unit else ""
+    return f"{ex.question}{unit}{how}"
+
+
+def ask(exercise_id: str) -> None:
+    """Print an exercise's question (the notebook asks it from here, so question and checker cannot disagree)."""
+    print(textwrap.fill(question_text(exercise_id), 116))
+
+
+def predict(exercise_id: str, value: Any = None) -> None:
+    """Write down a prediction before the cell that works the number out; ``check(id)`` compares them afterwards.
+    ``None``: nothing predicted yet, and the notebook goes on with the course's own answer."""
+    ex = _get(exercise_id)
+    if ex is None or not ex.predict:
+        print(verdict(exercise_id, None)[1] if ex is None else f"{exercise_id} is not a prediction: use check()")
+        return
+    unit = f" (in {ex.unit})" if ex.unit else ""
+    if value is None or value is Ellipsis:
+        _PREDICTIONS[exercise_id] = ex.expected()
+        print(f"no prediction written yet: the notebook goes on with the course's own answer; write yours{unit} "
+              "in place of None, then run this cell and the next ones")
+        return
+    problem = _type_problem(value, ex.expected(), ex)
+    if problem:
+        print(f"{NOT_YET}{problem}")
+        return
+    _PREDICTIONS[exercise_id] = value
+    print(f"your prediction: {_fmt(value, ex.unit)}; the next cells work it out")
+
+
+def verdict(exercise_id: str, answer: Any = _FROM_PREDICTION) -> tuple[bool, str]:
+    """(right, the one line check() prints), without printing; a prediction exercise compares the value written
+    with ``predict`` unless an answer is given."""
     ex = _get(exercise_id)
     if ex is None:
         known = ", ".join(exercises(str(exercise_id).split(".")[0]) or exercises())
         return False, f"{NOT_YET}there is no exercise {exercise_id!r}: the ids are {known}"
+    if answer is _FROM_PREDICTION:
+        if exercise_id not in _PREDICTIONS:
+            return False, (f"{NOT_YET}nothing predicted yet: run predict({exercise_id!r}, your number) first"
+                           if ex.predict else f"{NOT_YET}give your answer: check({exercise_id!r}, answer)")
+        answer = _PREDICTIONS[exercise_id]
+    unit = f" (in {ex.unit})" if ex.unit else ""
     if answer is None or answer is Ellipsis:
-        return False, f"{NOT_YET}not answered yet: replace None with your answer{f' (in {ex.unit})' if ex.unit else ''}"
+        return False, f"no answer yet: replace None with your answer{unit}"
     expected = ex.expected()
     problem = _type_problem(answer, expected, ex)
     if problem:
         return False, f"{NOT_YET}{problem}"
+    why = f"; {_text(ex.why)}" if ex.why else ""
     if _same(answer, expected, ex):
-        exact = isinstance(expected, int) or not _is_number(expected)
-        tol = "" if exact else f" (within {ex.rel_tol:.1%})"
-        return True, f"{RIGHT}{_fmt(expected, ex.unit)}{tol}"
-    for wrong, why in ex.mistakes:
-        try:
-            if _same(answer, wrong(), ex):
-                return False, f"{NOT_YET}{why}"
-        except Exception:  # a mistake that cannot be computed here is simply skipped
-            continue
-    factor = _factor_hint(answer, expected, ex)
-    return False, f"{NOT_YET}{ex.hint}" + (f" (your number is {factor})" if factor else "")
+        return True, f"{RIGHT}{_fmt(expected, ex.unit)}{_within(ex, expected)}{why}"
+    if ex.predict and _is_number(answer) and _is_number(expected) and float(expected):
+        off = float(answer) / float(expected) - 1
+        return False, (f"{NOT_YET}you predicted {_fmt(answer, ex.unit)}, it is {_fmt(expected, ex.unit)} "
+                       f"({off:+.0%}): {_miss(answer, expected, ex)}{why}")
+    return False, f"{NOT_YET}{_miss(answer, expected, ex)}"
 
 
-def check(exercise_id: str, answer: Any) -> bool:
-    """Print one line, "right: ..." or "not yet: <hint>", and return whether the answer is right."""
-    ok, line = verdict(exercise_id, answer)
-    print(line)
-    return ok
+def check(exercise_id: str, answer: Any = _FROM_PREDICTION) -> None:
+    """Print one line, "right: ..." or "not yet: <why>" (a prediction exercise without an answer: how far the
+    prediction was). It returns nothing, so a cell shows only that line; ``verdict`` returns the result."""
+    print(verdict(exercise_id, answer)[1])
 
 
 def solution_text(exercise_id: str) -> str:
@@ -217,4 +291,5 @@ def solution(exercise_id: str) -> None:
     print(solution_text(exercise_id))
 
 
-__all__ = ["Exercise", "check", "exercises", "register", "registry", "solution", "solution_text", "verdict"]
+__all__ = ["Exercise", "ask", "check", "exercises", "predict", "question_text", "register", "registry", "solution",
+           "solution_text", "verdict"]

@@ -15,24 +15,30 @@ def _config(name: str) -> dict:
     return json.loads((CONFIGS_DIR / f"{name}.json").read_text(encoding="utf-8"))
 
 
-def kv_llama8b() -> int:
-    cfg = _config("llama-3.1-8b")
+def kv_nemo() -> int:
+    cfg = _config("mistral-nemo-12b")
     layers, kv_heads = cfg["num_hidden_layers"], cfg["num_key_value_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]   # Nemo states 128
     return 2 * layers * kv_heads * head_dim * 2            # K and V, every layer, 2 bytes per fp16 value
 
 
-def kv_llama8b_forgot_v() -> int:                        # a typical slip: K only
-    return kv_llama8b() // 2
+def kv_nemo_forgot_v() -> int:                           # a typical slip: K only
+    return kv_nemo() // 2
 
 
-def q4_cache_14b_32k() -> float:
-    shape = shapes.model_shape("qwen2.5-14b")
+def kv_nemo_head_dim_from_hidden() -> int:               # hidden / heads = 160, not the stated head_dim 128
+    cfg = _config("mistral-nemo-12b")
+    return 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["hidden_size"] // cfg[
+        "num_attention_heads"] * 2
+
+
+def q4_cache_8b_32k() -> float:
+    shape = shapes.model_shape("llama-3.1-8b")
     return kv_cache.kv_cache_bytes(shape, 32768, "q4") / GIB
 
 
-def q4_cache_14b_32k_no_temp() -> float:                 # forgot the FP16 temp layer
-    shape = shapes.model_shape("qwen2.5-14b")
+def q4_cache_8b_32k_no_temp() -> float:                  # forgot the FP16 temp layer
+    shape = shapes.model_shape("llama-3.1-8b")
     return kv_cache.kv_layer_bytes_per_token(shape, "q4") * shape.n_layers * 32768 / GIB
 
 
@@ -48,21 +54,23 @@ def fp16_tokens_in_4gib() -> int:
 
 EXERCISES = register(
     Exercise(
-        "01.kv_llama8b",
-        "How many bytes does one token cost in an FP16 cache of Llama-3.1-8B (all layers, K and V)? Read "
-        "helpers/specs/configs/llama-3.1-8b.json.",
-        kv_llama8b, unit="B",
-        hint="2 (K and V) x num_hidden_layers x num_key_value_heads x head_dim x 2 bytes; "
-             "head_dim = hidden_size / num_attention_heads when the config has no head_dim",
-        mistakes=((kv_llama8b_forgot_v, "that is K alone: the cache stores V too"),)),
+        "01.predict_kv_nemo",
+        "Predict before the next cell works it out: how many bytes does one token cost in an FP16 cache of "
+        "Mistral-Nemo-12B (all layers, K and V)? Its config: helpers/specs/configs/mistral-nemo-12b.json.",
+        kv_nemo, unit="B", predict=True,
+        hint="2 (K and V) x num_hidden_layers x num_key_value_heads x head_dim x 2 bytes",
+        why="the cache stores K and V of every KV head in every layer; Nemo states head_dim 128 in its config, "
+            "smaller than hidden_size / num_attention_heads (160)",
+        mistakes=((kv_nemo_forgot_v, "that is K alone: the cache stores V too"),
+                  (kv_nemo_head_dim_from_hidden, "Nemo's config states head_dim 128: use it, not hidden / heads"))),
     Exercise(
-        "01.q4_14b_32k",
-        "How many GiB does a Q4 cache of Qwen2.5-14B take at max_seq_len 32768, its FP16 temp layer included?",
-        q4_cache_14b_32k, unit="GiB", rel_tol=0.01,
-        hint="per token: 48 layers x (K and V) x 8 KV heads x (128 x 0.5 B of codes + 128/32 x 2 B of scales), plus "
+        "01.q4_8b_32k",
+        "How many GiB does a Q4 cache of Llama-3.1-8B take at max_seq_len 32768, its FP16 temp layer included?",
+        q4_cache_8b_32k, unit="GiB", rel_tol=0.01,
+        hint="per token: 32 layers x (K and V) x 8 KV heads x (128 x 0.5 B of codes + 128/32 x 2 B of scales), plus "
              "one FP16 layer (2 x 8 x 128 x 2 B) to decode into; times 32768, divided by 2^30",
-        mistakes=((q4_cache_14b_32k_no_temp, "you left out the one full-length FP16 temp layer (K and V) that "
-                                             "quantized caches decode into"),)),
+        mistakes=((q4_cache_8b_32k_no_temp, "you left out the one full-length FP16 temp layer (K and V) that "
+                                            "quantized caches decode into"),)),
     Exercise(
         "01.gqa_gemma",
         "Gemma-2-9B uses GQA. How many times larger would its KV cache be if every query head had its own KV head?",
@@ -71,6 +79,6 @@ EXERCISES = register(
     Exercise(
         "01.fp16_tokens_4gib",
         "How many tokens of FP16 cache of Qwen2.5-7B fit in 4 GiB (round down)?",
-        fp16_tokens_in_4gib, unit="tokens", rel_tol=0.002,
+        fp16_tokens_in_4gib, unit="tokens",
         hint="4 x 2^30 bytes divided by the bytes per token (2 x layers x KV heads x head_dim x 2) of qwen2.5-7b"),
 )

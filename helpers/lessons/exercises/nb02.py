@@ -3,8 +3,14 @@ with the course's helpers; ``solution(id)`` prints the function that computes it
 from __future__ import annotations
 
 from helpers.core.units import GIB
+from helpers.lessons import tour
 from helpers.lessons.exercises import Exercise, register
 from helpers.specs import shapes
+
+
+def fixture_bpw() -> float:
+
+    return tour.inspect_report(tour.open_model(tour.CONVERTER_FIXTURE))["totals"]["bits_per_weight"]
 
 
 def linears_gib_14b_at_4bpw() -> float:
@@ -34,6 +40,15 @@ def one_weight_no_zero_point() -> float:
 
 
 EXERCISES = register(
+    Exercise(
+        "02.predict_fixture_bpw",
+        "Predict before the chart: exllamav2's converter was asked for 3.0 bits per weight on the tiny checkpoint "
+        "below. What average bits per weight do its decoder linears end up with (every stored bit counted: codes, "
+        "scales, group data; the head excluded)?",
+        fixture_bpw, unit="bpw", rel_tol=0.02, predict=True,
+        hint="the converter keeps to its target: the bits it spends where the error is worst it saves elsewhere",
+        why="the converter measures each layer's error at every candidate mix and picks the mixes that lower the "
+            "error most within the target; the chart shows where it spent more bits and where fewer"),
     Exercise(
         "02.linears_14b_4bpw",
         "How many GiB do the decoder linears of Qwen2.5-14B take at an average 4.0 bits per weight? (Use the shape's "

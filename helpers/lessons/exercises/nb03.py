@@ -1,5 +1,5 @@
 """Notebook 03's exercises (decode speed at depth). Each expected answer is computed below with the course's speed
-model (``helpers.speed.model``) or from the external H100 record; ``solution(id)`` prints the function."""
+model (``helpers.speed.model``); ``solution(id)`` prints the function."""
 from __future__ import annotations
 
 from helpers.lessons.exercises import Exercise, register
@@ -14,13 +14,30 @@ def _w14b() -> int:
     return SEED.weights.vram
 
 
-def depth_for_25_no_flash() -> int:
-    # nothing spilled: the speed model with its fitted constants at the datasheet bandwidth
-    return model.depth_for_speed(SEED, 25)
+def tok_s_30k_no_flash() -> float:
+    # the seed's model on its card, FP16 cache, no flash-attn, nothing spilled, 30,000 tokens deep
+    return model.decode_estimate(SEED.with_(max_seq_len=32768), 30000).tok_s
 
 
-def depth_for_25_first_principles() -> int:           # forgot the constants: datasheet bandwidth, no host time
-    return model.depth_for_speed(SEED, 25, constants=model.first_principles())
+def _depth_why() -> str:
+    per_position = model.position_bytes("qwen2.5-14b", "fp16", flash_attn=False).total
+    deep, weights = 30000 * per_position, SEED.weights.vram
+    return (f"30,000 positions x {per_position / 1e6:.2f} MB (the cache, and the repeat_kv copy written and read) "
+            f"is {deep / 1e9:.0f} GB a token, {deep / weights:.1f}x the {weights / 1e9:.1f} GB of weights: at that "
+            "depth the cache, not the weights, sets the speed")
+
+
+def tok_s_30k_first_principles() -> float:            # the bytes at the datasheet bandwidth, no host time
+    return model.decode_estimate(SEED.with_(max_seq_len=32768), 30000, constants=model.first_principles()).tok_s
+
+
+def tok_s_4090_16k() -> float:
+    # an RTX 4090 (1,008 GB/s), the same model and path, 16,384 deep, the fitted constants
+    return model.decode_estimate(SEED.with_(gpus="RTX 4090", max_seq_len=32768), 16384).tok_s
+
+
+def tok_s_4090_16k_flash() -> float:                   # with flash-attn's bytes per position
+    return model.decode_estimate(SEED.with_(gpus="RTX 4090", max_seq_len=32768, flash_attn=True), 16384).tok_s
 
 
 def q4_over_fp16_no_flash() -> float:
@@ -32,23 +49,17 @@ def q4_cache_bytes_only() -> float:                   # the cache's own bytes: w
             / model.position_bytes("qwen2.5-14b", "fp16").cache_read)
 
 
-def h100_roofline_at_128() -> float:
-    # the external H100 record: 2,857 GB/s measured, 128 deep, FP16 cache, no flash-attn
-    per_pos = model.position_bytes("qwen2.5-14b", "fp16", flash_attn=False).total
-    return 2857e9 / (_w14b() + 128 * per_pos)
-
-
 EXERCISES = register(
     Exercise(
-        "03.depth_for_25",
-        "An RTX 4080 Super (736 GB/s) runs Qwen2.5-14B at 5.5 bpw with an FP16 cache, WITHOUT flash-attn, nothing "
-        "spilled, on a desktop, with the speed model's fitted constants. How many tokens deep does decode fall to "
-        "25 tok/s?",
-        depth_for_25_no_flash, unit="tokens", rel_tol=0.03,
-        hint="1/25 s = weights/(eta B) + layers x h_desktop + depth x k_torch x bytes per position/(eta B); solve "
-             "for depth (model.depth_for_speed does it)",
-        mistakes=((depth_for_25_first_principles, "that is first principles (full bandwidth, no host time): use the "
-                                                   "fitted constants, model.CONSTANTS"),)),
+        "03.predict_tok_s_30k",
+        "Predict before the next figure: the seed's RTX 4080 Super and Qwen2.5-14B at 5.5 bpw, FP16 cache, WITHOUT "
+        "flash-attn, nothing spilled, 30,000 tokens deep. How many tokens/s does the speed model give?",
+        tok_s_30k_no_flash, unit="tok/s", rel_tol=0.15, predict=True,
+        hint="weights / (eta B) + 30,000 x 2.16 MB per position x k_torch / (eta B) + 48 layers x host time; "
+             "its inverse",
+        why=_depth_why,
+        mistakes=((tok_s_30k_first_principles, "that is the roofline (all the bandwidth, no host time): the fitted "
+                                               "constants give less"),)),
     Exercise(
         "03.q4_vs_fp16",
         "Without flash-attn, how many times the bytes per position of an FP16 cache does a Q4 cache move per decoded "
@@ -59,10 +70,12 @@ EXERCISES = register(
         mistakes=((q4_cache_bytes_only, "that compares the caches' own bytes; count the FP16 temp layer and the "
                                         "repeat_kv copy too"),)),
     Exercise(
-        "03.h100_roofline",
-        "What is the roofline (tok/s) of the external H100 record's shallow row (depth 128, no flash-attn, FP16 "
-        "cache) at its measured 2,857 GB/s? Compare it with the measured 59.4 tok/s.",
-        h100_roofline_at_128, unit="tok/s", rel_tol=0.02,
-        hint="bandwidth / (weight bytes + 128 x bytes per position); weight bytes from "
-             "helpers.memory.weights.weight_bytes('qwen2.5-14b', bpw=5.5)['vram_bytes']"),
+        "03.tok_s_4090",
+        "An RTX 4090 (1,008 GB/s) runs the same model, FP16 cache, no flash-attn, nothing spilled, on a desktop: "
+        "what does the speed model give 16,384 tokens deep?",
+        tok_s_4090_16k, unit="tok/s", rel_tol=0.02,
+        hint="model.decode_estimate(SEED.with_(gpus='RTX 4090', max_seq_len=32768), 16384).tok_s: the same bytes, a "
+             "faster memory",
+        mistakes=((tok_s_4090_16k_flash, "that is with flash-attn: without it each position also pays the repeat_kv "
+                                         "copy"),)),
 )

@@ -3,6 +3,7 @@ computed below with the course's speed model (``helpers.speed.model``) and datas
 prints the function that computes it."""
 from __future__ import annotations
 
+from helpers.fallback import seed
 from helpers.fallback.pcie import pcie_practical_bandwidth
 from helpers.lessons.exercises import Exercise, register
 from helpers.memory.setup import LoadSetup
@@ -30,50 +31,53 @@ def lm_head_read_twice() -> float:              # a slip: the lm_head counted in
     return 1 / (1 / lm_head_only_tok_s() + w["lm_head_bytes"] / (eta * bw * 1e9))
 
 
-def reported_over_roofline() -> float:
+def _lm_head_why() -> str:
     w, bw = _seed()
-    per_token = w["vram_bytes"] + 256 * speed.position_bytes("qwen2.5-14b", flash_attn=True).cache_read
-    return 80 / (bw * 1e9 / per_token)
+    head_ms = w["lm_head_bytes"] / pcie_practical_bandwidth(4, 16) * 1e3
+    vram_ms = (w["vram_bytes"] - w["lm_head_bytes"]) / (speed.CONSTANTS["bandwidth_fraction"] * bw * 1e9) * 1e3
+    return (f"{w['lm_head_bytes'] / 1e9:.2f} GB over the link is {head_ms:.0f} ms a token, against {vram_ms:.0f} ms "
+            "for all the weights left in VRAM: one small spilled tensor that every token reads makes a fast card slow")
 
 
-def reported_over_roofline_gib() -> float:     # a slip: GiB per token against a bandwidth in GB/s
-    w, bw = _seed()
-    per_token = w["vram_bytes"] + 256 * speed.position_bytes("qwen2.5-14b", flash_attn=True).cache_read
-    return 80 / (bw * 1e9 / (per_token * 2**30 / 1e9))
+#: made-up readings from a machine the notebook has not shown (not the seed's)
+READINGS = {"shared_gpu_memory_gb": 0.9, "flash_attn": True, "tok_s": {256: 45.0, 16384: 21.0}}
 
 
-def depth_for_25_without_flash_attn() -> int:
-    return speed.depth_for_speed(SEED, 25.0)
+def surviving_hypothesis() -> str:
+    # every rival of seed.hypotheses against the readings: the one whose attention path, spill and ranges fit
+    stands = [r["id"] for r in seed.judge(READINGS) if r["stands"]]
+    if len(stands) != 1:
+        raise ValueError(f"the readings should leave one explanation, they leave {stands}")
+    return stands[0]
 
 
-def depth_for_25_cache_only() -> int:          # a slip: flash-attn's bytes per position, no repeat_kv copy
-    return speed.depth_for_speed(SEED.with_(flash_attn=True), 25.0)
+def _fails(rid: str):
+    return lambda: f"({rid}) fails: " + next(r["reason"] for r in seed.judge(READINGS) if r["id"] == rid)
+
+
+def _verdicts() -> str:
+    return "; ".join(f"({r['id']}) " + ("stands" if r["stands"] else r["reason"].split(";")[0])
+                     for r in seed.judge(READINGS))
 
 
 EXERCISES = register(
     Exercise(
         "04.lm_head_only",
-        "Suppose only the lm_head landed in system RAM (flash-attn, FP16 cache, 256 tokens deep, PCIe 23.85 GB/s). How "
-        "many tok/s does the speed model give for the seed case?",
-        lm_head_only_tok_s, unit="tok/s", rel_tol=0.01,
+        "Predict, then compute: suppose only the lm_head landed in system RAM (flash-attn, FP16 cache, 256 tokens "
+        "deep, PCIe 23.85 GB/s). How many tok/s does the speed model give for the seed case?",
+        lm_head_only_tok_s, unit="tok/s", rel_tol=0.01, predict=True,
         hint="speed.decode_estimate(setup, 256, spill=speed.Spill(the lm_head's bytes, 0, 23.85)): the weights still "
              "in VRAM at eta x 736 GB/s, the host time, and the lm_head over PCIe",
+        why=_lm_head_why,
         mistakes=((lm_head_read_twice, "the lm_head is read over PCIe instead of from VRAM, not as well: take its "
                                        "bytes out of the VRAM term"),)),
     Exercise(
-        "04.roofline_ratio",
-        "The user reported 80 tok/s at a 4k cache. How many times the datasheet roofline is that (every GPU weight "
-        "and 256 positions of the FP16 cache per token, 736 GB/s)?",
-        reported_over_roofline, rel_tol=0.005,
-        hint="roofline = 736e9 / (weight bytes + 256 x 48 layers x 4096 B); ratio = 80 / roofline",
-        mistakes=((reported_over_roofline_gib, "bytes and GB/s: do not convert the bytes to GiB"),)),
-    Exercise(
-        "04.depth_no_flash",
-        "Nothing spilled and no flash-attn: at what depth does the seed case fall to 25 tok/s (the speed model, "
-        "its fitted constants)?",
-        depth_for_25_without_flash_attn, unit="tokens", rel_tol=0.02,
-        hint="speed.depth_for_speed(setup, 25) without flash-attn: the bytes per position of torch attention "
-             "(repeat_kv writes and reads K and V for 40 heads) at the torch path's fitted cost",
-        mistakes=((depth_for_25_cache_only, "that is flash-attn's cost per position: without it, repeat_kv copies "
-                                            "K and V to 40 heads and reads them again"),)),
+        "04.hypothesis_readings",
+        "Made-up readings from another machine: Task Manager shows 0.9 GB of Shared GPU memory for the process "
+        "while it decodes, `import flash_attn` works, and it decodes 45 tok/s at 256 tokens deep and 21 tok/s at "
+        "16,384. Which explanation of the hypotheses table survives: a, b, c, c', d, e or b+d?",
+        surviving_hypothesis, accept=("(b)",),
+        hint=lambda: "test each row against the three readings: " + _verdicts(),
+        why=_verdicts,
+        mistakes=tuple((lambda rid=rid: rid, _fails(rid)) for rid in ("a", "c", "c'", "d", "e", "b+d"))),
 )

@@ -10,6 +10,25 @@ from helpers.planning.multi import plan_multi
 from helpers.planning.planner import longest_for, plan
 
 
+def longest_fp16_seed() -> int:
+    # the seed's model at 5.5 bpw on its 16 GiB card, FP16 cache: the longest max_seq_len that fits (multiple of 256)
+    return longest_for(LoadSetup("qwen2.5-14b", bpw=5.5, gpus="RTX 4080 Super"), modes=("fp16",), safe=False)["fp16"]
+
+
+def _longest_why() -> str:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bd = plan(LoadSetup("qwen2.5-14b", bpw=5.5, gpus="RTX 4080 Super", max_seq_len=longest_fp16_seed())).breakdown
+    rest = bd.vram_total_bytes - bd.weights_bytes - bd.kv_cache_bytes
+    return (f"{bd.weights_bytes / 2**30:.1f} GiB of weights and {rest / 2**30:.1f} GiB of scratch, transients (the "
+            f"repeat_kv copy grows with the context too), CUDA context and reserve leave "
+            f"{bd.kv_cache_bytes / 2**30:.1f} GiB for the cache, at 196,608 B a token")
+
+
+def longest_fp16_seed_cache_only() -> int:  # a slip: the whole card for the cache, nothing for weights or scratch
+    return 16 * 2 ** 30 // (2 * 48 * 8 * 128 * 2) // 256 * 256
+
+
 def q6_8b_16gb() -> int:
     # the longest Q6 context (multiple of 256) for Llama-3.1-8B at 6.0 bpw on a 16 GiB card, as plan() finds it:
     # everything the GPU holds (weights, cache, scratch, transients, CUDA context, 0.5 GiB reserve) within 16 GiB
@@ -45,6 +64,16 @@ def gpu0_layers_70b() -> int:
 
 
 EXERCISES = register(
+    Exercise(
+        "05.predict_longest_fp16",
+        "Predict before the next cell works it out: Qwen2.5-14B at 5.5 bpw on the seed's 16 GiB RTX 4080 Super "
+        "(0.5 GiB reserve, the default CUDA context), FP16 cache: the longest max_seq_len that fits?",
+        longest_fp16_seed, unit="tokens", rel_tol=0.10, predict=True,
+        hint="(16 GiB - weights - scratch - CUDA context - reserve) / (196,608 B of cache + 512 B of RoPE tables + "
+             "20,480 B of repeat_kv copy per token), rounded down to 256",
+        why=_longest_why,
+        mistakes=((longest_fp16_seed_cache_only, "that gives the whole card to the cache: the weights, scratch, "
+                                                 "CUDA context and reserve come first"),)),
     Exercise(
         "05.q6_8b_16gb",
         "What is the longest Q6 context (a multiple of 256 tokens) that fits Llama-3.1-8B at 6.0 bpw on a 16 GiB card "
