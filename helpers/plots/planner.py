@@ -65,9 +65,8 @@ def plot_devices(multi, ax=None, title=None):
 def plot_all_gpus(rows: list[dict], *, ax=None):
     """``planning.table.all_gpus`` as bars: each card's margin (GiB to spare, or short), the estimated tok/s at the
     rows' depth beside the cards where it fits."""
-    plt = pyplot()
     rows = sorted(rows, key=lambda r: r["margin_bytes"])
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(8, 0.22 * len(rows) + 1.2))
+    fig, ax = figure(ax, (8, 0.22 * len(rows) + 1.2))
     margins = [r["margin_bytes"] / GIB for r in rows]
     ax.barh([r["gpu"] for r in rows], margins, color=["#2a9d3a" if r["fits"] else "#d62728" for r in rows])
     for i, r in enumerate(rows):

@@ -7,35 +7,31 @@ from helpers.fallback import seed
 from helpers.fallback.pcie import pcie_practical_bandwidth
 from helpers.lessons.exercises import Exercise, register
 from helpers.memory.setup import LoadSetup
-from helpers.memory.weights import weight_bytes
 from helpers.speed import model as speed
 
 #: the seed's model on its card (FP16 cache, a desktop host)
 SEED = LoadSetup("qwen2.5-14b", bpw=5.5, gpus="RTX 4080 Super")
-
-
-def _seed():
-    return weight_bytes("qwen2.5-14b", bpw=5.5), SEED.gpu["bandwidth_gbs"]
+PCIE = pcie_practical_bandwidth(4, 16)          # bytes/s the seed's PCIe 4.0 x16 delivers in practice
 
 
 def lm_head_only_tok_s() -> float:
-    w, _ = _seed()
-    spill = speed.Spill(w["lm_head_bytes"], 0, pcie_practical_bandwidth(4, 16) / 1e9)
+    spill = speed.Spill(SEED.weights.head, 0, PCIE / 1e9)
     est = speed.decode_estimate(SEED.with_(flash_attn=True), 256, spill=spill)
     return est.tok_s                            # the central estimate, the fitted constants
 
 
+def _vram_bandwidth() -> float:                 # what the fitted model reaches of the datasheet's 736 GB/s
+    return speed.CONSTANTS["bandwidth_fraction"] * SEED.gpu["bandwidth_gbs"] * 1e9
+
+
 def lm_head_read_twice() -> float:              # a slip: the lm_head counted in VRAM as well as over PCIe
-    w, bw = _seed()
-    eta = speed.CONSTANTS["bandwidth_fraction"]
-    return 1 / (1 / lm_head_only_tok_s() + w["lm_head_bytes"] / (eta * bw * 1e9))
+    return 1 / (1 / lm_head_only_tok_s() + SEED.weights.head / _vram_bandwidth())
 
 
 def _lm_head_why() -> str:
-    w, bw = _seed()
-    head_ms = w["lm_head_bytes"] / pcie_practical_bandwidth(4, 16) * 1e3
-    vram_ms = (w["vram_bytes"] - w["lm_head_bytes"]) / (speed.CONSTANTS["bandwidth_fraction"] * bw * 1e9) * 1e3
-    return (f"{w['lm_head_bytes'] / 1e9:.2f} GB over the link is {head_ms:.0f} ms a token, against {vram_ms:.0f} ms "
+    head, vram = SEED.weights.head, SEED.weights.vram
+    head_ms, vram_ms = head / PCIE * 1e3, (vram - head) / _vram_bandwidth() * 1e3
+    return (f"{head / 1e9:.2f} GB over the link is {head_ms:.0f} ms a token, against {vram_ms:.0f} ms "
             "for all the weights left in VRAM: one small spilled tensor that every token reads makes a fast card slow")
 
 
