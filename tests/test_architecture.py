@@ -19,7 +19,7 @@ DOC = REPO / "docs" / "ARCHITECTURE.md"
 
 #: packages that may (and, for exllamav2, must) be imported inside functions: heavy to load, or CUDA-only
 LAZY_OK = {"torch", "exllamav2", "transformers", "gguf", "matplotlib", "safetensors", "tqdm", "numpy", "pynvml",
-           "psutil", "tokenizers", "IPython", "ipywidgets", "jsonschema"}
+           "psutil", "tokenizers", "IPython", "ipywidgets", "jsonschema", "pandas"}
 #: must never be imported at module level (importing exllamav2 compiles its CUDA extension)
 NEVER_EAGER = {"exllamav2"}
 

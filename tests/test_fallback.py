@@ -502,21 +502,35 @@ def test_hypothesis_rows_are_hand_checkable():
     assert "Shared GPU memory" in table and "import flash_attn" in table and "Prefer No Sysmem Fallback" in table
 
 
-def test_anchored_reserve():
+def test_readings_reserve_is_a_check():
     def reserve(used, full):
         four_k = LoadSetup("qwen2.5-14b", bpw=5.5, max_seq_len=4096, gpus="RTX 4080 Super")
-        return seed.anchored_reserve_gib(four_k, used_gib=used, full_gib=full)
+        return seed.readings_reserve_gib(four_k, used_gib=used, full_gib=full)
 
     res, how = reserve(12.0, 15.8)
     assert "16 GiB card - 15.8 GiB used when full = 0.20 GiB never used" in how
     # the seed's readings leave little: the 0.2 GiB never used and a little held by the rest of the system
-    assert 0.1 < res < 1.0 and how.endswith(f"reserve {res:.2f} GiB")
+    assert 0.1 < res < 1.0 and how.endswith(f"together {res:.2f} GiB")
     # every GiB more in use at 4k is a GiB more held by others; every GiB more used when full is one less unused
     assert reserve(13.0, 15.8)[0] == pytest.approx(res + 1.0)
     assert reserve(12.0, 15.3)[0] == pytest.approx(res + 0.5)
     # a reading below what the process itself holds cannot make the reserve negative
     res, how = reserve(5.0, 16.0)
     assert res == 0.0 and how.endswith("taken as 0")
+
+
+def test_seed_reserve_is_exllamav2s_default_not_the_readings(monkeypatch):
+    """The seed's desktop reserve is load_autosplit_gen's default reserve_vram on the first GPU, 192 MiB exactly
+    (exllamav2 0.3.2 model.py), whatever the user's memory readings say; the readings only check it."""
+    assert seed.seed_reserve_gib() == 192 / 1024 == 0.1875
+    assert seed.seed_setup().reserve_gib_of(0) == 0.1875
+    before = seed.seed_case()["prediction_32k"].spilled_bytes
+    monkeypatch.setitem(seed.SEED, "used_4k_gib", 13.0)
+    monkeypatch.setitem(seed.SEED, "full_gib", 15.0)
+    assert seed.seed_reserve_gib() == 0.1875
+    assert seed.seed_case()["prediction_32k"].spilled_bytes == before
+    check = seed.readings_check()                       # the readings move the check, never the reserve
+    assert check["reserve_gib"] == 0.1875 and check["implied_gib"] == pytest.approx(0.1778 + 1.0 + 0.8, abs=1e-3)
 
 
 def test_plots_draw_the_seed_case():
@@ -541,12 +555,11 @@ def test_plots_draw_the_seed_case():
 
 
 def test_ways_out_table_says_which_reserve_it_used():
-    """Notebook 04's ways out use the reserve this user's readings imply, not the planner's default: the table says
-    so, so its contexts and bpw are not mistaken for notebook 05's."""
+    """Notebook 04's ways out use exllamav2's default reserve_vram as the desktop reserve, not the planner's default:
+    the table says so, so its contexts and bpw are not mistaken for notebook 05's."""
     text = seed.format_rows(seed.ways_out(depth=16384), depth=16384)
-    res = seed.seed_reserve_gib()
-    assert 0 < res < 0.5
-    assert f"desktop/OS reserve: {res:.2f} GiB ({res + 1:.2f} GiB in the row that adds reserve)" in text
+    assert ("desktop/OS reserve: 0.19 GiB (1.19 GiB in the row that adds reserve), exllamav2's default reserve_vram "
+            "on the first GPU (192 MiB") in text
     assert "not the planner's 0.5 GiB default" in text
 
 

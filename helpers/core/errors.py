@@ -35,9 +35,23 @@ def _one_line_warning(message, category, *args, **kwargs) -> str:
 
 def notebook_setup() -> bool:
     """The first cell of every notebook: warnings shown as one line (``CourseWarning: ...``, no source line) and
-    every CourseError as one line (``one_line_errors``). Returns whether a kernel was found."""
+    every CourseError as one line (``one_line_errors``), tables as wide as the course's lines. Returns whether a
+    kernel was found."""
     warnings.formatwarning = _one_line_warning
+    _table_display()
     return one_line_errors()
+
+
+def _table_display() -> None:
+    """pandas' text of a table (``core.tables.table``) as wide as the course's lines, long cells cut at 60: the text
+    nbval compares and a terminal shows; JupyterLab draws the HTML. Nothing without pandas."""
+    try:
+        import pandas as pd
+    except ImportError:
+        return
+    pd.set_option("display.width", 120)
+    pd.set_option("display.max_columns", 20)
+    pd.set_option("display.max_colwidth", 60)
 
 
 def one_line_errors() -> bool:

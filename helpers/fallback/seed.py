@@ -18,7 +18,7 @@ from helpers.fallback.pcie import pcie_practical_bandwidth, pcie_raw_bandwidth
 from helpers.fallback.placement import PLACEMENTS
 from helpers.fallback.spill import SpillModel
 from helpers.memory.breakdown import breakdown
-from helpers.memory.cache_modes import LOAD_PATHS
+from helpers.memory.cache_modes import AUTOSPLIT_RESERVE_FIRST, LOAD_PATHS
 from helpers.memory.setup import LoadSetup
 from helpers.planning.planner import plan
 from helpers.speed.model import Spill, decode_estimate, position_bytes
@@ -38,11 +38,20 @@ SEED = {"model": "qwen2.5-14b", "bpw": 5.5, "gpu": "RTX 4080 Super", "tok_s_4k":
 REALISTIC_BANDWIDTH_SHARE = 0.85
 
 
-def anchored_reserve_gib(setup: LoadSetup, *, used_gib: float, full_gib: float) -> tuple[float, str]:
-    """The VRAM a process could not have, from two readings of a real run: the card's dedicated memory when the
-    driver started spilling (``full_gib``: what was left unused) plus what the rest of the system held (the reading
-    of a run of ``setup`` that fits, ``used_gib``, less what the planner says that run's process holds). Returns
-    (GiB, how)."""
+#: the seed's desktop/OS reserve, from exllamav2's own sources and never from the user's readings: the VRAM
+#: ``load_autosplit`` keeps back on the first GPU for what neither the model nor its cache accounts for when the caller
+#: passes no ``reserve_vram`` (exllamav2 0.3.2 model.py ``load_autosplit_gen``: ``[192 MiB] + [64 MiB] * (n - 1)``;
+#: docs/FACTS.md §2). Its 256 MiB ``minimum_reserve_vram`` is held only while loading: the spill model counts it apart.
+SEED_RESERVE_GIB = AUTOSPLIT_RESERVE_FIRST / GIB
+SEED_RESERVE_SOURCE = ("exllamav2's default reserve_vram on the first GPU (192 MiB, model.py load_autosplit_gen; "
+                       "docs/FACTS.md §2), not the planner's 0.5 GiB default")
+
+
+def readings_reserve_gib(setup: LoadSetup, *, used_gib: float, full_gib: float) -> tuple[float, str]:
+    """What two readings of a real run imply the rest of the system held, to CHECK a reserve against (never an input
+    of the seed's predictions): the card's dedicated memory left unused when the driver started spilling
+    (``full_gib``), plus the reading of a run of ``setup`` that fits (``used_gib``) less what the planner puts in
+    that run's process. Returns (GiB, how)."""
     g, max_seq_len = setup.gpu, setup.max_seq_len
     process = breakdown(setup.with_(reserve_gib=0.0), warn=False).vram_total_bytes / GIB
     unused = float(g["vram_gib"]) - full_gib
@@ -53,22 +62,30 @@ def anchored_reserve_gib(setup: LoadSetup, *, used_gib: float, full_gib: float) 
     res = unused + others
     if res < 0:
         return 0.0, how + f"; together {res:.2f} GiB, taken as 0"
-    return res, how + f"; reserve {res:.2f} GiB"
+    return res, how + f"; together {res:.2f} GiB"
 
 
 def seed_setup(**changes) -> LoadSetup:
     """The seed's setup: Qwen2.5-14B at 5.5 bpw, a 32k FP16 cache, no flash-attn, on an RTX 4080 Super, with the
-    OS reserve of ``seed_reserve_gib``; ``changes``: any of ``LoadSetup``'s settings."""
+    desktop/OS reserve of ``SEED_RESERVE_GIB``; ``changes``: any of ``LoadSetup``'s settings."""
     s = SEED
     base = LoadSetup(s["model"], bpw=s["bpw"], max_seq_len=32768, gpus=s["gpu"])
     return base.with_(**{"reserve_gib": seed_reserve_gib(), **changes})
 
 
 def seed_reserve_gib() -> float:
-    """The seed's OS reserve from the user's memory readings (``anchored_reserve_gib``), never from the speeds."""
+    """The seed's desktop/OS reserve: exllamav2's default ``reserve_vram`` on the first GPU (``SEED_RESERVE_GIB``)."""
+    return SEED_RESERVE_GIB
+
+
+def readings_check() -> dict:
+    """The seed's reserve beside what the user's memory readings imply (``readings_reserve_gib`` of the 4k run):
+    a check of the source-derived value, which the readings never set."""
     s = SEED
     four_k = LoadSetup(s["model"], bpw=s["bpw"], max_seq_len=4096, gpus=s["gpu"])
-    return anchored_reserve_gib(four_k, used_gib=s["used_4k_gib"], full_gib=s["full_gib"])[0]
+    implied, how = readings_reserve_gib(four_k, used_gib=s["used_4k_gib"], full_gib=s["full_gib"])
+    return {"reserve_gib": SEED_RESERVE_GIB, "source": SEED_RESERVE_SOURCE, "implied_gib": implied, "how": how,
+            "difference_gib": implied - SEED_RESERVE_GIB}
 
 
 def roofline_check(depth: int = 256) -> dict:
@@ -96,9 +113,9 @@ def seed_case(*, depth: int = 256, pcie_bandwidth: float | None = None, flash_at
     """The seed case told with the spill model: VRAM 736 GB/s (datasheet); PCIe 4.0 x16 23.9 GB/s in practice (31.5
     raw by the standard x the share the external H100 record measured, docs/FACTS.md §5); the speed model's fitted
     constants (NOT derived from the 80 tok/s, which is above what the memory allows: ``roofline_check``); the OS
-    reserve from the user's memory readings; the load path (the report's chat.py without -gs: 'load'; other front
-    ends: 'autosplit') and the placement, which the report does not give. Returns the predictions at 4k and 32k, the
-    spill the reported 25 tok/s would need, and the ratio predicted/reported."""
+    reserve, exllamav2's default ``reserve_vram`` (``SEED_RESERVE_GIB``); the load path (the report's chat.py without
+    -gs: 'load'; other front ends: 'autosplit') and the placement, which the report does not give. Returns the
+    predictions at 4k and 32k, the spill the reported 25 tok/s would need, and the ratio predicted/reported."""
     s = SEED
     m = _model(pcie_bandwidth=pcie_bandwidth, flash_attn=flash_attn, load_path=load_path, placement=placement)
     p4 = m.with_(max_seq_len=4096).predict(depth)
@@ -262,6 +279,29 @@ def likely(r: dict) -> str:
     return f"likely {f(lo)}-{f(hi)}"
 
 
+def reaches_25(r: dict) -> str:
+    """Where a row of ``hypotheses`` gives the reported 25 tok/s, in words: '~3,051 deep (likely 1,531-5,803)',
+    'from the first token', 'not within 32k', or '-' for the rows about how the figure was counted ((f), (g))."""
+    if r["id"] in ("f", "g"):
+        return "-"
+    d = r["depth_for_25"]
+    return "from the first token" if d == 0 else "not within 32k" if d is None else f"~{d:,} deep ({likely(r)})"
+
+
+def hypothesis_summary(rows: Sequence[dict]) -> list[dict]:
+    """One short row per row of ``hypotheses``, for a table (``core.tables.table``): the id, the explanation, its
+    tok/s at the rows' depth with the likely range, and where it reaches the reported 25 tok/s."""
+    return [{"id": r["id"], "hypothesis": r["hypothesis"],
+             f"tok/s at {r['depth']}": f"{r['tok_s']:.0f} ({r['tok_s_low']:.0f}-{r['tok_s_high']:.0f})",
+             "25 tok/s": reaches_25(r)} for r in rows]
+
+
+#: ``ways_out`` rows as a table (``core.tables.table(rows, WAYS_OUT_COLUMNS)``): key -> heading
+WAYS_OUT_COLUMNS = {"way": "way out", "bpw": "bpw", "max_seq_len": "max_seq_len", "cache_mode": "cache",
+                    "reserve_gib": "reserve GiB", "verdict": "fits", "margin_gib": "margin GiB",
+                    "spilled_gib": "spilled GiB", "tok_s": "tok/s"}
+
+
 def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, int]]) -> str:
     """A text table of ``rows``: ``columns`` are (key, heading, width); long cells wrap within their width."""
     def cells(r):
@@ -335,7 +375,7 @@ def _row_functions() -> dict:
 def ways_out(setup: LoadSetup | None = None, *, depth: int = 256, desktop_extra_gib: float = 1.0) -> list[dict]:
     """The ways out of a spill, each checked with the planner (``planning.plan``: fits, margin) and the spill model
     (what would spill, with load_autosplit's load-time reserve, first-come placement, and the predicted tok/s at
-    ``depth`` from the speed model). Default: the seed's setup, its reserve from the user's readings."""
+    ``depth`` from the speed model). Default: the seed's setup, its reserve exllamav2's default ``reserve_vram``."""
     setup = setup or seed_setup()
     reserve = setup.reserve_gib_of(0) or 0.0
     rows = []
@@ -385,9 +425,8 @@ def format_rows(rows: list[dict], depth: int | None = None) -> str:
     res = sorted({round(r["reserve_gib"], 2) for r in rows if r.get("reserve_gib") is not None})
     if res:
         more = f" ({', '.join(f'{x:.2f}' for x in res[1:])} GiB in the row that adds reserve)" if res[1:] else ""
-        lines.append(f"desktop/OS reserve: {res[0]:.2f} GiB{more}, from this user's memory readings (notebook 04, "
-                     "'What did not fit'), not the planner's 0.5 GiB default: the planner alone gives slightly "
-                     "shorter contexts and lower bpw (notebook 05)")
+        lines.append(f"desktop/OS reserve: {res[0]:.2f} GiB{more}, {SEED_RESERVE_SOURCE}: the planner alone gives "
+                     "slightly shorter contexts and lower bpw (notebook 05)")
     lines.append("fits/margin: planning.plan (what the GPU must hold once loaded; 'tight': it fits then, but "
                  "load_autosplit's load-time reserve spills something); spilled: the spill model (load order, "
                  "load_autosplit's reserve, first-come placement); tok/s: the speed model"
@@ -395,6 +434,7 @@ def format_rows(rows: list[dict], depth: int | None = None) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["SEED", "anchored_reserve_gib", "seed_reserve_gib", "roofline_check", "seed_case",
+__all__ = ["SEED", "SEED_RESERVE_GIB", "SEED_RESERVE_SOURCE", "readings_reserve_gib", "readings_check",
+           "seed_reserve_gib", "roofline_check", "seed_case",
            "seed_variants", "depth_at", "depth_for_speed", "hypotheses", "likely", "format_table", "HYPOTHESIS_COLUMNS",
-           "depth_curves", "ways_out", "format_rows"]
+           "depth_curves", "ways_out", "format_rows", "reaches_25", "hypothesis_summary", "WAYS_OUT_COLUMNS"]
