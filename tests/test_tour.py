@@ -259,14 +259,15 @@ def test_quantization_cost_asks_quality_for_the_notebooks_bounded_sweep(monkeypa
     assert seen == {"bits": (3, 4, 5, 6, 8), "tokens": 256}
     rows = [{"label": "float", "bits": None, "bpw": 32.0, "weights_bytes": 2**30, "perplexity": 10.0,
              "ppl_vs_float": 1.0},
-            {"label": "EXL2 4 bpw", "bits": 4.0, "bpw": 4.0123, "weights_bytes": 2**28, "perplexity": 12.345,
+            {"label": "EXL2 4 bpw", "bits": 4.0, "bpw": 4.0123, "weights_bytes": 2**28, "perplexity": 12.346,
              "ppl_vs_float": 1.2345}]
-    lines = tour.format_cost(rows).splitlines()
-    assert lines[1].split() == ["float", "32.00", "1.000", "GiB", "10.00", "1.00"]
-    assert lines[2].split() == ["EXL2", "4", "bpw", "4.01", "0.250", "GiB", "12.35", "1.23"]
+    t = tour.cost_table(rows)
+    assert list(t.columns) == ["bpw", "GiB", "perplexity", "vs float"] and list(t.index) == ["float", "EXL2 4 bpw"]
+    assert t.loc["float"].tolist() == [32.0, 1.0, 10.0, 1.0]
+    assert t.loc["EXL2 4 bpw"].tolist() == [4.01, 0.25, 12.35, 1.23]
     fig = plots.plot_quantization_cost(rows)
     x, y = fig.axes[0].lines[0].get_data()
-    assert list(x) == [0.25] and list(y) == [12.345]
+    assert list(x) == [0.25] and list(y) == [12.346]
 
 
 # --- 5. the reader's own model --------------------------------------------------------------------------------------

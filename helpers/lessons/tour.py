@@ -24,6 +24,7 @@ from helpers.core.errors import CourseError
 from helpers.core.paths import MODEL_ENV
 from helpers.core.progress import progress
 from helpers.core.results import label
+from helpers.core.tables import table
 from helpers.core.units import GIB, fmt_gib
 from helpers.engines import agreement as engine_agreement
 from helpers.engines import backend as B
@@ -412,12 +413,13 @@ def quantization_cost(bits_list=SWEEP_BITS, *, max_tokens: int = SWEEP_TOKENS) -
     return quality.quality_sweep(bits_list, max_tokens=max_tokens)
 
 
-def format_cost(rows: list[dict]) -> str:
-    lines = [f"{'':<26}{'bpw':>7}{'size':>14}{'perplexity':>12}{'vs float':>10}"]
-    for r in rows:
-        lines.append(f"{r['label']:<26}{r['bpw']:>7.2f}{fmt_gib(r['weights_bytes'], 3):>14}"
-                     f"{r['perplexity']:>12.2f}{r['ppl_vs_float']:>10.2f}")
-    return "\n".join(lines)
+def cost_table(rows: list[dict]):
+    """``quantization_cost``'s rows as a table (``core.tables.table``): bpw, size in GiB, perplexity, and the
+    perplexity over the float model's."""
+    return table(({**r, "GiB": r["weights_bytes"] / GIB} for r in rows),
+                 {"label": "weights", "bpw": "bpw", "GiB": "GiB", "perplexity": "perplexity",
+                  "ppl_vs_float": "vs float"}, index="weights", digits={"bpw": 2, "GiB": 3, "perplexity": 2,
+                                                                           "vs float": 2})
 
 
 # ====================================================================================================================
