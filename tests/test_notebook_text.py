@@ -37,7 +37,7 @@ def test_each_lesson_predicts_then_checks_in_the_stored_notebook(path):
     for pid in predicted:
         checked = [c for c in code if f'check("{pid}")' in _src(c)]
         assert checked, f"{pid} is predicted but never checked"
-        out = "".join(_text(o) for o in checked[0]["outputs"])
+        out = "".join(_text(o) for o in checked[0]["outputs"] if o.get("output_type") == "stream")   # not a table
         assert out.startswith("right: ") or "\nright: " in out, (pid, out[:200])   # the course's own answer
 
 
@@ -95,3 +95,16 @@ def test_prose_stays_within_its_word_budget():
         for c in _cells(p):
             if c["cell_type"] == "markdown":
                 assert not re.search(r"\bsections? \d|§\d", _src(c)), (p.name, _src(c)[:120])
+
+
+@pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.name[:2])
+def test_tables_are_a_cells_value_and_short(path):
+    """Rows of results are a table (a DataFrame as the cell's value), not printed rows; none longer than ~10 rows
+    (a longer one is a figure or a summary)."""
+    shown = [o["data"]["text/html"] for c in _cells(path) if c["cell_type"] == "code" for o in c["outputs"]
+             if o.get("output_type") in ("execute_result", "display_data") and "text/html" in o.get("data", {})
+             and "<table" in "".join(o["data"]["text/html"])]
+    assert shown, f"{path.name} shows no table as a cell's value"
+    for html in shown:
+        body = "".join(html).split("<tbody>", 1)[1]
+        assert body.count("<tr") <= 12, (path.name, body.count("<tr"))

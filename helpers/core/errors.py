@@ -35,7 +35,7 @@ def _one_line_warning(message, category, *args, **kwargs) -> str:
 
 def notebook_setup() -> bool:
     """The first cell of every notebook: warnings shown as one line (``CourseWarning: ...``, no source line) and
-    every CourseError as one line (``one_line_errors``), tables as wide as the course's lines. Returns whether a
+    every CourseError as one line (``one_line_errors``), tables shown whole (``_table_display``). Returns whether a
     kernel was found."""
     warnings.formatwarning = _one_line_warning
     _table_display()
@@ -43,15 +43,15 @@ def notebook_setup() -> bool:
 
 
 def _table_display() -> None:
-    """pandas' text of a table (``core.tables.table``) as wide as the course's lines, long cells cut at 60: the text
+    """pandas' text of a table (``core.tables.table``) up to 160 characters wide, long cells cut at 110: the text
     nbval compares and a terminal shows; JupyterLab draws the HTML. Nothing without pandas."""
     try:
         import pandas as pd
     except ImportError:
         return
-    pd.set_option("display.width", 120)
+    pd.set_option("display.width", 160)
     pd.set_option("display.max_columns", 20)
-    pd.set_option("display.max_colwidth", 60)
+    pd.set_option("display.max_colwidth", 110)
 
 
 def one_line_errors() -> bool:

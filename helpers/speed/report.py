@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from helpers.core import results
+from helpers.core.tables import table
 from helpers.memory.recorded import NOT_RECORDED
 
 #: decode repeats whose (max - min) / median is below this are called repeatable on a GPU
@@ -46,6 +47,26 @@ def format_rows(rows: list[dict], *, where: bool = False) -> str:
         lines.append(f"roofline = {r['bandwidth_gbs']:.1f} GB/s measured on {r['device']} / bytes read per decoded "
                      "token (weights + KV cache at the depth); fraction = decode / roofline")
     return "\n".join(lines)
+
+
+def rows_table(rows: list[dict], *, where: bool = False):
+    """Bench rows as a table (``core.tables.table``), the cell's last value in notebook 03: decode tok/s (median
+    and the repeats' min-max), spread, roofline tok/s and the fraction of it, prefill, cache size (a column no row
+    measured is left out); ``where``: the model and the device or GPU each row was measured on first, "(external)"
+    beside a figure measured outside the course's harness."""
+    cells = [{"model": str(r.get("model", "?")).split(" (")[0],
+              "measured on": str(r.get("gpu") or r.get("device", "?")).removeprefix("NVIDIA ")
+              + (" (external)" if r.get("external") else ""),
+              "cache": r["cache_mode"], "max_seq_len": r["max_seq_len"], "depth": r["depth"],
+              "decode tok/s": r["decode_tok_s"],
+              "min-max": f"{_fmt(r['decode_tok_s_min'])}-{_fmt(r['decode_tok_s_max'])}",
+              "spread": None if r.get("decode_spread") is None else _spread(r["decode_spread"]),
+              "roofline": r.get("roofline_tok_s"),
+              "fraction": r.get("roofline_fraction"), "prefill tok/s": r.get("prefill_tok_s"),
+              "cache GiB": r.get("cache_gib")} for r in rows]
+    keys = [k for k in (cells[0] if cells else []) if any(c[k] is not None for c in cells)]   # none unmeasured
+    return table(cells, keys if where else keys[2:],
+                 digits={"decode tok/s": 1, "roofline": 1, "fraction": 3, "prefill tok/s": 1, "cache GiB": 3})
 
 
 def load_recorded(results_dir: Path | None = None, *, include_repeatability: bool = False) -> list[dict]:
