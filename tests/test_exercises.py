@@ -119,3 +119,16 @@ def test_every_notebook_has_a_prediction_and_04_a_hypothesis_exercise():
 def test_unknown_id(capsys):
     E.check("01.nope", 1)
     assert "no exercise '01.nope'" in capsys.readouterr().out
+
+
+def test_the_slower_link_exercise_names_the_halving_slip_only_when_made():
+    """04.lm_head_pcie3: halving row (c')'s whole speed is a slip the check names; another wrong value is not it."""
+    from helpers.lessons.exercises import nb04
+
+    right = nb04.lm_head_pcie3_tok_s()
+    assert 13.0 < right < 15.0 and right > nb04.half_of_row_c() * 1.2      # more than half: only the link slows
+    ok, line = E.verdict("04.lm_head_pcie3", round(nb04.half_of_row_c(), 3))
+    assert not ok and "doubles only the time over the link" in line
+    ok, line = E.verdict("04.lm_head_pcie3", 8.0)
+    assert not ok and "doubles only the time over the link" not in line
+    assert E.verdict("04.lm_head_pcie3", round(right, 2))[0]

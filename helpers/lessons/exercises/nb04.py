@@ -12,12 +12,17 @@ from helpers.speed import model as speed
 #: the seed's model on its card (FP16 cache, a desktop host)
 SEED = LoadSetup("qwen2.5-14b", bpw=5.5, gpus="RTX 4080 Super")
 PCIE = pcie_practical_bandwidth(4, 16)          # bytes/s the seed's PCIe 4.0 x16 delivers in practice
+PCIE3 = pcie_practical_bandwidth(3, 16)         # the same card in a PCIe 3.0 x16 slot: half of it
 
 
-def lm_head_only_tok_s() -> float:
-    spill = speed.Spill(SEED.weights.head, 0, PCIE / 1e9)
+def _lm_head_tok_s(pcie: float) -> float:
+    spill = speed.Spill(SEED.weights.head, 0, pcie / 1e9)
     est = speed.decode_estimate(SEED.with_(flash_attn=True), 256, spill=spill)
     return est.tok_s                            # the central estimate, the fitted constants
+
+
+def lm_head_pcie3_tok_s() -> float:             # row (c') with the card in a PCIe 3.0 x16 slot
+    return _lm_head_tok_s(PCIE3)
 
 
 def _vram_bandwidth() -> float:                 # what the fitted model reaches of the datasheet's 736 GB/s
@@ -25,14 +30,20 @@ def _vram_bandwidth() -> float:                 # what the fitted model reaches 
 
 
 def lm_head_read_twice() -> float:              # a slip: the lm_head counted in VRAM as well as over PCIe
-    return 1 / (1 / lm_head_only_tok_s() + SEED.weights.head / _vram_bandwidth())
+    return 1 / (1 / lm_head_pcie3_tok_s() + SEED.weights.head / _vram_bandwidth())
+
+
+def half_of_row_c() -> float:                   # a slip: half the link's bandwidth taken as half the whole speed
+    return _lm_head_tok_s(PCIE) / 2
 
 
 def _lm_head_why() -> str:
     head, vram = SEED.weights.head, SEED.weights.vram
-    head_ms, vram_ms = head / PCIE * 1e3, (vram - head) / _vram_bandwidth() * 1e3
-    return (f"{head / 1e9:.2f} GB over the link is {head_ms:.0f} ms a token, against {vram_ms:.0f} ms "
-            "for all the weights left in VRAM: one small spilled tensor that every token reads makes a fast card slow")
+    four, three = head / PCIE * 1e3, head / PCIE3 * 1e3
+    vram_ms = (vram - head) / _vram_bandwidth() * 1e3
+    return (f"{head / 1e9:.2f} GB over the link takes {three:.0f} ms a token on PCIe 3.0 instead of {four:.0f} ms on "
+            f"4.0, while the {vram_ms:.0f} ms for the weights left in VRAM stay: one small tensor every token reads "
+            "sets the speed, and the slower the link, the more it does")
 
 
 #: made-up readings from a machine the notebook has not shown (not the seed's)
@@ -58,15 +69,18 @@ def _verdicts() -> str:
 
 EXERCISES = register(
     Exercise(
-        "04.lm_head_only",
-        "Predict, then compute: suppose only the lm_head landed in system RAM (flash-attn, FP16 cache, 256 tokens "
-        "deep, PCIe 23.85 GB/s). How many tok/s does the speed model give for the seed case?",
-        lm_head_only_tok_s, unit="tok/s", rel_tol=0.01, predict=True,
-        hint="speed.decode_estimate(setup, 256, spill=speed.Spill(the lm_head's bytes, 0, 23.85)): the weights still "
-             "in VRAM at eta x 736 GB/s, the host time, and the lm_head over PCIe",
+        "04.lm_head_pcie3",
+        "Predict, then compute: row (c') put only the lm_head in system RAM, read over the seed's PCIe 4.0 x16. "
+        "Suppose the same card sits in a PCIe 3.0 x16 slot (an older board: 11.93 GB/s in practice, half of 4.0's). "
+        "How many tok/s does the speed model give (flash-attn, FP16 cache, 256 tokens deep)?",
+        lm_head_pcie3_tok_s, unit="tok/s", rel_tol=0.01, predict=True,
+        hint="speed.decode_estimate(setup, 256, spill=speed.Spill(the lm_head's bytes, 0, 11.925)): the weights still "
+             "in VRAM at eta x 736 GB/s, the host time, and the lm_head over the slower link",
         why=_lm_head_why,
         mistakes=((lm_head_read_twice, "the lm_head is read over PCIe instead of from VRAM, not as well: take its "
-                                       "bytes out of the VRAM term"),)),
+                                       "bytes out of the VRAM term"),
+                  (half_of_row_c, "half the link's bandwidth doubles only the time over the link, not the whole "
+                                  "token's: the weights in VRAM and the host time stay"))),
     Exercise(
         "04.hypothesis_readings",
         "Made-up readings from another machine: Task Manager shows 0.9 GB of Shared GPU memory for the process "

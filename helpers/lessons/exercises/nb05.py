@@ -40,12 +40,13 @@ def q6_8b_16gb_safe() -> int:  # the length that also leaves load_autosplit's lo
 
 
 def flash_gain_14b() -> float:
-    # decode estimate at depth 30,000, Qwen2.5-14B 5.5 bpw, FP16 cache, RTX 4080 Super: with flash-attn / without
-    setup = LoadSetup("qwen2.5-14b", bpw=5.5, max_seq_len=32768, gpus="RTX 4080 Super")
+    # decode estimate at depth 16,384, Qwen2.5-14B 5.5 bpw, FP16 cache, RTX 3090: with flash-attn / without (the
+    # notebook shows the RTX 4080 Super at 30,000, not this)
+    setup = LoadSetup("qwen2.5-14b", bpw=5.5, max_seq_len=32768, gpus="RTX 3090")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fast = plan(setup.with_(flash_attn=True), 30000).decode.tok_s
-        slow = plan(setup, 30000).decode.tok_s
+        fast = plan(setup.with_(flash_attn=True), 16384).decode.tok_s
+        slow = plan(setup, 16384).decode.tok_s
     return fast / slow
 
 
@@ -54,11 +55,11 @@ def flash_gain_inverted() -> float:  # the ratio the other way round
 
 
 def gpu0_layers_70b() -> int:
-    # Llama-3.3-70B 4.0 bpw, 32k, Q4 cache on two RTX 3090s with load_autosplit: decoder layers whose attention
-    # lands on GPU 0 (the first device fills up before exllamav2 moves on)
+    # Llama-3.3-70B 4.0 bpw, 32k, Q8 cache on two RTX 3090s with load_autosplit: decoder layers whose attention
+    # lands on GPU 0 (the first device fills up before exllamav2 moves on; the notebook shows the Q4 cache's split)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        m = plan_multi(LoadSetup("llama-3.3-70b", bpw=4.0, max_seq_len=32768, cache_mode="q4",
+        m = plan_multi(LoadSetup("llama-3.3-70b", bpw=4.0, max_seq_len=32768, cache_mode="q8",
                                  gpus=("RTX 3090", "RTX 3090")))
     return sum(1 for name in m.devices[0].modules if name.endswith("self_attn"))
 
@@ -85,16 +86,16 @@ EXERCISES = register(
     Exercise(
         "05.flash_gain_14b",
         "By what factor does flash-attn raise the estimated decode speed of Qwen2.5-14B (5.5 bpw, FP16 cache, "
-        "32k) on an RTX 4080 Super at depth 30,000?",
+        "32k) on an RTX 3090 (936 GB/s, 24 GiB) at depth 16,384?",
         flash_gain_14b, unit="x", rel_tol=0.02,
-        hint="plan(setup.with_(flash_attn=True), 30000).decode.tok_s divided by the same with flash_attn=False",
+        hint="plan(setup.with_(flash_attn=True), 16384).decode.tok_s divided by the same with flash_attn=False",
         mistakes=((flash_gain_inverted, "that is without / with: the question asks how many times faster"),)),
     Exercise(
         "05.gpu0_layers_70b",
-        "Llama-3.3-70B at 4.0 bpw, 32k, Q4 cache on two RTX 3090s (load_autosplit): how many decoder layers' "
-        "attention (and cache) land on GPU 0?",
+        "The split above used a Q4 cache. With a Q8 cache instead (Llama-3.3-70B at 4.0 bpw, 32k, two RTX 3090s, "
+        "load_autosplit): how many decoder layers' attention (and cache) land on GPU 0?",
         gpu0_layers_70b, unit="layers", rel_tol=0.0,
-        hint="plan_multi(LoadSetup('llama-3.3-70b', bpw=4.0, max_seq_len=32768, cache_mode='q4', "
+        hint="plan_multi(LoadSetup('llama-3.3-70b', bpw=4.0, max_seq_len=32768, cache_mode='q8', "
              "gpus=['RTX 3090'] * 2)); count "
              "the modules of devices[0] that end in 'self_attn'"),
 )
