@@ -40,13 +40,13 @@ def tok_s_4090_16k_flash() -> float:                   # with flash-attn's bytes
     return model.decode_estimate(SEED.with_(gpus="RTX 4090", max_seq_len=32768, flash_attn=True), 16384).tok_s
 
 
-def q4_over_fp16_no_flash() -> float:
-    return model.position_bytes("qwen2.5-14b", "q4").total / model.position_bytes("qwen2.5-14b", "fp16").total
+def q4_over_fp16_no_flash() -> float:   # Llama-3.1-8B: the notebook counts Qwen2.5-14B's bytes, not these
+    return model.position_bytes("llama-3.1-8b", "q4").total / model.position_bytes("llama-3.1-8b", "fp16").total
 
 
 def q4_cache_bytes_only() -> float:                   # the cache's own bytes: what "Q4 reads a quarter" assumed
-    return (model.position_bytes("qwen2.5-14b", "q4").cache_read
-            / model.position_bytes("qwen2.5-14b", "fp16").cache_read)
+    return (model.position_bytes("llama-3.1-8b", "q4").cache_read
+            / model.position_bytes("llama-3.1-8b", "fp16").cache_read)
 
 
 EXERCISES = register(
@@ -62,11 +62,12 @@ EXERCISES = register(
                                                "constants give less"),)),
     Exercise(
         "03.q4_vs_fp16",
-        "Without flash-attn, how many times the bytes per position of an FP16 cache does a Q4 cache move per decoded "
-        "token in exllamav2 0.3.2 (Qwen2.5-14B)?",
+        "The notebook counted Qwen2.5-14B's bytes per position. For Llama-3.1-8B (32 layers, 32 query heads, 8 KV "
+        "heads of 128), without flash-attn: how many times the bytes per position of an FP16 cache does a Q4 cache "
+        "move per decoded token in exllamav2 0.3.2?",
         q4_over_fp16_no_flash, rel_tol=0.01,
-        hint="the Q4 cache is dequantized into an FP16 temp layer every step, then repeat_kv copies that: compare "
-             "model.position_bytes(..., 'q4').total with the FP16 total",
+        hint="the Q4 cache is dequantized into an FP16 temp layer every step, then repeat_kv copies that to 32 heads: "
+             "compare model.position_bytes('llama-3.1-8b', 'q4').total with the FP16 total",
         mistakes=((q4_cache_bytes_only, "that compares the caches' own bytes; count the FP16 temp layer and the "
                                         "repeat_kv copy too"),)),
     Exercise(
