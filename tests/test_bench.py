@@ -483,3 +483,20 @@ def test_alternate_decode_interleaves_and_pairs_rounds(fake):
     assert harness.paired_ratio(rows, ("32k", 128), ("4k", 128), key="tok_s_all")["median"] == pytest.approx(0.5)
     with pytest.raises(CourseError):
         harness.alternate_decode({"4k": a}, [5000], rounds=1)
+
+
+def test_rows_table_shows_what_was_measured_and_says_external():
+    """notebook 03's bench table: one row per bench row, rounded; a column no row measured is left out; a figure
+    measured outside the course's harness says so beside its GPU."""
+    rows = [_gpu_row(4096, 128, "fp16", 60.0, gpu="NVIDIA Test GPU", external=True),
+            _gpu_row(32768, 30000, "q4", 30.0, gpu="NVIDIA Test GPU", external=True, prefill_tok_s=None)]
+    t = report.rows_table(rows, where=True)
+    assert list(t["measured on"]) == ["Test GPU (external)"] * 2
+    assert list(t["decode tok/s"]) == [60.0, 30.0] and list(t["min-max"]) == ["59.0-61.0", "29.0-31.0"]
+    assert t["roofline"].tolist() == [round(2000e9 / (9 * 2**30 + 128 * 196_608), 1),
+                                      round(2000e9 / (9 * 2**30 + 30000 * 448_512), 1)]   # 86.5 for the Q4 row
+    assert t["prefill tok/s"].tolist()[0] == 2000.0
+    bare = [{k: v for k, v in r.items() if k not in ("prefill_tok_s", "decode_spread")} for r in rows]
+    t = report.rows_table(bare)
+    assert "prefill tok/s" not in t.columns and "spread" not in t.columns and "model" not in t.columns
+    assert list(t.columns[:3]) == ["cache", "max_seq_len", "depth"]
