@@ -168,11 +168,14 @@ def _no_spill(depth: int, flash_attn: bool):
     return decode_estimate(seed_setup(flash_attn=flash_attn), depth)
 
 
-def _lm_head_only(depth: int):
+def lm_head_only(depth: int, pcie_bandwidth: float | None = None):
+    """Row (c')'s estimate: only the lm_head in system RAM, read over PCIe every token (flash-attn, FP16 cache) at
+    ``depth``; ``pcie_bandwidth`` in bytes/s (default: the card's own link in practice,
+    ``pcie_practical_bandwidth``)."""
     setup = seed_setup(flash_attn=True)
     g = setup.gpu
-    pcie = pcie_practical_bandwidth(int(g["pcie_gen"]), int(g["pcie_lanes"])) / 1e9
-    return decode_estimate(setup, depth, spill=Spill(setup.weights.head, 0, pcie))
+    pcie = pcie_bandwidth or pcie_practical_bandwidth(int(g["pcie_gen"]), int(g["pcie_lanes"]))
+    return decode_estimate(setup, depth, spill=Spill(setup.weights.head, 0, pcie / 1e9))
 
 
 def _span(fn: Callable[[int], Any]) -> dict:
@@ -367,7 +370,7 @@ def _row_functions() -> dict:
         return lambda d: p.at_depth(min(d, 32767))
 
     return {"a": spill("autosplit", "first_come"), "b": spill("load", "first_come"),
-            "c": spill("autosplit", "first_touch"), "c'": _lm_head_only,
+            "c": spill("autosplit", "first_touch"), "c'": lm_head_only,
             "d": lambda d: _no_spill(d, False), "e": lambda d: _no_spill(d, True),
             "b+d": spill("load", "first_come", flash_attn=False)}
 
@@ -435,6 +438,6 @@ def format_rows(rows: list[dict], depth: int | None = None) -> str:
 
 
 __all__ = ["SEED", "SEED_RESERVE_GIB", "SEED_RESERVE_SOURCE", "readings_reserve_gib", "readings_check",
-           "seed_reserve_gib", "roofline_check", "seed_case",
-           "seed_variants", "depth_at", "depth_for_speed", "hypotheses", "likely", "format_table", "HYPOTHESIS_COLUMNS",
-           "depth_curves", "ways_out", "format_rows", "reaches_25", "hypothesis_summary", "WAYS_OUT_COLUMNS"]
+           "seed_reserve_gib", "roofline_check", "seed_case", "seed_variants", "lm_head_only", "depth_at",
+           "depth_for_speed", "hypotheses", "likely", "format_table", "HYPOTHESIS_COLUMNS", "depth_curves", "ways_out",
+           "format_rows", "reaches_25", "hypothesis_summary", "WAYS_OUT_COLUMNS"]

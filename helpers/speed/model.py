@@ -314,9 +314,13 @@ class DecodeEstimate:
         t = self.terms
         return 1 / (t.weights_s + t.attention_s + t.dequant_s + t.pcie_s)
 
+    def likely(self) -> str:
+        """'31-46': the likely range, whole tok/s."""
+        return f"{self.tok_s_low:.0f}-{self.tok_s_high:.0f}"
+
     def short(self) -> str:
         """'38 tok/s (likely 31-46)'."""
-        return f"{self.tok_s:.0f} tok/s (likely {self.tok_s_low:.0f}-{self.tok_s_high:.0f})"
+        return f"{self.tok_s:.0f} tok/s (likely {self.likely()})"
 
     def describe(self) -> str:
         return (f"{self.short()} at depth {self.depth:,}, {self.position_bytes.cache_mode.upper()} cache, "

@@ -15,14 +15,8 @@ PCIE = pcie_practical_bandwidth(4, 16)          # bytes/s the seed's PCIe 4.0 x1
 PCIE3 = pcie_practical_bandwidth(3, 16)         # the same card in a PCIe 3.0 x16 slot: half of it
 
 
-def _lm_head_tok_s(pcie: float) -> float:
-    spill = speed.Spill(SEED.weights.head, 0, pcie / 1e9)
-    est = speed.decode_estimate(SEED.with_(flash_attn=True), 256, spill=spill)
-    return est.tok_s                            # the central estimate, the fitted constants
-
-
-def lm_head_pcie3_tok_s() -> float:             # row (c') with the card in a PCIe 3.0 x16 slot
-    return _lm_head_tok_s(PCIE3)
+def lm_head_pcie3_tok_s() -> float:             # row (c') with the card in a PCIe 3.0 x16 slot, 256 deep
+    return seed.lm_head_only(256, PCIE3).tok_s  # the central estimate, the fitted constants
 
 
 def _vram_bandwidth() -> float:                 # what the fitted model reaches of the datasheet's 736 GB/s
@@ -34,7 +28,7 @@ def lm_head_read_twice() -> float:              # a slip: the lm_head counted in
 
 
 def half_of_row_c() -> float:                   # a slip: half the link's bandwidth taken as half the whole speed
-    return _lm_head_tok_s(PCIE) / 2
+    return seed.lm_head_only(256).tok_s / 2
 
 
 def _lm_head_why() -> str:
